@@ -1,0 +1,34 @@
+"""milo_tensor: MiLo 3-bit MoE quantization (arXiv 2504.02658) as a torchao tensor subclass.
+
+    from milo_tensor import quantize_, milo_int3
+    quantize_(model, milo_int3(rank_fn=...))
+"""
+
+from milo_tensor import ops as _ops  # noqa: F401  (registers the milo:: ops)
+from milo_tensor.config import DEFAULT_SKIP, MiLoInt3Config, is_milo_target, milo_int3, quantize_
+from milo_tensor.quant.rank import (
+    ConstantRank,
+    DenseSparseRank,
+    EnergyRank,
+    KurtosisRank,
+    WeightInfo,
+    get_rank_policy,
+)
+from milo_tensor.tensor import MiLoInt3Tensor
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MiLoInt3Config",
+    "MiLoInt3Tensor",
+    "milo_int3",
+    "quantize_",
+    "is_milo_target",
+    "DEFAULT_SKIP",
+    "ConstantRank",
+    "DenseSparseRank",
+    "KurtosisRank",
+    "EnergyRank",
+    "WeightInfo",
+    "get_rank_policy",
+]

@@ -1,0 +1,1 @@
+"""Bridges to other libraries (transformers); importing registers them."""

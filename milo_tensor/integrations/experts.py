@@ -1,0 +1,94 @@
+"""The "milo" experts implementation for transformers 5 MoE blocks.
+
+transformers stores a layer's experts as 3D parameters and dispatches their forward through
+``ExpertsInterface``. Registering "milo" there lets a quantized model run all experts of a layer
+through two grouped custom ops (gate_up, then down) without patching model code: tokens are
+sorted by expert with static shapes only (no host sync, no data-dependent sizes), so the step
+compiles with fullgraph=True and can be captured in a CUDA graph once a device kernel backs the op.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface, grouped_mm_experts_forward
+
+from milo_tensor.tensor import MiLoInt3Tensor
+
+EXPERTS_IMPLEMENTATION = "milo"
+
+# Expert-module layouts the grouped op runs: the weights are E x N x K, without biases.
+_UNSUPPORTED_FLAGS = {
+    "is_transposed": "stores its experts transposed (E x K x N)",
+    "has_bias": "has expert biases",
+}
+
+
+def expert_param_names(module: torch.nn.Module) -> tuple[str, ...]:
+    """Names of the 3D expert weights of a transformers experts module (empty if it is not one)."""
+    names = tuple(
+        name for name in ("gate_up_proj", "up_proj", "down_proj")
+        if isinstance(getattr(module, name, None), torch.Tensor) and getattr(module, name).ndim == 3
+    )
+    return names if "down_proj" in names else ()
+
+
+def check_supported_experts(module: torch.nn.Module, fqn: str) -> None:
+    """Refuse, naming the module, an experts layout the MiLo path cannot run."""
+    for flag, what in _UNSUPPORTED_FLAGS.items():
+        if getattr(module, flag, False):
+            raise ValueError(
+                f"{fqn or type(module).__name__} ({type(module).__name__}) {what}, which MiLo does not "
+                f"support yet; exclude it from quantization (filter_fn or FqnToConfig with None)"
+            )
+
+
+def _grouped(x: torch.Tensor, offsets: torch.Tensor, w: MiLoInt3Tensor) -> torch.Tensor:
+    ut, v = w.compensator()
+    return torch.ops.milo.int3_grouped_linear(x, offsets, w.qdata, w.scales, w.zeros, ut, v, w.group_size)
+
+
+def milo_experts_forward(
+    self: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
+    up_name = "gate_up_proj" if self.has_gate else "up_proj"
+    up, down = getattr(self, up_name), self.down_proj
+    if not (isinstance(up, MiLoInt3Tensor) and isinstance(down, MiLoInt3Tensor)):
+        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+
+    num_tokens, top_k = top_k_index.shape
+    n_experts = self.num_experts
+    expert_ids = top_k_index.reshape(-1)
+    # Sentinels (id == n_experts, expert parallel) sort to the tail and fall outside offsets[-1].
+    sorted_ids, perm = torch.sort(expert_ids, stable=True)
+    x = hidden_states[perm // top_k]
+    counts = torch.zeros(n_experts + 1, dtype=torch.int32, device=hidden_states.device)
+    counts.scatter_add_(0, expert_ids.clamp(max=n_experts), torch.ones_like(expert_ids, dtype=torch.int32))
+    offsets = torch.cumsum(counts[:n_experts], dim=0, dtype=torch.int32)
+
+    h = _grouped(x, offsets, up)
+    h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+    out = _grouped(h, offsets, down)
+    if getattr(self, "has_post_expert_norm", False):
+        out = self.post_expert_norm(out)
+    weighted = out * top_k_weights.reshape(-1)[perm].unsqueeze(-1)
+    weighted = weighted.masked_fill((sorted_ids >= n_experts).unsqueeze(-1), 0.0)
+    unsorted = torch.empty_like(weighted).index_copy_(0, perm, weighted)
+    return unsorted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+
+
+def register() -> None:
+    if EXPERTS_IMPLEMENTATION not in ALL_EXPERTS_FUNCTIONS:
+        ExpertsInterface.register(EXPERTS_IMPLEMENTATION, milo_experts_forward)
+
+
+def use_milo_experts(module: torch.nn.Module, implementation: str = EXPERTS_IMPLEMENTATION) -> None:
+    """Point a quantized experts module (and the model config it shares) at the milo path."""
+    config = getattr(module, "config", None)
+    if config is not None and hasattr(config, "_experts_implementation"):
+        config._experts_implementation = implementation
+
+
+register()

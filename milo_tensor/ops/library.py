@@ -1,0 +1,62 @@
+"""The ``milo::`` custom ops: schemas, fake (meta) impls and the reference impl.
+
+Custom ops, not raw kernel calls, so torch.compile(fullgraph=True) sees one opaque node per
+matmul and CUDA-graph capture records whatever kernel the device registered. The reference impl
+is registered for CompositeExplicitAutograd; a backend (CUDA, csrc/) registering its own impl for
+the same op takes precedence on its device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from milo_tensor.ops import reference
+
+_lib = torch.library.Library("milo", "FRAGMENT")
+
+_lib.define(
+    "int3_linear(Tensor x, Tensor qdata, Tensor scales, Tensor zeros, Tensor ut, Tensor v, "
+    "int group_size, Tensor? bias=None) -> Tensor"
+)
+_lib.define(
+    "int3_grouped_linear(Tensor x, Tensor offsets, Tensor qdata, Tensor scales, Tensor zeros, "
+    "Tensor ut, Tensor v, int group_size) -> Tensor"
+)
+
+_lib.impl("int3_linear", reference.int3_linear, "CompositeExplicitAutograd")
+_lib.impl("int3_grouped_linear", reference.int3_grouped_linear, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("milo::int3_linear")
+def _int3_linear_fake(x, qdata, scales, zeros, ut, v, group_size, bias=None):
+    torch._check(x.shape[-1] == v.shape[-1], lambda: "int3_linear: x's last dim must equal K")
+    return x.new_empty((*x.shape[:-1], qdata.shape[-2]))
+
+
+@torch.library.register_fake("milo::int3_grouped_linear")
+def _int3_grouped_linear_fake(x, offsets, qdata, scales, zeros, ut, v, group_size):
+    return x.new_empty((x.shape[0], qdata.shape[-2]))
+
+
+def _int3_linear_setup_context(ctx, inputs, output):
+    x, qdata, scales, zeros, ut, v, group_size, bias = inputs
+    ctx.save_for_backward(qdata, scales, zeros, ut, v)
+    ctx.group_size = group_size
+    ctx.x_dtype = x.dtype
+    ctx.has_bias = bias is not None
+
+
+def _int3_linear_backward(ctx, grad):
+    """Gradient for the activations (and bias) only: the 3-bit weight is frozen, as in QLoRA."""
+    qdata, scales, zeros, ut, v = ctx.saved_tensors
+    w = reference.dequantize_int3(qdata, scales, zeros, ctx.group_size)
+    if ut.shape[0] > 0:
+        w = w + ut.to(torch.float32).T @ v.to(torch.float32)
+    grad_x = (grad.to(torch.float32) @ w).to(ctx.x_dtype)
+    grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+    return grad_x, None, None, None, None, None, None, grad_bias
+
+
+torch.library.register_autograd(
+    "milo::int3_linear", _int3_linear_backward, setup_context=_int3_linear_setup_context
+)
