@@ -164,9 +164,10 @@ class MiLoInt3Tensor(TorchAOBaseTensor):
     def dequantize(self, output_dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight deq(Q) + U V this tensor stands for, in its logical orientation."""
         ut, v = self.compensator()
-        w = reference.dequantize_int3(self.qdata, self.scales, self.zeros, self.group_size)
+        acc = torch.promote_types(self.dtype, torch.float32)
+        w = reference.dequantize_int3(self.qdata, self.scales, self.zeros, self.group_size, acc)
         if ut.shape[-2] > 0:
-            w = w + ut.to(torch.float32).transpose(-1, -2) @ v.to(torch.float32)
+            w = w + ut.to(acc).transpose(-1, -2) @ v.to(acc)
         if self.transposed:
             w = w.transpose(-1, -2)
         return w.to(output_dtype or self.dtype)

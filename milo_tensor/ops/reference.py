@@ -1,7 +1,7 @@
 """Plain-torch implementations of the milo ops: the oracle for every kernel, and the CPU path.
 
-They compute in float32 whatever the input dtype, so a kernel is judged against the math, not
-against another low-precision path.
+They accumulate in float32 (float64 for float64 inputs) whatever the input dtype, so a kernel is
+judged against the math, not against another low-precision path.
 """
 
 from __future__ import annotations
@@ -11,12 +11,18 @@ import torch
 from milo_tensor.quant.packing import unpack_int3
 
 
-def dequantize_int3(qdata: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Packed codes + per-group scale/zero -> float32 weight [..., N, K]."""
-    codes = unpack_int3(qdata).to(torch.float32)
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def dequantize_int3(
+    qdata: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Packed codes + per-group scale/zero -> weight [..., N, K] in ``dtype`` (float32 default)."""
+    codes = unpack_int3(qdata).to(dtype)
     k = codes.shape[-1]
     grouped = codes.unflatten(-1, (k // group_size, group_size))
-    w = (grouped - zeros.to(torch.float32).unsqueeze(-1)) * scales.to(torch.float32).unsqueeze(-1)
+    w = (grouped - zeros.to(dtype).unsqueeze(-1)) * scales.to(dtype).unsqueeze(-1)
     return w.flatten(-2)
 
 
@@ -30,13 +36,14 @@ def int3_linear(
     group_size: int,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y = x @ deq(Q).T + (x @ V.T) @ U.T (+ bias), in float32, returned in x.dtype."""
-    xf = x.to(torch.float32)
-    y = xf @ dequantize_int3(qdata, scales, zeros, group_size).T
+    """y = x @ deq(Q).T + (x @ V.T) @ U.T (+ bias), accumulated in float32, returned in x.dtype."""
+    acc = _accumulation_dtype(x.dtype)
+    xf = x.to(acc)
+    y = xf @ dequantize_int3(qdata, scales, zeros, group_size, acc).T
     if ut.shape[0] > 0:
-        y = y + (xf @ v.to(torch.float32).T) @ ut.to(torch.float32)
+        y = y + (xf @ v.to(acc).T) @ ut.to(acc)
     if bias is not None:
-        y = y + bias.to(torch.float32)
+        y = y + bias.to(acc)
     return y.to(x.dtype)
 
 
