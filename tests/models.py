@@ -23,7 +23,7 @@ FAMILIES = {
         T.DeepseekV3Config, T.DeepseekV3ForCausalLM,
         dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, n_shared_experts=1,
              first_k_dense_replace=1, kv_lora_rank=64, q_lora_rank=64, qk_rope_head_dim=16,
-             qk_nope_head_dim=16, v_head_dim=16, n_group=1, topk_group=1),
+             qk_nope_head_dim=16, v_head_dim=16, n_group=1, topk_group=1, num_key_value_heads=4),
     ),
     "olmoe": (T.OlmoeConfig, T.OlmoeForCausalLM, dict(num_experts=4, num_experts_per_tok=2)),
 }
