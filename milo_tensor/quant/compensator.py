@@ -1,86 +1,207 @@
 """The MiLo loop: 3-bit codes plus the low-rank compensator that wins back what 3 bits lose.
 
-Alternate Q ← quantize(W − U V); E ← W − deq(Q); (U, V) ← best rank-r factors of E (√S on both
-sides), and keep each expert's best iterate by ‖W − deq(Q) − U V‖. All experts of a stack go
-through each step together (one batched quantize, one batched SVD at the largest rank with the
-extra columns masked), so a whole layer costs a few large GEMMs per iteration.
+For each weight W (or each expert of an [E, N, K] stack), alternate T times
+
+    Q ← quantize(W − U V);   E ← W − deq(Q);   (U, V) ← best rank-r factors of E (√S on each side)
+
+and keep, per expert, the iterate with the smallest ‖W − deq(Q) − U V‖_F. The quantizer sees the
+part of W the compensator cannot express, and the compensator fits what the quantizer got wrong.
+
+Everything is batched over experts: one quantize call and one SVD per iteration for the whole
+stack, computed at the largest rank R and masked per expert (the top-r_e factors of a truncated
+SVD are a prefix of the top-R ones), so an expert of rank r_e < R has exactly-zero columns/rows
+past r_e. float32 inside, on the weight's device; no Python loop over experts or rows.
+
+The truncated SVD (``svd=``):
+- ``"exact"``: ``torch.linalg.svd`` (batched). Exact, but O(N K min(N, K)): fine for small
+  matrices, seconds per call for a 4096 × 4096 GPU weight, far too slow for 8 × 14336 × 4096.
+- ``"lowrank"``: randomized subspace iteration (Halko, Martinsson & Tropp) with oversampling, QR
+  re-orthonormalization after every product (so float32 keeps the small directions), and a
+  Rayleigh–Ritz step, i.e. what ``torch.svd_lowrank`` does, plus a warm start: each MiLo
+  iteration starts from the previous iteration's top-R right singular vectors. E changes little
+  between iterations, so the subspace keeps converging across the loop (~2 power steps per
+  iteration, T of them in total) and the cost stays a few GEMMs per iteration.
+- ``"auto"`` (default): exact when the matrix is small (min(N, K) <= 256, where the exact SVD is
+  cheap) or the rank is large relative to it (4·(R + oversampling) > min(N, K): then the
+  randomized sketch is nearly as large as the matrix and saves nothing); randomized otherwise,
+  i.e. when r ≪ min(N, K), where it recovers the top-r subspace accurately at a fraction of the
+  cost. The choice is per call (one shape and one R for the whole stack).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
-from milo_tensor.quant.affine import AffineQuantized, check_weight, quantize_rtn
+from milo_tensor.quant.affine import AffineQuantized, check_bits, check_weight, quantize_rtn
 from milo_tensor.quant.hqq import quantize_hqq
 
+__all__ = [
+    "MiLoResult",
+    "milo_compress",
+    "quantize_compensator",
+    "truncated_svd",
+    "low_rank_factors",
+    "choose_svd",
+    "QUANTIZERS",
+    "SVD_METHODS",
+]
+
 QUANTIZERS = ("hqq", "rtn")
-SVD_METHODS = ("auto", "exact", "randomized")
-# Below this inner size an exact SVD is cheap; above it the randomized range finder (with power
-# iterations and oversampling) recovers the top-r subspace at a fraction of the cost.
-EXACT_SVD_MAX_DIM = 1024
-_OVERSAMPLE = 16
-_POWER_ITERS = 4
+SVD_METHODS = ("auto", "exact", "lowrank")
+_SVD_ALIASES = {"randomized": "lowrank", "svd_lowrank": "lowrank", "linalg": "exact"}
+
+EXACT_SVD_MAX_DIM = 256  # "auto": exact SVD at or below this min(N, K)
+_MIN_OVERSAMPLE = 8
+_COLD_POWER_ITERS = 4  # power iterations from a random start
+_WARM_POWER_ITERS = 2  # ... from the previous MiLo iteration's subspace
 
 
 @dataclass
 class MiLoResult:
-    quantized: AffineQuantized  # codes [..., N, K]; scale/zero [..., N, K/g]
-    u: torch.Tensor  # float32 [..., N, R]; columns past an expert's rank are zero
-    v: torch.Tensor  # float32 [..., R, K]; rows past an expert's rank are zero
-    ranks: tuple[int, ...]
+    """What :func:`milo_compress` returns (shapes for a weight ``[..., N, K]``)."""
+
+    quantized: AffineQuantized  # codes [..., N, K]; scale/zero [..., N, K/g] in qparam_dtype
+    u: torch.Tensor  # float32 [..., N, R]; expert e uses its first ranks[e] columns, the rest are 0
+    v: torch.Tensor  # float32 [..., R, K]; expert e uses its first ranks[e] rows, the rest are 0
+    ranks: tuple[int, ...]  # one per expert (len 1 for a 2D weight)
     rel_error: tuple[float, ...]  # ‖W − deq(Q) − UV‖_F / ‖W‖_F per expert, of the kept iterate
 
 
-def _normalize_ranks(ranks: int | Sequence[int], n_experts: int, n: int, k: int) -> tuple[int, ...]:
-    ranks = (ranks,) * n_experts if isinstance(ranks, int) else tuple(int(r) for r in ranks)
+# ---------------------------------------------------------------------- truncated SVD
+
+
+def _oversample(rank: int) -> int:
+    return max(_MIN_OVERSAMPLE, rank // 4)
+
+
+def choose_svd(n: int, k: int, rank: int, method: str = "auto") -> str:
+    """Resolve ``method`` ("auto", "exact", "lowrank") to "exact" or "lowrank" for an N × K matrix."""
+    method = _SVD_ALIASES.get(method, method)
+    if method not in SVD_METHODS:
+        raise ValueError(f"unknown svd method {method!r}; choose one of {SVD_METHODS}")
+    if method != "auto":
+        return method
+    inner = min(n, k)
+    if inner <= EXACT_SVD_MAX_DIM or 4 * (rank + _oversample(rank)) > inner:
+        return "exact"
+    return "lowrank"
+
+
+def _orth(x: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.qr(x, mode="reduced").Q
+
+
+def _randomized_svd(
+    e: torch.Tensor,
+    rank: int,
+    warm_start: torch.Tensor | None,
+    generator: torch.Generator | None,
+    niter: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``rank`` SVD of each matrix of ``e`` [B, N, K] by subspace iteration."""
+    n, k = e.shape[-2:]
+    q = min(rank + _oversample(rank), n, k)
+    start = torch.randn(*e.shape[:-2], k, q, generator=generator, device=e.device, dtype=e.dtype)
+    if warm_start is not None and warm_start.shape[-2] > 0:
+        m = min(warm_start.shape[-2], q)
+        start[..., :m] = warm_start[..., :m, :].mT
+    if niter is None:
+        niter = _WARM_POWER_ITERS if warm_start is not None else _COLD_POWER_ITERS
+    basis = _orth(start)
+    for _ in range(niter):
+        basis = _orth(e.mT @ _orth(e @ basis))
+    left = _orth(e @ basis)  # [B, N, q]
+    u_small, s, vh = torch.linalg.svd(left.mT @ e, full_matrices=False)  # Rayleigh–Ritz
+    return (left @ u_small[..., :rank]), s[..., :rank], vh[..., :rank, :]
+
+
+def truncated_svd(
+    e: torch.Tensor,
+    rank: int,
+    method: str = "auto",
+    *,
+    warm_start: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    niter: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``rank`` (U [..., N, r], S [..., r], Vh [..., r, K]) of each matrix of ``e``.
+
+    ``warm_start`` ([..., ≥r, K], orthonormal-ish rows, e.g. a previous ``Vh``) seeds the
+    randomized method; ignored by the exact one.
+    """
+    n, k = e.shape[-2:]
+    if choose_svd(n, k, rank, method) == "exact":
+        u, s, vh = torch.linalg.svd(e, full_matrices=False)
+        return u[..., :rank], s[..., :rank], vh[..., :rank, :]
+    return _randomized_svd(e, rank, warm_start, generator, niter)
+
+
+def low_rank_factors(
+    e: torch.Tensor, rank: int, method: str = "auto", **kwargs
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U [..., N, r], V [..., r, K]) with U V the best rank-r approximation of e, √S on each side
+    (balanced factors: both have the same scale, which suits their later fp16/int8/int3 storage)."""
+    u, s, vh = truncated_svd(e, rank, method, **kwargs)
+    root = s.sqrt()
+    return u * root.unsqueeze(-2), root.unsqueeze(-1) * vh
+
+
+# ---------------------------------------------------------------------- validation
+
+
+def _check_quantizer(name: str) -> str:
+    if name not in QUANTIZERS:
+        raise ValueError(f"unknown quantizer {name!r}; choose one of {QUANTIZERS}")
+    return name
+
+
+def _normalize_ranks(ranks: int | Sequence[int], shape: tuple[int, ...]) -> tuple[int, ...]:
+    n, k = shape[-2:]
+    n_experts = math.prod(shape[:-2])
+    if isinstance(ranks, (int, torch.SymInt)) and not isinstance(ranks, bool):
+        ranks = (int(ranks),) * n_experts
+    elif isinstance(ranks, torch.Tensor):
+        ranks = tuple(int(r) for r in ranks.flatten().tolist())
+    else:
+        try:
+            ranks = tuple(ranks)
+        except TypeError:
+            raise ValueError(f"ranks must be an int or a sequence of ints, got {ranks!r}") from None
+        if any(isinstance(r, bool) or not isinstance(r, int) for r in ranks):
+            raise ValueError(f"ranks must be ints, got {ranks!r}")
     if len(ranks) != n_experts:
-        raise ValueError(f"got {len(ranks)} ranks for {n_experts} experts")
-    for r in ranks:
+        raise ValueError(
+            f"got {len(ranks)} ranks for a weight of shape {tuple(shape)} with {n_experts} expert(s); "
+            f"pass one int for all or one rank per expert"
+        )
+    for e, r in enumerate(ranks):
+        where = f" (expert {e})" if n_experts > 1 else ""
         if r < 0:
-            raise ValueError(f"ranks must be >= 0, got {r}")
+            raise ValueError(f"rank must be >= 0, got {r}{where}")
         if r > min(n, k):
             raise ValueError(
-                f"rank {r} is larger than min(N, K) = {min(n, k)} of a weight of shape (N={n}, K={k}); "
-                f"choose a rank <= {min(n, k)}"
+                f"rank {r}{where} exceeds min(N, K) = {min(n, k)} for a weight of shape {tuple(shape)} "
+                f"(N={n}, K={k}); a rank-r compensator needs r <= min(N, K)"
             )
     return ranks
 
 
-def _quantizer(name: str):
-    if name not in QUANTIZERS:
-        raise ValueError(f"unknown quantizer {name!r}; choose one of {QUANTIZERS}")
-    return quantize_hqq if name == "hqq" else quantize_rtn
+# ---------------------------------------------------------------------- the MiLo loop
 
 
-def _randomized_svd(e: torch.Tensor, q: int, generator: torch.Generator):
-    """Top-q SVD of a batch of matrices by a seeded range finder with power iterations."""
-    omega = torch.randn(*e.shape[:-2], e.shape[-1], q, generator=generator, device=e.device, dtype=e.dtype)
-    basis = torch.linalg.qr(e @ omega).Q
-    for _ in range(_POWER_ITERS):
-        basis = torch.linalg.qr(e.mT @ basis).Q
-        basis = torch.linalg.qr(e @ basis).Q
-    u_small, s, vh = torch.linalg.svd(basis.mT @ e, full_matrices=False)
-    return basis @ u_small, s, vh
+def _quantize(name: str, w: torch.Tensor, bits: int, group_size: int, qparam_dtype) -> AffineQuantized:
+    if name == "hqq":
+        return quantize_hqq(w, bits, group_size, qparam_dtype=qparam_dtype)
+    return quantize_rtn(w, bits, group_size, qparam_dtype=qparam_dtype)
 
 
-def low_rank_factors(e: torch.Tensor, rank: int, method: str = "auto", generator: torch.Generator | None = None):
-    """(U [.., N, r], V [.., r, K]) with U V the best rank-r approximation of e, √S on each side."""
-    if method not in SVD_METHODS:
-        raise ValueError(f"unknown svd method {method!r}; choose one of {SVD_METHODS}")
-    n, k = e.shape[-2:]
-    inner = min(n, k)
-    exact = method == "exact" or (method == "auto" and (inner <= EXACT_SVD_MAX_DIM or rank + _OVERSAMPLE >= inner))
-    if exact:
-        u, s, vh = torch.linalg.svd(e, full_matrices=False)
-    else:
-        generator = generator or torch.Generator(device=e.device).manual_seed(0)
-        u, s, vh = _randomized_svd(e, min(rank + _OVERSAMPLE, inner), generator)
-    root = s[..., :rank].sqrt()
-    return u[..., :rank] * root.unsqueeze(-2), root.unsqueeze(-1) * vh[..., :rank, :]
+def _pick(better: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """Per-expert select along dim 0 of [B, ...] tensors."""
+    return torch.where(better.view(-1, *([1] * (new.ndim - 1))), new, old)
 
 
 def milo_compress(
@@ -96,56 +217,122 @@ def milo_compress(
     seed: int = 0,
     progress: bool = False,
 ) -> MiLoResult:
-    """Compress W (N × K, or E × N × K) into 3-bit codes plus per-expert rank-r compensators.
+    """Compress W ([N, K], or [E, N, K] / any leading dims) into ``bits``-bit codes plus
+    per-expert rank-r compensators U V, calibration-free.
 
-    Deterministic for a given ``seed`` (the randomized SVD draws from its own generator).
+    Args:
+        ranks: one int for every expert, or one per expert (flattened leading dims); 0 allowed.
+        iters: MiLo iterations T (each: one quantize, one SVD); 0 or 1 gives the one-shot
+            quantize-then-fit. With all ranks 0 it is a single quantize.
+        quantizer: "hqq" (half-quadratic zero solver) or "rtn" (min/max round-to-nearest).
+        qparam_dtype: the dtype scale/zero are stored in (e.g. the model's bf16); the loop
+            measures errors with the rounded values, so the kept iterate is best as stored.
+        svd: "auto", "exact" or "lowrank" (see the module docstring).
+        seed: seeds the randomized SVD, so results are reproducible.
     """
+    check_bits(bits)
     check_weight(w, group_size)
-    quantize = _quantizer(quantizer)
-    if iters < 0:
-        raise ValueError(f"iters must be >= 0, got {iters}")
-    stacked = w.ndim == 3
-    weights = (w if stacked else w.unsqueeze(0)).float()
-    n_experts, n, k = weights.shape
-    ranks = _normalize_ranks(ranks, n_experts, n, k)
-    r_max = max(ranks)
-    norms = weights.flatten(1).norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+    _check_quantizer(quantizer)
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+        raise ValueError(f"iters must be an integer >= 0, got {iters!r}")
+    shape = tuple(w.shape)
+    rank_t = _normalize_ranks(ranks, shape)
+    n, k = shape[-2:]
+    r_max = max(rank_t)
+    method = choose_svd(n, k, r_max, svd)
 
-    def quant(x):
-        return quantize(x, bits, group_size, qparam_dtype=qparam_dtype)
+    weights = w.detach().to(torch.float32).reshape(-1, n, k)  # [B, N, K]
+    b = weights.shape[0]
+    norms = torch.linalg.vector_norm(weights, dim=(-2, -1)).clamp_min(torch.finfo(torch.float32).tiny)
+    rank_vec = torch.tensor(rank_t, device=w.device)
+    keep = (torch.arange(r_max, device=w.device) < rank_vec.unsqueeze(1)).to(torch.float32)  # [B, R]
+    generator = torch.Generator(device=w.device).manual_seed(seed)
 
-    u = weights.new_zeros(n_experts, n, r_max)
-    v = weights.new_zeros(n_experts, r_max, k)
-    best = quant(weights)
+    u = weights.new_zeros(b, n, r_max)
+    v = weights.new_zeros(b, r_max, k)
+    warm: torch.Tensor | None = None
+    best: AffineQuantized | None = None
     best_u, best_v = u, v
-    best_err = (weights - best.dequantize()).flatten(1).norm(dim=1) / norms
-    if r_max > 0:
-        keep = (torch.arange(r_max, device=w.device) < torch.tensor(ranks, device=w.device).unsqueeze(1)).float()
-        generator = torch.Generator(device=w.device).manual_seed(seed)
-        for _ in tqdm(range(max(iters, 1)), desc="MiLo", disable=not progress, leave=False):
-            q = quant(weights - u @ v)
-            residual = weights - q.dequantize()
-            u, v = low_rank_factors(residual, r_max, svd, generator)
-            u, v = u * keep.unsqueeze(1), v * keep.unsqueeze(2)
-            err = (residual - u @ v).flatten(1).norm(dim=1) / norms
+    best_err = torch.full((b,), float("inf"), device=w.device)
+    steps = 1 if r_max == 0 else max(iters, 1)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc=f"MiLo {tuple(shape)} r<={r_max}", leave=False)
+    for step in range(steps):
+        target = weights if step == 0 else torch.baddbmm(weights, u, v, alpha=-1.0)
+        q = _quantize(quantizer, target, bits, group_size, qparam_dtype)
+        del target
+        resid = q.dequantize().neg_().add_(weights)  # E = W − deq(Q), in place
+        if r_max > 0:
+            left, s, vh = truncated_svd(resid, r_max, method, warm_start=warm, generator=generator)
+            warm = vh
+            root = s.sqrt() * keep  # rank masking: expert e keeps its top ranks[e] directions
+            u = left * root.unsqueeze(-2)
+            v = root.unsqueeze(-1) * vh
+            resid = torch.baddbmm(resid, u, v, alpha=-1.0)
+        err = torch.linalg.vector_norm(resid, dim=(-2, -1)) / norms
+        del resid
+        if best is None:
+            best, best_u, best_v, best_err = q, u, v, err
+        else:
             better = err < best_err
-            pick = lambda new, old: torch.where(better.view(-1, *[1] * (new.ndim - 1)), new, old)  # noqa: E731
-            best = AffineQuantized(pick(q.codes, best.codes), pick(q.scale, best.scale), pick(q.zero, best.zero), group_size, bits)
-            best_u, best_v = pick(u, best_u), pick(v, best_v)
-            best_err = torch.minimum(err, best_err)
-    if not stacked:
-        best = AffineQuantized(best.codes[0], best.scale[0], best.zero[0], group_size, bits)
-        best_u, best_v = best_u[0], best_v[0]
-    return MiLoResult(best, best_u, best_v, ranks, tuple(best_err.tolist()))
+            best = AffineQuantized(
+                _pick(better, q.codes, best.codes),
+                _pick(better, q.scale, best.scale),
+                _pick(better, q.zero, best.zero),
+                group_size,
+                bits,
+            )
+            best_u, best_v = _pick(better, u, best_u), _pick(better, v, best_v)
+            best_err = torch.where(better, err, best_err)
+        if bar is not None:
+            bar.set_postfix_str(f"rel err {float(best_err.max()):.4f}", refresh=False)
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+
+    lead = shape[:-2]
+    quantized = AffineQuantized(
+        best.codes.reshape(*lead, n, k),
+        best.scale.reshape(*lead, n, k // group_size),
+        best.zero.reshape(*lead, n, k // group_size),
+        group_size,
+        bits,
+    )
+    return MiLoResult(
+        quantized=quantized,
+        u=best_u.reshape(*lead, n, r_max),
+        v=best_v.reshape(*lead, r_max, k),
+        ranks=rank_t,
+        rel_error=tuple(float(x) for x in best_err.tolist()),
+    )
 
 
-def quantize_compensator(m: torch.Tensor, bits: int, group_size: int) -> AffineQuantized:
-    """Round-to-nearest of each row of a compensator factor (Uᵀ or V) along its length."""
-    if bits not in (3, 8):
-        raise ValueError(f"compensator bits must be 3 or 8, got {bits}")
-    if m.shape[-1] % group_size:
+# ---------------------------------------------------------------------- compensator storage
+
+COMPENSATOR_BITS = (3, 8)
+
+
+def quantize_compensator(
+    m: torch.Tensor, bits: int, group_size: int, qparam_dtype: torch.dtype | None = None
+) -> AffineQuantized:
+    """Round-to-nearest of each row of a compensator factor (Uᵀ [.., R, N] or V [.., R, K])
+    along its length, in groups of ``group_size`` (the paper stores them int3, group 64).
+
+    ``qparam_dtype``: the dtype the scales/zeros will be stored in; pass it so the codes are the
+    nearest ones for the stored qparams.
+    """
+    if bits not in COMPENSATOR_BITS:
+        raise ValueError(f"compensator bits must be one of {COMPENSATOR_BITS}, got {bits!r}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+        raise ValueError(f"compensator group_size must be a positive integer, got {group_size!r}")
+    if m.ndim >= 1 and m.shape[-1] % group_size:
         raise ValueError(
-            f"a compensator row of length {m.shape[-1]} is not a multiple of the compensator group size "
-            f"{group_size}; pick a compensator_group_size that divides {m.shape[-1]}"
+            f"a compensator row of length {m.shape[-1]} (factor of shape {tuple(m.shape)}) is not a multiple "
+            f"of the compensator group size {group_size}; pick a compensator_group_size that divides "
+            f"{m.shape[-1]}, or keep the compensator in floating point (comp_bits=None)"
         )
-    return quantize_rtn(m, bits, group_size)
+    check_weight(m, group_size, name="compensator factor")
+    return quantize_rtn(m, bits, group_size, qparam_dtype=qparam_dtype)

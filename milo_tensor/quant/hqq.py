@@ -16,8 +16,10 @@ What differs from the reference package (hqq 0.2.8, ``optimize_weights_proximal_
 - all arithmetic is done in the *scaled* domain (``y = W/s + z``, error ``y − Q``), which saves
   two full passes per step; the algebra is identical;
 - each group keeps its own best zero by the squared error (what the layer output and the MiLo
-  loop measure), instead of the last one of the whole tensor; the loop stops early, as HQQ
-  does, once the whole tensor's error stops falling;
+  loop measure), instead of the last one of the whole tensor; as in HQQ a matrix stops early
+  once its total error stops falling (per matrix, so batching does not change any result);
+- β grows by κ every step, as the paper and hqq's ``optimize_weights_proximal_v2`` do (the
+  legacy default solver keeps β fixed);
 - it runs batched over any leading dims (an [E, N, K] expert stack in one call), in float32 on
   the input's device.
 """
@@ -81,32 +83,38 @@ def quantize_hqq(
     # (D = d/inv): inv·(1/β)·|d/inv|^(p−1) = (inv^(2−p) / β)·|d|^(p−1).
     inv_pow = inv.pow(2.0 - lp_norm)
 
+    matrix_dims = (-3, -2, -1)  # a matrix's groups; the leading dims are independent matrices
     z = zero
     best_z = zero
     best_err = torch.full_like(zero, float("inf"))
-    prev_total = float("inf")
+    prev_total = torch.full(wg.shape[:-3], float("inf"), device=wg.device)
+    active = torch.ones(wg.shape[:-3], dtype=torch.bool, device=wg.device)
     for step in range(iters + 1):
         y = torch.addcmul(z, wg, inv)  # W / s + z
         q = torch.round(y).clamp_(0, maxq)
         d = y.sub_(q)  # scaled error: (W − (Q − z)·s) / s
-        err = d.square().sum(dim=-1, keepdim=True)  # per group, in scaled units
-        better = err < best_err
+        err = torch.linalg.vector_norm(d, dim=-1, keepdim=True).square_()  # per group, scaled units
+        # this z was produced while its matrix was still running: its groups may be kept
+        better = (err < best_err) & active[(...,) + (None,) * 3]
+        if early_stop:
+            # HQQ's criterion, per matrix: stop a matrix once its total error stops falling.
+            # Per matrix (not per stack) so a batched call returns what separate calls would.
+            total = (err * scale_sq).sum(dim=matrix_dims)
+            active = active & (total < prev_total)
+            prev_total = torch.where(active, total, prev_total)
+        live = active[(...,) + (None,) * 3]
         best_z = torch.where(better, z, best_z)
         best_err = torch.where(better, err, best_err)
-        if step == iters:
+        if step == iters or not bool(active.any()):
             break
-        if early_stop:
-            total = float((err * scale_sq).sum())
-            if total >= prev_total:
-                break
-            prev_total = total
         # W_e / s = sign(d)·relu(|d| − c|d|^(p−1)); |d|^(p−1) is inf at d = 0, which relu maps to 0.
         shrunk = d.abs()
         thresh = shrunk.pow(lp_norm - 1.0).mul_(inv_pow / beta)
         shrunk.sub_(thresh).clamp_min_(0.0).copysign_(d)
         del thresh
-        # z ← mean(Q − (W − W_e)/s) = z + mean(W_e/s − d)
-        z = z + shrunk.sub_(d).mean(dim=-1, keepdim=True)
-        del shrunk, y, q, d
+        # z ← mean(Q − (W − W_e)/s) = z + mean(W_e/s − d); frozen matrices keep theirs
+        z_new = z + shrunk.sub_(d).mean(dim=-1, keepdim=True)
+        z = torch.where(live, z_new, z) if early_stop else z_new
+        del shrunk, y, q, d, z_new
         beta *= kappa
     return pack_result(wg, scale, best_z, bits, group_size, qparam_dtype)
