@@ -226,6 +226,20 @@ class MiLoInt3Tensor(TorchAOBaseTensor):
             shape=tuple(self.shape[1:]), ranks=(rank,),
         )
 
+    # ---- sharding (FSDP2): all-gather of the packed pieces; see milo_tensor/integrations/distributed.py
+
+    def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
+        """FSDP2 hook: the inner tensors of this dim-0 shard that the all-gather concatenates."""
+        from milo_tensor.integrations import distributed
+
+        return distributed.fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy)
+
+    def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):
+        """FSDP2 hook: the unsharded MiLoInt3Tensor built on the all-gather outputs."""
+        from milo_tensor.integrations import distributed
+
+        return distributed.fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, out=out)
+
 
 # ---------------------------------------------------------------------- compensator codec
 
@@ -371,3 +385,128 @@ def _(func, types, args, kwargs):
 # torch.load(weights_only=True) rebuilds only allow-listed classes; this one holds plain tensors
 # and ints, so allowing it keeps state_dict checkpoints loadable without unpickling arbitrary code.
 torch.serialization.add_safe_globals([MiLoInt3Tensor])
+
+
+# ---- sharding (FSDP2 / tensor parallel) ----
+# The ops FSDP2 (fully_shard) and DTensor (distribute_tensor, parallelize_module, transformers'
+# TP / EP styles, DCP) run on a MiLoInt3Tensor. The slicing rule lives in
+# milo_tensor/integrations/distributed.py (imported lazily: it imports this module).
+
+import math as _math  # noqa: E402
+
+
+def _sharding():
+    from milo_tensor.integrations import distributed
+
+    return distributed
+
+
+@implements(aten.split.Tensor)
+def _(func, types, args, kwargs):
+    w, split_size, dim = fill_defaults(args, 3, [0])
+    return _sharding().split(w, split_size, kwargs.get("dim", dim))
+
+
+@implements(aten.split_with_sizes.default)
+def _(func, types, args, kwargs):
+    w, sizes, dim = fill_defaults(args, 3, [0])
+    return _sharding().split(w, list(sizes), kwargs.get("dim", dim))
+
+
+@implements(aten.slice.Tensor)
+def _(func, types, args, kwargs):
+    w, dim, start, end, step = fill_defaults(args, 5, [0, None, None, 1])
+    if step != 1:
+        raise NotImplementedError(f"aten.slice: a MiLoInt3Tensor slices with step 1 only, got step={step}")
+    size = w.shape[dim]
+    start = 0 if start is None else (start + size if start < 0 else start)
+    end = size if end is None else (end + size if end < 0 else end)
+    start, end = min(max(start, 0), size), min(max(end, 0), size)
+    return _sharding().narrow(w, dim, start, max(end - start, 0))
+
+
+@implements_torch_function(torch.Tensor.narrow)
+def _(func, types, args, kwargs):
+    # A narrow over the whole dim is the tensor itself, so that FSDP2's
+    # ``padded.narrow(0, 0, n).copy_(shard)`` updates ``padded`` (ranks included) and not a copy.
+    w, dim, start, length = fill_defaults(list(args) + [kwargs[k] for k in ("dim", "start", "length") if k in kwargs], 4, [])
+    if isinstance(start, torch.Tensor):
+        start = int(start)
+    if start == 0 and length == w.shape[dim]:
+        return w
+    return _sharding().narrow(w, dim, start, length)
+
+
+@implements(aten.cat.default)
+def _(func, types, args, kwargs):
+    tensors, dim = fill_defaults(args, 2, [0])
+    return _sharding().cat(tensors, kwargs.get("dim", dim))
+
+
+@implements([aten.new_zeros.default, aten.new_empty.default])
+def _(func, types, args, kwargs):
+    return _sharding().new_zeros(
+        args[0], args[1], empty=func is aten.new_empty.default, device=kwargs.get("device"), dtype=kwargs.get("dtype")
+    )
+
+
+@implements(aten.empty_like.default)
+def _(func, types, args, kwargs):
+    w = args[0]
+    return w._apply_fn_to_data(lambda t: torch.empty_like(t, device=kwargs.get("device") or t.device))
+
+
+@implements(aten.copy_.default)
+def _(func, types, args, kwargs):
+    return _sharding().copy_into(args[0], args[1])
+
+
+@implements(aten.view.default)
+def _(func, types, args, kwargs):
+    w, size = args[0], list(args[1])
+    numel = _math.prod(w.shape)
+    if -1 in size:
+        known = _math.prod(s for s in size if s != -1)
+        size[size.index(-1)] = numel // known if known else 0
+    if tuple(size) == tuple(w.shape):
+        return w._with()
+    if size == [numel]:
+        # FSDP2 keeps a flat view of a padded shard for bookkeeping (it all-gathers through the
+        # fsdp_pre_all_gather hook instead); the packed data has no flat layout to compute with.
+        return w._with(shape=(numel,))
+    raise NotImplementedError(f"aten.view: a MiLoInt3Tensor of shape {tuple(w.shape)} cannot be viewed as {args[1]}")
+
+
+@implements(aten.as_strided.default)
+def _(func, types, args, kwargs):
+    w, size, stride, offset = fill_defaults(args, 4, [None])
+    contiguous = tuple(torch.empty(size, device="meta").stride())
+    if tuple(size) == tuple(w.shape) and tuple(stride) == contiguous and not offset:
+        return w._with()
+    raise NotImplementedError(
+        f"aten.as_strided: a MiLoInt3Tensor of shape {tuple(w.shape)} supports only its own contiguous layout, "
+        f"got size={list(size)} stride={list(stride)} offset={offset}"
+    )
+
+
+@implements(aten.is_pinned.default)
+def _(func, types, args, kwargs):
+    return all(getattr(args[0], n).is_pinned() for n in args[0].__tensor_flatten__()[0])
+
+
+@implements(aten._pin_memory.default)
+def _(func, types, args, kwargs):
+    return args[0]._apply_fn_to_data(lambda t: t.pin_memory())
+
+
+@implements(torch.ops.c10d.scatter_.default)
+def _(func, types, args, kwargs):
+    # dist.scatter of MiLo shards (distribute_tensor with src_data_rank set): scatter each inner tensor.
+    outputs, inputs, *rest = args
+    out = outputs[0]
+    works = None
+    for name in out.__tensor_flatten__()[0]:
+        inner_in = [[getattr(t, name) for t in inputs[0]]] if inputs and inputs[0] else []
+        _, works = func([getattr(out, name)], inner_in, *rest)
+        works.wait()
+    return outputs, works
