@@ -1,0 +1,140 @@
+"""`milo quantize`: layer-by-layer quantization of a model folder; kill and resume; `--help` everywhere."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import milo_tensor.serialization as ser
+from milo_tensor import DenseSparseRank, load_quantized, milo_int3, quantize_
+from milo_tensor.cli import build_parser, main
+from milo_tensor.streaming import ABORT_ENV
+from models import tiny_moe
+from test_serialization import assert_same_model, logits, snapshot
+
+ARGS = ["--iters", "1", "--dense-rank", "8", "--sparse-rank", "4", "--no-progress"]
+CONFIG = milo_int3(DenseSparseRank(8, 4), iters=1)
+
+
+def assert_same_files(a, b):
+    sa, sb = snapshot(a), snapshot(b)
+    assert sa.keys() == sb.keys()
+    differ = [name for name in sa if sa[name] != sb[name]]
+    detail = {}
+    for name in differ:
+        if name.endswith(".safetensors"):
+            ha, hb = ser._read_header(a / name), ser._read_header(b / name)
+            ma, mb = (json.loads(h.metadata[ser.META_MANIFEST]) for h in (ha, hb))
+            detail[name] = [k for k in ma if ma[k] != mb.get(k)] or "metadata"
+    assert not differ, detail
+
+
+def float_folder(path, family="mixtral", **overrides):
+    tiny_moe(family, **overrides).save_pretrained(path)
+    (path / "tokenizer_config.json").write_text('{"model_max_length": 128}\n')
+    return path
+
+
+def test_help_for_every_subcommand(capsys):
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert "quantize" in commands
+    for argv in [["--help"]] + [[name, "--help"] for name in commands]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 0
+        assert "usage: milo" in capsys.readouterr().out
+    assert main([]) == 2  # no command: the overview
+    text = parser._subparsers._group_actions[0].choices["quantize"].format_help()
+    for option in ("--group-size", "--iters", "--rank-policy", "--dense-rank", "--sparse-rank",
+                   "--compensator-bits", "--device", "--quantizer"):
+        assert option in text
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen2_moe"])
+def test_quantize_folder_equals_in_memory_quantize(tmp_path, capsys, gen, family):
+    src = float_folder(tmp_path / "src", family)
+    out = tmp_path / "out"
+    assert main(["quantize", str(src), str(out), *ARGS]) == 0
+    printed = capsys.readouterr().out
+    assert "mean rel. error" in printed and "| expert" in printed and "| dense" in printed
+
+    reference = AutoModelForCausalLM.from_pretrained(src)
+    quantize_(reference, CONFIG, progress=False)
+    loaded = load_quantized(out)
+    assert_same_model(reference, loaded)
+    via_hf = AutoModelForCausalLM.from_pretrained(out)
+    assert_same_model(reference, via_hf)
+    ids = torch.randint(3, 256, (1, 8), generator=gen)
+    assert torch.equal(logits(via_hf, ids), logits(reference, ids))
+    assert torch.equal(logits(loaded, ids), logits(reference, ids))
+
+    # one shard per decoder layer plus one for the rest, an index, config with quantization_config
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert shards == [f"model-{i:05d}-of-00003.safetensors" for i in (1, 2, 3)]
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "milo"
+    assert config["quantization_config"]["milo_config"]["iters"] == 1
+    assert (out / "tokenizer_config.json").read_text() == (src / "tokenizer_config.json").read_text()
+    assert not list(out.glob(".milo-tmp-*"))
+
+
+def test_interrupt_and_resume_give_identical_files(tmp_path, monkeypatch, capsys):
+    src = float_folder(tmp_path / "src", "mixtral", num_hidden_layers=3)
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(["quantize", str(src), str(full), *ARGS]) == 0
+    capsys.readouterr()
+
+    monkeypatch.setenv(ABORT_ENV, "1")
+    assert main(["quantize", str(src), str(part), *ARGS]) == 130  # interrupted after layer 0
+    assert sorted(p.name for p in part.iterdir()) == ["model-00001-of-00004.safetensors"]
+    (part / ".milo-tmp-123-model-00002-of-00004.safetensors").write_bytes(b"half a shard")  # killed mid-write
+    assert main(["quantize", str(src), str(part), *ARGS]) == 130  # resumes: layer 1, interrupted again
+    assert "interrupted" in capsys.readouterr().err
+    # a damaged completed shard is redone, not trusted
+    shard = part / "model-00002-of-00004.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-7])
+    monkeypatch.delenv(ABORT_ENV)
+    assert main(["quantize", str(src), str(part), *ARGS]) == 0
+    assert "layers quantized now: 3, resumed from an earlier run: 1" in capsys.readouterr().out
+    assert_same_files(part, full)  # byte-identical, every file
+    # a finished folder: nothing to do, same bytes
+    assert main(["quantize", str(src), str(part), *ARGS]) == 0
+    assert "layers quantized now: 0, resumed from an earlier run: 4" in capsys.readouterr().out
+    assert_same_files(part, full)
+
+
+def test_hard_kill_and_resume(tmp_path):
+    """A SIGKILLed `milo quantize` process (no cleanup at all) resumes to the same files."""
+    src = float_folder(tmp_path / "src", "qwen3_moe")
+    out, full = tmp_path / "out", tmp_path / "full"
+    command = [sys.executable, "-m", "milo_tensor.cli", "quantize", str(src), str(out), *ARGS]
+    env = {**os.environ, ABORT_ENV: "2:kill"}
+    killed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert sorted(p.name for p in out.glob("*.safetensors")) == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2)]
+    assert main(["quantize", str(src), str(out), *ARGS]) == 0
+    assert main(["quantize", str(src), str(full), *ARGS]) == 0
+    assert_same_files(out, full)
+
+
+def test_changed_config_redoes_layers_and_bad_input_is_refused(tmp_path, capsys):
+    src = float_folder(tmp_path / "src", "olmoe")
+    out = tmp_path / "out"
+    fast = ["--quantizer", "rtn", "--iters", "0", "--no-progress"]
+    assert main(["quantize", str(src), str(out), *fast, "--rank-policy", "constant", "--rank", "4"]) == 0
+    assert main(["quantize", str(src), str(out), *fast, "--rank-policy", "constant", "--rank", "8",
+                 "--compensator-bits", "8", "--compensator-group-size", "32"]) == 0
+    assert "layers quantized now: 3, resumed from an earlier run: 0" in capsys.readouterr().out
+    model = load_quantized(out)
+    weight = model.model.layers[1].mlp.experts.down_proj
+    assert weight.ranks == (8,) * 4 and weight.comp_bits == 8
+    # refusals: a quantized source, a missing folder, the source as output
+    assert main(["quantize", str(out), str(tmp_path / "again"), *fast]) == 2
+    assert "already quantized" in capsys.readouterr().err
+    assert main(["quantize", str(tmp_path / "nowhere"), str(tmp_path / "x"), *fast]) == 2
+    assert main(["quantize", str(src), str(src), *fast]) == 2

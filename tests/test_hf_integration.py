@@ -1,0 +1,93 @@
+"""transformers: the "milo" quantization method (from_pretrained / save_pretrained of MiLo checkpoints)."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+import milo_tensor
+from milo_tensor import DenseSparseRank, MiLoHfConfig, MiLoInt3Tensor, load_quantized, milo_int3, quantize_, save_quantized
+from milo_tensor.integrations.hf_quantizer import MiLoHfQuantizer
+from models import tiny_moe
+from test_serialization import assert_same_model, logits
+
+CONFIG = dict(rank_fn=DenseSparseRank(8, 4), iters=1, quantizer="rtn")
+
+
+@pytest.fixture(scope="module")
+def quantized():
+    model = tiny_moe("qwen2_moe")
+    config = milo_int3(**CONFIG)
+    quantize_(model, config, progress=False)
+    return model, config
+
+
+def test_registered_on_import():
+    assert milo_tensor.MiLoHfConfig is AUTO_QUANTIZATION_CONFIG_MAPPING["milo"]
+    assert AUTO_QUANTIZER_MAPPING["milo"] is MiLoHfQuantizer
+
+
+@pytest.mark.parametrize("shard", ["2GB", "50KB"])
+def test_from_pretrained_of_save_quantized(quantized, tmp_path, gen, shard):
+    model, config = quantized
+    save_quantized(model, tmp_path, config=config, max_shard_size=shard)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "milo"
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info.values()), info  # nothing missing, unexpected or mismatched
+    assert_same_model(model, loaded)
+    ids = torch.randint(3, 256, (2, 9), generator=gen)
+    assert torch.equal(logits(loaded, ids), logits(model, ids))
+    assert loaded.config._experts_implementation == "milo"
+    assert loaded.is_quantized and isinstance(loaded.hf_quantizer, MiLoHfQuantizer)
+    out = loaded.generate(ids[:1, :4], max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 7)
+
+
+def test_save_pretrained_round_trips(quantized, tmp_path, gen):
+    model, config = quantized
+    ids = torch.randint(3, 256, (1, 8), generator=gen)
+    # a model quantized in memory (no hf_quantizer yet) ...
+    model.save_pretrained(tmp_path / "a")
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+    assert_same_model(model, a)
+    # ... and one that from_pretrained returned, saved sharded by transformers
+    a.save_pretrained(tmp_path / "b", max_shard_size="60KB")
+    assert len(list((tmp_path / "b").glob("model-*.safetensors"))) > 1
+    for directory in ("a", "b"):
+        for loaded in (AutoModelForCausalLM.from_pretrained(tmp_path / directory), load_quantized(tmp_path / directory)):
+            assert_same_model(model, loaded)
+            assert torch.equal(logits(loaded, ids), logits(model, ids))
+    # load_quantized's result saves again through save_pretrained
+    c = load_quantized(tmp_path / "b")
+    c.save_pretrained(tmp_path / "c")
+    assert_same_model(model, AutoModelForCausalLM.from_pretrained(tmp_path / "c"))
+
+
+def test_from_pretrained_with_dtype_casts_float_and_quantized(quantized, tmp_path):
+    model, config = quantized
+    save_quantized(model, tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    w = loaded.model.layers[0].self_attn.q_proj.weight
+    assert isinstance(w, MiLoInt3Tensor) and w.dtype == torch.bfloat16 and w.scales.dtype == torch.bfloat16
+    ref = model.model.layers[0].self_attn.q_proj.weight
+    assert torch.equal(w.qdata, ref.qdata)
+    ids = torch.randint(3, 256, (1, 6))
+    assert torch.isfinite(logits(loaded, ids).float()).all()
+
+
+def test_quantize_while_loading_a_float_model(tmp_path, gen):
+    float_model = tiny_moe("mixtral")
+    float_model.save_pretrained(tmp_path / "float")
+    config = milo_int3(**CONFIG)
+    on_load = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=MiLoHfConfig(config=config))
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "float")
+    quantize_(reference, config, progress=False)
+    assert_same_model(reference, on_load)
+    on_load.save_pretrained(tmp_path / "q")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert_same_model(reference, again)
+    ids = torch.randint(3, 256, (1, 6), generator=gen)
+    assert torch.equal(logits(again, ids), logits(reference, ids))

@@ -1,0 +1,253 @@
+"""save_quantized / load_quantized: bit-exact round trips, sharding, tied weights, atomic saves."""
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+import milo_tensor.serialization as ser
+from milo_tensor import (
+    CheckpointError,
+    DenseSparseRank,
+    MiLoInt3Tensor,
+    load_quantized,
+    milo_int3,
+    quantize_,
+    save_quantized,
+)
+from models import tiny_moe
+
+CASES = {
+    # family, model overrides, config: float / int3 / int8 compensators, HQQ and RTN, rank 0 (empty U, V)
+    "mixtral-hqq": ("mixtral", {}, dict(rank_fn=DenseSparseRank(8, 4), iters=1)),
+    "qwen2_moe-int3comp": ("qwen2_moe", {}, dict(rank_fn=DenseSparseRank(8, 4), iters=1, quantizer="rtn",
+                                                 compensator_bits=3, compensator_group_size=32)),
+    "qwen3-int8comp": ("qwen3_moe", {}, dict(rank_fn=DenseSparseRank(8, 4), iters=1, quantizer="rtn",
+                                                  compensator_bits=8, compensator_group_size=32)),
+    "olmoe-rank0-tied": ("olmoe", {"tie_word_embeddings": True}, dict(rank_fn=0, iters=0, quantizer="rtn")),
+}
+
+
+def quantized(case):
+    family, overrides, kwargs = CASES[case]
+    model = tiny_moe(family, **overrides)
+    config = milo_int3(**kwargs)
+    quantize_(model, config, progress=False)
+    return model, config
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {case: quantized(case) for case in CASES}
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def inner(t):
+    if isinstance(t, MiLoInt3Tensor):
+        names, attrs = t.__tensor_flatten__()
+        return {n: getattr(t, n) for n in names}, attrs
+    return {"": t}, None
+
+
+def assert_same_model(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        (ta, attrs_a), (tb, attrs_b) = inner(sa[name]), inner(sb[name])
+        assert type(sa[name]) is type(sb[name]), name
+        assert attrs_a == attrs_b, name
+        assert ta.keys() == tb.keys(), name
+        for key in ta:
+            assert ta[key].dtype == tb[key].dtype and torch.equal(ta[key], tb[key]), f"{name} {key}"
+
+
+def snapshot(directory):
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_round_trip_bit_exact(case, models, tmp_path, gen):
+    model, config = models[case]
+    ids = torch.randint(3, 256, (2, 7), generator=gen)
+    save_quantized(model, tmp_path, config=config)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    loaded = load_quantized(tmp_path)
+    assert_same_model(model, loaded)
+    assert torch.equal(logits(loaded, ids), logits(model, ids))
+    assert loaded.config._experts_implementation == "milo"
+    assert not loaded.training
+    assert not any(b.is_meta for b in loaded.buffers())
+    # the header records version, config and every quantized tensor's attributes
+    header = ser._read_header(tmp_path / "model.safetensors")
+    md = header.metadata
+    assert md["milo_format_version"] == "1" and md["format"] == "pt"
+    assert json.loads(md["milo_config"]) == ser.config_to_dict(config)
+    params = json.loads(md["milo_params"])
+    stack = "model.layers.0.mlp.experts.gate_up_proj"
+    assert params[stack]["ranks"] == list(model.get_parameter(stack).ranks)
+    assert params[stack]["comp_bits"] == config.compensator_bits
+    assert set(json.loads(md["milo_manifest"])) == set(header.entries)
+    # no pickle anywhere: every file is JSON or safetensors
+    for p in tmp_path.iterdir():
+        assert not p.read_bytes().startswith(b"\x80")
+
+
+def test_tied_embeddings_stay_tied(models, tmp_path):
+    model, config = models["olmoe-rank0-tied"]
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    save_quantized(model, tmp_path)
+    header = ser._read_header(tmp_path / "model.safetensors")
+    assert "lm_head.weight" not in header.entries
+    assert json.loads(header.metadata["milo_aliases"]) == {"lm_head.weight": "model.embed_tokens.weight"}
+    loaded = load_quantized(tmp_path)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    # rank 0 everywhere: the empty U, V are not stored, and come back empty
+    assert not any(n.endswith((".__milo__.ut", ".__milo__.v")) for n in header.entries)
+    assert loaded.model.layers[0].self_attn.q_proj.weight.ut.shape == (0, 64)
+    assert_same_model(model, loaded)
+
+
+def test_sharded_save_loads(models, tmp_path, gen):
+    model, config = models["mixtral-hqq"]
+    files = save_quantized(model, tmp_path, max_shard_size="60KB")
+    assert len(files) > 3
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {f.name for f in files}
+    assert not (tmp_path / "model.safetensors").exists()
+    # the inner tensors of one quantized parameter share a shard
+    stack = "model.layers.1.mlp.experts.down_proj.__milo__."
+    assert len({f for n, f in index["weight_map"].items() if n.startswith(stack)}) == 1
+    loaded = load_quantized(tmp_path)
+    assert_same_model(model, loaded)
+    ids = torch.randint(3, 256, (1, 9), generator=gen)
+    assert torch.equal(logits(loaded, ids), logits(model, ids))
+
+
+def test_load_into_given_model(models, tmp_path):
+    model, config = models["qwen2_moe-int3comp"]
+    save_quantized(model, tmp_path)
+    target = tiny_moe("qwen2_moe", seed=5)  # float, other values: everything gets replaced
+    out = load_quantized(tmp_path, model=target)
+    assert out is target
+    assert_same_model(model, target)
+    assert target.config._experts_implementation == "milo"
+
+
+def test_save_over_previous_checkpoints(models, tmp_path):
+    """single -> sharded -> single -> sharded: the latest always loads, nothing stale is left."""
+    a, _ = models["mixtral-hqq"]
+    b, _ = models["qwen2_moe-int3comp"]
+    for model, shard in ((a, "2GB"), (b, "60KB"), (a, "2GB"), (a, "50KB"), (b, "40KB")):
+        files = save_quantized(model, tmp_path, max_shard_size=shard)
+        names = {p.name for p in tmp_path.iterdir()}
+        expected = {f.name for f in files} | {"config.json", "generation_config.json"}
+        if len(files) > 1:
+            expected.add("model.safetensors.index.json")
+        assert names == expected
+        assert_same_model(model, load_quantized(tmp_path))
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+@pytest.mark.parametrize("fail_at", ["write", "replace"])
+def test_failed_save_leaves_previous_checkpoint(models, tmp_path, monkeypatch, sharded, fail_at):
+    a, _ = models["mixtral-hqq"]
+    b, _ = models["qwen2_moe-int3comp"]
+    save_quantized(a, tmp_path, max_shard_size="60KB" if sharded else "2GB")
+    before = snapshot(tmp_path)
+
+    calls = {"n": 0, "fail": 1}
+    if fail_at == "write":
+        real = ser._write_safetensors
+
+        def flaky(path, tensors, metadata):  # the file is written, then the save dies
+            calls["n"] += 1
+            if calls["n"] == calls["fail"]:
+                real(path, tensors, metadata)
+                raise OSError("disk full (injected)")
+            return real(path, tensors, metadata)
+
+        monkeypatch.setattr(ser, "_write_safetensors", flaky)
+    else:
+        real_replace = os.replace
+
+        def flaky_replace(src, dst):
+            # fail at the commit: model.safetensors, or the index of a sharded save
+            if os.path.basename(dst) in ("model.safetensors", "model.safetensors.index.json"):
+                raise OSError("crash (injected)")
+            return real_replace(src, dst)
+
+        monkeypatch.setattr(ser.os, "replace", flaky_replace)
+    for shard, fail in (("2GB", 1), ("40KB", 3)):
+        calls["n"], calls["fail"] = 0, fail
+        with pytest.raises(OSError, match="injected"):
+            save_quantized(b, tmp_path, max_shard_size=shard)
+        assert snapshot(tmp_path) == before  # byte-identical, no temporary files left
+    monkeypatch.undo()
+    assert_same_model(a, load_quantized(tmp_path))
+
+
+def test_mismatched_model_is_refused_and_untouched(models, tmp_path):
+    model, _ = models["mixtral-hqq"]
+    save_quantized(model, tmp_path)
+    for target in (tiny_moe("mixtral", hidden_size=128), tiny_moe("mixtral", num_hidden_layers=3),
+                   tiny_moe("qwen3_moe"), tiny_moe("mixtral").to(torch.bfloat16)):
+        before = {n: t.clone() for n, t in target.state_dict().items()}
+        params = dict(target.named_parameters())
+        with pytest.raises(CheckpointError, match="model.safetensors"):
+            load_quantized(tmp_path, model=target)
+        assert dict(target.named_parameters()).keys() == params.keys()
+        assert all(p is params[n] for n, p in target.named_parameters())
+        assert all(torch.equal(before[n], t) for n, t in target.state_dict().items())
+
+
+def test_unknown_version_and_missing_dir(models, tmp_path):
+    model, _ = models["mixtral-hqq"]
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        load_quantized(tmp_path)
+    save_quantized(model, tmp_path)
+    path = tmp_path / "model.safetensors"
+    header = ser._read_header(path)
+    tensors = {}
+    with open(path, "rb") as fh:
+        for name in header.entries:
+            tensors[name] = ser._read_tensor(fh, header, name)
+    ser._write_safetensors(path, tensors, {**header.metadata, "milo_format_version": "2"})
+    with pytest.raises(CheckpointError, match=r"unknown MiLo format version 2"):
+        load_quantized(tmp_path)
+
+
+def test_save_refuses_what_it_cannot_store(tmp_path):
+    model = tiny_moe("mixtral")
+    quantize_(model, milo_int3(0, iters=0, quantizer="rtn"), progress=False)
+    w = model.model.layers[0].self_attn.q_proj.weight
+    with pytest.raises(ValueError, match="transposed"):
+        ser.flatten_state_dict({"w": w.t()})
+    with pytest.raises(ValueError, match="size"):
+        save_quantized(model, tmp_path, max_shard_size="lots")
+    assert ser.parse_size("2GB") == 2 * 10**9 and ser.parse_size("1GiB") == 2**30 and ser.parse_size(10) == 10
+
+
+def test_config_dict_round_trip():
+    from milo_tensor.quant.rank import KurtosisRank
+
+    config = milo_int3(KurtosisRank(mean_rank=8, dense_rank=32), group_size=128, iters=3, compensator_bits=3)
+    again = ser.config_from_dict(json.loads(json.dumps(ser.config_to_dict(config))))
+    assert again == config
+    custom = milo_int3(lambda info: 4)
+    assert ser.config_to_dict(custom)["rank_fn"]["policy"] == "custom"
+    with pytest.raises(ValueError, match="custom rank policy"):
+        ser.config_from_dict(ser.config_to_dict(custom))
+
+
+def test_deepcopy_of_loaded_model_runs(models, tmp_path, gen):
+    model, _ = models["qwen3-int8comp"]
+    save_quantized(model, tmp_path)
+    loaded = copy.deepcopy(load_quantized(tmp_path))
+    ids = torch.randint(3, 256, (1, 5), generator=gen)
+    assert torch.equal(logits(loaded, ids), logits(model, ids))
