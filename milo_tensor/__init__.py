@@ -15,6 +15,8 @@ from milo_tensor.quant.rank import (
     get_rank_policy,
 )
 from milo_tensor.tensor import MiLoInt3Tensor
+from milo_tensor.serialization import CheckpointError, load_quantized, save_quantized
+from milo_tensor.integrations.hf_quantizer import MiLoHfConfig  # registers the "milo" transformers quantizer
 
 __version__ = "0.1.0"
 
@@ -31,4 +33,8 @@ __all__ = [
     "EnergyRank",
     "WeightInfo",
     "get_rank_policy",
+    "CheckpointError",
+    "save_quantized",
+    "load_quantized",
+    "MiLoHfConfig",
 ]
