@@ -15,6 +15,15 @@ from typing import Sequence
 __all__ = ["build_parser", "main"]
 
 RANK_POLICIES = ("dense_sparse", "constant", "kurtosis", "energy")
+# --compensator-dtype -> (MiLoInt3Config.compensator_bits, the float dtype it requires or None)
+COMPENSATOR_DTYPES = {
+    "model": (None, None),
+    "fp16": (None, "float16"),
+    "bf16": (None, "bfloat16"),
+    "fp32": (None, "float32"),
+    "int8": (8, None),
+    "int3": (3, None),
+}
 
 
 def _rank_policy(args: argparse.Namespace):
@@ -33,17 +42,19 @@ def _quantize(args: argparse.Namespace) -> int:
     from milo_tensor.config import milo_int3
     from milo_tensor.streaming import quantize_checkpoint
 
-    config = milo_int3(
-        _rank_policy(args),
-        group_size=args.group_size,
-        iters=args.iters,
-        quantizer=args.quantizer,
-        compensator_bits=None if args.compensator_bits == "none" else int(args.compensator_bits),
-        compensator_group_size=args.compensator_group_size,
-    )
+    bits, float_dtype = COMPENSATOR_DTYPES[args.compensator_dtype]
     try:
+        config = milo_int3(
+            _rank_policy(args),
+            group_size=args.group_size,
+            iters=args.iters,
+            quantizer=args.quantizer,
+            compensator_bits=bits,
+            compensator_group_size=args.compensator_group_size,
+        )
         summary = quantize_checkpoint(
             args.src, args.out, config, device=args.device, dtype=args.dtype, progress=not args.no_progress,
+            compensator_dtype=float_dtype,
         )
     except KeyboardInterrupt:
         print(f"\ninterrupted: completed layers are kept in {args.out}; run the same command again to resume",
@@ -80,10 +91,13 @@ def _add_quantize(subparsers) -> None:
                         "energy (--energy-fraction, at most --dense-rank)")
     p.add_argument("--dense-rank", type=int, default=64, help="rank of attention / shared-expert / dense-MLP weights")
     p.add_argument("--sparse-rank", type=int, default=16, help="rank of routed-expert weights")
-    p.add_argument("--rank", type=int, default=None, help="rank of every weight with --rank-policy constant (default: --sparse-rank)")
+    p.add_argument("--rank", type=int, default=None, help="rank of every weight with --rank-policy constant (None: use --sparse-rank)")
     p.add_argument("--energy-fraction", type=float, default=0.5, help="spectral energy kept with --rank-policy energy")
-    p.add_argument("--compensator-bits", default="none", choices=("none", "8", "3"), help="store U, V in float (none) or quantized")
-    p.add_argument("--compensator-group-size", type=int, default=64, help="group size of a quantized compensator")
+    p.add_argument("--compensator-dtype", default="model", choices=tuple(COMPENSATOR_DTYPES),
+                   help="storage of the compensator U, V: 'model' (the weights' float dtype), int8 or int3 "
+                        "(quantized in groups of --compensator-group-size), or fp16/bf16/fp32 (a float dtype, "
+                        "which must be the model's: the format keeps a float compensator in the weights' dtype)")
+    p.add_argument("--compensator-group-size", type=int, default=64, help="group size of an int8 / int3 compensator")
     p.add_argument("--device", default="cpu", help="device that runs the quantization (cpu, cuda, cuda:1, ...)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="float dtype the model is built in (auto: config.json's, as from_pretrained)")

@@ -32,36 +32,35 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from milo_tensor.serialization import (
+from milo_tensor.checkpoint import (
     CONFIG_NAME,
+    DTYPES,
+    FLOAT_DTYPES,
     META_CONFIG,
+    META_MANIFEST,
     META_STATS,
     META_UNIT,
     SAFE_WEIGHTS_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
     TMP_PREFIX,
     CheckpointError,
-    _canonical_json,
-    _current_files,
-    _DTYPES,
-    _FLOAT_DTYPES,
-    _manifest_entry,
-    _read_header,
-    _digest_from_file,
-    _write_safetensors,
     atomic_write_text,
-    config_to_dict,
-    flatten_state_dict,
+    canonical_json,
+    current_files,
+    digest_from_file,
+    manifest_entry,
+    read_header,
     shard_metadata,
     tensor_digest,
     write_index,
+    write_safetensors,
 )
+from milo_tensor.serialization import config_to_dict, flatten_state_dict
 from milo_tensor.tensor import MiLoInt3Tensor
 
 __all__ = ["quantize_checkpoint", "QuantizeSummary", "ABORT_ENV"]
@@ -178,7 +177,7 @@ class _Source:
 
     def first_float_dtype(self) -> torch.dtype | None:
         for key in sorted(self.key_info):
-            dtype = _DTYPES.get(self.key_info[key][0])
+            dtype = DTYPES.get(self.key_info[key][0])
             if dtype is not None and dtype.is_floating_point:
                 return dtype
         return None
@@ -188,12 +187,12 @@ def _resolve_dtype(dtype, model_config, source: _Source) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in (None, "auto"):
-        if dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"dtype must be 'auto' or one of {sorted(_FLOAT_DTYPES)}, got {dtype!r}")
-        return _FLOAT_DTYPES[dtype]
+        if dtype not in FLOAT_DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {sorted(FLOAT_DTYPES)}, got {dtype!r}")
+        return FLOAT_DTYPES[dtype]
     cfg_dtype = getattr(model_config, "dtype", None)
     if isinstance(cfg_dtype, str):
-        cfg_dtype = _FLOAT_DTYPES.get(cfg_dtype)
+        cfg_dtype = FLOAT_DTYPES.get(cfg_dtype)
     if isinstance(cfg_dtype, torch.dtype):
         return cfg_dtype
     return source.first_float_dtype() or torch.get_default_dtype()
@@ -269,13 +268,15 @@ def quantize_checkpoint(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = "auto",
     progress: bool = True,
-    log: Callable[[str], None] = print,
+    compensator_dtype: str | torch.dtype | None = None,
 ) -> QuantizeSummary:
     """Quantize the transformers model folder ``src`` into a MiLo checkpoint in ``out``, a layer at a time.
 
     ``config``: a ``MiLoInt3Config`` (default ``milo_int3()``). ``dtype``: the float dtype the model
-    is built in ("auto": config.json's, like ``from_pretrained``). Resumable: completed layers already
-    in ``out`` are verified and kept.
+    is built in ("auto": config.json's, like ``from_pretrained``). ``compensator_dtype``: the float
+    dtype the caller wants a float compensator stored in; the format stores it in the weights'
+    dtype, so any other dtype is refused up front rather than silently ignored. Resumable:
+    completed layers already in ``out`` are verified and kept.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.conversion_mapping import get_model_conversion_mapping
@@ -305,6 +306,14 @@ def quantize_checkpoint(
     source = _Source(src)
     try:
         dtype = _resolve_dtype(dtype, model_config, source)
+        if compensator_dtype is not None and config.compensator_bits is None:
+            wanted = _resolve_dtype(compensator_dtype, model_config, source)
+            if wanted != dtype:
+                raise ValueError(
+                    f"a float compensator is stored in the weights' dtype ({str(dtype).removeprefix('torch.')}), "
+                    f"not {str(wanted).removeprefix('torch.')}: pass --dtype {str(wanted).removeprefix('torch.')} to "
+                    f"build the model in it, or store the compensator as 'model', int8 or int3"
+                )
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
         model.eval()
@@ -352,7 +361,7 @@ def quantize_checkpoint(
         count = len(unit_names)
         file_names = {u: f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i, u in enumerate(unit_names)}
         out.mkdir(parents=True, exist_ok=True)
-        previous = _current_files(out)
+        previous = current_files(out)
         for stale in out.glob(f"{TMP_PREFIX}*"):
             stale.unlink(missing_ok=True)
 
@@ -374,9 +383,9 @@ def quantize_checkpoint(
                 "unit": unit, "file": file_names[unit], "source_config": src_config_hash, "dtype": str(dtype),
                 "source": [[k, *source.key_info[k]] for k in keys],
             }
-            unit_meta = _canonical_json(fingerprint)
+            unit_meta = canonical_json(fingerprint)
             path = out / file_names[unit]
-            existing = _existing_shard(path, unit_meta, _canonical_json(milo_config))
+            existing = _existing_shard(path, unit_meta, canonical_json(milo_config))
             if existing is not None:
                 header, unit_stats, unit_other = existing
                 skipped += 1
@@ -419,16 +428,16 @@ def _existing_shard(path: Path, unit_meta: str, config_json: str):
     if not path.is_file():
         return None
     try:
-        header = _read_header(path)
+        header = read_header(path)
         md = header.metadata
         if md.get(META_UNIT) != unit_meta or md.get(META_CONFIG) != config_json:
             return None
-        manifest = json.loads(md["milo_manifest"])
+        manifest = json.loads(md[META_MANIFEST])
         if set(manifest) != set(header.entries):
             return None
         with open(path, "rb") as fh:
             for name in header.entries:
-                if _digest_from_file(fh, header, name) != manifest[name][2]:
+                if digest_from_file(fh, header, name) != manifest[name][2]:
                     return None
         raw = json.loads(md[META_STATS])
         stats = [WeightStat(**s) for s in raw["weights"]]
@@ -476,19 +485,19 @@ def _quantize_unit(model, unit, keys, source, config, milo_config, aliases, unit
             other += t.numel() * t.element_size()
     tensors, params, _ = flatten_state_dict(unit_state)
     tensors = {n: t.detach().cpu().contiguous() for n, t in tensors.items()}
-    manifest = {n: _manifest_entry(t, tensor_digest(t)) for n, t in tensors.items()}
+    manifest = {n: manifest_entry(t, tensor_digest(t)) for n, t in tensors.items()}
     extra = {META_UNIT: unit_meta,
-             META_STATS: _canonical_json({"weights": [dataclasses.asdict(s) for s in stats], "other_bytes": other})}
+             META_STATS: canonical_json({"weights": [dataclasses.asdict(s) for s in stats], "other_bytes": other})}
     metadata = shard_metadata(milo_config, params, manifest, aliases, extra)
     tmp = path.parent / f"{TMP_PREFIX}{os.getpid()}-{path.name}"
     try:
-        _write_safetensors(tmp, tensors, metadata)
+        write_safetensors(tmp, tensors, metadata)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     del floats, tensors, unit_state
     _to_meta(model)
-    return _read_header(path), stats, other
+    return read_header(path), stats, other
 
 
 def _copy_side_files(src: Path, out: Path) -> None:

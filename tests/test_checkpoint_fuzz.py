@@ -10,14 +10,16 @@ byte of the header padding turned into another whitespace byte).
 """
 
 import json
+import os
 import random
 import shutil
 import struct
+import tempfile
 
 import pytest
 import torch
 
-import milo_tensor.serialization as ser
+import milo_tensor.checkpoint as ckpt
 from milo_tensor import CheckpointError, DenseSparseRank, MiLoInt3Tensor, load_quantized, milo_int3, quantize_, save_quantized
 from models import tiny_moe
 
@@ -128,17 +130,18 @@ def rebuild(raw: bytes, edit_tensors=None, edit_metadata=None, redigest=True) ->
     for name, info in header.items():
         start, end = info["data_offsets"]
         buf = torch.frombuffer(bytearray(data[start:end]), dtype=torch.uint8) if end > start else torch.empty(0, dtype=torch.uint8)
-        tensors[name] = buf.view(ser._DTYPES[info["dtype"]]).reshape(info["shape"])
+        tensors[name] = buf.view(ckpt.DTYPES[info["dtype"]]).reshape(info["shape"])
     if edit_tensors:
         edit_tensors(tensors, metadata)
     if edit_metadata:
         edit_metadata(metadata)
     if redigest:
-        metadata[ser.META_DIGEST] = ser.metadata_digest(metadata)
-    path = "/tmp/_milo_fuzz_rebuild.safetensors"
-    ser._write_safetensors(path, tensors, metadata)
-    with open(path, "rb") as fh:
-        return fh.read()
+        metadata[ckpt.META_DIGEST] = ckpt.metadata_digest(metadata)
+    with tempfile.TemporaryDirectory() as scratch:  # per call: parallel test runs never share a file
+        path = os.path.join(scratch, "rebuilt.safetensors")
+        ckpt.write_safetensors(path, tensors, metadata)
+        with open(path, "rb") as fh:
+            return fh.read()
 
 
 def flip_first_bit(t):
@@ -283,12 +286,12 @@ def test_structural_and_metadata_edits(original, target, tmp_path):
         ("extra tensor, not in manifest", dict(edit_tensors=lambda t, m: t.__setitem__("model.extra", torch.zeros(4)))),
         ("extra tensor, in the manifest", dict(edit_tensors=lambda t, m: (
             t.__setitem__("model.extra", torch.zeros(4)),
-            m.__setitem__(ser.META_MANIFEST, json.dumps({**json.loads(m[ser.META_MANIFEST]),
-                                                         "model.extra": ser._manifest_entry(torch.zeros(4), ser.tensor_digest(torch.zeros(4)))}))))),
+            m.__setitem__(ckpt.META_MANIFEST, json.dumps({**json.loads(m[ckpt.META_MANIFEST]),
+                                                         "model.extra": ckpt.manifest_entry(torch.zeros(4), ckpt.tensor_digest(torch.zeros(4)))}))))),
         ("extra inner tensor", dict(edit_tensors=lambda t, m: (
             t.__setitem__(dense + ".__milo__.bogus", torch.zeros(4)),
-            m.__setitem__(ser.META_MANIFEST, json.dumps({**json.loads(m[ser.META_MANIFEST]),
-                                                         dense + ".__milo__.bogus": ser._manifest_entry(torch.zeros(4), ser.tensor_digest(torch.zeros(4)))}))))),
+            m.__setitem__(ckpt.META_MANIFEST, json.dumps({**json.loads(m[ckpt.META_MANIFEST]),
+                                                         dense + ".__milo__.bogus": ckpt.manifest_entry(torch.zeros(4), ckpt.tensor_digest(torch.zeros(4)))}))))),
         ("inner tensor of an unknown parameter", dict(edit_tensors=lambda t, m: t.__setitem__("model.nope.__milo__.qdata", t[dense + ".__milo__.qdata"].clone()))),
         ("float tensor stored twice (also quantized)", dict(edit_tensors=lambda t, m: t.__setitem__(dense, torch.zeros(64, 64)))),
     ]
@@ -296,9 +299,9 @@ def test_structural_and_metadata_edits(original, target, tmp_path):
     def retype(name, fn):
         def edit(t, m):
             t[name] = fn(t[name])
-            manifest = json.loads(m[ser.META_MANIFEST])
-            manifest[name] = ser._manifest_entry(t[name], ser.tensor_digest(t[name]))
-            m[ser.META_MANIFEST] = json.dumps(manifest)
+            manifest = json.loads(m[ckpt.META_MANIFEST])
+            manifest[name] = ckpt.manifest_entry(t[name], ckpt.tensor_digest(t[name]))
+            m[ckpt.META_MANIFEST] = json.dumps(manifest)
         return edit
     for name in (qparam + ".__milo__.qdata", qparam + ".__milo__.scales", dense + ".__milo__.ut", dense + ".__milo__.v_zeros",
                  "model.norm.weight", "lm_head.weight", "model.layers.0.mlp.gate.weight"):
@@ -308,12 +311,12 @@ def test_structural_and_metadata_edits(original, target, tmp_path):
         edits.append((f"value change of {name} (digest kept)", dict(edit_tensors=lambda t, m, n=name: t.__setitem__(n, flip_first_bit(t[n])))))
     # Format version.
     for version in ("2", "0", "999999999", "1.0", "one", "", "-1", " 1"):
-        edits.append((f"format version {version!r}", dict(edit_metadata=lambda m, v=version: m.__setitem__(ser.META_VERSION, v))))
-    edits.append(("no format version", dict(edit_metadata=lambda m: m.pop(ser.META_VERSION))))
-    edits.append(("version edited, digest kept", dict(edit_metadata=lambda m: m.__setitem__(ser.META_VERSION, "2"), redigest=False)))
+        edits.append((f"format version {version!r}", dict(edit_metadata=lambda m, v=version: m.__setitem__(ckpt.META_VERSION, v))))
+    edits.append(("no format version", dict(edit_metadata=lambda m: m.pop(ckpt.META_VERSION))))
+    edits.append(("version edited, digest kept", dict(edit_metadata=lambda m: m.__setitem__(ckpt.META_VERSION, "2"), redigest=False)))
     # Attributes of a quantized parameter.
     def params_edit(fqn, key, value):
-        return json_edit(ser.META_PARAMS, lambda p: p[fqn].__setitem__(key, value))
+        return json_edit(ckpt.META_PARAMS, lambda p: p[fqn].__setitem__(key, value))
     for fqn in (qparam, dense):
         for key, value in (("ranks", [3] * 4 if fqn == qparam else [3]), ("ranks", [8] * 3), ("ranks", [-1] * 4), ("ranks", "8"),
                            ("group_size", 32), ("group_size", 48), ("group_size", 0), ("shape", [64, 128]),
@@ -321,26 +324,26 @@ def test_structural_and_metadata_edits(original, target, tmp_path):
                            ("comp_bits", None), ("comp_bits", 4), ("comp_group_size", 64), ("comp_group_size", 0),
                            ("comp_group_size", None)):
             edits.append((f"{fqn} {key}={value!r}", dict(edit_metadata=params_edit(fqn, key, value))))
-        edits.append((f"{fqn} attributes removed", dict(edit_metadata=json_edit(ser.META_PARAMS, lambda p, f=fqn: p.pop(f)))))
+        edits.append((f"{fqn} attributes removed", dict(edit_metadata=json_edit(ckpt.META_PARAMS, lambda p, f=fqn: p.pop(f)))))
         edits.append((f"{fqn} extra attribute", dict(edit_metadata=params_edit(fqn, "transposed", True))))
     # Manifest and other metadata.
     edits += [
-        ("manifest digest changed", dict(edit_metadata=json_edit(ser.META_MANIFEST, lambda m: m[names[0]].__setitem__(2, "0" * 32)))),
-        ("manifest entry removed", dict(edit_metadata=json_edit(ser.META_MANIFEST, lambda m: m.pop(names[1])))),
-        ("manifest dtype changed", dict(edit_metadata=json_edit(ser.META_MANIFEST, lambda m: m[names[2]].__setitem__(0, "F64")))),
-        ("manifest shape changed", dict(edit_metadata=json_edit(ser.META_MANIFEST, lambda m: m[names[3]].__setitem__(1, [1])))),
-        ("manifest not a dict", dict(edit_metadata=lambda m: m.__setitem__(ser.META_MANIFEST, "[]"))),
-        ("manifest not JSON", dict(edit_metadata=lambda m: m.__setitem__(ser.META_MANIFEST, "{"))),
-        ("params not JSON", dict(edit_metadata=lambda m: m.__setitem__(ser.META_PARAMS, "nope"))),
-        ("no params", dict(edit_metadata=lambda m: m.pop(ser.META_PARAMS))),
-        ("no manifest", dict(edit_metadata=lambda m: m.pop(ser.META_MANIFEST))),
-        ("config edited, digest kept", dict(edit_metadata=json_edit(ser.META_CONFIG, lambda c: c.__setitem__("experts_implementation", "eager")), redigest=False)),
+        ("manifest digest changed", dict(edit_metadata=json_edit(ckpt.META_MANIFEST, lambda m: m[names[0]].__setitem__(2, "0" * 32)))),
+        ("manifest entry removed", dict(edit_metadata=json_edit(ckpt.META_MANIFEST, lambda m: m.pop(names[1])))),
+        ("manifest dtype changed", dict(edit_metadata=json_edit(ckpt.META_MANIFEST, lambda m: m[names[2]].__setitem__(0, "F64")))),
+        ("manifest shape changed", dict(edit_metadata=json_edit(ckpt.META_MANIFEST, lambda m: m[names[3]].__setitem__(1, [1])))),
+        ("manifest not a dict", dict(edit_metadata=lambda m: m.__setitem__(ckpt.META_MANIFEST, "[]"))),
+        ("manifest not JSON", dict(edit_metadata=lambda m: m.__setitem__(ckpt.META_MANIFEST, "{"))),
+        ("params not JSON", dict(edit_metadata=lambda m: m.__setitem__(ckpt.META_PARAMS, "nope"))),
+        ("no params", dict(edit_metadata=lambda m: m.pop(ckpt.META_PARAMS))),
+        ("no manifest", dict(edit_metadata=lambda m: m.pop(ckpt.META_MANIFEST))),
+        ("config edited, digest kept", dict(edit_metadata=json_edit(ckpt.META_CONFIG, lambda c: c.__setitem__("experts_implementation", "eager")), redigest=False)),
         ("params edited, digest kept", dict(edit_metadata=params_edit(dense, "group_size", 32), redigest=False)),
-        ("no digest", dict(edit_metadata=lambda m: m.pop(ser.META_DIGEST), redigest=False)),
-        ("aliases point nowhere", dict(edit_metadata=lambda m: m.__setitem__(ser.META_ALIASES, json.dumps({"lm_head.weight": "model.nope"})))),
-        ("alias of a stored tensor", dict(edit_metadata=lambda m: m.__setitem__(ser.META_ALIASES, json.dumps({"lm_head.weight": "model.norm.weight"})))),
-        ("alias the model lacks", dict(edit_metadata=lambda m: m.__setitem__(ser.META_ALIASES, json.dumps({"model.ghost": "model.norm.weight"})))),
-        ("aliases not JSON", dict(edit_metadata=lambda m: m.__setitem__(ser.META_ALIASES, "{{"))),
+        ("no digest", dict(edit_metadata=lambda m: m.pop(ckpt.META_DIGEST), redigest=False)),
+        ("aliases point nowhere", dict(edit_metadata=lambda m: m.__setitem__(ckpt.META_ALIASES, json.dumps({"lm_head.weight": "model.nope"})))),
+        ("alias of a stored tensor", dict(edit_metadata=lambda m: m.__setitem__(ckpt.META_ALIASES, json.dumps({"lm_head.weight": "model.norm.weight"})))),
+        ("alias the model lacks", dict(edit_metadata=lambda m: m.__setitem__(ckpt.META_ALIASES, json.dumps({"model.ghost": "model.norm.weight"})))),
+        ("aliases not JSON", dict(edit_metadata=lambda m: m.__setitem__(ckpt.META_ALIASES, "{{"))),
     ]
     for what, kwargs in edits:
         write(work, rebuild(raw, **kwargs))
@@ -411,7 +414,7 @@ def test_corrupt_checkpoint_through_from_pretrained(original, tmp_path):
         ("data flip", raw[:-100] + bytes([raw[-100] ^ 1]) + raw[-99:]),
         ("truncated", raw[: len(raw) // 2]),
         ("header flip", raw[:header_end - 80] + bytes([raw[header_end - 80] ^ 0x10]) + raw[header_end - 79:]),
-        ("version", rebuild(raw, edit_metadata=lambda m: m.__setitem__(ser.META_VERSION, "7"))),
+        ("version", rebuild(raw, edit_metadata=lambda m: m.__setitem__(ckpt.META_VERSION, "7"))),
     ):
         write(work, mutated)
         with pytest.raises(CheckpointError):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import milo_tensor.checkpoint as ckpt
 import milo_tensor.serialization as ser
 from milo_tensor import DenseSparseRank, load_quantized, milo_int3, quantize_
 from milo_tensor.cli import build_parser, main
@@ -27,8 +28,8 @@ def assert_same_files(a, b):
     detail = {}
     for name in differ:
         if name.endswith(".safetensors"):
-            ha, hb = ser._read_header(a / name), ser._read_header(b / name)
-            ma, mb = (json.loads(h.metadata[ser.META_MANIFEST]) for h in (ha, hb))
+            ha, hb = ckpt.read_header(a / name), ckpt.read_header(b / name)
+            ma, mb = (json.loads(h.metadata[ckpt.META_MANIFEST]) for h in (ha, hb))
             detail[name] = [k for k in ma if ma[k] != mb.get(k)] or "metadata"
     assert not differ, detail
 
@@ -51,7 +52,7 @@ def test_help_for_every_subcommand(capsys):
     assert main([]) == 2  # no command: the overview
     text = parser._subparsers._group_actions[0].choices["quantize"].format_help()
     for option in ("--group-size", "--iters", "--rank-policy", "--dense-rank", "--sparse-rank",
-                   "--compensator-bits", "--device", "--quantizer"):
+                   "--compensator-dtype", "--device", "--quantizer"):
         assert option in text
 
 
@@ -128,7 +129,7 @@ def test_changed_config_redoes_layers_and_bad_input_is_refused(tmp_path, capsys)
     fast = ["--quantizer", "rtn", "--iters", "0", "--no-progress"]
     assert main(["quantize", str(src), str(out), *fast, "--rank-policy", "constant", "--rank", "4"]) == 0
     assert main(["quantize", str(src), str(out), *fast, "--rank-policy", "constant", "--rank", "8",
-                 "--compensator-bits", "8", "--compensator-group-size", "32"]) == 0
+                 "--compensator-dtype", "int8", "--compensator-group-size", "32"]) == 0
     assert "layers quantized now: 3, resumed from an earlier run: 0" in capsys.readouterr().out
     model = load_quantized(out)
     weight = model.model.layers[1].mlp.experts.down_proj
@@ -138,3 +139,9 @@ def test_changed_config_redoes_layers_and_bad_input_is_refused(tmp_path, capsys)
     assert "already quantized" in capsys.readouterr().err
     assert main(["quantize", str(tmp_path / "nowhere"), str(tmp_path / "x"), *fast]) == 2
     assert main(["quantize", str(src), str(src), *fast]) == 2
+    # a float compensator lives in the weights' dtype: fp32 fits this float32 model, bf16 does not
+    assert main(["quantize", str(src), str(tmp_path / "bf16"), *fast, "--compensator-dtype", "bf16"]) == 2
+    assert "--dtype bfloat16" in capsys.readouterr().err
+    assert main(["quantize", str(src), str(tmp_path / "fp32"), *fast, "--compensator-dtype", "fp32",
+                 "--rank-policy", "constant", "--rank", "8"]) == 0
+    assert load_quantized(tmp_path / "fp32").model.layers[0].mlp.experts.down_proj.v.dtype == torch.float32

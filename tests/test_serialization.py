@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+import milo_tensor.checkpoint as ckpt
 import milo_tensor.serialization as ser
 from milo_tensor import (
     CheckpointError,
@@ -84,7 +85,7 @@ def test_round_trip_bit_exact(case, models, tmp_path, gen):
     assert not loaded.training
     assert not any(b.is_meta for b in loaded.buffers())
     # the header records version, config and every quantized tensor's attributes
-    header = ser._read_header(tmp_path / "model.safetensors")
+    header = ckpt.read_header(tmp_path / "model.safetensors")
     md = header.metadata
     assert md["milo_format_version"] == "1" and md["format"] == "pt"
     assert json.loads(md["milo_config"]) == ser.config_to_dict(config)
@@ -102,7 +103,7 @@ def test_tied_embeddings_stay_tied(models, tmp_path):
     model, config = models["olmoe-rank0-tied"]
     assert model.lm_head.weight is model.model.embed_tokens.weight
     save_quantized(model, tmp_path)
-    header = ser._read_header(tmp_path / "model.safetensors")
+    header = ckpt.read_header(tmp_path / "model.safetensors")
     assert "lm_head.weight" not in header.entries
     assert json.loads(header.metadata["milo_aliases"]) == {"lm_head.weight": "model.embed_tokens.weight"}
     loaded = load_quantized(tmp_path)
@@ -163,7 +164,7 @@ def test_failed_save_leaves_previous_checkpoint(models, tmp_path, monkeypatch, s
 
     calls = {"n": 0, "fail": 1}
     if fail_at == "write":
-        real = ser._write_safetensors
+        real = ser.write_safetensors
 
         def flaky(path, tensors, metadata):  # the file is written, then the save dies
             calls["n"] += 1
@@ -172,7 +173,7 @@ def test_failed_save_leaves_previous_checkpoint(models, tmp_path, monkeypatch, s
                 raise OSError("disk full (injected)")
             return real(path, tensors, metadata)
 
-        monkeypatch.setattr(ser, "_write_safetensors", flaky)
+        monkeypatch.setattr(ser, "write_safetensors", flaky)
     else:
         real_replace = os.replace
 
@@ -212,12 +213,12 @@ def test_unknown_version_and_missing_dir(models, tmp_path):
         load_quantized(tmp_path)
     save_quantized(model, tmp_path)
     path = tmp_path / "model.safetensors"
-    header = ser._read_header(path)
+    header = ckpt.read_header(path)
     tensors = {}
     with open(path, "rb") as fh:
         for name in header.entries:
-            tensors[name] = ser._read_tensor(fh, header, name)
-    ser._write_safetensors(path, tensors, {**header.metadata, "milo_format_version": "2"})
+            tensors[name] = ckpt.read_tensor(fh, header, name)
+    ckpt.write_safetensors(path, tensors, {**header.metadata, "milo_format_version": "2"})
     with pytest.raises(CheckpointError, match=r"unknown MiLo format version 2"):
         load_quantized(tmp_path)
 

@@ -44,22 +44,24 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from milo_tensor.quant.packing import FORMAT_VERSION
-from milo_tensor.serialization import (
+from milo_tensor.checkpoint import (
     INNER_NAMES,
     MILO_SEP,
     CheckpointError,
     CheckpointInfo,
-    _manifest_entry,
     build_quantized,
+    manifest_entry,
+    shard_metadata,
+    tensor_digest,
+    verify_checkpoint,
+)
+from milo_tensor.serialization import (
     config_from_dict,
     config_to_dict,
     experts_implementation_of,
     flatten_state_dict,
     model_milo_config,
     restore_experts_implementation,
-    shard_metadata,
-    tensor_digest,
-    verify_checkpoint,
 )
 from milo_tensor.tensor import MiLoInt3Tensor
 
@@ -238,7 +240,7 @@ class MiLoHfQuantizer(HfQuantizer):
                 t = t.clone()  # safetensors refuses tensors sharing storage
             seen.add(key)
             state[name] = t
-        manifest = {n: _manifest_entry(t, tensor_digest(t)) for n, t in state.items()}
+        manifest = {n: manifest_entry(t, tensor_digest(t)) for n, t in state.items()}
         milo_config = model_milo_config(model, params, self.quantization_config._config)
         self.quantization_config.milo_config = milo_config
         model._weight_conversions = []
