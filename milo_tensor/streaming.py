@@ -13,8 +13,9 @@ each decoder layer (and once for everything outside the layers: embeddings, fina
 4. the layer goes back to the meta device.
 
 So peak memory stays near one layer (float + quantized). A shard is only ever complete or absent;
-re-running after a kill verifies the shards already there (their checksums, the config and the
-source layer they came from) and continues with the first missing one. Quantization is
+re-running after a kill verifies the shards already there (their checksums, the MiLo config, and a
+digest of the names, shapes and bytes of the source tensors they were made from) and quantizes only
+the layers without a valid shard. Quantization is
 deterministic, so a resumed run writes the same bytes as an uninterrupted one. The result is an
 ordinary MiLo checkpoint: ``load_quantized(out)`` and ``from_pretrained(out)`` read it.
 """
@@ -171,6 +172,18 @@ class _Source:
 
     def slices(self, keys) -> dict:
         return {k: self.handles[self.key_file[k]].get_slice(k) for k in keys}
+
+    def digest(self, keys) -> str:
+        """blake2b of the named tensors' names, dtypes, shapes and bytes, read one tensor at a time.
+
+        A resumed run compares it with the digest a finished shard recorded, so a layer whose
+        source weights changed since is quantized again rather than kept stale.
+        """
+        h = hashlib.blake2b(digest_size=16)
+        for key in sorted(keys):
+            h.update(canonical_json([key, *self.key_info[key]]).encode())
+            h.update(tensor_digest(self.handles[self.key_file[key]].get_tensor(key)).encode())
+        return h.hexdigest()
 
     def close(self) -> None:
         self._stack.close()
@@ -381,7 +394,7 @@ def quantize_checkpoint(
             keys = sorted(unit_keys[unit])
             fingerprint = {
                 "unit": unit, "file": file_names[unit], "source_config": src_config_hash, "dtype": str(dtype),
-                "source": [[k, *source.key_info[k]] for k in keys],
+                "source": [[k, *source.key_info[k]] for k in keys], "source_digest": source.digest(keys),
             }
             unit_meta = canonical_json(fingerprint)
             path = out / file_names[unit]

@@ -145,3 +145,46 @@ def test_changed_config_redoes_layers_and_bad_input_is_refused(tmp_path, capsys)
     assert main(["quantize", str(src), str(tmp_path / "fp32"), *fast, "--compensator-dtype", "fp32",
                  "--rank-policy", "constant", "--rank", "8"]) == 0
     assert load_quantized(tmp_path / "fp32").model.layers[0].mlp.experts.down_proj.v.dtype == torch.float32
+
+
+def test_only_one_layer_is_materialized_at_a_time(tmp_path, monkeypatch):
+    """Peak memory stays near one layer: when a layer is quantized, no other layer holds real tensors."""
+    import milo_tensor.config as config_module
+
+    src = float_folder(tmp_path / "src", "qwen2_moe", num_hidden_layers=3)
+    real_quantize = config_module.quantize_
+    seen = []
+
+    def watching_quantize(model, *args, **kwargs):
+        real = {n for n, t in [*model.named_parameters(), *model.named_buffers()] if not t.is_meta}
+        units = {".".join(n.split(".")[:3]) if n.startswith("model.layers.") else "rest" for n in real}
+        seen.append(units)
+        return real_quantize(model, *args, **kwargs)
+
+    monkeypatch.setattr(config_module, "quantize_", watching_quantize)
+    assert main(["quantize", str(src), str(tmp_path / "out"), *ARGS]) == 0
+    # one call per unit (3 layers, then embeddings / norm / head), each seeing only its own tensors
+    # (non-persistent buffers such as rotary tables are never materialized)
+    assert seen == [{"model.layers.0"}, {"model.layers.1"}, {"model.layers.2"}, {"rest"}], seen
+
+
+def test_resume_redoes_a_layer_whose_source_changed(tmp_path, capsys, gen):
+    src = tmp_path / "src"
+    model = tiny_moe("olmoe")
+    model.save_pretrained(src)
+    out = tmp_path / "out"
+    fast = ["--quantizer", "rtn", "--iters", "0", "--rank-policy", "constant", "--rank", "4", "--no-progress"]
+    assert main(["quantize", str(src), str(out), *fast]) == 0
+    capsys.readouterr()
+    # same names, shapes and dtypes; different values in layer 1 only
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight.mul_(1.5)
+    model.save_pretrained(src)
+    assert main(["quantize", str(src), str(out), *fast]) == 0
+    assert "layers quantized now: 1, resumed from an earlier run: 2" in capsys.readouterr().out
+    reference = AutoModelForCausalLM.from_pretrained(src)
+    quantize_(reference, milo_int3(4, iters=0, quantizer="rtn"), progress=False)
+    loaded = load_quantized(out)
+    assert_same_model(reference, loaded)
+    ids = torch.randint(3, 256, (1, 8), generator=gen)
+    assert torch.equal(logits(loaded, ids), logits(reference, ids))
