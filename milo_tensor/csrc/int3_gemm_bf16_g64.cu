@@ -1,0 +1,5 @@
+// kernel instantiations: dtype bf16, group size 64 (see int3_gemm_inst.cuh)
+#define MILO_T __nv_bfloat16
+#define MILO_G 64
+#define MILO_FN launch_int3_gemm_bf16_g64
+#include "int3_gemm_inst.cuh"

@@ -1,0 +1,5 @@
+// kernel instantiations: dtype f16, group size 32 (see int3_gemm_inst.cuh)
+#define MILO_T half
+#define MILO_G 32
+#define MILO_FN launch_int3_gemm_f16_g32
+#include "int3_gemm_inst.cuh"

@@ -1,0 +1,66 @@
+// Included once per (dtype, group) translation unit with MILO_T, MILO_G and MILO_FN defined, so
+// the 18 kernel instantiations compile in parallel.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/util/Exception.h>
+
+#include "int3_gemm.cuh"
+#include "int3_launch.h"
+
+namespace milo {
+namespace {
+
+template <typename Cfg>
+void launch_cfg(const Int3GemmParams& p, int n_tiles, int m_blocks, cudaStream_t stream) {
+  static_assert(Cfg::BK == kInt3BK, "host tiling assumes BK = 128");
+  constexpr int kMaxSmem = Cfg::SMEM_BASE + Cfg::UT_BYTES;
+  static bool attr_done[64] = {false};
+  const int dev = c10::cuda::current_device();
+  auto kern = int3_gemm_kernel<Cfg>;
+  if (dev < 64 && !attr_done[dev]) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem));
+    attr_done[dev] = true;
+  }
+  const int smem = Cfg::SMEM_BASE + (p.R > 0 ? Cfg::UT_BYTES : 0);
+  dim3 grid(n_tiles, p.splits, m_blocks);
+  kern<<<grid, Cfg::THREADS, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+void MILO_FN(int mt, const Int3GemmParams& p, int n_tiles, int m_blocks, cudaStream_t s) {
+  switch (mt) {
+    case 1:  // decode (M <= 16): 64 columns per block, 8 warps (4 along N x 2 along K), 4 stages
+      // (4 stages measured 20-25% faster than 8 at M = 1..16 on an H100: cfg 13 of the sweep)
+      launch_cfg<Int3Cfg<MILO_T, 1, 2, 4, MILO_G, 4, 3>>(p, n_tiles, m_blocks, s);
+      break;
+    case 2:
+      launch_cfg<Int3Cfg<MILO_T, 2, 8, 2, MILO_G, 4>>(p, n_tiles, m_blocks, s);
+      break;
+    case 4:
+      launch_cfg<Int3Cfg<MILO_T, 4, 4, 4, MILO_G, 4>>(p, n_tiles, m_blocks, s);
+      break;
+#ifdef MILO_DECODE_VARIANTS
+    case 10:
+      launch_cfg<Int3Cfg<MILO_T, 1, 8, 2, MILO_G, 4, 4>>(p, n_tiles, m_blocks, s);
+      break;
+    case 11:
+      launch_cfg<Int3Cfg<MILO_T, 1, 4, 4, MILO_G, 4, 3>>(p, n_tiles, m_blocks, s);
+      break;
+    case 13:  // the old decode tile (8 stages)
+      launch_cfg<Int3Cfg<MILO_T, 1, 2, 4, MILO_G, 8, 3>>(p, n_tiles, m_blocks, s);
+      break;
+    case 17:
+      launch_cfg<Int3Cfg<MILO_T, 1, 4, 4, MILO_G, 6, 3>>(p, n_tiles, m_blocks, s);
+      break;
+    case 18:
+      launch_cfg<Int3Cfg<MILO_T, 1, 2, 4, MILO_G, 6, 4>>(p, n_tiles, m_blocks, s);
+      break;
+#endif
+    default:
+      TORCH_CHECK(false, "int3_linear: tile configuration ", mt, " is not built for this dtype / group size");
+  }
+}
+
+}  // namespace milo

@@ -1,0 +1,35 @@
+// Host-side declarations shared by the op (int3_linear.cu) and the kernel instantiation files.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "int3_gemm.cuh"
+
+namespace milo {
+
+// Tile shapes chosen by the host. Every configuration has BN = 128 output columns per block and
+// 128-wide k stages; BM = 16 * mt rows.
+constexpr int kInt3BK = 128;
+
+// Tile configurations (cfg ids): 1 = decode, M <= 16 (MT 1, NT 2, WN 4 -> BN 64, 256 threads, 8 stages,
+// register cap for 3 blocks/SM); 2 = MT 2 (NT 8, WN 2, BN 128); 4 = MT 4 (NT 4, WN 4,
+// BN 128). Tuning variants of the decode tile, fp16 group 64 only (MILO_INT3_DECODE_CFG): 10 = MT 1, NT 8,
+// WN 2 (the first version); 11 = NT 4, WN 4; 13 = NT 2, WN 4, 4 stages; 17 = NT 4, WN 4, 6 stages;
+// 18 = NT 2, WN 4, 6 stages, 4 blocks/SM register cap.
+int int3_cfg_bn(int cfg, int group);
+int int3_cfg_bm(int cfg);
+
+// dtype: 0 = fp16, 1 = bf16. mt = cfg id (above); group in {32, 64, 128}.
+// Launches int3_gemm_kernel on `stream` with grid (n_tiles, p.splits, m_blocks).
+void launch_int3_gemm(int dtype, int mt, int group, const Int3GemmParams& p, int n_tiles, int m_blocks,
+                      cudaStream_t stream);
+
+// one entry per (dtype, group) translation unit
+void launch_int3_gemm_f16_g32(int mt, const Int3GemmParams& p, int n_tiles, int m_blocks, cudaStream_t s);
+void launch_int3_gemm_f16_g64(int mt, const Int3GemmParams& p, int n_tiles, int m_blocks, cudaStream_t s);
+void launch_int3_gemm_f16_g128(int mt, const Int3GemmParams& p, int n_tiles, int m_blocks, cudaStream_t s);
+void launch_int3_gemm_bf16_g32(int mt, const Int3GemmParams& p, int n_tiles, int m_blocks, cudaStream_t s);
+void launch_int3_gemm_bf16_g64(int mt, const Int3GemmParams& p, int n_tiles, int m_blocks, cudaStream_t s);
+void launch_int3_gemm_bf16_g128(int mt, const Int3GemmParams& p, int n_tiles, int m_blocks, cudaStream_t s);
+
+}  // namespace milo

@@ -1,0 +1,652 @@
+// CUDA implementation of milo::int3_linear (schema defined in milo_tensor/ops/library.py):
+//
+//   int3_linear(Tensor x, Tensor qdata, Tensor scales, Tensor zeros, Tensor ut, Tensor v,
+//               int group_size, Tensor? bias=None) -> Tensor
+//
+// Paths:
+//  * fused: fp16/bf16, K % 128 == 0, N % 8 == 0, group in {32, 64, 128}, M <= fused_max_m
+//    -> t = x @ v^T (fp32, cuBLAS) + int3_gemm_kernel (dequant fused, low-rank fused, split-K).
+//  * everything else (large M, other shapes, float32, other group sizes): dequantize into a
+//    [N, K (+R)] matrix of the compute dtype and one cuBLAS GEMM [x | t] @ [deq | ut^T]^T.
+// Both paths run on the current stream, allocate only shape-dependent buffers through the caching
+// allocator and never synchronize with the host, so CUDA-graph capture works.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <optional>
+
+#include "int3_launch.h"
+
+namespace milo {
+
+int int3_cfg_bm(int cfg) { return cfg == 2 ? 32 : (cfg == 4 ? 64 : 16); }
+int int3_cfg_bn(int cfg, int group) {
+  (void)group;
+  return (cfg == 1 || cfg == 13 || cfg == 18) ? 64 : 128;
+}
+
+void launch_int3_gemm(int dtype, int mt, int group, const Int3GemmParams& p, int n_tiles, int m_blocks,
+                      cudaStream_t stream) {
+  if (dtype == 0) {
+    if (group == 32) return launch_int3_gemm_f16_g32(mt, p, n_tiles, m_blocks, stream);
+    if (group == 64) return launch_int3_gemm_f16_g64(mt, p, n_tiles, m_blocks, stream);
+    return launch_int3_gemm_f16_g128(mt, p, n_tiles, m_blocks, stream);
+  }
+  if (group == 32) return launch_int3_gemm_bf16_g32(mt, p, n_tiles, m_blocks, stream);
+  if (group == 64) return launch_int3_gemm_bf16_g64(mt, p, n_tiles, m_blocks, stream);
+  return launch_int3_gemm_bf16_g128(mt, p, n_tiles, m_blocks, stream);
+}
+
+namespace {
+
+// ------------------------------------------------------------------------------------------------
+// dequantization kernel (fallback and large-M path): W[n, k] = (code - z) * s, fp32 math
+// ------------------------------------------------------------------------------------------------
+template <typename T>
+__device__ __forceinline__ float ld_f(const T* p) {
+  return static_cast<float>(*p);
+}
+template <>
+__device__ __forceinline__ float ld_f<at::Half>(const at::Half* p) {
+  return __half2float(*reinterpret_cast<const half*>(p));
+}
+template <>
+__device__ __forceinline__ float ld_f<at::BFloat16>(const at::BFloat16* p) {
+  return __bfloat162float(*reinterpret_cast<const __nv_bfloat16*>(p));
+}
+
+template <typename To>
+__device__ __forceinline__ To cvt_out(float v);
+template <>
+__device__ __forceinline__ float cvt_out<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ half cvt_out<half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 cvt_out<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// one thread per 8 consecutive outputs of a row (a quarter of a 32-code chunk); grid (K/8 / threads,
+// rows): the four threads of a chunk read the same 12 bytes (L1 broadcast) and each writes 16
+// contiguous bytes (fp16/bf16), so a warp's stores are fully coalesced. code -> float with the
+// 2^23 magic number (no I2F), (code - z) * s as one FMA.
+template <typename To, typename Ts>
+__global__ void dequant_int3_kernel(const int32_t* __restrict__ q, const Ts* __restrict__ scales,
+                                    const Ts* __restrict__ zeros, To* __restrict__ w, int N, int K, int G,
+                                    int64_t ldw, bool vec_ok) {
+  const int e = blockIdx.x * blockDim.x + threadIdx.x;  // 8-output piece of the row
+  if (e >= K / 8) return;
+  const int c = e >> 2, sub = e & 3;
+  const int groups = K / G;
+  const int k0 = 32 * c + 8 * sub;
+  for (int n = blockIdx.y; n < N; n += gridDim.y) {
+    const int32_t* qp = q + static_cast<int64_t>(n) * (3 * (K / 32)) + 3 * c;
+    const uint32_t word = static_cast<uint32_t>(__ldg(qp + (sub >> 1))) >> (16 * (sub & 1));
+    const uint32_t hbits = static_cast<uint32_t>(__ldg(qp + 2)) >> (8 * sub);
+    alignas(16) To out[8];
+    if (G % 8 == 0) {
+      const int gi = k0 / G;
+      const float s = ld_f(scales + static_cast<int64_t>(n) * groups + gi);
+      const float nzs = -ld_f(zeros + static_cast<int64_t>(n) * groups + gi) * s;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const uint32_t code = ((word >> (2 * i)) & 3u) | (((hbits >> i) & 1u) << 2);
+        const float cf = __uint_as_float(0x4B000000u | code) - 8388608.0f;
+        out[i] = cvt_out<To>(fmaf(cf, s, nzs));
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int gi = (k0 + i) / G;
+        const float s = ld_f(scales + static_cast<int64_t>(n) * groups + gi);
+        const float z = ld_f(zeros + static_cast<int64_t>(n) * groups + gi);
+        const uint32_t code = ((word >> (2 * i)) & 3u) | (((hbits >> i) & 1u) << 2);
+        out[i] = cvt_out<To>((static_cast<float>(code) - z) * s);
+      }
+    }
+    To* dst = w + static_cast<int64_t>(n) * ldw + k0;
+    if (vec_ok) {
+      const uint4* src = reinterpret_cast<const uint4*>(out);
+      uint4* d = reinterpret_cast<uint4*>(dst);
+#pragma unroll
+      for (int i = 0; i < static_cast<int>(8 * sizeof(To) / 16); ++i) d[i] = src[i];
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) dst[i] = out[i];
+    }
+  }
+}
+
+template <typename To>
+void launch_dequant_to(const at::Tensor& q, const at::Tensor& scales, const at::Tensor& zeros, at::Tensor& w,
+                       int N, int K, int G, int64_t ldw, cudaStream_t stream) {
+  if (static_cast<int64_t>(N) * K == 0) return;
+  const int threads = 128;
+  const dim3 blocks((K / 8 + threads - 1) / threads, std::min(N, 65535));
+  To* wp = reinterpret_cast<To*>(w.data_ptr());
+  const bool vec_ok = (reinterpret_cast<uintptr_t>(wp) % 16 == 0) && ((ldw * sizeof(To)) % 16 == 0);
+  const int32_t* qp = q.data_ptr<int32_t>();
+  switch (scales.scalar_type()) {
+    case at::kHalf:
+      dequant_int3_kernel<To, at::Half><<<blocks, threads, 0, stream>>>(
+          qp, scales.data_ptr<at::Half>(), zeros.data_ptr<at::Half>(), wp, N, K, G, ldw, vec_ok);
+      break;
+    case at::kBFloat16:
+      dequant_int3_kernel<To, at::BFloat16><<<blocks, threads, 0, stream>>>(
+          qp, scales.data_ptr<at::BFloat16>(), zeros.data_ptr<at::BFloat16>(), wp, N, K, G, ldw, vec_ok);
+      break;
+    default: {
+      at::Tensor s32 = scales.to(at::kFloat).contiguous();
+      at::Tensor z32 = zeros.to(at::kFloat).contiguous();
+      dequant_int3_kernel<To, float><<<blocks, threads, 0, stream>>>(qp, s32.data_ptr<float>(),
+                                                                     z32.data_ptr<float>(), wp, N, K, G, ldw,
+                                                                     vec_ok);
+      break;
+    }
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// dequantized weight in dtype cd into w[:, :K] (w is [N, ldw])
+void dequant_into(const at::Tensor& q, const at::Tensor& scales, const at::Tensor& zeros, at::Tensor& w, int N,
+                  int K, int G, cudaStream_t stream) {
+  const int64_t ldw = w.size(1);
+  at::Tensor s = scales, z = zeros;
+  if (z.scalar_type() != s.scalar_type()) z = z.to(s.scalar_type());
+  s = s.contiguous();
+  z = z.contiguous();
+  switch (w.scalar_type()) {
+    case at::kHalf:
+      launch_dequant_to<half>(q, s, z, w, N, K, G, ldw, stream);
+      break;
+    case at::kBFloat16:
+      launch_dequant_to<__nv_bfloat16>(q, s, z, w, N, K, G, ldw, stream);
+      break;
+    default:
+      launch_dequant_to<float>(q, s, z, w, N, K, G, ldw, stream);
+      break;
+  }
+}
+
+struct DevInfo {
+  int major = 0;
+  int sms = 0;
+};
+
+// compute capability and SM count of the current device, read once per device
+DevInfo dev_info() {
+  static DevInfo cache[64];
+  const int dev = c10::cuda::current_device();
+  if (dev >= 0 && dev < 64 && cache[dev].sms > 0) return cache[dev];
+  DevInfo d;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev));
+  if (dev >= 0 && dev < 64) cache[dev] = d;
+  return d;
+}
+
+int env_int(const char* name, int dflt) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return dflt;
+  return std::atoi(v);
+}
+
+bool aligned(const at::Tensor& t, int bytes) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0; }
+
+at::Tensor aligned_contig(const at::Tensor& t, int bytes) {
+  at::Tensor c = t.contiguous();
+  if (c.numel() > 0 && !aligned(c, bytes)) c = c.clone(at::MemoryFormat::Contiguous);
+  return c;
+}
+
+// t = x @ v^T in fp32: aten::mm.dtype (fp16/bf16 in, fp32 out, cuBLAS) when this torch has it,
+// else an fp32 upcast. Looked up through the dispatcher so the source builds against any torch.
+at::Tensor lowrank_t(const at::Tensor& x2d, const at::Tensor& v) {
+  using MmDtype = at::Tensor(const at::Tensor&, const at::Tensor&, at::ScalarType);
+  static const std::optional<c10::TypedOperatorHandle<MmDtype>> mm_dtype = []() {
+    std::optional<c10::TypedOperatorHandle<MmDtype>> r;
+    auto h = c10::Dispatcher::singleton().findSchema({"aten::mm", "dtype"});
+    if (h.has_value()) r = h->typed<MmDtype>();
+    return r;
+  }();
+  static bool usable = true;
+  if (mm_dtype.has_value() && usable && x2d.scalar_type() == v.scalar_type() &&
+      (x2d.scalar_type() == at::kHalf || x2d.scalar_type() == at::kBFloat16)) {
+    try {
+      return mm_dtype->call(x2d, v.t(), at::kFloat);
+    } catch (const c10::Error&) {
+      usable = false;
+    }
+  }
+  return at::mm(x2d.to(at::kFloat), v.to(at::kFloat).t());
+}
+
+// ------------------------------------------------------------------------------------------------
+// general path: dequantize + cuBLAS
+// ------------------------------------------------------------------------------------------------
+at::Tensor int3_linear_general(const at::Tensor& x2d, const at::Tensor& q, const at::Tensor& scales,
+                               const at::Tensor& zeros, const at::Tensor& ut, const at::Tensor& v, int G,
+                               const std::optional<at::Tensor>& bias, int N, int K, int R) {
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::ScalarType xt = x2d.scalar_type();
+  const bool half_like = (xt == at::kHalf || xt == at::kBFloat16);
+  const at::ScalarType cd = half_like ? xt : at::kFloat;
+  const at::Tensor xc = x2d.to(cd);
+  // ranks folded into the GEMM's K: [x | t] @ [deq | ut^T]^T; for bf16, t is split into hi + lo
+  // bf16 halves ([x | t_hi | t_lo] @ [deq | ut^T | ut^T]^T) so it is not rounded to 8 bits
+  const int copies = (half_like && R > 0) ? (cd == at::kBFloat16 ? 2 : 1) : 0;
+  at::Tensor w = at::empty({N, K + copies * R}, x2d.options().dtype(cd));
+  dequant_into(q, scales, zeros, w, N, K, G, stream);
+  at::Tensor y;
+  if (copies > 0) {
+    const at::Tensor utt = ut.to(cd).t();
+    for (int c = 0; c < copies; ++c) w.narrow(1, K + c * R, R).copy_(utt);
+    const at::Tensor t32 = lowrank_t(xc, v.to(cd));
+    const at::Tensor t_hi = t32.to(cd);
+    const at::Tensor xx = copies == 2 ? at::cat({xc, t_hi, (t32 - t_hi.to(at::kFloat)).to(cd)}, 1)
+                                      : at::cat({xc, t_hi}, 1);
+    y = bias.has_value() ? at::addmm(bias->to(cd), xx, w.t()) : at::mm(xx, w.t());
+  } else {
+    y = bias.has_value() ? at::addmm(bias->to(cd), xc, w.t()) : at::mm(xc, w.t());
+    if (R > 0) {
+      const at::Tensor tx = at::mm(xc, v.to(cd).t());
+      y.addmm_(tx, ut.to(cd));
+    }
+  }
+  return y.to(xt);
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------------
+// the op
+// ------------------------------------------------------------------------------------------------
+at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scales,
+                            const at::Tensor& zeros, const at::Tensor& ut, const at::Tensor& v, int64_t group_size,
+                            const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() >= 1, "int3_linear: x must have at least one dimension");
+  TORCH_CHECK(qdata.dim() == 2 && qdata.scalar_type() == at::kInt, "int3_linear: qdata must be int32 [N, 3K/32]");
+  const int64_t K64 = x.size(-1);
+  const int64_t N64 = qdata.size(0);
+  TORCH_CHECK(K64 % 32 == 0 && qdata.size(1) == K64 / 32 * 3, "int3_linear: qdata is [N, 3K/32] with K % 32 == 0; got ",
+              qdata.sizes(), " for K = ", K64);
+  TORCH_CHECK(group_size > 0 && K64 % group_size == 0, "int3_linear: K must be a multiple of group_size");
+  const int64_t groups = K64 / group_size;
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N64 && scales.size(1) == groups, "int3_linear: scales must be [N, K/g]");
+  TORCH_CHECK(zeros.dim() == 2 && zeros.size(0) == N64 && zeros.size(1) == groups, "int3_linear: zeros must be [N, K/g]");
+  TORCH_CHECK(ut.dim() == 2 && ut.size(1) == N64, "int3_linear: ut must be [R, N]");
+  TORCH_CHECK(v.dim() == 2 && v.size(0) == ut.size(0) && v.size(1) == K64, "int3_linear: v must be [R, K]");
+  if (bias.has_value()) TORCH_CHECK(bias->numel() == N64, "int3_linear: bias must have N elements");
+  TORCH_CHECK(x.is_cuda() && qdata.is_cuda() && scales.is_cuda() && zeros.is_cuda() && ut.is_cuda() && v.is_cuda(),
+              "int3_linear (CUDA): all tensors must be on the GPU");
+  TORCH_CHECK(N64 < (1LL << 31) && K64 < (1LL << 28), "int3_linear: shape too large");
+
+  c10::cuda::CUDAGuard guard(x.device());
+  const int N = static_cast<int>(N64), K = static_cast<int>(K64), R = static_cast<int>(ut.size(0));
+  const int G = static_cast<int>(group_size);
+
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N64;
+  const at::Tensor x2d = x.reshape({-1, K64});
+  const int64_t M64 = x2d.size(0);
+  if (M64 == 0 || N64 == 0) return at::zeros(out_shape, x.options());
+  if (K64 == 0) {
+    at::Tensor y = at::zeros({M64, N64}, x.options());
+    if (bias.has_value()) y.add_(bias->to(x.scalar_type()));
+    return y.reshape(out_shape);
+  }
+
+  const at::Tensor q = qdata.contiguous();
+  const at::ScalarType xt = x.scalar_type();
+  const bool dtype_ok = (xt == at::kHalf || xt == at::kBFloat16) && scales.scalar_type() == xt &&
+                        zeros.scalar_type() == xt && ut.scalar_type() == xt && v.scalar_type() == xt &&
+                        (!bias.has_value() || bias->scalar_type() == xt);
+  const int fused_max_m = env_int("MILO_INT3_FUSED_MAX_M", 64);
+  const DevInfo dinfo = dev_info();
+  const bool fused = dtype_ok && dinfo.major >= 8 && K % kInt3BK == 0 && N % 8 == 0 &&
+                     (G == 32 || G == 64 || G == 128) && M64 <= fused_max_m && M64 < (1LL << 24);
+  if (!fused) {
+    return int3_linear_general(x2d, q, scales, zeros, ut, v, G, bias, N, K, R).reshape(out_shape);
+  }
+
+  const int M = static_cast<int>(M64);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor xa = aligned_contig(x2d, 16);
+  const at::Tensor qa = aligned(q, 16) ? q : q.clone();
+  const at::Tensor sa = aligned_contig(scales, 4);
+  const at::Tensor za = aligned_contig(zeros, 4);
+  at::Tensor uta, tt;
+  if (R > 0) {
+    uta = aligned_contig(ut, 16);
+    tt = lowrank_t(xa, v).contiguous();
+    if (!aligned(tt, 8)) tt = tt.clone();
+  }
+  at::Tensor ba;
+  if (bias.has_value()) ba = bias->reshape({N64}).contiguous();
+
+  int cfg = M <= 16 ? 1 : (M <= 32 ? 2 : 4);
+  if (cfg == 4 && env_int("MILO_INT3_MT_MAX", 4) == 2) cfg = 2;  // experiment: two 32-row blocks
+  const int decode_cfg = env_int("MILO_INT3_DECODE_CFG", 0);       // experiment: decode tile variants
+  if (cfg == 1 && decode_cfg > 0 && xt == at::kHalf && G == 64) cfg = decode_cfg;
+  const int bm = int3_cfg_bm(cfg), bn = int3_cfg_bn(cfg, G);
+  const int m_blocks = (M + bm - 1) / bm;
+  const int n_tiles = (N + bn - 1) / bn;
+  const int total_stages = K / kInt3BK;
+  const int base = n_tiles * m_blocks;
+  const int per_sm = env_int("MILO_INT3_CTAS_PER_SM", cfg == 4 ? 1 : (cfg == 1 ? 4 : 3));
+  const int forced_splits = env_int("MILO_INT3_SPLITS", 0);
+  const int target = dinfo.sms * std::max(1, per_sm);
+  int splits = forced_splits > 0 ? forced_splits : (target + base - 1) / base;
+  splits = std::max(1, std::min(splits, total_stages));
+  const int sps = (total_stages + splits - 1) / splits;
+  splits = (total_stages + sps - 1) / sps;
+
+  at::Tensor y = at::empty({M64, N64}, x.options());
+  at::Tensor ws;
+  float* ws_ptr = nullptr;
+  int* counters = nullptr;
+  if (splits > 1) {
+    const int64_t part_floats = static_cast<int64_t>(splits) * M64 * N64;
+    const int64_t n_counters = static_cast<int64_t>(base);
+    ws = at::empty({part_floats + n_counters}, x.options().dtype(at::kFloat));
+    ws_ptr = ws.data_ptr<float>();
+    counters = reinterpret_cast<int*>(ws_ptr + part_floats);
+    C10_CUDA_CHECK(cudaMemsetAsync(counters, 0, n_counters * sizeof(int), stream));
+  }
+
+  Int3GemmParams p;
+  p.x = xa.data_ptr();
+  p.q = qa.data_ptr<int32_t>();
+  p.scales = sa.data_ptr();
+  p.zeros = za.data_ptr();
+  p.t = R > 0 ? tt.data_ptr<float>() : nullptr;
+  p.ut = R > 0 ? uta.data_ptr() : nullptr;
+  p.bias = bias.has_value() ? ba.data_ptr() : nullptr;
+  p.y = y.data_ptr();
+  p.ws = ws_ptr;
+  p.counters = counters;
+  p.M = M;
+  p.N = N;
+  p.K = K;
+  p.R = R;
+  p.splits = splits;
+  p.stages_per_split = sps;
+  p.tiles = nullptr;
+  p.q_estride = p.s_estride = p.ut_estride = 0;
+  launch_int3_gemm(xt == at::kHalf ? 0 : 1, cfg, G, p, n_tiles, m_blocks, stream);
+  return y.reshape(out_shape);
+}
+
+// ------------------------------------------------------------------------------------------------
+// grouped (MoE) op: all experts of a layer in one GEMM launch
+// ------------------------------------------------------------------------------------------------
+namespace {
+
+// One block. offsets[e] = end row of expert e (rows sorted by expert, expert e owns
+// offsets[e-1] .. offsets[e]-1). Writes one (e, m0, m_end, 0) entry per BM-row tile of every
+// non-empty expert into tiles[0 .. n_slots), the rest (e = -1), and zeroes the rows of y past
+// offsets[E-1] (expert-parallel sentinels), which no tile covers.
+template <typename OffT, typename T>
+__global__ void grouped_tiles_kernel(const OffT* __restrict__ offsets, int E, int rows, int BM, int n_slots,
+                                     int4* __restrict__ tiles, T* __restrict__ y, int N) {
+  extern __shared__ int s_mem[];  // s_end[E] (clamped, monotone), s_first[E + 1] (first slot of e)
+  int* s_end = s_mem;
+  int* s_first = s_mem + E;
+  const int tid = threadIdx.x;
+  for (int e = tid; e < E; e += blockDim.x) {
+    const long long o = static_cast<long long>(offsets[e]);
+    s_end[e] = static_cast<int>(o < 0 ? 0 : (o > rows ? rows : o));
+  }
+  __syncthreads();
+  if (tid == 0) {
+    int acc = 0, prev = 0;
+    for (int e = 0; e < E; ++e) {
+      const int end = max(prev, s_end[e]);
+      s_end[e] = end;
+      s_first[e] = acc;
+      acc += (end - prev + BM - 1) / BM;
+      prev = end;
+    }
+    s_first[E] = acc;
+  }
+  __syncthreads();
+  for (int e = tid; e < E; e += blockDim.x) {
+    const int start = e == 0 ? 0 : s_end[e - 1], end = s_end[e];
+    const int first = s_first[e], last = min(s_first[e + 1], n_slots);
+    for (int sl = first; sl < last; ++sl) {
+      const int m0 = start + (sl - first) * BM;
+      tiles[sl] = make_int4(e, m0, min(end, m0 + BM), 0);
+    }
+  }
+  for (int sl = s_first[E] + tid; sl < n_slots; sl += blockDim.x) tiles[sl] = make_int4(-1, 0, 0, 0);
+  // sentinel rows past the last expert: no tile covers them
+  const int tail0 = E > 0 ? s_end[E - 1] : 0;
+  const long long nz = static_cast<long long>(rows - tail0) * N;
+  T* yt = y + static_cast<long long>(tail0) * N;
+  const T zero = from_float<T>(0.f);
+  for (long long i = tid; i < nz; i += blockDim.x) yt[i] = zero;
+}
+
+// t[m, r] = x[m, :] . v[e(m), r, :] in fp32 for the rows of every tile; grid (n_slots, ceil(R / 64)),
+// 256 threads, a 64 x 64 output tile per block (4 x 4 per thread), k steps of 32 through shared memory.
+template <typename T>
+__global__ void __launch_bounds__(256) grouped_lowrank_kernel(const T* __restrict__ x, const T* __restrict__ v,
+                                                             const int4* __restrict__ tiles, float* __restrict__ t,
+                                                             int K, int R, long long v_estride) {
+  const int4 tl = tiles[blockIdx.x];
+  if (tl.x < 0) return;
+  const int m0 = tl.y, m_end = tl.z, r0 = blockIdx.y * 64;
+  const T* ve = v + tl.x * v_estride;
+  __shared__ float xs[32][65];
+  __shared__ float vs[32][65];
+  const int tid = threadIdx.x;
+  const int tx = tid & 15, ty = tid >> 4;  // r = r0 + tx + 16 i, m = m0 + ty + 16 j
+  float acc[4][4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[j][i] = 0.f;
+  for (int k0 = 0; k0 < K; k0 += 32) {
+    // 64 rows x 32 k of x and of v: 2048 elements each, 8 per thread
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      const int idx = tid + u * 256;
+      const int row = idx >> 5, kk = idx & 31;
+      const int k = k0 + kk;
+      const int m = m0 + row, r = r0 + row;
+      xs[kk][row] = (m < m_end && k < K) ? to_float(x[static_cast<long long>(m) * K + k]) : 0.f;
+      vs[kk][row] = (r < R && k < K) ? to_float(ve[static_cast<long long>(r) * K + k]) : 0.f;
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int kk = 0; kk < 32; ++kk) {
+      float a[4], b[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) a[j] = xs[kk][ty + 16 * j];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) b[i] = vs[kk][tx + 16 * i];
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[j][i] = fmaf(a[j], b[i], acc[j][i]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int m = m0 + ty + 16 * j;
+    if (m >= m_end) continue;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = r0 + tx + 16 * i;
+      if (r < R) t[static_cast<long long>(m) * R + r] = acc[j][i];
+    }
+  }
+}
+
+}  // namespace
+
+at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& qdata,
+                                    const at::Tensor& scales, const at::Tensor& zeros, const at::Tensor& ut,
+                                    const at::Tensor& v, int64_t group_size) {
+  TORCH_CHECK(x.dim() == 2, "int3_grouped_linear: x must be [rows, K]");
+  TORCH_CHECK(qdata.dim() == 3 && qdata.scalar_type() == at::kInt, "int3_grouped_linear: qdata must be int32 [E, N, 3K/32]");
+  const int64_t E64 = qdata.size(0), N64 = qdata.size(1), K64 = x.size(1), rows64 = x.size(0);
+  TORCH_CHECK(offsets.dim() == 1 && offsets.numel() == E64 &&
+                  (offsets.scalar_type() == at::kInt || offsets.scalar_type() == at::kLong),
+              "int3_grouped_linear: offsets must be int32/int64 [E] (end row of each expert)");
+  TORCH_CHECK(K64 % 32 == 0 && qdata.size(2) == K64 / 32 * 3, "int3_grouped_linear: qdata is [E, N, 3K/32]");
+  TORCH_CHECK(group_size > 0 && K64 % group_size == 0, "int3_grouped_linear: K must be a multiple of group_size");
+  const int64_t groups = K64 / group_size;
+  TORCH_CHECK(scales.dim() == 3 && scales.size(0) == E64 && scales.size(1) == N64 && scales.size(2) == groups,
+              "int3_grouped_linear: scales must be [E, N, K/g]");
+  TORCH_CHECK(zeros.sizes() == scales.sizes(), "int3_grouped_linear: zeros must be [E, N, K/g]");
+  TORCH_CHECK(ut.dim() == 3 && ut.size(0) == E64 && ut.size(2) == N64, "int3_grouped_linear: ut must be [E, R, N]");
+  TORCH_CHECK(v.dim() == 3 && v.size(0) == E64 && v.size(1) == ut.size(1) && v.size(2) == K64,
+              "int3_grouped_linear: v must be [E, R, K]");
+  TORCH_CHECK(x.is_cuda() && offsets.is_cuda() && qdata.is_cuda() && scales.is_cuda() && zeros.is_cuda() &&
+                  ut.is_cuda() && v.is_cuda(),
+              "int3_grouped_linear (CUDA): all tensors must be on the GPU");
+  c10::cuda::CUDAGuard guard(x.device());
+  const at::ScalarType xt = x.scalar_type();
+  const int G = static_cast<int>(group_size);
+  const DevInfo dinfo = dev_info();
+  const bool fused = (xt == at::kHalf || xt == at::kBFloat16) && scales.scalar_type() == xt &&
+                     zeros.scalar_type() == xt && ut.scalar_type() == xt && v.scalar_type() == xt &&
+                     dinfo.major >= 8 && K64 % kInt3BK == 0 && N64 % 8 == 0 && (G == 32 || G == 64 || G == 128) &&
+                     N64 < (1LL << 30) && K64 < (1LL << 28) && rows64 < (1LL << 24) && E64 < (1LL << 16);
+  if (!fused) {
+    // other dtypes / shapes: one int3_linear per expert; reads offsets on the host (a sync, so
+    // not graph-capturable), like the reference
+    at::Tensor y = at::zeros({rows64, N64}, x.options());
+    const at::Tensor off = offsets.to(at::kCPU).to(at::kLong);
+    const int64_t* o = off.data_ptr<int64_t>();
+    int64_t prev = 0;
+    for (int64_t e = 0; e < E64; ++e) {
+      const int64_t end = std::max(prev, std::min(o[e], rows64));
+      if (end > prev)
+        y.narrow(0, prev, end - prev)
+            .copy_(int3_linear_cuda(x.narrow(0, prev, end - prev), qdata[e], scales[e], zeros[e], ut[e], v[e],
+                                    group_size, std::nullopt));
+      prev = end;
+    }
+    return y;
+  }
+  at::Tensor y = at::empty({rows64, N64}, x.options());
+  if (rows64 == 0 || N64 == 0) return y;
+  if (E64 == 0) return y.zero_();
+
+  const int E = static_cast<int>(E64), N = static_cast<int>(N64), K = static_cast<int>(K64);
+  const int rows = static_cast<int>(rows64), R = static_cast<int>(ut.size(1));
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  // tile height from the mean rows per busy expert (static: depends only on shapes)
+  const int busy = std::max(1, std::min(E, rows));
+  const int mean_rows = (rows + busy - 1) / busy;
+  int cfg = mean_rows <= 16 ? 1 : (mean_rows <= 32 ? 2 : 4);
+  const int forced = env_int("MILO_INT3_GROUPED_CFG", 0);
+  if (forced == 1 || forced == 2 || forced == 4) cfg = forced;
+  const int bm = int3_cfg_bm(cfg), bn = int3_cfg_bn(cfg, G);
+  const int n_slots = (rows + bm - 1) / bm + busy;
+  TORCH_CHECK(n_slots < 65536, "int3_grouped_linear: too many row tiles");
+  const int n_tiles = (N + bn - 1) / bn;
+  const int total_stages = K / kInt3BK;
+  const int per_sm = env_int("MILO_INT3_CTAS_PER_SM", cfg == 4 ? 1 : (cfg == 1 ? 4 : 3));
+  const int target = dinfo.sms * std::max(1, per_sm);
+  // expected busy tiles: one per busy expert when tiles are short, else rows / bm
+  const int est = std::max(1, std::min(n_slots, std::max(busy, (rows + bm - 1) / bm)));
+  int splits = (target + n_tiles * est - 1) / (n_tiles * est);
+  const int forced_splits = env_int("MILO_INT3_SPLITS", 0);
+  if (forced_splits > 0) splits = forced_splits;
+  splits = std::max(1, std::min(splits, total_stages));
+  const int sps = (total_stages + splits - 1) / splits;
+  splits = (total_stages + sps - 1) / sps;
+
+  const int64_t part_floats = splits > 1 ? static_cast<int64_t>(splits) * rows64 * N64 : 0;
+  const int64_t n_counters = splits > 1 ? static_cast<int64_t>(n_slots) * n_tiles : 0;
+  const int64_t t_floats = R > 0 ? rows64 * R : 0;
+  const int64_t tile_ints = 4LL * n_slots;
+  // one scratch allocation: [tiles (int4) | t (fp32) | partials (fp32) | counters (int)]
+  at::Tensor ws = at::empty({tile_ints + t_floats + part_floats + n_counters}, x.options().dtype(at::kFloat));
+  float* wsp = ws.data_ptr<float>();
+  int4* tiles = reinterpret_cast<int4*>(wsp);
+  float* tbuf = wsp + tile_ints;
+  float* parts = tbuf + t_floats;
+  int* counters = reinterpret_cast<int*>(parts + part_floats);
+  if (n_counters > 0) C10_CUDA_CHECK(cudaMemsetAsync(counters, 0, n_counters * sizeof(int), stream));
+
+  const at::Tensor xa = aligned_contig(x, 16);
+  const at::Tensor qa = aligned_contig(qdata, 16);
+  const at::Tensor sa = aligned_contig(scales, 4);
+  const at::Tensor za = aligned_contig(zeros, 4);
+  const at::Tensor off = offsets.contiguous();
+  const size_t tk_smem = (2 * E + 1) * sizeof(int);
+  TORCH_CHECK(tk_smem <= 48 * 1024, "int3_grouped_linear: too many experts");
+#define MILO_TILES_LAUNCH(OFFT, TT)                                                                       \
+  grouped_tiles_kernel<OFFT, TT><<<1, 256, tk_smem, stream>>>(off.data_ptr<OFFT>(), E, rows, bm, n_slots, \
+                                                              tiles, reinterpret_cast<TT*>(y.data_ptr()), N)
+  if (xt == at::kHalf) {
+    if (off.scalar_type() == at::kInt) MILO_TILES_LAUNCH(int32_t, half); else MILO_TILES_LAUNCH(int64_t, half);
+  } else {
+    if (off.scalar_type() == at::kInt) MILO_TILES_LAUNCH(int32_t, __nv_bfloat16); else MILO_TILES_LAUNCH(int64_t, __nv_bfloat16);
+  }
+#undef MILO_TILES_LAUNCH
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  at::Tensor uta, va;
+  if (R > 0) {
+    uta = aligned_contig(ut, 16);
+    va = v.contiguous();
+    const dim3 grid(n_slots, (R + 63) / 64);
+    if (xt == at::kHalf)
+      grouped_lowrank_kernel<half><<<grid, 256, 0, stream>>>(reinterpret_cast<const half*>(xa.data_ptr()),
+                                                             reinterpret_cast<const half*>(va.data_ptr()), tiles,
+                                                             tbuf, K, R, static_cast<long long>(R) * K);
+    else
+      grouped_lowrank_kernel<__nv_bfloat16><<<grid, 256, 0, stream>>>(
+          reinterpret_cast<const __nv_bfloat16*>(xa.data_ptr()), reinterpret_cast<const __nv_bfloat16*>(va.data_ptr()),
+          tiles, tbuf, K, R, static_cast<long long>(R) * K);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  Int3GemmParams p;
+  p.x = xa.data_ptr();
+  p.q = qa.data_ptr<int32_t>();
+  p.scales = sa.data_ptr();
+  p.zeros = za.data_ptr();
+  p.t = R > 0 ? tbuf : nullptr;
+  p.ut = R > 0 ? uta.data_ptr() : nullptr;
+  p.bias = nullptr;
+  p.y = y.data_ptr();
+  p.ws = splits > 1 ? parts : nullptr;
+  p.counters = splits > 1 ? counters : nullptr;
+  p.M = rows;
+  p.N = N;
+  p.K = K;
+  p.R = R;
+  p.splits = splits;
+  p.stages_per_split = sps;
+  p.tiles = tiles;
+  p.q_estride = N64 * (K64 / 32 * 3);
+  p.s_estride = N64 * groups;
+  p.ut_estride = static_cast<long long>(R) * N64;
+  launch_int3_gemm(xt == at::kHalf ? 0 : 1, cfg, G, p, n_tiles, n_slots, stream);
+  return y;
+}
+
+}  // namespace milo
+
+TORCH_LIBRARY_IMPL(milo, CUDA, m) {
+  m.impl("int3_linear", &milo::int3_linear_cuda);
+  m.impl("int3_grouped_linear", &milo::int3_grouped_linear_cuda);
+}

@@ -1,0 +1,310 @@
+"""GPU tests of the CUDA implementation of milo::int3_linear (skipped without CUDA).
+
+    pytest -q tests/test_cuda_kernel.py                                  # on a CUDA machine
+    compute-sanitizer --tool memcheck python tests/test_cuda_kernel.py --sanitize
+
+Every check draws fresh random inputs (codes 0..7, positive scales ~1e-2, zeros in [0, 7], random
+U/V), poisons the output memory with NaN before the call (the caching allocator hands the poisoned
+block back to the op) and compares with the float32 reference:
+||out - ref|| / ||ref|| < 3e-3, every element finite (i.e. written).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+import sys
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+SCHEMA = (
+    "int3_linear(Tensor x, Tensor qdata, Tensor scales, Tensor zeros, Tensor ut, Tensor v, "
+    "int group_size, Tensor? bias=None) -> Tensor"
+)
+TOL = 3e-3
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_by_path(name: str, rel: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(_REPO, rel))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_LIB = None
+
+
+def _setup():
+    """(pack_int3, unpack_int3, load_extension): the package's, or loaded by path when the package
+    does not import yet (the schema is then defined here)."""
+    global _LIB
+    try:
+        import milo_tensor  # noqa: F401  (defines the schema, registers the reference impl)
+        from milo_tensor.ops.cuda import load_extension
+        from milo_tensor.quant.packing import pack_int3, unpack_int3
+    except Exception:
+        packing = _load_by_path("_milo_packing", "milo_tensor/quant/packing.py")
+        cuda = _load_by_path("_milo_cuda_loader", "milo_tensor/ops/cuda.py")
+        pack_int3, unpack_int3, load_extension = packing.pack_int3, packing.unpack_int3, cuda.load_extension
+        if not hasattr(torch.ops.milo, "int3_linear"):
+            _LIB = torch.library.Library("milo", "FRAGMENT")
+            _LIB.define(SCHEMA)
+
+            @torch.library.register_fake("milo::int3_linear", lib=_LIB)
+            def _fake(x, qdata, scales, zeros, ut, v, group_size, bias=None):
+                return x.new_empty((*x.shape[:-1], qdata.shape[-2]))
+
+    return pack_int3, unpack_int3, load_extension
+
+
+pack_int3, unpack_int3, load_extension = _setup()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ext():
+    if HAS_CUDA:
+        assert load_extension(), "the CUDA extension failed to build/load (see the warning)"
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("milo::int3_linear", "CUDA")
+    yield
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def make_inputs(M, N, K, R, g, dtype, bias=False, gen=None, lead=None, xdtype=None):
+    dev = "cuda"
+    codes = torch.randint(0, 8, (N, K), device=dev, generator=gen)
+    q = pack_int3(codes)
+    scales = (torch.rand(N, K // g, device=dev, generator=gen) * 0.01 + 0.005).to(dtype)
+    zeros = (torch.rand(N, K // g, device=dev, generator=gen) * 7).to(dtype)
+    ut = (torch.randn(R, N, device=dev, generator=gen) * 0.05).to(dtype)
+    v = (torch.randn(R, K, device=dev, generator=gen) * 0.05).to(dtype)
+    shape = (M, K) if lead is None else (*lead, K)
+    x = torch.randn(shape, device=dev, generator=gen).to(xdtype or dtype)
+    b = (torch.randn(N, device=dev, generator=gen) * 0.1).to(dtype) if bias else None
+    return x, q, scales, zeros, ut, v, g, b
+
+
+def reference(x, q, scales, zeros, ut, v, g, bias=None):
+    codes = unpack_int3(q).to(torch.float32)
+    N, K = codes.shape
+    w = ((codes.view(N, K // g, g) - zeros.float()[..., None]) * scales.float()[..., None]).view(N, K)
+    xf = x.float().reshape(-1, K)
+    y = xf @ w.T
+    if ut.shape[0] > 0:
+        y = y + (xf @ v.float().T) @ ut.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.reshape(*x.shape[:-1], N)
+
+
+def call_poisoned(args):
+    x, q = args[0], args[1]
+    n_out = x.numel() // x.shape[-1] * q.shape[0]
+    poison = torch.full((n_out,), float("nan"), device="cuda", dtype=x.dtype)
+    del poison  # the op's output allocation gets this block back
+    return torch.ops.milo.int3_linear(*args)
+
+
+def check(args, tol=TOL):
+    out = call_poisoned(args)
+    ref = reference(*args)
+    assert out.shape == ref.shape and out.dtype == args[0].dtype
+    assert torch.isfinite(out).all(), "unwritten (NaN-poisoned) or non-finite outputs"
+    err = ((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    assert err < tol, f"relative error {err:.3e}"
+    return out, err
+
+
+# ------------------------------------------------------------------------------------------------
+# random shapes through the fused kernel (and the large-M path), both dtypes
+# ------------------------------------------------------------------------------------------------
+
+NK = [
+    (4096, 4096), (1024, 4096), (4096, 1024), (14336, 4096), (4096, 14336), (1408, 2048), (2048, 1408),
+    (768, 2048), (2048, 768), (6144, 2048), (2048, 2048), (512, 1024), (128, 256), (256, 128), (384, 640),
+]
+MS = [1, 1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 17, 24, 31, 32, 33, 40, 48, 63, 64, 65, 96, 128, 200, 256, 333, 512]
+RS = [0, 16, 64, 512]
+GS = [64, 64, 64, 32, 128]
+
+
+def _cases(n, seed):
+    rnd = random.Random(seed)
+    out = []
+    for i in range(n):
+        N, K = rnd.choice(NK)
+        M = rnd.choice(MS)
+        if N * K >= 14336 * 4096 and M > 64:
+            M = rnd.choice([1, 8, 16, 32, 64])
+        out.append((M, N, K, rnd.choice(RS), rnd.choice(GS), rnd.choice([torch.float16, torch.bfloat16]),
+                    rnd.random() < 0.25, i))
+    return out
+
+
+CASES = _cases(220, 1234)
+
+
+@pytest.mark.parametrize("M,N,K,R,g,dtype,bias,i", CASES, ids=lambda v: str(v).replace("torch.", ""))
+def test_random_shapes(M, N, K, R, g, dtype, bias, i):
+    gen = torch.Generator(device="cuda").manual_seed(1000 + i)
+    lead = (1, M) if i % 7 == 0 else None  # sometimes a 3-D activation
+    check(make_inputs(M, N, K, R, g, dtype, bias=bias, gen=gen, lead=lead))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 16, 17, 64, 100, 300])
+@pytest.mark.parametrize("path", ["fused", "general"])
+def test_both_paths(monkeypatch, dtype, M, path):
+    monkeypatch.setenv("MILO_INT3_FUSED_MAX_M", "4096" if path == "fused" else "0")
+    gen = torch.Generator(device="cuda").manual_seed(M)
+    check(make_inputs(M, 1408, 2048, 32, 64, dtype, bias=True, gen=gen))
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 7, 16, 64])
+@pytest.mark.parametrize("M", [1, 24, 64])
+def test_forced_splits(monkeypatch, splits, M):
+    monkeypatch.setenv("MILO_INT3_SPLITS", str(splits))
+    gen = torch.Generator(device="cuda").manual_seed(splits * 100 + M)
+    check(make_inputs(M, 768, 2048, 100, 64, torch.float16, bias=True, gen=gen))
+
+
+def test_deterministic():
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    args = make_inputs(3, 4096, 4096, 32, 64, torch.bfloat16, gen=gen)
+    a = torch.ops.milo.int3_linear(*args)
+    b = torch.ops.milo.int3_linear(*args)
+    assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------
+# shapes and dtypes outside the fused kernel: the fallback inside the op must still be right
+# ------------------------------------------------------------------------------------------------
+
+FALLBACK = [
+    # M, N, K, R, g, dtype, xdtype
+    (5, 256, 96, 8, 32, torch.float16, None),     # K % 128 != 0
+    (3, 200, 320, 0, 64, torch.bfloat16, None),   # K % 128 != 0
+    (7, 100, 256, 16, 64, torch.float16, None),   # N % 8 != 0
+    (2, 36, 128, 4, 32, torch.bfloat16, None),    # N % 8 != 0
+    (4, 128, 256, 8, 16, torch.float16, None),    # group 16
+    (4, 128, 384, 8, 128, torch.float16, None),   # group 128, K/g odd (fused, unaligned scale rows)
+    (9, 256, 512, 8, 256, torch.bfloat16, None),  # group 256
+    (6, 256, 512, 16, 64, torch.float32, None),   # float32 activations
+    (1, 64, 64, 0, 64, torch.float16, None),      # tiny
+    (3, 256, 512, 8, 64, torch.float16, torch.bfloat16),  # x dtype differs from the weight dtype
+]
+
+
+@pytest.mark.parametrize("M,N,K,R,g,dtype,xdtype", FALLBACK)
+def test_fallback_shapes(M, N, K, R, g, dtype, xdtype):
+    gen = torch.Generator(device="cuda").manual_seed(M * N + K)
+    check(make_inputs(M, N, K, R, g, dtype, bias=True, gen=gen, xdtype=xdtype))
+
+
+def test_empty_batch():
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    args = list(make_inputs(1, 256, 256, 8, 64, torch.float16, gen=gen))
+    args[0] = args[0][:0]
+    out = torch.ops.milo.int3_linear(*args)
+    assert out.shape == (0, 256)
+
+
+def test_noncontiguous_x():
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    args = list(make_inputs(8, 512, 1024, 16, 64, torch.float16, gen=gen))
+    big = torch.randn(1024, 8, device="cuda", dtype=torch.float16, generator=gen)
+    args[0] = big.T  # [8, 1024], non-contiguous
+    check(tuple(args))
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.compile and CUDA graphs
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("M", [1, 16, 48])
+def test_compile_fullgraph(M):
+    gen = torch.Generator(device="cuda").manual_seed(M)
+    x, q, s, z, ut, v, g, b = make_inputs(M, 2048, 1024, 32, 64, torch.bfloat16, bias=True, gen=gen)
+
+    def f(x):
+        return torch.ops.milo.int3_linear(x, q, s, z, ut, v, g, b) * 2.0
+
+    cf = torch.compile(f, fullgraph=True)
+    out = cf(x)
+    assert torch.equal(out, f(x))
+
+
+def test_cuda_graph_replay():
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    for M, R in [(1, 32), (8, 0), (40, 512)]:
+        x, q, s, z, ut, v, g, b = make_inputs(M, 4096, 2048, R, 64, torch.float16, gen=gen)
+        static_x = x.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                torch.ops.milo.int3_linear(static_x, q, s, z, ut, v, g, b)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = torch.ops.milo.int3_linear(static_x, q, s, z, ut, v, g, b)
+        for _ in range(3):
+            new_x = torch.randn(x.shape, device="cuda", generator=gen).to(x.dtype)
+            static_x.copy_(new_x)
+            graph.replay()
+            eager = torch.ops.milo.int3_linear(new_x, q, s, z, ut, v, g, b)
+            torch.cuda.synchronize()
+            assert torch.equal(static_y, eager)
+
+
+def test_compile_reduce_overhead():
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    x, q, s, z, ut, v, g, b = make_inputs(4, 1024, 2048, 32, 64, torch.float16, gen=gen)
+
+    def f(x):
+        return torch.ops.milo.int3_linear(x, q, s, z, ut, v, g, b)
+
+    cf = torch.compile(f, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):
+        out = cf(x)
+    assert torch.equal(out, f(x))
+
+
+# ------------------------------------------------------------------------------------------------
+# compute-sanitizer entry point
+# ------------------------------------------------------------------------------------------------
+
+
+def _sanitize_main():
+    assert load_extension()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    cases = [
+        (1, 512, 1024, 0, 64, torch.float16, 1), (1, 512, 1024, 16, 64, torch.bfloat16, 0),
+        (17, 256, 768, 100, 32, torch.float16, 0), (40, 384, 512, 64, 128, torch.bfloat16, 3),
+        (5, 1408, 2048, 32, 64, torch.float16, 0), (70, 256, 512, 8, 64, torch.float16, 0),
+        (3, 100, 256, 8, 64, torch.float16, 0), (2, 128, 384, 8, 128, torch.bfloat16, 2),
+    ]
+    worst = 0.0
+    for M, N, K, R, g, dt, splits in cases:
+        if splits:
+            os.environ["MILO_INT3_SPLITS"] = str(splits)
+        else:
+            os.environ.pop("MILO_INT3_SPLITS", None)
+        _, err = check(make_inputs(M, N, K, R, g, dt, bias=True, gen=gen))
+        worst = max(worst, err)
+    torch.cuda.synchronize()
+    print(f"sanitize cases OK ({len(cases)} cases, worst relative error {worst:.2e})")
+
+
+if __name__ == "__main__" and "--sanitize" in sys.argv:
+    _sanitize_main()

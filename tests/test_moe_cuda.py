@@ -1,0 +1,376 @@
+"""GPU tests of the CUDA implementation of milo::int3_grouped_linear (skipped without CUDA).
+
+    pytest -q tests/test_moe_cuda.py          # on a CUDA machine
+
+The op runs all experts of a layer in one GEMM launch: rows of x sorted by expert, offsets[e] =
+end row of expert e (int32/int64 [E], on the device), ragged ranks padded with zeros in ut / v.
+Every check draws fresh random inputs and routings, poisons the output memory with NaN first and
+compares with a float32 per-expert reference: ||out - ref|| / ||ref|| < 3e-3, every row written
+(rows past offsets[-1] must come back as zeros).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+import milo_tensor  # noqa: E402,F401  (registers the ops; loads the CUDA kernels when a GPU is visible)
+from milo_tensor.ops.cuda import extension_status, load_extension  # noqa: E402
+from milo_tensor.quant.packing import pack_int3, unpack_int3  # noqa: E402
+
+TOL = 3e-3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ext():
+    if HAS_CUDA:
+        assert load_extension(), f"the CUDA extension failed to build/load: {extension_status()}"
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("milo::int3_grouped_linear", "CUDA")
+    yield
+
+
+def make_experts(E, N, K, ranks, g, dtype, gen):
+    dev = "cuda"
+    R = max(ranks) if ranks else 0
+    codes = torch.randint(0, 8, (E, N, K), device=dev, generator=gen)
+    q = pack_int3(codes)
+    scales = (torch.rand(E, N, K // g, device=dev, generator=gen) * 0.01 + 0.005).to(dtype)
+    zeros = (torch.rand(E, N, K // g, device=dev, generator=gen) * 7).to(dtype)
+    ut = torch.zeros(E, R, N, device=dev, dtype=dtype)
+    v = torch.zeros(E, R, K, device=dev, dtype=dtype)
+    for e, r in enumerate(ranks):  # ragged ranks: rows r..R-1 stay zero
+        if r:
+            ut[e, :r] = (torch.randn(r, N, device=dev, generator=gen) * 0.05).to(dtype)
+            v[e, :r] = (torch.randn(r, K, device=dev, generator=gen) * 0.05).to(dtype)
+    return q, scales, zeros, ut, v
+
+
+def routing_offsets(counts, rows, dtype=torch.int32):
+    ends = torch.tensor(counts, dtype=torch.int64).cumsum(0)
+    assert int(ends[-1]) <= rows
+    return ends.to(dtype).cuda()
+
+
+def reference(x, counts, q, scales, zeros, ut, v, g):
+    E, N = q.shape[0], q.shape[1]
+    K = x.shape[1]
+    out = torch.zeros(x.shape[0], N, device=x.device, dtype=torch.float32)
+    start = 0
+    for e in range(E):
+        end = start + counts[e]
+        if end > start:
+            codes = unpack_int3(q[e]).float()
+            w = ((codes.view(N, K // g, g) - zeros[e].float()[..., None]) * scales[e].float()[..., None]).view(N, K)
+            xf = x[start:end].float()
+            out[start:end] = xf @ w.T + (xf @ v[e].float().T) @ ut[e].float()
+        start = end
+    return out
+
+
+def call_poisoned(x, offsets, q, s, z, ut, v, g):
+    poison = torch.full((x.shape[0] * q.shape[1],), float("nan"), device="cuda", dtype=x.dtype)
+    del poison  # the op's output allocation gets this block back
+    return torch.ops.milo.int3_grouped_linear(x, offsets, q, s, z, ut, v, g)
+
+
+def check(x, counts, offsets, experts, g, tol=TOL):
+    out = call_poisoned(x, offsets, *experts, g)
+    ref = reference(x, counts, *experts, g)
+    assert out.shape == ref.shape and out.dtype == x.dtype
+    assert torch.isfinite(out).all(), "unwritten (NaN-poisoned) or non-finite outputs"
+    covered = sum(counts)
+    assert (out[covered:] == 0).all(), "rows past offsets[-1] must be zero"
+    err = ((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    assert err < tol, f"relative error {err:.3e}"
+    return out, err
+
+
+def random_counts(rnd, E, rows, kind):
+    if kind == "one_expert":  # one expert takes every row
+        c = [0] * E
+        c[rnd.randrange(E)] = rows
+        return c
+    if kind == "sparse":  # most experts empty
+        c = [0] * E
+        for _ in range(rows):
+            c[rnd.randrange(min(E, 3))] += 1
+        rnd.shuffle(c)
+        return c
+    if kind == "sentinel":  # expert-parallel: some rows belong to no local expert
+        used = rnd.randint(0, rows)
+        c = [0] * E
+        for _ in range(used):
+            c[rnd.randrange(E)] += 1
+        return c
+    c = [0] * E
+    for _ in range(rows):
+        c[rnd.randrange(E)] += 1
+    return c
+
+
+SHAPES = [  # E, N, K
+    (8, 1024, 512), (8, 2048, 1024), (4, 768, 2048), (16, 512, 768), (64, 256, 256), (128, 384, 128),
+    (8, 4096, 1024), (3, 1408, 2048), (32, 128, 512),
+]
+ROWS = [1, 2, 3, 8, 16, 17, 40, 64, 100, 256, 512, 777]
+RANKS = [0, 8, 16, 32, 64]
+KINDS = ["uniform", "uniform", "one_expert", "sparse", "sentinel"]
+
+
+def _cases(n, seed):
+    rnd = random.Random(seed)
+    out = []
+    for i in range(n):
+        E, N, K = rnd.choice(SHAPES)
+        rows = rnd.choice(ROWS)
+        out.append((E, N, K, rows, rnd.choice(RANKS), rnd.choice([64, 64, 32, 128]),
+                    rnd.choice([torch.float16, torch.bfloat16]), rnd.choice(KINDS), i))
+    return out
+
+
+CASES = _cases(120, 4321)
+
+
+@pytest.mark.parametrize("E,N,K,rows,R,g,dtype,kind,i", CASES, ids=lambda v: str(v).replace("torch.", ""))
+def test_grouped_random(E, N, K, rows, R, g, dtype, kind, i):
+    rnd = random.Random(i)
+    gen = torch.Generator(device="cuda").manual_seed(7000 + i)
+    ranks = [rnd.choice([0, R // 2, R]) for _ in range(E)] if R else [0] * E
+    if R:
+        ranks[0] = R
+    experts = make_experts(E, N, K, ranks, g, dtype, gen)
+    counts = random_counts(rnd, E, rows, kind)
+    x = torch.randn(rows, K, device="cuda", generator=gen).to(dtype)
+    off_dtype = torch.int64 if i % 5 == 0 else torch.int32
+    check(x, counts, routing_offsets(counts, rows, off_dtype), experts, g)
+
+
+@pytest.mark.parametrize("cfg", ["1", "2", "4"])
+@pytest.mark.parametrize("splits", ["0", "1", "3"])
+def test_grouped_tile_configs(monkeypatch, cfg, splits):
+    """Every tile height and split-K setting on one routing (the host picks them from shapes)."""
+    monkeypatch.setenv("MILO_INT3_GROUPED_CFG", cfg)
+    monkeypatch.setenv("MILO_INT3_SPLITS", splits)
+    rnd = random.Random(int(cfg) * 10 + int(splits))
+    gen = torch.Generator(device="cuda").manual_seed(int(cfg) * 10 + int(splits))
+    E, N, K, rows = 8, 1024, 1024, 150
+    experts = make_experts(E, N, K, [32, 0, 16, 32, 8, 32, 0, 4], 64, torch.bfloat16, gen)
+    counts = random_counts(rnd, E, rows - 5, "uniform")
+    x = torch.randn(rows, K, device="cuda", generator=gen).to(torch.bfloat16)
+    check(x, counts, routing_offsets(counts, rows), experts, 64)
+
+
+def test_grouped_all_empty():
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    experts = make_experts(4, 256, 256, [8] * 4, 64, torch.float16, gen)
+    x = torch.randn(5, 256, device="cuda", generator=gen).half()
+    out = call_poisoned(x, routing_offsets([0, 0, 0, 0], 5), *experts, 64)
+    assert (out == 0).all()
+
+
+def test_grouped_matches_dense_kernel():
+    """Each expert's rows equal the dense CUDA op on that expert (same math, other tiling)."""
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    E, N, K = 8, 1408, 2048
+    q, s, z, ut, v = make_experts(E, N, K, [16] * E, 64, torch.float16, gen)
+    counts = [3, 0, 1, 7, 0, 2, 2, 1]
+    x = torch.randn(sum(counts), K, device="cuda", generator=gen).half()
+    out = torch.ops.milo.int3_grouped_linear(x, routing_offsets(counts, x.shape[0]), q, s, z, ut, v, 64)
+    start = 0
+    for e, c in enumerate(counts):
+        if c:
+            dense = torch.ops.milo.int3_linear(x[start:start + c], q[e], s[e], z[e], ut[e], v[e], 64)
+            torch.testing.assert_close(out[start:start + c], dense, rtol=2e-3, atol=2e-3)
+        start += c
+
+
+def test_grouped_fallback_float32():
+    """float32 activations are outside the fused kernel: the op still answers right."""
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    experts = make_experts(4, 256, 192, [8, 0, 4, 8], 64, torch.float32, gen)
+    counts = [2, 3, 0, 1]
+    x = torch.randn(7, 192, device="cuda", generator=gen)
+    check(x, counts, routing_offsets(counts, 7), experts, 64, tol=1e-4)
+
+
+def test_grouped_cuda_graph_and_compile():
+    gen = torch.Generator(device="cuda").manual_seed(21)
+    E, N, K, rows = 16, 768, 1024, 24
+    q, s, z, ut, v = make_experts(E, N, K, [32] * E, 64, torch.bfloat16, gen)
+    static_x = torch.randn(rows, K, device="cuda", generator=gen).bfloat16()
+    static_off = routing_offsets(random_counts(random.Random(0), E, rows, "uniform"), rows)
+
+    def f(x, off):
+        return torch.ops.milo.int3_grouped_linear(x, off, q, s, z, ut, v, 64)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            f(static_x, static_off)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = f(static_x, static_off)
+    rnd = random.Random(1)
+    for kind in ["uniform", "one_expert", "sparse", "sentinel"]:  # new routings replay the same graph
+        counts = random_counts(rnd, E, rows, kind)
+        static_off.copy_(routing_offsets(counts, rows))
+        static_x.copy_(torch.randn(rows, K, device="cuda", generator=gen).bfloat16())
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_y, f(static_x, static_off)), kind
+        ref = reference(static_x, counts, q, s, z, ut, v, 64)
+        assert ((static_y.float() - ref).norm() / ref.norm()).item() < TOL
+
+    cf = torch.compile(f, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):
+        out = cf(static_x, static_off)
+    assert torch.equal(out, f(static_x, static_off))
+
+
+# ------------------------------------------------------------------------------------------------
+# a quantized MoE model: grouped CUDA path vs the per-expert loop, compiled decode, CUDA graphs
+# ------------------------------------------------------------------------------------------------
+
+
+def _tiny_quantized(family="mixtral"):
+    from models import tiny_moe
+
+    from milo_tensor import DenseSparseRank, milo_int3, quantize_
+
+    # hidden / intermediate multiples of 128 so every expert GEMM takes the fused kernel
+    model = tiny_moe(family, hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
+    model = model.to(device="cuda", dtype=torch.bfloat16)
+    quantize_(model, milo_int3(DenseSparseRank(dense_rank=16, sparse_rank=8), iters=2), progress=False)
+    assert model.config._experts_implementation == "milo"
+    return model
+
+
+def test_model_grouped_equals_expert_loop():
+    """The grouped CUDA path vs transformers' per-expert loop over the same quantized experts
+    (which dequantizes each expert to bf16 and runs F.linear: other rounding points, so the
+    bound is loose at the logits and tight per experts module)."""
+    model = _tiny_quantized()
+    experts = model.model.layers[1].mlp.experts
+    E, H = experts.num_experts, model.config.hidden_size
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    hs = torch.randn(37, H, device="cuda", generator=gen).bfloat16()
+    idx = torch.stack([torch.randperm(E, device="cuda", generator=gen)[:2] for _ in range(37)])
+    w = torch.rand(37, 2, device="cuda", generator=gen).bfloat16()
+    ids = torch.randint(3, 256, (2, 9), device="cuda")
+    with torch.no_grad():
+        grouped_mod = experts(hs, idx, w).float()
+        grouped = model(ids).logits.float()
+        model.set_experts_implementation("eager")
+        loop_mod = experts(hs, idx, w).float()
+        loop = model(ids).logits.float()
+        model.set_experts_implementation("milo")
+    assert torch.isfinite(grouped).all() and torch.isfinite(grouped_mod).all()
+    assert ((grouped_mod - loop_mod).norm() / loop_mod.norm()).item() < 1e-2
+    assert ((grouped - loop).norm() / loop.norm()).item() < 5e-2
+
+
+def test_model_decode_compiled_and_graphed():
+    """One decode step (static KV cache) compiled with CUDA graphs equals the eager step."""
+    from transformers import StaticCache
+
+    model = _tiny_quantized()
+    batch, prompt = 2, 6
+    ids = torch.randint(3, 256, (batch, prompt), device="cuda")
+
+    def run(step_fn):
+        cache = StaticCache(config=model.config, max_cache_len=32)
+        with torch.no_grad():
+            out = model(ids, past_key_values=cache, use_cache=True,
+                        cache_position=torch.arange(prompt, device="cuda"))
+            tok = out.logits[:, -1:].argmax(-1)
+            logits = []
+            for i in range(4):
+                pos = torch.tensor([prompt + i], device="cuda")
+                lg = step_fn(tok, cache, pos)
+                logits.append(lg.float().clone())
+                tok = lg[:, -1:].argmax(-1)
+        return torch.cat(logits, 1)
+
+    def step(tok, cache, pos):
+        return model(tok, past_key_values=cache, use_cache=True, cache_position=pos).logits
+
+    eager = run(step)
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=False)
+    run(compiled)  # warm-up / record
+    graphed = run(compiled)
+    assert torch.isfinite(graphed).all()
+    rel = ((graphed - eager).norm() / eager.norm()).item()
+    assert rel < 2e-2, f"compiled decode differs from eager: {rel:.3e}"
+
+
+def test_experts_module_cuda_graph():
+    """The milo experts forward (sort, grouped gate_up, act, grouped down, combine) captured in a
+    CUDA graph replays right for new hidden states and new routings."""
+    model = _tiny_quantized()
+    experts = model.model.layers[0].mlp.experts
+    E, H = experts.num_experts, model.config.hidden_size
+    tokens, top_k = 5, 2
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    hs = torch.randn(tokens, H, device="cuda", generator=gen).bfloat16()
+    idx = torch.randint(0, E, (tokens, top_k), device="cuda", generator=gen)
+    w = torch.rand(tokens, top_k, device="cuda", generator=gen).bfloat16()
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            experts(hs, idx, w)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = experts(hs, idx, w)
+        for _ in range(3):
+            hs.copy_(torch.randn(tokens, H, device="cuda", generator=gen).bfloat16())
+            idx.copy_(torch.randint(0, E, (tokens, top_k), device="cuda", generator=gen))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, experts(hs, idx, w))
+
+
+# ------------------------------------------------------------------------------------------------
+# compute-sanitizer entry point:  compute-sanitizer python tests/test_moe_cuda.py --sanitize
+# ------------------------------------------------------------------------------------------------
+
+
+def _sanitize_main():
+    import os
+
+    assert load_extension(), extension_status()
+    worst = 0.0
+    cases = [  # E, N, K, rows, R, g, dtype, kind, cfg, splits
+        (8, 512, 512, 3, 16, 64, torch.float16, "uniform", "0", "0"),
+        (8, 512, 1024, 40, 32, 64, torch.bfloat16, "sentinel", "2", "3"),
+        (16, 256, 768, 100, 8, 32, torch.float16, "sparse", "4", "2"),
+        (4, 384, 512, 64, 0, 128, torch.bfloat16, "one_expert", "1", "0"),
+        (64, 128, 256, 20, 16, 64, torch.float16, "uniform", "0", "5"),
+    ]
+    for n, (E, N, K, rows, R, g, dt, kind, cfg, splits) in enumerate(cases):
+        os.environ["MILO_INT3_GROUPED_CFG"] = cfg
+        os.environ["MILO_INT3_SPLITS"] = splits
+        rnd = random.Random(n)
+        gen = torch.Generator(device="cuda").manual_seed(n)
+        experts = make_experts(E, N, K, [R] * E, g, dt, gen)
+        counts = random_counts(rnd, E, rows, kind)
+        x = torch.randn(rows, K, device="cuda", generator=gen).to(dt)
+        _, err = check(x, counts, routing_offsets(counts, rows), experts, g)
+        worst = max(worst, err)
+    torch.cuda.synchronize()
+    print(f"grouped sanitize cases OK ({len(cases)} cases, worst relative error {worst:.2e})")
+
+
+if __name__ == "__main__":
+    import sys
+
+    if "--sanitize" in sys.argv:
+        _sanitize_main()
