@@ -70,6 +70,7 @@ META_ALIASES = "milo_aliases"
 META_UNIT = "milo_unit"  # written by `milo quantize` (streaming): which layer a shard holds
 META_STATS = "milo_stats"  # written by `milo quantize`: per-weight error / ranks for its summary
 META_DIGEST = "milo_metadata_digest"  # blake2b over every other milo_* metadata value
+META_SHARDS = "milo_shards"  # in the index's metadata: shard file -> its META_DIGEST
 
 _HEADER_LIMIT = 100 * 1024 * 1024
 _DIGEST_SIZE = 16
@@ -416,8 +417,17 @@ def _parse_version(path: Path, metadata: Mapping[str, str]) -> int:
 def read_checkpoint(directory: str | os.PathLike, *, load: bool = True, verify_data: bool = True) -> CheckpointInfo:
     """Validate a checkpoint directory completely; with ``load``, return its tensors (on CPU) too."""
     directory = Path(directory)
-    files, weight_map, _ = checkpoint_files(directory)
+    files, weight_map, index_meta = checkpoint_files(directory)
     headers = {p: read_header(p) for p in files}
+    shard_digests = index_meta.get(META_SHARDS)
+    if shard_digests is not None:  # indexes written by transformers' save_pretrained have none
+        index = directory / SAFE_WEIGHTS_INDEX_NAME
+        if not isinstance(shard_digests, dict) or set(shard_digests) != {p.name for p in files}:
+            raise fail(index, f"corrupt index: {META_SHARDS} does not list exactly the files of the weight_map")
+        for path, header in headers.items():
+            if header.metadata.get(META_DIGEST) != shard_digests[path.name]:
+                raise fail(path, "does not belong to this checkpoint: its metadata digest differs from the one "
+                                 f"{SAFE_WEIGHTS_INDEX_NAME} records (a shard of another save?)")
 
     version = None
     config: dict | None = None
@@ -634,7 +644,11 @@ def current_files(directory: Path) -> set[str]:
     return names
 
 
-def write_index(directory: Path, weight_map: Mapping[str, str], total_size: int) -> None:
-    index = {"metadata": {"total_size": int(total_size), META_VERSION: FORMAT_VERSION},
+def write_index(directory: Path, weight_map: Mapping[str, str], total_size: int, shard_digests: Mapping[str, str]) -> None:
+    """Write (atomically) the index of a sharded checkpoint: transformers' layout plus, under
+    ``metadata.milo_shards``, each shard's metadata digest -- which covers its manifest, i.e. the
+    checksum of every tensor in it -- so a shard of another save swapped in is refused."""
+    index = {"metadata": {"total_size": int(total_size), META_VERSION: FORMAT_VERSION,
+                          META_SHARDS: dict(sorted(shard_digests.items()))},
              "weight_map": dict(sorted(weight_map.items()))}
     atomic_write_text(directory / SAFE_WEIGHTS_INDEX_NAME, json.dumps(index, indent=2, sort_keys=True) + "\n")

@@ -31,6 +31,7 @@ from milo_tensor.checkpoint import (
     CONFIG_NAME,
     DTYPES,
     FLOAT_DTYPES,
+    META_DIGEST,
     MILO_SEP,
     SAFE_WEIGHTS_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
@@ -481,7 +482,8 @@ def save_quantized(
             os.replace(temps[0], directory / SAFE_WEIGHTS_NAME)  # commit
         else:
             weight_map = {n: file for file, shard in zip(names, shards) for n in shard}
-            write_index(directory, weight_map, sum(tensor_nbytes(t) for t in tensors.values()))  # commit ...
+            digests = {name: metadata[META_DIGEST] for name in names}
+            write_index(directory, weight_map, sum(tensor_nbytes(t) for t in tensors.values()), digests)  # commit ...
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(directory / SAFE_WEIGHTS_NAME)  # ... which takes effect once model.safetensors is gone
         fsync_dir(directory)

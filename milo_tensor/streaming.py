@@ -43,6 +43,7 @@ from milo_tensor.checkpoint import (
     DTYPES,
     FLOAT_DTYPES,
     META_CONFIG,
+    META_DIGEST,
     META_MANIFEST,
     META_STATS,
     META_UNIT,
@@ -384,6 +385,7 @@ def quantize_checkpoint(
         stats: list[WeightStat] = []
         other_bytes = 0
         weight_map: dict[str, str] = {}
+        shard_digests: dict[str, str] = {}
         total_size = 0
         done = skipped = 0
         dtype_plan = model._get_dtype_plan(dtype) if hasattr(model, "_get_dtype_plan") else {}
@@ -411,6 +413,7 @@ def quantize_checkpoint(
                 done += 1
             stats.extend(unit_stats)
             other_bytes += unit_other
+            shard_digests[path.name] = header.metadata[META_DIGEST]
             for name, entry in header.entries.items():
                 weight_map[name] = path.name
                 total_size += entry.end - entry.start
@@ -421,7 +424,7 @@ def quantize_checkpoint(
         bar.close()
 
         # Commit: the index (entry point of the checkpoint), then config.json and the folder's other files.
-        write_index(out, weight_map, total_size)
+        write_index(out, weight_map, total_size, shard_digests)
         (out / SAFE_WEIGHTS_NAME).unlink(missing_ok=True)
         for name in previous - set(file_names.values()) - {SAFE_WEIGHTS_INDEX_NAME}:
             (out / name).unlink(missing_ok=True)

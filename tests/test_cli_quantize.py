@@ -188,3 +188,28 @@ def test_resume_redoes_a_layer_whose_source_changed(tmp_path, capsys, gen):
     assert_same_model(reference, loaded)
     ids = torch.randint(3, 256, (1, 8), generator=gen)
     assert torch.equal(logits(loaded, ids), logits(reference, ids))
+
+
+def test_streamed_checkpoint_refuses_a_shard_of_another_run(tmp_path):
+    """Streamed shards each list only their own tensors; the index's shard digests tie them together."""
+    from milo_tensor import CheckpointError
+
+    fast = ["--quantizer", "rtn", "--iters", "0", "--rank-policy", "constant", "--rank", "4", "--no-progress"]
+    outs = []
+    for seed in (0, 1):
+        src = tmp_path / f"src{seed}"
+        tiny_moe("olmoe", seed=seed).save_pretrained(src)
+        outs.append(tmp_path / f"out{seed}")
+        assert main(["quantize", str(src), str(outs[-1]), *fast]) == 0
+    a, b = outs
+    shard = "model-00002-of-00003.safetensors"
+    (a / shard).write_bytes((b / shard).read_bytes())  # same names, shapes and config; other values
+    with pytest.raises(CheckpointError, match=f"{shard}: does not belong to this checkpoint"):
+        load_quantized(a)
+    with pytest.raises(CheckpointError, match="does not belong"):
+        AutoModelForCausalLM.from_pretrained(a)
+    index = json.loads((a / "model.safetensors.index.json").read_text())
+    del index["metadata"]["milo_shards"][shard]
+    (a / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="milo_shards"):
+        load_quantized(a)
