@@ -38,7 +38,6 @@ from milo_tensor.checkpoint import (
     TMP_PREFIX,
     CheckpointError,
     CheckpointInfo,
-    atomic_write_text,
     build_quantized,
     canonical_json,
     current_files,
@@ -463,29 +462,52 @@ def save_quantized(
         checkpoint_id = hashlib.blake2b(canonical_json([metadata, shards]).encode(), digest_size=4).hexdigest()
         names = [f"model-{checkpoint_id}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
 
+    # config.json / generation_config.json are staged before the commit and renamed right after it,
+    # so the window where new weights sit beside the old config is two renames wide.
+    side_files: dict[str, str] = {}
+    if write_config:
+        text = config_json_for(model, milo_config)
+        if text is not None:
+            side_files[CONFIG_NAME] = text
+        generation = getattr(model, "generation_config", None)
+        if generation is not None and hasattr(generation, "to_json_string") and getattr(model, "can_generate", lambda: False)():
+            side_files["generation_config.json"] = generation.to_json_string(use_diff=True)
+
     before = current_files(directory)
     temps: list[Path] = []
     renamed: list[Path] = []
+    staged: list[tuple[Path, Path]] = []
     try:
+        for name, text in side_files.items():
+            tmp = directory / f"{TMP_PREFIX}{uuid.uuid4().hex}-{name}"
+            staged.append((tmp, directory / name))
+            temps.append(tmp)
+            with open(tmp, "w", encoding="utf-8") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
         for name, shard in zip(names, shards):
             tmp = directory / f"{TMP_PREFIX}{uuid.uuid4().hex}-{name}"
             temps.append(tmp)
             write_safetensors(tmp, {n: tensors[n] for n in shard}, metadata)
         # Shards of a sharded save have fresh names (the checkpoint id), so renaming them touches
         # nothing the current checkpoint uses; the commit point is the last rename.
-        for tmp, name in zip(temps, names):
+        weight_temps = temps[len(staged):]
+        for tmp, name in zip(weight_temps, names):
             if name == SAFE_WEIGHTS_NAME:
                 continue
             os.replace(tmp, directory / name)
             renamed.append(directory / name)
         if len(names) == 1:
-            os.replace(temps[0], directory / SAFE_WEIGHTS_NAME)  # commit
+            os.replace(weight_temps[0], directory / SAFE_WEIGHTS_NAME)  # commit
         else:
             weight_map = {n: file for file, shard in zip(names, shards) for n in shard}
             digests = {name: metadata[META_DIGEST] for name in names}
             write_index(directory, weight_map, sum(tensor_nbytes(t) for t in tensors.values()), digests)  # commit ...
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(directory / SAFE_WEIGHTS_NAME)  # ... which takes effect once model.safetensors is gone
+        for tmp, final in staged:
+            os.replace(tmp, final)
         fsync_dir(directory)
     except BaseException:
         for path in temps:
@@ -502,11 +524,4 @@ def save_quantized(
     for name in before - keep:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(directory / name)
-    if write_config:
-        text = config_json_for(model, milo_config)
-        if text is not None:
-            atomic_write_text(directory / CONFIG_NAME, text)
-        generation = getattr(model, "generation_config", None)
-        if generation is not None and hasattr(generation, "to_json_string") and getattr(model, "can_generate", lambda: False)():
-            atomic_write_text(directory / "generation_config.json", generation.to_json_string(use_diff=True))
     return [directory / n for n in names]

@@ -252,3 +252,26 @@ def test_deepcopy_of_loaded_model_runs(models, tmp_path, gen):
     loaded = copy.deepcopy(load_quantized(tmp_path))
     ids = torch.randint(3, 256, (1, 5), generator=gen)
     assert torch.equal(logits(loaded, ids), logits(model, ids))
+
+
+def test_plain_torch_module_round_trip(tmp_path, gen):
+    """Not only transformers models: any module with MiLo Linear weights saves and loads into a skeleton."""
+
+    def build():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64, bias=False))
+
+    model = build()
+    quantize_(model, milo_int3(8, iters=2), progress=False)
+    assert isinstance(model[0].weight, MiLoInt3Tensor)
+    save_quantized(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]  # no config.json to write
+    skeleton = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64, bias=False))
+    loaded = load_quantized(tmp_path, model=skeleton)
+    assert_same_model(model, loaded)
+    x = torch.randn(5, 64, generator=gen)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+        # and the loaded weights compute what their dequantized float weights say
+        ref = torch.nn.functional.linear(x, model[0].weight.dequantize(), model[0].bias)
+        torch.testing.assert_close(torch.nn.functional.linear(x, loaded[0].weight, loaded[0].bias), ref)
