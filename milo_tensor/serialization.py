@@ -177,7 +177,7 @@ def _checkpoint_dtype(info: CheckpointInfo, model_config) -> torch.dtype:
         return dtype
     for meta in info.params.values():
         return FLOAT_DTYPES[meta["dtype"]]
-    for name, entry in info.manifest.items():
+    for entry in info.manifest.values():
         if entry[0] in ("F32", "F16", "BF16", "F64"):
             return DTYPES[entry[0]]
     return torch.get_default_dtype()

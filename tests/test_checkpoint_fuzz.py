@@ -178,9 +178,9 @@ def test_random_byte_flips_and_truncations(original, target, tmp_path):
     rng = random.Random(1234)
     outcomes = {"error": 0, "exact": 0}
     cases = []
-    for i in range(N_RANDOM_HEADER_FLIPS):
+    for _ in range(N_RANDOM_HEADER_FLIPS):
         cases.append(("header flip", [(rng.randrange(header_end), rng.randrange(1, 256)) for _ in range(rng.choice((1, 1, 2, 3)))]))
-    for i in range(N_RANDOM_DATA_FLIPS):
+    for _ in range(N_RANDOM_DATA_FLIPS):
         cases.append(("data flip", [(rng.randrange(header_end, len(raw)), rng.randrange(1, 256)) for _ in range(rng.choice((1, 1, 2)))]))
     for what, flips in cases:
         mutated = bytearray(raw)
@@ -188,7 +188,7 @@ def test_random_byte_flips_and_truncations(original, target, tmp_path):
             mutated[pos] ^= xor
         write(work, bytes(mutated))
         outcomes[attempt(model, work, target, f"{what} {flips}", must_fail=False, names_tensor=what == "data flip")] += 1
-    for i in range(N_TRUNCATIONS):
+    for _ in range(N_TRUNCATIONS):
         cut = rng.randrange(len(raw))
         write(work, raw[:cut])
         outcomes[attempt(model, work, target, f"truncated at {cut}/{len(raw)}")] += 1
@@ -410,15 +410,14 @@ def test_corrupt_checkpoint_through_from_pretrained(original, tmp_path):
 
     model, directory, _ = original
     raw = (directory / "model.safetensors").read_bytes()
-    header_end = 8 + struct.unpack("<Q", raw[:8])[0]
     work = tmp_path / "ckpt"
     shutil.copytree(directory, work)
-    for what, mutated in (
-        ("data flip", raw[:-100] + bytes([raw[-100] ^ 1]) + raw[-99:]),
+    for expected, mutated in (
+        ("checksum mismatch", raw[:-100] + bytes([raw[-100] ^ 1]) + raw[-99:]),
         ("truncated", raw[: len(raw) // 2]),
-        ("header flip", raw[:header_end - 80] + bytes([raw[header_end - 80] ^ 0x10]) + raw[header_end - 79:]),
-        ("version", rebuild(raw, edit_metadata=lambda m: m.__setitem__(ckpt.META_VERSION, "7"))),
+        ("corrupt header", raw[:9] + b"\xff" + raw[10:]),
+        ("unknown MiLo format version 7", rebuild(raw, edit_metadata=lambda m: m.__setitem__(ckpt.META_VERSION, "7"))),
     ):
         write(work, mutated)
-        with pytest.raises(CheckpointError):
+        with pytest.raises(CheckpointError, match=expected):
             AutoModelForCausalLM.from_pretrained(work)

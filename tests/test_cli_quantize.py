@@ -10,7 +10,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import milo_tensor.checkpoint as ckpt
-import milo_tensor.serialization as ser
 from milo_tensor import DenseSparseRank, load_quantized, milo_int3, quantize_
 from milo_tensor.cli import build_parser, main
 from milo_tensor.streaming import ABORT_ENV

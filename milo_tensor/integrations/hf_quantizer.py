@@ -118,8 +118,9 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 
 
 def _realign_model(model: nn.Module) -> None:
+    """Copy float parameters / buffers that sit misaligned in a memory-mapped file (see ``_aligned``)."""
     for module in model.modules():
-        for name, p in module._parameters.items():
+        for p in module._parameters.values():
             if p is not None and not isinstance(p, MiLoInt3Tensor) and _aligned(p.data) is not p.data:
                 p.data = p.data.clone()  # keeps the Parameter object (and the ties through it)
         for name, b in module._buffers.items():
