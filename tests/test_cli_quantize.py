@@ -113,7 +113,8 @@ def test_hard_kill_and_resume(tmp_path):
     src = float_folder(tmp_path / "src", "qwen3_moe")
     out, full = tmp_path / "out", tmp_path / "full"
     command = [sys.executable, "-m", "milo_tensor.cli", "quantize", str(src), str(out), *ARGS]
-    env = {**os.environ, ABORT_ENV: "2:kill"}
+    # the same thread count as this process (conftest caps it): float reductions may depend on it
+    env = {**os.environ, ABORT_ENV: "2:kill", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     killed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert sorted(p.name for p in out.glob("*.safetensors")) == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2)]
