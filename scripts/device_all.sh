@@ -30,8 +30,8 @@ timeout 300 python3 -c "
 import time; t=time.time()
 from milo_tensor.ops.cuda import load_extension, extension_status
 ok = load_extension(); print(extension_status(), f'{time.time()-t:.1f}s')
-raise SystemExit(0 if ok else 1)" > "$OUT/build.log" 2>&1 || { echo BUILD FAILED; tail -30 "$OUT/build.log"; exit 1; }
-tail -1 "$OUT/build.log"
+raise SystemExit(0 if ok else 1)" > /tmp/milo_build.log 2>&1 || { echo BUILD FAILED; cp /tmp/milo_build.log "$OUT/build.log"; tail -30 /tmp/milo_build.log; exit 1; }
+tail -1 /tmp/milo_build.log
 has() { case " $STEPS " in *" $1 "*) return 0;; *) return 1;; esac; }
 log() { echo "$*" >> "$OUT/summary.txt"; echo "$*"; }
 if has test; then

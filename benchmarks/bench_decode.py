@@ -1,0 +1,176 @@
+"""End-to-end decode benchmark: tokens/s of a torch.compile'd (mode="reduce-overhead", i.e. CUDA
+graphs) greedy decode loop with a static KV cache, on a Mixtral-shaped model with random weights.
+
+    python benchmarks/bench_decode.py --layers 4 --out bench_decode.md
+    python benchmarks/bench_decode.py --smoke                   # tiny model, any device, no compile
+
+Model: MixtralConfig (hidden 4096, intermediate 14336, 8 experts top-2, 32 heads / 8 KV heads,
+vocab 32000) with --layers decoder layers (the full model has 32; a few layers keep the run short
+and the weights in memory for every method; per-layer time scales to the full depth).
+Methods:
+  bf16      the model as is, experts through transformers' grouped_mm
+  ao-int4   torchao Int4WeightOnlyConfig(group 64) on the attention Linear layers; the experts
+            stay bf16 (torchao's int4 config does not quantize 3D expert parameters)
+  milo      every attention Linear and both expert stacks as MiLoInt3Tensor (random codes, rank 64
+            attention / 32 per expert; no solver run), experts through the "milo" grouped op
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import env_header, random_milo, sync  # noqa: E402
+
+
+def build(layers, device, smoke):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    kw = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+              vocab_size=32000)
+    if smoke:
+        kw = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
+    cfg = MixtralConfig(num_hidden_layers=layers, num_local_experts=8, num_experts_per_tok=2,
+                        max_position_embeddings=4096, **kw)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = MixtralForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    return model.eval()
+
+
+def to_milo(model, device):
+    import milo_tensor  # noqa: F401
+    from milo_tensor.integrations.experts import use_milo_experts
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and "self_attn" in name:
+            w = mod.weight
+            mod.weight = torch.nn.Parameter(random_milo(tuple(w.shape), 64, w.dtype, device, gen=gen), requires_grad=False)
+        if hasattr(mod, "gate_up_proj") and getattr(mod, "gate_up_proj").ndim == 3:
+            for pname in ("gate_up_proj", "down_proj"):
+                w = getattr(mod, pname)
+                setattr(mod, pname, torch.nn.Parameter(random_milo(tuple(w.shape), 32, w.dtype, device, gen=gen),
+                                                       requires_grad=False))
+            use_milo_experts(mod)
+    model.config._experts_implementation = "milo"
+    torch.cuda.empty_cache() if device == "cuda" else None
+    return model
+
+
+def to_ao_int4(model):
+    from torchao.quantization import Int4WeightOnlyConfig, quantize_
+
+    try:
+        cfg = Int4WeightOnlyConfig(group_size=64, int4_packing_format="tile_packed_to_4d")
+    except TypeError:
+        cfg = Int4WeightOnlyConfig(group_size=64)
+    quantize_(model, cfg, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and "self_attn" in fqn)
+    return model
+
+
+def decode_tps(model, batch, prompt, steps, warm, device, compile_):
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=prompt + warm + steps + 2)
+    ids = torch.randint(3, model.config.vocab_size, (batch, prompt), device=device)
+
+    def step(tok, pos):
+        out = model(tok, past_key_values=cache, use_cache=True, cache_position=pos)
+        return out.logits[:, -1:].argmax(-1)
+
+    fn = torch.compile(step, mode="reduce-overhead", fullgraph=False) if compile_ else step
+    with torch.no_grad():
+        tok = step(ids, torch.arange(prompt, device=device))
+        pos = prompt
+        t_c = time.perf_counter()
+        for _ in range(warm):
+            tok = fn(tok.clone(), torch.tensor([pos], device=device))
+            pos += 1
+        sync()
+        t_warm = time.perf_counter() - t_c
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            tok = fn(tok.clone(), torch.tensor([pos], device=device))
+            pos += 1
+        sync()
+        dt = time.perf_counter() - t0
+    return batch * steps / dt, dt / steps * 1e3, t_warm
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--batch", default="1")
+    ap.add_argument("--prompt", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--warm", type=int, default=4)
+    ap.add_argument("--methods", default="bf16,ao-int4,milo")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    compile_ = device == "cuda" and not args.no_compile
+    import milo_tensor  # noqa: F401
+    from milo_tensor.ops.cuda import extension_status
+
+    header = env_header() + f"; milo kernels: {extension_status()}"
+    print(header, flush=True)
+    rows = []
+    for meth in args.methods.split(","):
+        try:
+            model = build(args.layers, device, args.smoke)
+            if meth == "milo":
+                model = to_milo(model, device)
+            elif meth == "ao-int4":
+                model = to_ao_int4(model)
+            nbytes = sum(t.nbytes if not hasattr(t, "qdata") else sum(
+                getattr(t, a).nbytes for a in ("qdata", "scales", "zeros", "ut", "v")) for t in model.parameters())
+            for b in [int(v) for v in args.batch.split(",")]:
+                tps, ms, tw = decode_tps(model, b, args.prompt, args.steps, args.warm, device, compile_)
+                rows.append((meth, b, tps, ms, nbytes / 2**30, tw))
+                print(f"{meth:8s} batch {b}: {tps:8.1f} tok/s, {ms:7.2f} ms/step, weights {nbytes / 2**30:.2f} GiB, "
+                      f"warm-up {tw:.0f} s", flush=True)
+            torch._dynamo.reset()
+        except Exception as e:
+            msg = f"n/a ({type(e).__name__}: {str(e).splitlines()[0][:90] if str(e) else ''})"
+            rows.append((meth, 0, msg, msg, float("nan"), 0))
+            print(f"{meth}: {msg}", flush=True)
+            import traceback
+
+            traceback.print_exc()
+        model = None
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    lines = ["# Decode benchmark\n", header + "\n",
+             f"Mixtral-shaped model, {args.layers} decoder layers, random weights; greedy decode, static KV cache, "
+             f"prompt {args.prompt}, {args.steps} timed steps after {args.warm} warm-up steps; "
+             f"{'torch.compile mode=reduce-overhead (CUDA graphs)' if compile_ else 'eager'}.\n",
+             "| method | batch | tokens/s | ms / step | ms / layer | weights GiB |", "|---|---|---|---|---|---|"]
+    for meth, b, tps, ms, gib, _ in rows:
+        if isinstance(tps, float):
+            lines.append(f"| {meth} | {b} | {tps:.1f} | {ms:.2f} | {ms / args.layers:.3f} | {gib:.2f} |")
+        else:
+            lines.append(f"| {meth} | - | {tps} | | | |")
+    report = "\n".join(lines) + "\n"
+    print("\n" + report)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(report)
+
+
+if __name__ == "__main__":
+    main()
