@@ -55,7 +55,7 @@ def test_help_for_every_subcommand(capsys):
         assert option in text
 
 
-@pytest.mark.parametrize("family", ["deepseek_v3", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen2_moe", "mixtral"])
 def test_quantize_folder_equals_in_memory_quantize(tmp_path, capsys, gen, family):
     src = float_folder(tmp_path / "src", family)
     out = tmp_path / "out"

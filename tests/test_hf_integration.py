@@ -91,3 +91,19 @@ def test_quantize_while_loading_a_float_model(tmp_path, gen):
     assert_same_model(reference, again)
     ids = torch.randint(3, 256, (1, 6), generator=gen)
     assert torch.equal(logits(again, ids), logits(reference, ids))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3", "olmoe"])
+def test_every_family_round_trips_through_transformers(family, tmp_path, gen):
+    """save_quantized -> from_pretrained -> save_pretrained -> from_pretrained / load_quantized, per family
+    (legacy per-expert key conversions, shared experts, dense first layers, MLA attention)."""
+    model = tiny_moe(family)
+    quantize_(model, milo_int3(**CONFIG), progress=False)
+    save_quantized(model, tmp_path / "a")
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+    a.save_pretrained(tmp_path / "b")
+    ids = torch.randint(3, 256, (2, 7), generator=gen)
+    reference = logits(model, ids)
+    for loaded in (a, AutoModelForCausalLM.from_pretrained(tmp_path / "b"), load_quantized(tmp_path / "b")):
+        assert_same_model(model, loaded)
+        assert torch.equal(logits(loaded, ids), reference)
