@@ -71,6 +71,7 @@ __all__ = ["quantize_checkpoint", "QuantizeSummary", "ABORT_ENV"]
 # "N:kill" SIGKILLs the process there instead.
 ABORT_ENV = "MILO_TEST_ABORT_AFTER_LAYERS"
 REST = "<rest>"
+LOCK_NAME = ".milo-quantize.lock"
 _EXPERT_INDEX = re.compile(r"\.experts\.\d+\.")
 _WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
 
@@ -318,6 +319,7 @@ def quantize_checkpoint(
         raise ValueError(f"{src} holds an already quantized model ({model_config.quantization_config}); "
                          f"quantize its float original")
     source = _Source(src)
+    lock = None
     try:
         dtype = _resolve_dtype(dtype, model_config, source)
         if compensator_dtype is not None and config.compensator_bits is None:
@@ -375,6 +377,7 @@ def quantize_checkpoint(
         count = len(unit_names)
         file_names = {u: f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i, u in enumerate(unit_names)}
         out.mkdir(parents=True, exist_ok=True)
+        lock = _lock_output(out)
         previous = current_files(out)
         for stale in out.glob(f"{TMP_PREFIX}*"):
             stale.unlink(missing_ok=True)
@@ -433,10 +436,30 @@ def quantize_checkpoint(
         cfg.dtype = str(dtype).removeprefix("torch.")
         atomic_write_text(out / CONFIG_NAME, cfg.to_json_string(use_diff=True))
         _copy_side_files(src, out)
+        (out / LOCK_NAME).unlink(missing_ok=True)
         return QuantizeSummary(out, stats, other_bytes, time.perf_counter() - start, done, skipped,
                                sorted(set(file_names.values())))
     finally:
         source.close()
+        if lock is not None:
+            lock.close()  # releases the flock (the OS also does, if the process is killed)
+
+
+def _lock_output(out: Path):
+    """An exclusive lock on ``out`` for this run: two runs into one folder would delete each other's
+    temporary files and race on the shards. The lock is a ``flock``, so a killed run never leaves
+    it held; the file is removed when a run completes. None where ``fcntl`` does not exist."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return None
+    handle = open(out / LOCK_NAME, "a+")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise ValueError(f"{out}: another `milo quantize` is writing to this folder") from None
+    return handle
 
 
 def _existing_shard(path: Path, unit_meta: str, config_json: str):

@@ -91,7 +91,8 @@ def test_interrupt_and_resume_give_identical_files(tmp_path, monkeypatch, capsys
 
     monkeypatch.setenv(ABORT_ENV, "1")
     assert main(["quantize", str(src), str(part), *ARGS]) == 130  # interrupted after layer 0
-    assert sorted(p.name for p in part.iterdir()) == ["model-00001-of-00004.safetensors"]
+    # the finished layer's shard, and the (released) lock file of the interrupted run
+    assert sorted(p.name for p in part.iterdir()) == [".milo-quantize.lock", "model-00001-of-00004.safetensors"]
     (part / ".milo-tmp-123-model-00002-of-00004.safetensors").write_bytes(b"half a shard")  # killed mid-write
     assert main(["quantize", str(src), str(part), *ARGS]) == 130  # resumes: layer 1, interrupted again
     assert "interrupted" in capsys.readouterr().err
@@ -138,7 +139,9 @@ def test_changed_config_redoes_layers_and_bad_input_is_refused(tmp_path, capsys)
     assert main(["quantize", str(out), str(tmp_path / "again"), *fast]) == 2
     assert "already quantized" in capsys.readouterr().err
     assert main(["quantize", str(tmp_path / "nowhere"), str(tmp_path / "x"), *fast]) == 2
+    assert "not a transformers model folder" in capsys.readouterr().err
     assert main(["quantize", str(src), str(src), *fast]) == 2
+    assert "must differ from the source" in capsys.readouterr().err
     # a float compensator lives in the weights' dtype: fp32 fits this float32 model, bf16 does not
     assert main(["quantize", str(src), str(tmp_path / "bf16"), *fast, "--compensator-dtype", "bf16"]) == 2
     assert "--dtype bfloat16" in capsys.readouterr().err
@@ -213,3 +216,18 @@ def test_streamed_checkpoint_refuses_a_shard_of_another_run(tmp_path):
     (a / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="milo_shards"):
         load_quantized(a)
+
+
+def test_a_second_run_into_the_same_folder_is_refused(tmp_path, capsys):
+    import fcntl
+
+    src = float_folder(tmp_path / "src", "olmoe")
+    out = tmp_path / "out"
+    out.mkdir()
+    fast = ["--quantizer", "rtn", "--iters", "0", "--rank-policy", "constant", "--rank", "4", "--no-progress"]
+    with open(out / ".milo-quantize.lock", "a+") as held:  # as a running `milo quantize` holds it
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(["quantize", str(src), str(out), *fast]) == 2
+        assert "another `milo quantize` is writing" in capsys.readouterr().err
+    assert main(["quantize", str(src), str(out), *fast]) == 0
+    assert not (out / ".milo-quantize.lock").exists()
