@@ -33,8 +33,8 @@ def assert_same_files(a, b):
     assert not differ, detail
 
 
-def float_folder(path, family="mixtral", **overrides):
-    tiny_moe(family, **overrides).save_pretrained(path)
+def float_folder(path, family="mixtral", max_shard_size="2GB", **overrides):
+    tiny_moe(family, **overrides).save_pretrained(path, max_shard_size=max_shard_size)
     (path / "tokenizer_config.json").write_text('{"model_max_length": 128}\n')
     return path
 
@@ -57,7 +57,9 @@ def test_help_for_every_subcommand(capsys):
 
 @pytest.mark.parametrize("family", ["deepseek_v3", "qwen2_moe", "mixtral"])
 def test_quantize_folder_equals_in_memory_quantize(tmp_path, capsys, gen, family):
-    src = float_folder(tmp_path / "src", family)
+    # a sharded source (an index and several files) for one family
+    src = float_folder(tmp_path / "src", family, max_shard_size="100KB" if family == "deepseek_v3" else "2GB")
+    assert (src / "model.safetensors.index.json").exists() == (family == "deepseek_v3")
     out = tmp_path / "out"
     assert main(["quantize", str(src), str(out), *ARGS]) == 0
     printed = capsys.readouterr().out
