@@ -197,10 +197,12 @@ def tensor_digest(t: torch.Tensor) -> str:
 
 
 def canonical_json(obj: Any) -> str:
+    """Compact JSON with sorted keys: the same value always gives the same bytes (and digests)."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
 def manifest_entry(t: torch.Tensor, digest: str) -> list:
+    """``[dtype, shape, digest]``: what the manifest records so a reader can check each tensor's bytes."""
     return [DTYPE_NAMES[t.dtype], [int(s) for s in t.shape], digest]
 
 
@@ -306,6 +308,8 @@ def read_header(path: Path) -> Header:
 
 
 def read_tensor(fh, header: Header, name: str) -> torch.Tensor:
+    """Read one tensor into fresh (owned, aligned) CPU memory: no mmap, so a later change to the
+    file cannot alter a loaded model, and the bytes read are the bytes checksummed."""
     e = header.entries[name]
     nbytes = e.end - e.start
     buf = torch.empty(nbytes, dtype=torch.uint8)
@@ -322,6 +326,7 @@ def read_tensor(fh, header: Header, name: str) -> torch.Tensor:
 
 
 def digest_from_file(fh, header: Header, name: str) -> str:
+    """The digest of one stored tensor, streamed in chunks (verification without holding the data)."""
     e = header.entries[name]
     h = hashlib.blake2b(digest_size=_DIGEST_SIZE)
     fh.seek(header.data_start + e.start)
@@ -584,6 +589,7 @@ def build_quantized(fqn: str, meta: Mapping[str, Any], inner: Mapping[str, torch
 
 def shard_metadata(config: dict | None, params: Mapping[str, dict], manifest: Mapping[str, list],
                    aliases: Mapping[str, str], extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The header ``__metadata__`` of one file (see the module docstring), its digest included."""
     md = {
         META_FORMAT: "pt",
         META_VERSION: str(FORMAT_VERSION),
@@ -604,10 +610,12 @@ def metadata_digest(metadata: Mapping[str, str]) -> str:
 
 
 def tensor_nbytes(t: torch.Tensor) -> int:
+    """Bytes a tensor occupies in a file."""
     return t.numel() * t.element_size()
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` (temporary file, fsync, rename): readers see the old or the new file, never half."""
     tmp = path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}-{path.name}"
     try:
         with open(tmp, "w", encoding="utf-8") as fh:
@@ -622,6 +630,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def fsync_dir(directory: Path) -> None:
+    """Persist renames in ``directory`` (best effort: not every platform can fsync a directory)."""
     with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
         try:

@@ -78,6 +78,8 @@ _WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", 
 
 @dataclass
 class WeightStat:
+    """One quantized parameter in the summary (kept in its shard's metadata, so a resumed run can print it)."""
+
     fqn: str
     kind: str  # "dense" or "expert"
     count: int  # 2D weights it holds (experts of a stack)
@@ -89,6 +91,8 @@ class WeightStat:
 
 @dataclass
 class QuantizeSummary:
+    """What ``milo quantize`` did: per-weight statistics and timings; ``table()`` is the printed summary."""
+
     out: Path
     stats: list[WeightStat]
     other_bytes: int  # float tensors kept as they are
@@ -269,6 +273,8 @@ def _weight_stat(fqn: str, float_weight: torch.Tensor, q: MiLoInt3Tensor) -> Wei
 
 
 def _seed_for(name: str) -> int:
+    """A seed per unit (the randomized SVD draws from it): a layer quantized in a resumed run gets the
+    same random numbers as in an uninterrupted one, whatever was quantized before it."""
     return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little") & (2**63 - 1)
 
 
@@ -487,6 +493,7 @@ def _existing_shard(path: Path, unit_meta: str, config_json: str):
 
 def _quantize_unit(model, unit, keys, source, config, milo_config, aliases, unit_meta, path, device, dtype,
                    dtype_plan, base_filter, prefix, progress, quantize_, convert_and_load, LoadStateDictConfig, mapping):
+    """Load one unit's source tensors, quantize them, write its shard (temp + rename), drop them again."""
     in_unit = (lambda fqn: fqn == unit or fqn.startswith(unit + ".")) if unit != REST else (
         lambda fqn: not (prefix and (fqn == prefix or fqn.startswith(prefix + "."))))
 
