@@ -33,6 +33,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -301,15 +302,9 @@ def quantize_checkpoint(
     """
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import (
-        WeightConverter,
-        WeightRenaming,
-        convert_and_load_state_dict_in_model,
-        rename_source_key,
-    )
-    from transformers.modeling_utils import LoadStateDictConfig
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
-    from milo_tensor.config import make_filter, milo_int3, quantize_
+    from milo_tensor.config import make_filter, milo_int3
     from milo_tensor.integrations.hf_quantizer import MiLoHfConfig
 
     start = time.perf_counter()
@@ -398,7 +393,8 @@ def quantize_checkpoint(
         total_size = 0
         done = skipped = 0
         dtype_plan = model._get_dtype_plan(dtype) if hasattr(model, "_get_dtype_plan") else {}
-        base_filter = make_filter(config.skip)
+        run = _Run(model, source, config, milo_config, aliases, device, dtype, dtype_plan, make_filter(config.skip),
+                   prefix, progress, mapping)
         bar = tqdm(unit_names, desc="MiLo quantize", unit="layer", disable=not progress)
         for unit in bar:
             bar.set_postfix_str(unit if unit != REST else "embeddings / norm / head", refresh=True)
@@ -414,11 +410,7 @@ def quantize_checkpoint(
                 header, unit_stats, unit_other = existing
                 skipped += 1
             else:
-                header, unit_stats, unit_other = _quantize_unit(
-                    model, unit, keys, source, config, milo_config, aliases, unit_meta, path, device, dtype,
-                    dtype_plan, base_filter, prefix, progress, quantize_, convert_and_load_state_dict_in_model,
-                    LoadStateDictConfig, mapping,
-                )
+                header, unit_stats, unit_other = _quantize_unit(run, unit, keys, unit_meta, path)
                 done += 1
             stats.extend(unit_stats)
             other_bytes += unit_other
@@ -491,18 +483,41 @@ def _existing_shard(path: Path, unit_meta: str, config_json: str):
         return None
 
 
-def _quantize_unit(model, unit, keys, source, config, milo_config, aliases, unit_meta, path, device, dtype,
-                   dtype_plan, base_filter, prefix, progress, quantize_, convert_and_load, LoadStateDictConfig, mapping):
+@dataclass
+class _Run:
+    """What every unit of one ``quantize_checkpoint`` call shares."""
+
+    model: nn.Module  # on the meta device, but for the unit being quantized
+    source: _Source
+    config: object  # MiLoInt3Config
+    milo_config: dict
+    aliases: dict[str, str]  # tied name -> stored name
+    device: torch.device
+    dtype: torch.dtype
+    dtype_plan: dict
+    base_filter: Callable
+    prefix: str | None  # the decoder layers' ModuleList
+    progress: bool
+    mapping: list  # transformers' weight conversions (source keys -> model parameters)
+
+
+def _quantize_unit(run: _Run, unit: str, keys: list[str], unit_meta: str, path: Path):
     """Load one unit's source tensors, quantize them, write its shard (temp + rename), drop them again."""
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.modeling_utils import LoadStateDictConfig
+
+    from milo_tensor.config import quantize_
+
+    model, source, config, aliases, device, prefix = run.model, run.source, run.config, run.aliases, run.device, run.prefix
     in_unit = (lambda fqn: fqn == unit or fqn.startswith(unit + ".")) if unit != REST else (
         lambda fqn: not (prefix and (fqn == prefix or fqn.startswith(prefix + "."))))
 
     load_config = LoadStateDictConfig(
-        pretrained_model_name_or_path=str(source.directory), device_map={"": device}, dtype=dtype,
-        dtype_plan=dtype_plan, weight_mapping=mapping,
+        pretrained_model_name_or_path=str(source.directory), device_map={"": device}, dtype=run.dtype,
+        dtype_plan=run.dtype_plan, weight_mapping=run.mapping,
     )
     with _quiet_transformers():
-        info, _ = convert_and_load(model=model, state_dict=source.slices(keys), load_config=load_config)
+        info, _ = convert_and_load_state_dict_in_model(model=model, state_dict=source.slices(keys), load_config=load_config)
     if info.conversion_errors:
         raise RuntimeError(f"{source.directory}: converting {unit}'s tensors failed: {info.conversion_errors}")
     if info.mismatched_keys:
@@ -520,7 +535,7 @@ def _quantize_unit(model, unit, keys, source, config, milo_config, aliases, unit
     floats = {n: t for n, t in unit_state.items() if isinstance(t, nn.Parameter) and t.ndim in (2, 3)}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(_seed_for(unit))
-        quantize_(model, config, filter_fn=lambda m, fqn="": in_unit(fqn) and base_filter(m, fqn), progress=progress)
+        quantize_(model, config, filter_fn=lambda m, fqn="": in_unit(fqn) and run.base_filter(m, fqn), progress=run.progress)
 
     unit_state = {n: t for n, t in model.state_dict(keep_vars=True).items() if in_unit(n) and n not in aliases}
     stats, other = [], 0
@@ -534,7 +549,7 @@ def _quantize_unit(model, unit, keys, source, config, milo_config, aliases, unit
     manifest = {n: manifest_entry(t, tensor_digest(t)) for n, t in tensors.items()}
     extra = {META_UNIT: unit_meta,
              META_STATS: canonical_json({"weights": [dataclasses.asdict(s) for s in stats], "other_bytes": other})}
-    metadata = shard_metadata(milo_config, params, manifest, aliases, extra)
+    metadata = shard_metadata(run.milo_config, params, manifest, aliases, extra)
     tmp = path.parent / f"{TMP_PREFIX}{os.getpid()}-{path.name}"
     try:
         write_safetensors(tmp, tensors, metadata)
