@@ -275,3 +275,14 @@ def test_plain_torch_module_round_trip(tmp_path, gen):
         # and the loaded weights compute what their dequantized float weights say
         ref = torch.nn.functional.linear(x, model[0].weight.dequantize(), model[0].bias)
         torch.testing.assert_close(torch.nn.functional.linear(x, loaded[0].weight, loaded[0].bias), ref)
+
+
+def test_corrupt_config_json_is_a_checkpoint_error(models, tmp_path):
+    model, _ = models["mixtral-hqq"]
+    save_quantized(model, tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "mixtral", "hidden_size": ')
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_quantized(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mixtral", "hidden_size": 128}))
+    with pytest.raises(CheckpointError, match="model.safetensors"):  # a config that does not fit the tensors
+        load_quantized(tmp_path)
