@@ -137,8 +137,13 @@ def main():
                 model = to_milo(model, device)
             elif meth == "ao-int4":
                 model = to_ao_int4(model)
-            nbytes = sum(t.nbytes if not hasattr(t, "qdata") else sum(
-                getattr(t, a).nbytes for a in ("qdata", "scales", "zeros", "ut", "v")) for t in model.parameters())
+            def _bytes(t):
+                if hasattr(t, "__tensor_flatten__"):  # tensor subclasses: their inner tensors
+                    names, _ = t.__tensor_flatten__()
+                    return sum(_bytes(getattr(t, n)) for n in names if getattr(t, n, None) is not None)
+                return t.nbytes
+
+            nbytes = sum(_bytes(t) for t in model.parameters())
             for b in [int(v) for v in args.batch.split(",")]:
                 tps, ms, tw = decode_tps(model, b, args.prompt, args.steps, args.warm, device, compile_)
                 rows.append((meth, b, tps, ms, nbytes / 2**30, tw))

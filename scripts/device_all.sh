@@ -55,13 +55,13 @@ if has compress; then
 fi
 if has moe; then
   echo "== bench_moe [$(el)s]"
-  timeout ${MOE_TIMEOUT:-200} python3 benchmarks/bench_moe.py --out "$OUT/bench_moe.md" ${MOE_ARGS:-} > "$OUT/bench_moe.log" 2>&1
-  log "bench_moe rc=$?"; tail -40 "$OUT/bench_moe.log"
+  timeout ${MOE_TIMEOUT:-200} python3 benchmarks/bench_moe.py --out "$OUT/bench_moe.md" ${MOE_ARGS:-} > /tmp/bench_moe.log 2>&1
+  log "bench_moe rc=$?"; tail -25 /tmp/bench_moe.log
 fi
 if has decode; then
   echo "== bench_decode [$(el)s]"
-  timeout ${DECODE_TIMEOUT:-150} python3 benchmarks/bench_decode.py --out "$OUT/bench_decode.md" ${DECODE_ARGS:-} > "$OUT/bench_decode.log" 2>&1
-  log "bench_decode rc=$?"; tail -15 "$OUT/bench_decode.log"
+  timeout ${DECODE_TIMEOUT:-150} python3 benchmarks/bench_decode.py --out "$OUT/bench_decode.md" ${DECODE_ARGS:-} > /tmp/bench_decode.log 2>&1
+  log "bench_decode rc=$?"; tail -12 /tmp/bench_decode.log
 fi
 if has kbench; then
   echo "== bench_kernel [$(el)s]"

@@ -180,6 +180,8 @@ struct Int3GemmParams {
   // ut_estride (elements).
   const int4* tiles;
   long long q_estride, s_estride, ut_estride;
+  int t_splits;                 // t = sum of t_splits partials [t_splits, p.M, R] (1 for the dense op)
+  long long t_split_stride;     // p.M * R
 };
 
 template <typename T, int MT_, int NT_, int WN_, int G_, int STAGES_, int MINB_ = 1>
@@ -636,13 +638,17 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MINB) int3_gemm_kernel(cons
               float v0 = 0.f, v1 = 0.f;
               if (m < M) {
                 const float* tp = p.t + static_cast<size_t>(m) * R + r;
-                if (r + 1 < R && ((reinterpret_cast<uintptr_t>(tp) & 7) == 0)) {
-                  const float2 v = *reinterpret_cast<const float2*>(tp);
-                  v0 = v.x;
-                  v1 = v.y;
-                } else {
-                  if (r < R) v0 = tp[0];
-                  if (r + 1 < R) v1 = tp[1];
+                // t may come as t_splits partial sums (grouped op's split-K pre-step), summed here
+                // in a fixed order
+                for (int ts = 0; ts < p.t_splits; ++ts, tp += p.t_split_stride) {
+                  if (r + 1 < R && ((reinterpret_cast<uintptr_t>(tp) & 7) == 0)) {
+                    const float2 v = *reinterpret_cast<const float2*>(tp);
+                    v0 += v.x;
+                    v1 += v.y;
+                  } else {
+                    if (r < R) v0 += tp[0];
+                    if (r + 1 < R) v1 += tp[1];
+                  }
                 }
               }
               const T h0 = from_float<T>(v0), h1 = from_float<T>(v1);

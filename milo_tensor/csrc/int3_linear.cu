@@ -384,6 +384,8 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   p.stages_per_split = sps;
   p.tiles = nullptr;
   p.q_estride = p.s_estride = p.ut_estride = 0;
+  p.t_splits = 1;
+  p.t_split_stride = 0;
   launch_int3_gemm(xt == at::kHalf ? 0 : 1, cfg, G, p, n_tiles, m_blocks, stream);
   return y.reshape(out_shape);
 }
@@ -438,59 +440,69 @@ __global__ void grouped_tiles_kernel(const OffT* __restrict__ offsets, int E, in
   for (long long i = tid; i < nz; i += blockDim.x) yt[i] = zero;
 }
 
-// t[m, r] = x[m, :] . v[e(m), r, :] in fp32 for the rows of every tile; grid (n_slots, ceil(R / 64)),
-// 256 threads, a 64 x 64 output tile per block (4 x 4 per thread), k steps of 32 through shared memory.
-template <typename T>
+// Partial low-rank products t_part[z][m, r] = sum over k in split z of x[m, k] * v[e(m), r, k], fp32,
+// for the rows of every tile; grid (n_slots, ceil(R / 64), k_splits), 256 threads, a TM x 64 output
+// tile per block (TM / 16 x 4 per thread), k steps of 32 through shared memory. Split-K keeps the
+// grid wide at decode (few tiles, long K); the GEMM sums the k_splits partials in a fixed order.
+template <typename T, int TM>
 __global__ void __launch_bounds__(256) grouped_lowrank_kernel(const T* __restrict__ x, const T* __restrict__ v,
                                                              const int4* __restrict__ tiles, float* __restrict__ t,
-                                                             int K, int R, long long v_estride) {
+                                                             int K, int R, long long v_estride, int k_chunk,
+                                                             long long split_stride) {
   const int4 tl = tiles[blockIdx.x];
   if (tl.x < 0) return;
   const int m0 = tl.y, m_end = tl.z, r0 = blockIdx.y * 64;
+  const int k_begin = blockIdx.z * k_chunk, k_stop = min(K, k_begin + k_chunk);
   const T* ve = v + tl.x * v_estride;
-  __shared__ float xs[32][65];
+  __shared__ float xs[32][TM + 1];
   __shared__ float vs[32][65];
   const int tid = threadIdx.x;
   const int tx = tid & 15, ty = tid >> 4;  // r = r0 + tx + 16 i, m = m0 + ty + 16 j
-  float acc[4][4];
+  constexpr int TJ = TM / 16;
+  float acc[TJ][4];
 #pragma unroll
-  for (int j = 0; j < 4; ++j)
+  for (int j = 0; j < TJ; ++j)
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[j][i] = 0.f;
-  for (int k0 = 0; k0 < K; k0 += 32) {
-    // 64 rows x 32 k of x and of v: 2048 elements each, 8 per thread
+  for (int k0 = k_begin; k0 < k_stop; k0 += 32) {
 #pragma unroll
-    for (int u = 0; u < 8; ++u) {
+    for (int u = 0; u < TJ * 2; ++u) {  // TM rows x 32 k of x
       const int idx = tid + u * 256;
       const int row = idx >> 5, kk = idx & 31;
-      const int k = k0 + kk;
-      const int m = m0 + row, r = r0 + row;
-      xs[kk][row] = (m < m_end && k < K) ? to_float(x[static_cast<long long>(m) * K + k]) : 0.f;
-      vs[kk][row] = (r < R && k < K) ? to_float(ve[static_cast<long long>(r) * K + k]) : 0.f;
+      const int k = k0 + kk, m = m0 + row;
+      xs[kk][row] = (m < m_end && k < k_stop) ? to_float(x[static_cast<long long>(m) * K + k]) : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {  // 64 ranks x 32 k of v
+      const int idx = tid + u * 256;
+      const int row = idx >> 5, kk = idx & 31;
+      const int k = k0 + kk, r = r0 + row;
+      vs[kk][row] = (r < R && k < k_stop) ? to_float(ve[static_cast<long long>(r) * K + k]) : 0.f;
     }
     __syncthreads();
 #pragma unroll 8
     for (int kk = 0; kk < 32; ++kk) {
-      float a[4], b[4];
+      float a[TJ], b[4];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) a[j] = xs[kk][ty + 16 * j];
+      for (int j = 0; j < TJ; ++j) a[j] = xs[kk][ty + 16 * j];
 #pragma unroll
       for (int i = 0; i < 4; ++i) b[i] = vs[kk][tx + 16 * i];
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
+      for (int j = 0; j < TJ; ++j)
 #pragma unroll
         for (int i = 0; i < 4; ++i) acc[j][i] = fmaf(a[j], b[i], acc[j][i]);
     }
     __syncthreads();
   }
+  float* tz = t + blockIdx.z * split_stride;
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
+  for (int j = 0; j < TJ; ++j) {
     const int m = m0 + ty + 16 * j;
     if (m >= m_end) continue;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int r = r0 + tx + 16 * i;
-      if (r < R) t[static_cast<long long>(m) * R + r] = acc[j][i];
+      if (r < R) tz[static_cast<long long>(m) * R + r] = acc[j][i];
     }
   }
 }
@@ -574,7 +586,17 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
 
   const int64_t part_floats = splits > 1 ? static_cast<int64_t>(splits) * rows64 * N64 : 0;
   const int64_t n_counters = splits > 1 ? static_cast<int64_t>(n_slots) * n_tiles : 0;
-  const int64_t t_floats = R > 0 ? rows64 * R : 0;
+  // split-K of the low-rank pre-step: about 2 blocks per SM over the (at most n_slots) row tiles,
+  // each split at least 128 wide, at most 32 splits
+  const int r_chunks64 = (R + 63) / 64;
+  int t_splits = 1;
+  if (R > 0) {
+    const int want = (2 * dinfo.sms + est * r_chunks64 - 1) / (est * r_chunks64);
+    t_splits = std::max(1, std::min({want, 32, K / 128}));
+  }
+  const int k_chunk = ((K + t_splits - 1) / t_splits + 31) / 32 * 32;
+  t_splits = (K + k_chunk - 1) / k_chunk;
+  const int64_t t_floats = R > 0 ? static_cast<int64_t>(t_splits) * rows64 * R : 0;
   const int64_t tile_ints = 4LL * n_slots;
   // one scratch allocation: [tiles (int4) | t (fp32) | partials (fp32) | counters (int)]
   at::Tensor ws = at::empty({tile_ints + t_floats + part_floats + n_counters}, x.options().dtype(at::kFloat));
@@ -607,15 +629,18 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   if (R > 0) {
     uta = aligned_contig(ut, 16);
     va = v.contiguous();
-    const dim3 grid(n_slots, (R + 63) / 64);
-    if (xt == at::kHalf)
-      grouped_lowrank_kernel<half><<<grid, 256, 0, stream>>>(reinterpret_cast<const half*>(xa.data_ptr()),
-                                                             reinterpret_cast<const half*>(va.data_ptr()), tiles,
-                                                             tbuf, K, R, static_cast<long long>(R) * K);
-    else
-      grouped_lowrank_kernel<__nv_bfloat16><<<grid, 256, 0, stream>>>(
-          reinterpret_cast<const __nv_bfloat16*>(xa.data_ptr()), reinterpret_cast<const __nv_bfloat16*>(va.data_ptr()),
-          tiles, tbuf, K, R, static_cast<long long>(R) * K);
+    const dim3 grid(n_slots, r_chunks64, t_splits);
+    const long long vs_ = static_cast<long long>(R) * K, ss_ = rows64 * R;
+#define MILO_LR_LAUNCH(TT, TM)                                                                              \
+  grouped_lowrank_kernel<TT, TM><<<grid, 256, 0, stream>>>(reinterpret_cast<const TT*>(xa.data_ptr()),     \
+                                                           reinterpret_cast<const TT*>(va.data_ptr()), tiles, \
+                                                           tbuf, K, R, vs_, k_chunk, ss_)
+    if (xt == at::kHalf) {
+      if (bm <= 16) MILO_LR_LAUNCH(half, 16); else MILO_LR_LAUNCH(half, 64);
+    } else {
+      if (bm <= 16) MILO_LR_LAUNCH(__nv_bfloat16, 16); else MILO_LR_LAUNCH(__nv_bfloat16, 64);
+    }
+#undef MILO_LR_LAUNCH
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
@@ -640,6 +665,8 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   p.q_estride = N64 * (K64 / 32 * 3);
   p.s_estride = N64 * groups;
   p.ut_estride = static_cast<long long>(R) * N64;
+  p.t_splits = t_splits;
+  p.t_split_stride = rows64 * R;
   launch_int3_gemm(xt == at::kHalf ? 0 : 1, cfg, G, p, n_tiles, n_slots, stream);
   return y;
 }
