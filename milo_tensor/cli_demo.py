@@ -8,83 +8,41 @@ each method at 3 bits and prints one table, so the MiLo claim -- compensators wi
 from __future__ import annotations
 
 import argparse
-import copy
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from milo_tensor.config import milo_int3, quantize_
-from milo_tensor.data import corpus_text, encode, perplexity
-from milo_tensor.tensor import MiLoInt3Tensor
+from milo_tensor.data import encode, heldout_snapshot, perplexity
+from milo_tensor.evaluation import Method, evaluate, load_float_model, markdown_table, milo_method
 
 TINY_MOE = Path(__file__).parent / "assets" / "tiny_moe"
 
 
-@dataclass
-class Method:
-    name: str
-    config_kwargs: dict
-
-
 def demo_methods() -> list[Method]:
+    """3-bit group-64 methods. The compensators are stored in int3 (group 64): on the tiny model's
+    256-wide weights a bf16 rank-r compensator costs 16·2r/256 bits per weight (r=32: 4 bits),
+    while int3 keeps the whole model near 4 bits; benchmarks/accuracy.py compares the storages."""
     from milo_tensor.quant.rank import ConstantRank, DenseSparseRank, EnergyRank, KurtosisRank
 
     return [
-        Method("RTN", dict(rank_fn=ConstantRank(0), quantizer="rtn", iters=0)),
-        Method("HQQ", dict(rank_fn=ConstantRank(0), quantizer="hqq", iters=0)),
-        Method("MiLo constant r=16", dict(rank_fn=ConstantRank(16))),
-        Method("MiLo dense/sparse 64/16", dict(rank_fn=DenseSparseRank(dense_rank=64, sparse_rank=16))),
-        Method("MiLo kurtosis mean 16", dict(rank_fn=KurtosisRank(mean_rank=16, dense_rank=64))),
-        Method("MiLo energy 0.3", dict(rank_fn=EnergyRank(fraction=0.3, max_rank=64))),
-        Method("MiLo dense/sparse int3 comp.", dict(rank_fn=DenseSparseRank(dense_rank=64, sparse_rank=16), compensator_bits=3)),
+        milo_method("RTN-3", rank_fn=ConstantRank(0), quantizer="rtn", iters=0),
+        milo_method("HQQ-3", rank_fn=ConstantRank(0), iters=0),
+        milo_method("MiLo-3 constant r=32", rank_fn=ConstantRank(32), compensator_bits=3),
+        milo_method("MiLo-3 dense/sparse 64/16", rank_fn=DenseSparseRank(dense_rank=64, sparse_rank=16),
+                    compensator_bits=3),
+        milo_method("MiLo-3 kurtosis mean 32", rank_fn=KurtosisRank(mean_rank=32, dense_rank=64), compensator_bits=3),
+        milo_method("MiLo-3 energy 0.3", rank_fn=EnergyRank(fraction=0.3, max_rank=64), compensator_bits=3),
     ]
-
-
-def load_float_model(path: Path) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
-def weight_stats(float_model: nn.Module, model: nn.Module) -> tuple[float, int, int]:
-    """(mean relative weight error, bytes of the quantized weights, bytes they replaced)."""
-    floats = dict(float_model.named_parameters())
-    errors, qbytes, fbytes = [], 0, 0
-    for name, p in model.named_parameters():
-        if isinstance(p, MiLoInt3Tensor):
-            ref = floats[name].detach().float()
-            errors.append(float((p.dequantize(torch.float32) - ref).norm() / ref.norm()))
-            qbytes += p.payload_nbytes()
-            fbytes += ref.numel() * 2  # against bf16/fp16 storage
-    return sum(errors) / max(len(errors), 1), qbytes, fbytes
-
-
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
 def run_demo(model_dir: Path, max_tokens: int, methods: list[Method] | None = None) -> str:
     torch.manual_seed(0)
-    float_model = load_float_model(model_dir)
-    ids = encode(corpus_text("heldout"))
-    base_ppl = perplexity(float_model, ids, max_tokens=max_tokens)
-    header = ["method", "held-out ppl", "mean weight rel. err", "weight bytes (vs 16-bit)", "quantize s"]
-    rows = [["float32 (reference)", f"{base_ppl:.3f}", "0", "100%", "-"]]
-    for method in methods or demo_methods():
-        model = copy.deepcopy(float_model)
-        start = time.perf_counter()
-        quantize_(model, milo_int3(**method.config_kwargs), progress=False)
-        seconds = time.perf_counter() - start
-        err, qbytes, fbytes = weight_stats(float_model, model)
-        ppl = perplexity(model, ids, max_tokens=max_tokens)
-        rows.append([method.name, f"{ppl:.3f}", f"{err:.4f}", f"{qbytes / fbytes:.1%}", f"{seconds:.1f}"])
-        print(f"  {method.name}: ppl {ppl:.3f}", flush=True)
-    return _table(rows, header)
+    ids = encode(heldout_snapshot())
+    results = evaluate(
+        load_float_model(model_dir), ids, methods or demo_methods(), max_tokens=max_tokens,
+        on_result=lambda r: print(f"  {r.name}: ppl {r.perplexity:.3f}", flush=True),
+    )
+    return markdown_table(results)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -116,7 +74,7 @@ def _eval(args: argparse.Namespace) -> int:
 def add_commands(subparsers) -> None:
     demo = subparsers.add_parser("demo", help="quantize the shipped tiny MoE with RTN, HQQ and MiLo; print a table")
     demo.add_argument("--model", default=str(TINY_MOE), help="float transformers model folder (default: the shipped tiny MoE)")
-    demo.add_argument("--max-tokens", type=int, default=32768, help="held-out bytes to score")
+    demo.add_argument("--max-tokens", type=int, default=16384, help="held-out bytes to score")
     demo.set_defaults(func=_demo)
 
     ev = subparsers.add_parser("eval", help="perplexity of a model folder (float or MiLo checkpoint) on a text file")

@@ -27,7 +27,7 @@ from milo_tensor.integrations.experts import check_supported_experts, expert_par
 from milo_tensor.quant.rank import DenseSparseRank, WeightInfo, assign_ranks, get_rank_policy
 from milo_tensor.tensor import MiLoInt3Tensor
 
-__all__ = ["MiLoInt3Config", "milo_int3", "quantize_", "is_milo_target", "DEFAULT_SKIP"]
+__all__ = ["MiLoInt3Config", "milo_int3", "quantize_", "is_milo_target", "milo_target_weights", "DEFAULT_SKIP"]
 
 # Linear layers left in float by default: the output head and routers that are plain Linear.
 DEFAULT_SKIP = (r"(^|\.)lm_head$", r"(^|\.)shared_experts?_gate$", r"(^|\.)router$", r"(^|\.)gate$")
@@ -141,6 +141,17 @@ def _targets(model: nn.Module, filter_fn, prefix: str = "") -> Iterator[nn.Modul
         return
     for name, child in model.named_children():
         yield from _targets(child, filter_fn, f"{prefix}.{name}" if prefix else name)
+
+
+def milo_target_weights(model: nn.Module, skip: tuple[str, ...] = DEFAULT_SKIP) -> list[str]:
+    """Fully-qualified names of the parameters ``quantize_`` would replace, so baselines that
+    are not MiLo (e.g. a 4-bit fake quantization) can touch exactly the same weights."""
+    names = []
+    for module in _targets(model, make_filter(skip)):
+        fqn = _MODULE_FQNS[module]
+        local = ["weight"] if isinstance(module, nn.Linear) else expert_param_names(module)
+        names += [f"{fqn}.{n}" if fqn else n for n in local]
+    return names
 
 
 def _weights_in(module: nn.Module) -> int:

@@ -153,7 +153,8 @@ def test_lowrank_svd_is_close_to_exact(gen):
 
 
 def test_auto_svd_choice():
-    assert choose_svd(128, 256, 16) == "exact"  # small: exact is cheap
+    assert choose_svd(64, 256, 4) == "exact"  # tiny: exact is cheap
+    assert choose_svd(256, 256, 8) == "lowrank"
     assert choose_svd(14336, 4096, 32) == "lowrank"  # r << min(N, K)
     assert choose_svd(4096, 4096, 512) == "lowrank"
     assert choose_svd(2048, 2048, 480) == "exact"  # r large relative to the shape

