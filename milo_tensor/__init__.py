@@ -5,7 +5,7 @@
 """
 
 from milo_tensor import ops as _ops  # noqa: F401  (registers the milo:: ops)
-from milo_tensor.config import DEFAULT_SKIP, MiLoInt3Config, is_milo_target, milo_int3, quantize_
+from milo_tensor.config import DEFAULT_SKIP, MiLoInt3Config, is_milo_target, milo_int3, milo_target_weights, quantize_
 from milo_tensor.quant.rank import (
     ConstantRank,
     DenseSparseRank,
@@ -26,6 +26,7 @@ __all__ = [
     "milo_int3",
     "quantize_",
     "is_milo_target",
+    "milo_target_weights",
     "DEFAULT_SKIP",
     "ConstantRank",
     "DenseSparseRank",

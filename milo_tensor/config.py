@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import re
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -191,7 +192,12 @@ def quantize_(
     skip = config.skip if isinstance(config, MiLoInt3Config) else DEFAULT_SKIP
     filter_fn = filter_fn or make_filter(skip)
     total = sum(_weights_in(m) for m in _targets(model, filter_fn))
-    with _progress(total, progress):
+    if total == 0:
+        warnings.warn(
+            "milo_tensor.quantize_: no weight to quantize (the model is already quantized, or it has no "
+            "nn.Linear / experts module outside config.skip)", stacklevel=2,
+        )
+    with _progress(total, progress and total > 0):
         torchao_quantize_(model, config, filter_fn=filter_fn, device=device)
 
 

@@ -162,17 +162,32 @@ def test_random_shapes(M, N, K, R, g, dtype, bias, i):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("M", [1, 16, 17, 64, 100, 300])
-@pytest.mark.parametrize("path", ["fused", "general"])
-def test_both_paths(monkeypatch, dtype, M, path):
+@pytest.mark.parametrize("path", ["gemv", "fused", "general"])
+def test_every_path(monkeypatch, dtype, M, path):
+    """The CUDA-core decode kernel (any M: blocks of 4 rows), the tensor-core kernel, dequant + cuBLAS."""
+    monkeypatch.setenv("MILO_INT3_GEMV_MAX_M", "4096" if path == "gemv" else "0")
     monkeypatch.setenv("MILO_INT3_FUSED_MAX_M", "4096" if path == "fused" else "0")
     gen = torch.Generator(device="cuda").manual_seed(M)
     check(make_inputs(M, 1408, 2048, 32, 64, dtype, bias=True, gen=gen))
+
+
+@pytest.mark.parametrize("g", [32, 64, 128])
+@pytest.mark.parametrize("M", [1, 2, 3, 4])
+def test_gemv_offset_activations_and_odd_shapes(g, M):
+    """x with a large common offset (sum x per group far from 0: the kernel's 8*acc - (8+z)*sum(x)
+    must not cancel away the result), N not a multiple of 16, K with a partial 4096 pass."""
+    gen = torch.Generator(device="cuda").manual_seed(g * 10 + M)
+    for N, K in [(100, 4096 + 640), (36, 384), (1000, 14336)]:
+        args = list(make_inputs(M, N, K, 24, g, torch.bfloat16, bias=True, gen=gen))
+        args[0] = (args[0].float() + 4.0).to(args[0].dtype)
+        check(tuple(args))
 
 
 @pytest.mark.parametrize("splits", [1, 2, 3, 7, 16, 64])
 @pytest.mark.parametrize("M", [1, 24, 64])
 def test_forced_splits(monkeypatch, splits, M):
     monkeypatch.setenv("MILO_INT3_SPLITS", str(splits))
+    monkeypatch.setenv("MILO_INT3_GEMV_MAX_M", "0")  # split-K is the tensor-core kernel's
     gen = torch.Generator(device="cuda").manual_seed(splits * 100 + M)
     check(make_inputs(M, 768, 2048, 100, 64, torch.float16, bias=True, gen=gen))
 

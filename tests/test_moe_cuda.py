@@ -165,6 +165,22 @@ def test_grouped_tile_configs(monkeypatch, cfg, splits):
     check(x, counts, routing_offsets(counts, rows), experts, 64)
 
 
+@pytest.mark.parametrize("gemv_rows", ["0", "1000"])
+@pytest.mark.parametrize("rows,g,dtype", [(2, 128, torch.float16), (5, 64, torch.bfloat16), (9, 32, torch.float16),
+                                          (150, 64, torch.bfloat16)])
+def test_grouped_gemv_and_mma_paths(monkeypatch, gemv_rows, rows, g, dtype):
+    """The CUDA-core decode kernel (tiles of <= 2 rows) forced on or off, for decode and prefill
+    routings, K = 4096 + 1024 (one full and one partial 4096-wide pass), x offset from zero."""
+    monkeypatch.setenv("MILO_INT3_GROUPED_GEMV_MAX_ROWS", gemv_rows)
+    rnd = random.Random(rows)
+    gen = torch.Generator(device="cuda").manual_seed(rows + int(gemv_rows))
+    E, N, K = 8, 1000, 4096 + 1024
+    experts = make_experts(E, N - 8 * (rows % 2), K, [32, 0, 16, 32, 8, 32, 0, 4], g, dtype, gen)
+    counts = random_counts(rnd, E, rows, "uniform")
+    x = (torch.randn(rows, K, device="cuda", generator=gen) + 2.0).to(dtype)
+    check(x, counts, routing_offsets(counts, rows), experts, g)
+
+
 def test_grouped_all_empty():
     gen = torch.Generator(device="cuda").manual_seed(3)
     experts = make_experts(4, 256, 256, [8] * 4, 64, torch.float16, gen)
@@ -354,6 +370,7 @@ def _sanitize_main():
         (16, 256, 768, 100, 8, 32, torch.float16, "sparse", "4", "2"),
         (4, 384, 512, 64, 0, 128, torch.bfloat16, "one_expert", "1", "0"),
         (64, 128, 256, 20, 16, 64, torch.float16, "uniform", "0", "5"),
+        (8, 512, 4096, 3, 16, 64, torch.bfloat16, "uniform", "0", "0"),  # the CUDA-core decode kernel
     ]
     for n, (E, N, K, rows, R, g, dt, kind, cfg, splits) in enumerate(cases):
         os.environ["MILO_INT3_GROUPED_CFG"] = cfg

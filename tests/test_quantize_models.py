@@ -131,3 +131,23 @@ def test_transposed_biased_experts_are_refused():
 def test_package_exports():
     for name in ("milo_int3", "MiLoInt3Config", "MiLoInt3Tensor", "quantize_", "ConstantRank", "KurtosisRank"):
         assert hasattr(milo_tensor, name)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
+def test_milo_target_weights_names_what_quantize_replaces(family):
+    model = tiny_moe(family)
+    targets = milo_tensor.milo_target_weights(model)
+    quantize_(model, milo_int3(0, iters=0), progress=False)
+    assert sorted(targets) == sorted(n for n, p in model.named_parameters() if isinstance(p, MiLoInt3Tensor))
+    assert milo_tensor.milo_target_weights(model) == []  # nothing left to quantize
+
+
+def test_requantizing_warns_and_changes_nothing(gen):
+    model = tiny_moe("mixtral")
+    quantize_(model, milo_int3(4, **FAST), progress=False)
+    ids = torch.randint(3, 256, (1, 8), generator=gen)
+    before = _logits(model, ids)
+    with pytest.warns(UserWarning, match="no weight to quantize"):
+        quantize_(model, milo_int3(8, **FAST), progress=True)
+    assert torch.equal(_logits(model, ids), before)
+    assert all(p.ranks == (4,) * len(p.ranks) for p in model.parameters() if isinstance(p, MiLoInt3Tensor))

@@ -4,6 +4,8 @@
 //               int group_size, Tensor? bias=None) -> Tensor
 //
 // Paths:
+//  * decode: fp16/bf16, K % 128 == 0, group in {32, 64, 128}, M <= 2 -> t = x @ v^T (cuBLAS) +
+//    int3_gemv_kernel (int3_gemv.cu: CUDA-core dequant and dot products, low-rank fused).
 //  * fused: fp16/bf16, K % 128 == 0, N % 8 == 0, group in {32, 64, 128}, M <= fused_max_m
 //    -> t = x @ v^T (fp32, cuBLAS) + int3_gemm_kernel (dequant fused, low-rank fused, split-K).
 //  * everything else (large M, other shapes, float32, other group sizes): dequantize into a
@@ -316,7 +318,10 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   const DevInfo dinfo = dev_info();
   const bool fused = dtype_ok && dinfo.major >= 8 && K % kInt3BK == 0 && N % 8 == 0 &&
                      (G == 32 || G == 64 || G == 128) && M64 <= fused_max_m && M64 < (1LL << 24);
-  if (!fused) {
+  // decode: CUDA-core kernel (int3_gemv.cu) for a few rows; MILO_INT3_GEMV_MAX_M=0 turns it off
+  const bool use_gemv = dtype_ok && K % 128 == 0 && (G == 32 || G == 64 || G == 128) &&
+                        M64 <= env_int("MILO_INT3_GEMV_MAX_M", 2);
+  if (!fused && !use_gemv) {
     return int3_linear_general(x2d, q, scales, zeros, ut, v, G, bias, N, K, R).reshape(out_shape);
   }
 
@@ -334,6 +339,27 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   }
   at::Tensor ba;
   if (bias.has_value()) ba = bias->reshape({N64}).contiguous();
+
+  if (use_gemv) {
+    at::Tensor y = at::empty({M64, N64}, x.options());
+    Int3GemmParams p{};
+    p.x = xa.data_ptr();
+    p.q = qa.data_ptr<int32_t>();
+    p.scales = sa.data_ptr();
+    p.zeros = za.data_ptr();
+    p.t = R > 0 ? tt.data_ptr<float>() : nullptr;
+    p.ut = R > 0 ? uta.data_ptr() : nullptr;
+    p.bias = bias.has_value() ? ba.data_ptr() : nullptr;
+    p.y = y.data_ptr();
+    p.M = M;
+    p.N = N;
+    p.K = K;
+    p.R = R;
+    p.t_splits = 1;
+    const int row_blocks = (M + kInt3GemvMaxRows - 1) / kInt3GemvMaxRows;
+    launch_int3_gemv(xt == at::kHalf ? 0 : 1, G, p, row_blocks, std::min(M, kInt3GemvMaxRows), stream);
+    return y.reshape(out_shape);
+  }
 
   int cfg = M <= 16 ? 1 : (M <= 32 ? 2 : 4);
   if (cfg == 4 && env_int("MILO_INT3_MT_MAX", 4) == 2) cfg = 2;  // experiment: two 32-row blocks
@@ -568,7 +594,14 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   int cfg = mean_rows <= 16 ? 1 : (mean_rows <= 32 ? 2 : 4);
   const int forced = env_int("MILO_INT3_GROUPED_CFG", 0);
   if (forced == 1 || forced == 2 || forced == 4) cfg = forced;
-  const int bm = int3_cfg_bm(cfg), bn = int3_cfg_bn(cfg, G);
+  // decode (about one row per busy expert, K >= 4096): the CUDA-core kernel on tiles of at most 2
+  // rows. Measured on an H100 (bench_moe.py): Mixtral-shaped M=1 274 us vs 292 with the mma tiles, but
+  // at 2+ rows per expert the re-read weights, and at K < 4096 the idle lanes (a warp spans 4096 k),
+  // make it slower (Qwen3-shaped M=8: 444 vs 273 us).
+  const bool use_gemv = forced == 0 && K % 128 == 0 &&
+                        (K >= 4096 || env_int("MILO_INT3_GROUPED_GEMV_MAX_ROWS", 0) > 0) &&
+                        mean_rows <= env_int("MILO_INT3_GROUPED_GEMV_MAX_ROWS", 1);
+  const int bm = use_gemv ? 2 : int3_cfg_bm(cfg), bn = int3_cfg_bn(cfg, G);
   const int n_slots = (rows + bm - 1) / bm + busy;
   TORCH_CHECK(n_slots < 65536, "int3_grouped_linear: too many row tiles");
   const int n_tiles = (N + bn - 1) / bn;
@@ -580,6 +613,7 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   int splits = (target + n_tiles * est - 1) / (n_tiles * est);
   const int forced_splits = env_int("MILO_INT3_SPLITS", 0);
   if (forced_splits > 0) splits = forced_splits;
+  if (use_gemv) splits = 1;
   splits = std::max(1, std::min(splits, total_stages));
   const int sps = (total_stages + splits - 1) / splits;
   splits = (total_stages + sps - 1) / sps;
@@ -667,7 +701,11 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   p.ut_estride = static_cast<long long>(R) * N64;
   p.t_splits = t_splits;
   p.t_split_stride = rows64 * R;
-  launch_int3_gemm(xt == at::kHalf ? 0 : 1, cfg, G, p, n_tiles, n_slots, stream);
+  if (use_gemv) {
+    launch_int3_gemv(xt == at::kHalf ? 0 : 1, G, p, n_slots, bm, stream);
+  } else {
+    launch_int3_gemm(xt == at::kHalf ? 0 : 1, cfg, G, p, n_tiles, n_slots, stream);
+  }
   return y;
 }
 
