@@ -310,6 +310,32 @@ def sweep(args):
         del states
 
 
+def paths(args):
+    """Which kernel serves small M best: the decode kernel (int3_gemv.cu) vs the tensor-core GEMM
+    kernel, per shape, M and R (sets the MILO_INT3_GEMV_MAX_M default)."""
+    pack_int3, ok, status = _setup_milo()
+    print(status, flush=True)
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s]
+    ms = [int(m) for m in args.ms.split(",") if m]
+    print("\n| N x K | R | M | decode kernel us | tensor-core us |")
+    print("|---|---|---|---|---|")
+    for N, K in shapes:
+        for R in (0, 32):
+            build, call, nbytes, xdt = m_milo(R, pack_int3)
+            states = [build(N, K, i) for i in range(_n_copies(nbytes(N, K), l2))]
+            for M in ms:
+                x = torch.randn(M, K, device="cuda").to(xdt)
+                row = []
+                for gemv in ("4096", "0"):
+                    os.environ["MILO_INT3_GEMV_MAX_M"] = gemv
+                    calls = [(lambda st=st: call(st, x)) for st in states]
+                    row.append(f"{time_graph(calls, replays=10):.1f}")
+                print(f"| {N}x{K} | {R} | {M} | " + " | ".join(row) + " |", flush=True)
+            os.environ.pop("MILO_INT3_GEMV_MAX_M", None)
+            del states
+
+
 def _unpack(q):
     try:
         from milo_tensor.quant.packing import unpack_int3
@@ -335,7 +361,10 @@ def main():
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new shapes after this")
     ap.add_argument("--profile", default="", help="NxKxMxR,...: call milo twice per case (for ncu), no timing")
     ap.add_argument("--sweep", action="store_true", help="time milo R=0 over MILO_INT3_CTAS_PER_SM values")
+    ap.add_argument("--paths", action="store_true", help="decode kernel vs tensor-core kernel per shape and M")
     args = ap.parse_args()
+    if args.paths:
+        return paths(args)
     if args.profile:
         return profile_cases(args.profile)
     if args.sweep:

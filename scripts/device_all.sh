@@ -4,7 +4,8 @@
 #   STEPS="test sanitize compress kbench" bash scripts/device_all.sh
 # steps: test (tests/test_cuda_kernel.py + tests/test_moe_cuda.py), sanitize (compute-sanitizer
 # memcheck of both ops), compress (benchmarks/compress.py, full), kbench (benchmarks/bench_kernel.py),
-# moe (benchmarks/bench_moe.py), decode (benchmarks/bench_decode.py), ptxas (resource report).
+# moe (benchmarks/bench_moe.py), decode (benchmarks/bench_decode.py), paths (decode kernel vs
+# tensor-core kernel at small M: bench_kernel.py --paths).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/milo_out}
@@ -62,6 +63,12 @@ if has decode; then
   echo "== bench_decode [$(el)s]"
   timeout ${DECODE_TIMEOUT:-150} python3 benchmarks/bench_decode.py --out "$OUT/bench_decode.md" ${DECODE_ARGS:-} > /tmp/bench_decode.log 2>&1
   log "bench_decode rc=$?"; tail -12 /tmp/bench_decode.log
+fi
+if has paths; then
+  echo "== paths [$(el)s]"
+  timeout ${PATHS_TIMEOUT:-150} python3 benchmarks/bench_kernel.py --paths --ms ${PATHS_MS:-1,2,3,4,8,16} \
+    > "$OUT/paths.md" 2>&1
+  log "paths rc=$?"; cat "$OUT/paths.md"
 fi
 if has kbench; then
   echo "== bench_kernel [$(el)s]"

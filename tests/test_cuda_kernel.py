@@ -164,21 +164,23 @@ def test_random_shapes(M, N, K, R, g, dtype, bias, i):
 @pytest.mark.parametrize("M", [1, 16, 17, 64, 100, 300])
 @pytest.mark.parametrize("path", ["gemv", "fused", "general"])
 def test_every_path(monkeypatch, dtype, M, path):
-    """The CUDA-core decode kernel (any M: blocks of 4 rows), the tensor-core kernel, dequant + cuBLAS."""
+    """The decode kernel (any M: blocks of 4 rows), the tensor-core GEMM kernel, dequant + cuBLAS."""
     monkeypatch.setenv("MILO_INT3_GEMV_MAX_M", "4096" if path == "gemv" else "0")
     monkeypatch.setenv("MILO_INT3_FUSED_MAX_M", "4096" if path == "fused" else "0")
     gen = torch.Generator(device="cuda").manual_seed(M)
     check(make_inputs(M, 1408, 2048, 32, 64, dtype, bias=True, gen=gen))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("g", [32, 64, 128])
 @pytest.mark.parametrize("M", [1, 2, 3, 4])
-def test_gemv_offset_activations_and_odd_shapes(g, M):
-    """x with a large common offset (sum x per group far from 0: the kernel's 8*acc - (8+z)*sum(x)
-    must not cancel away the result), N not a multiple of 16, K with a partial 4096 pass."""
+def test_gemv_offset_activations_and_odd_shapes(dtype, g, M):
+    """x with a large common offset (sum x per group far from 0: the decode kernel's
+    s*sum x(magic+q) - s(z+magic)*sum x must not cancel away the result), N not a multiple of 16, K
+    with a partial 512-wide slice and 1, 2, 3, 10 and 28 slices (1 to 8 warps per column tile)."""
     gen = torch.Generator(device="cuda").manual_seed(g * 10 + M)
-    for N, K in [(100, 4096 + 640), (36, 384), (1000, 14336)]:
-        args = list(make_inputs(M, N, K, 24, g, torch.bfloat16, bias=True, gen=gen))
+    for N, K in [(100, 4096 + 640), (36, 384), (1000, 14336), (72, 768), (520, 1408)]:
+        args = list(make_inputs(M, N, K, 24, g, dtype, bias=True, gen=gen))
         args[0] = (args[0].float() + 4.0).to(args[0].dtype)
         check(tuple(args))
 

@@ -169,7 +169,7 @@ def test_grouped_tile_configs(monkeypatch, cfg, splits):
 @pytest.mark.parametrize("rows,g,dtype", [(2, 128, torch.float16), (5, 64, torch.bfloat16), (9, 32, torch.float16),
                                           (150, 64, torch.bfloat16)])
 def test_grouped_gemv_and_mma_paths(monkeypatch, gemv_rows, rows, g, dtype):
-    """The CUDA-core decode kernel (tiles of <= 2 rows) forced on or off, for decode and prefill
+    """The decode kernel (tiles of <= 2 rows) forced on or off, for decode and prefill
     routings, K = 4096 + 1024 (one full and one partial 4096-wide pass), x offset from zero."""
     monkeypatch.setenv("MILO_INT3_GROUPED_GEMV_MAX_ROWS", gemv_rows)
     rnd = random.Random(rows)
@@ -370,7 +370,7 @@ def _sanitize_main():
         (16, 256, 768, 100, 8, 32, torch.float16, "sparse", "4", "2"),
         (4, 384, 512, 64, 0, 128, torch.bfloat16, "one_expert", "1", "0"),
         (64, 128, 256, 20, 16, 64, torch.float16, "uniform", "0", "5"),
-        (8, 512, 4096, 3, 16, 64, torch.bfloat16, "uniform", "0", "0"),  # the CUDA-core decode kernel
+        (8, 512, 4096, 3, 16, 64, torch.bfloat16, "uniform", "0", "0"),  # the decode kernel
     ]
     for n, (E, N, K, rows, R, g, dt, kind, cfg, splits) in enumerate(cases):
         os.environ["MILO_INT3_GROUPED_CFG"] = cfg

@@ -1,20 +1,31 @@
-// Decode path of milo::int3_linear and milo::int3_grouped_linear: at most 4 rows of x per block,
-// the dequantization and the dot products on CUDA cores.
+// Decode path of milo::int3_linear and milo::int3_grouped_linear: at most 4 rows of x per block.
 //
-// Why not the tensor-core kernel: at M <= 4 a 16-row mma tile wastes 15/16 of its work while the
-// unpacking is paid in full, and the kernel stalls on barriers between small k stages (docs/kernel.md).
-// Here each lane streams 128 codes (3 x 16-byte loads) per output row with no barrier in the inner
-// loop, and a code costs 2 shifts + 2 logic ops to become the fp32 number f = 1 + code/8 (its 3 bits
-// put into the mantissa of 1.0) and one FMA per row of x:
+// Why a separate kernel: at M <= 4 the GEMM kernel's 16-row x tile wastes 15/16 of its mma work and
+// stalls on barriers between small k stages (docs/kernel.md). Here the *weight* is the mma's A operand
+// (16 output columns n per warp) and x the B operand, each warp streams its codes straight from global
+// memory into registers (16-byte loads, no shared-memory ring, no barrier in the main loop). A pair of
+// codes (j, j + 8) of one 16-code plane word becomes the half2 / bf162 (1 + code_j / 8, 1 + code_j+8 / 8)
+// exactly, with two shifts and two lop3: the code's bits go to the top of the mantissa of 1.0. (The
+// GEMM kernel's magic 1024 + code would make each lane's 128-k partial sum ~300x larger than the
+// result, too much cancellation for offset activations; 8 + code is ~2x.)
 //
-//     sum_k x_k (q_k - z) s = s (8 sum_k x_k f_k - (8 + z) sum_k x_k)        per group
+// Group purity. A lane of a quad owns 128 consecutive k (three 16-byte words per weight row); one
+// m16n8k16 mma takes 4 k from each of the quad's 4 lanes, which may sit in different quantization
+// groups. So the B operand's 8 columns are used as (row of x, source lane) pairs: column 4m + c holds
+// row m of x on lane c's k and zeros elsewhere. Column 4m + c of the accumulator then sums only lane
+// c's k, which lie in one group until the group ends, where the group's affine map is applied in fp32:
 //
-// with sum_k x_k per group computed once per block. Block: 8 warps x 2 output columns each (16
-// consecutive n); x is staged in shared memory as fp32, 4096 k at a time, padded every 128 floats so
-// the lanes' float4 reads are bank-conflict free. The low-rank term is added per block: the 16
-// columns' U^T entries are 32 contiguous bytes per rank, so it reads U coalesced; t = x V^T comes
-// from the caller (cuBLAS for the dense op, the grouped op's split-K pre-step). Summation order is
-// fixed: the result is deterministic. Graph-capturable: no host sync, no allocation.
+//     y[n, m] += 8 s * sum_k x_k (1 + q_k / 8)  -  s (8 + z) * sum_k x_k
+//
+// (sum_k x_k per group computed once when x is staged). Two rows of x per mma; four rows take a
+// second mma on the same dequantized A. Cost per code ~2 shifts + 2 lop3 per two codes plus 1/8 of an
+// mma, about half of a CUDA-core dot product's.
+//
+// Block: 8 warps; WK warps (a power of two chosen from K) split the k of one 16-column tile in 512-k
+// slices, so a block covers 16 * 8 / WK columns. Each warp stages the x of its slice in its own
+// shared memory, permuted so that a lane's B registers are one 16-byte load per 16 codes. Partials of
+// a tile's warps are summed in a fixed order, the low-rank term t U^T (t = x V^T from the caller) and
+// the bias are added per column, y is written once. Deterministic; no host sync, no allocation.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/util/Exception.h>
@@ -25,203 +36,267 @@
 namespace milo {
 namespace {
 
-constexpr int kWarps = 8;
-constexpr int kRowsPerWarp = 2;                    // output columns (n) per warp
-constexpr int kCols = kWarps * kRowsPerWarp;       // 16 output columns per block
-constexpr int kChunk = 4096;                       // k staged per pass: 32 lanes x 128 codes
-constexpr int kPad = 4;                            // floats of padding per 128 k
-constexpr int kRankSlices = 256 / kCols;           // threads per column in the low-rank epilogue
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kSliceK = 512;            // k per warp step: 4 lanes x 128
+constexpr int kXRowBytes = 1024 + 64;   // one staged x row of a slice (512 halves + 16 bytes per 128 k)
+constexpr int kXSumFloats = kSliceK / 32;  // group sums per staged row (G >= 32)
 
-__device__ __forceinline__ int xs_idx(int k) { return k + (k >> 7) * kPad; }
+// 1 + code/8 in T: the code's low 2 bits at mantissa bits LO, LO + 1, its high bit at LO + 2
+template <typename T>
+struct CodeEnc;
+template <>
+struct CodeEnc<half> {
+  static constexpr uint32_t kOne2 = 0x3C003C00u;
+  static constexpr int LO = 7;
+};
+template <>
+struct CodeEnc<__nv_bfloat16> {
+  static constexpr uint32_t kOne2 = 0x3F803F80u;
+  static constexpr int LO = 4;
+};
 
-// f = 1 + code/8 exactly: the code's low 2 bits (at lo_pos of lo_word) go to mantissa bits 20..21,
-// its high bit (at hi_pos of hi_word) to bit 22, under the exponent of 1.0. Positions are
-// compile-time constants after unrolling, so each shift is one instruction.
-__device__ __forceinline__ float code_f(uint32_t lo_word, int lo_pos, uint32_t hi_word, int hi_pos) {
-  const uint32_t a = lo_pos <= 20 ? (lo_word << (20 - lo_pos)) : (lo_word >> (lo_pos - 20));
-  const uint32_t b = hi_pos <= 22 ? (hi_word << (22 - hi_pos)) : (hi_word >> (hi_pos - 22));
-  return __uint_as_float((a & 0x00300000u) | (b & 0x00400000u) | 0x3F800000u);
+// v shifted left by s (right by -s); s is a constant after unrolling
+__device__ __forceinline__ uint32_t shl(uint32_t v, int s) { return s >= 0 ? v << s : v >> (-s); }
+
+// (1 + code_j / 8, 1 + code_{j+8} / 8) of the 16-code plane word W, hb = the codes' high bits (code j at
+// bit j, code j + 8 at bit 16 + j)
+template <typename T>
+__device__ __forceinline__ uint32_t code_pair(uint32_t W, uint32_t hb, int j) {
+  constexpr int LO = CodeEnc<T>::LO;
+  constexpr uint32_t kLoMask = 0x00030003u << LO, kHiMask = 0x00040004u << LO;
+  return and_or(shl(hb, LO + 2 - j), kHiMask, and_or(shl(W, LO - 2 * j), kLoMask, CodeEnc<T>::kOne2));
+}
+
+// byte offset of 16-k block b (0..31) in a staged x row: 32 bytes each, 16 bytes of padding after
+// every 8 blocks so the four active lanes (k 128 apart) hit different banks
+__device__ __forceinline__ int xblk_off(int b) { return b * 32 + (b >> 3) * 16; }
+
+__device__ __forceinline__ uint16_t ldg_u16(const void* p) {
+  return __ldg(reinterpret_cast<const unsigned short*>(p));
 }
 
 template <typename T>
-__device__ __forceinline__ void to_float8(const uint4 raw, float (&out)[8]) {
-  const T* h = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-  for (int i = 0; i < 8; ++i) out[i] = to_float(h[i]);
+__device__ __forceinline__ float u16_to_float(uint16_t v) {
+  T h;
+  *reinterpret_cast<uint16_t*>(&h) = v;
+  return to_float(h);
 }
 
-// One lane's share of a work item: 128 codes (3 x 16-byte words) of each of the warp's two columns,
-// with their scales and zeros.
-template <int G>
-struct LaneSlice {
-  uint32_t w[kRowsPerWarp][12];
-  float sc[kRowsPerWarp][128 / G], zc[kRowsPerWarp][128 / G];
-};
-
-template <typename T, int G>
-__device__ __forceinline__ void load_slice(LaneSlice<G>& d, const int32_t* qe, const T* se, const T* ze, int n0,
-                                           int k_lane, int N, int K) {
-  const int words_per_row = K / 32 * 3, groups_per_row = K / G;
-  const bool active = k_lane < K;
-#pragma unroll
-  for (int r = 0; r < kRowsPerWarp; ++r) {
-    const int n = n0 + r;
-    const bool ok = active && n < N;
-    const uint4* src = reinterpret_cast<const uint4*>(qe + static_cast<long long>(n) * words_per_row + k_lane / 32 * 3);
-#pragma unroll
-    for (int v = 0; v < 3; ++v) {
-      const uint4 u = ok ? __ldg(src + v) : make_uint4(0, 0, 0, 0);
-      d.w[r][4 * v + 0] = u.x;
-      d.w[r][4 * v + 1] = u.y;
-      d.w[r][4 * v + 2] = u.z;
-      d.w[r][4 * v + 3] = u.w;
-    }
-#pragma unroll
-    for (int i = 0; i < 128 / G; ++i) {
-      const long long gi = static_cast<long long>(n) * groups_per_row + k_lane / G + i;
-      d.sc[r][i] = ok ? to_float(se[gi]) : 0.f;
-      d.zc[r][i] = ok ? to_float(ze[gi]) : 0.f;
-    }
-  }
-}
-
-// x rows m0 .. m0 + rows - 1, k in [k0, k0 + len), into xs (fp32, padded) at local k 0 .., and each
-// group's sum into xsum; rows past `rows` become zeros. Each group's sum is a shuffle over its G/8
-// consecutive lanes (the loop runs whole warps: len/8 is a multiple of G/8 and of 16, so a lane group
-// never straddles rows).
-template <typename T, int G, int MR>
-__device__ __forceinline__ void stage_x(const T* xg, int m0, int rows, int K, int k0, int len, float* xs,
-                                        int xs_stride, float* xsum, int xsum_stride) {
-  const int tid = threadIdx.x, lane = tid & 31;
-  const int items = MR * (len / 8);
-  for (int base = 0; base < items; base += blockDim.x) {
-    const int i = base + tid;
-    const bool valid = i < items;
-    const int m = valid ? i / (len / 8) : 0;
-    const int k = valid ? (i - m * (len / 8)) * 8 : 0;
-    float v[8];
-    if (valid && m < rows) {
-      to_float8<T>(*reinterpret_cast<const uint4*>(xg + static_cast<long long>(m0 + m) * K + k0 + k), v);
+// 2 * NW halves from src (NW u32 words, half i in word i / 2) when ok, else zeros; one 4/8/16-byte
+// load when vec (src aligned), else halfword loads; the second NW halves only when second.
+template <int NW>
+__device__ __forceinline__ void load_halves(uint32_t (&dst)[NW], const void* src, bool ok, bool vec, bool second) {
+  const uint16_t* h = reinterpret_cast<const uint16_t*>(src);
+  if (ok && vec && second) {
+    if constexpr (NW == 1) {
+      dst[0] = __ldg(reinterpret_cast<const unsigned int*>(src));
+    } else if constexpr (NW == 2) {
+      const uint2 v = __ldg(reinterpret_cast<const uint2*>(src));
+      dst[0] = v.x;
+      dst[1] = v.y;
     } else {
-#pragma unroll
-      for (int j = 0; j < 8; ++j) v[j] = 0.f;
+      const uint4 v = __ldg(reinterpret_cast<const uint4*>(src));
+      dst[0] = v.x;
+      dst[1] = v.y;
+      dst[2] = v.z;
+      dst[3] = v.w;
     }
-    if (valid) {
-      float4* dst = reinterpret_cast<float4*>(xs + m * xs_stride + xs_idx(k));
-      dst[0] = make_float4(v[0], v[1], v[2], v[3]);
-      dst[1] = make_float4(v[4], v[5], v[6], v[7]);
-    }
-    float sum = ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+    return;
+  }
 #pragma unroll
-    for (int off = 1; off < G / 8; off <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-    if (valid && lane % (G / 8) == 0) xsum[m * xsum_stride + k / G] = sum;
+  for (int i = 0; i < NW; ++i) {
+    const bool in = ok && (2 * i < NW || second);
+    const uint32_t lo = in ? ldg_u16(h + 2 * i) : 0u;
+    const uint32_t hi = in && (2 * i + 1 < NW || second) ? ldg_u16(h + 2 * i + 1) : 0u;
+    dst[i] = lo | (hi << 16);
   }
 }
 
-// yacc[m][r] += x[m, k] * deq[n_r, k] over the lane's 128 codes (kl: their first local k in xs).
-template <int G, int MR>
-__device__ __forceinline__ void dot_slice(const LaneSlice<G>& d, const float* xs, int xs_stride, const float* xsum,
-                                          int xsum_stride, int kl, float (&yacc)[MR][kRowsPerWarp]) {
-  float acc[MR][kRowsPerWarp];  // x . f over the current group
-#pragma unroll
-  for (int c = 0; c < 4; ++c) {  // 32-code chunks of the lane's 128
-    if ((c * 32) % G == 0) {
-#pragma unroll
-      for (int m = 0; m < MR; ++m)
-#pragma unroll
-        for (int r = 0; r < kRowsPerWarp; ++r) acc[m][r] = 0.f;
-    }
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {  // codes 16h .. 16h + 15 of the chunk
-#pragma unroll
-      for (int j4 = 0; j4 < 16; j4 += 4) {
-        float4 xv[MR];
-#pragma unroll
-        for (int m = 0; m < MR; ++m)
-          xv[m] = *reinterpret_cast<const float4*>(xs + m * xs_stride + xs_idx(kl + 32 * c + 16 * h + j4));
-#pragma unroll
-        for (int jj = 0; jj < 4; ++jj) {
-          const int j = j4 + jj;
-#pragma unroll
-          for (int r = 0; r < kRowsPerWarp; ++r) {
-            const float f = code_f(d.w[r][3 * c + h], 2 * j, d.w[r][3 * c + 2], 16 * h + j);
-#pragma unroll
-            for (int m = 0; m < MR; ++m) {
-              const float xval = jj == 0 ? xv[m].x : (jj == 1 ? xv[m].y : (jj == 2 ? xv[m].z : xv[m].w));
-              acc[m][r] = fmaf(xval, f, acc[m][r]);
-            }
-          }
-        }
-      }
-    }
-    if (((c + 1) * 32) % G == 0) {  // group end: apply scale and zero
-      const int gl = (c * 32) / G;
-      const int gx = (kl + c * 32) / G;
-#pragma unroll
-      for (int m = 0; m < MR; ++m) {
-        const float sx = xsum[m * xsum_stride + gx];
-#pragma unroll
-        for (int r = 0; r < kRowsPerWarp; ++r)
-          yacc[m][r] = fmaf(d.sc[r][gl], fmaf(8.f, acc[m][r], -(8.f + d.zc[r][gl]) * sx), yacc[m][r]);
-      }
-    }
-  }
-}
-
-// MR: rows of x this block multiplies (1, 2 or 4; rows past `rows` are zero). One block = 16
-// output columns; per 4096-wide pass of k, each warp loads its columns' codes first, then the block
-// stages x, then the warp computes. (Measured on an H100: a persistent variant that keeps x resident
-// and prefetches the next column group's codes was 13% slower at M = 1: it needs 128 registers, i.e.
-// 2 blocks per SM instead of 3.)
+// Stage rows 0..MR-1 of x (global rows m0.., `rows` of them real) for k0 .. k0+511 into the warp's
+// buffer: 16-k block b = lane holds (x_j, x_j+8) pairs, j = 0..7. Group sums go to xsum[m][k_local/G].
 template <typename T, int G, int MR>
-__device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m0, int rows, float* smem) {
+__device__ __forceinline__ void stage_x(const T* xg, int m0, int rows, int K, int k0, uint8_t* wx, float* xsum) {
+  const int lane = threadIdx.x & 31;
+  const int k = k0 + lane * 16;
+#pragma unroll
+  for (int m = 0; m < MR; ++m) {
+    uint4 a = make_uint4(0, 0, 0, 0), b = make_uint4(0, 0, 0, 0);
+    if (m < rows && k < K) {
+      const uint4* src = reinterpret_cast<const uint4*>(xg + static_cast<long long>(m0 + m) * K + k);
+      a = __ldg(src);
+      b = __ldg(src + 1);
+    }
+    const uint32_t av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
+    uint32_t o[8];
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      o[2 * i] = prmt(av[i], bv[i], 0x5410);
+      o[2 * i + 1] = prmt(av[i], bv[i], 0x7632);
+      const T* ha = reinterpret_cast<const T*>(&av[i]);
+      const T* hb = reinterpret_cast<const T*>(&bv[i]);
+      sum += (to_float(ha[0]) + to_float(ha[1])) + (to_float(hb[0]) + to_float(hb[1]));
+    }
+    uint4* dst = reinterpret_cast<uint4*>(wx + m * kXRowBytes + xblk_off(lane));
+    dst[0] = make_uint4(o[0], o[1], o[2], o[3]);
+    dst[1] = make_uint4(o[4], o[5], o[6], o[7]);
+#pragma unroll
+    for (int off = 1; off < G / 16; off <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    if (lane % (G / 16) == 0) xsum[m * kXSumFloats + lane / (G / 16)] = sum;
+  }
+}
+
+// MR: rows of x this block multiplies (1, 2 or 4; rows past `rows` are zeros).
+template <typename T, int G, int MR>
+__device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m0, int rows, int wk_log2,
+                                           uint8_t* smem, float (*ys)[kInt3GemvMaxRows][16], float* red) {
+  constexpr int NB = MR > 2 ? 2 : 1;   // mma sets, two rows of x each
+  constexpr int GPL = 128 / G;         // groups in a lane's 128 k
   const int K = p.K, N = p.N, R = p.R;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int n_base = blockIdx.x * kCols;
+  const int g = lane >> 2, c = lane & 3;
+  const int WK = 1 << wk_log2;
+  const int BR = 16 * (kWarps >> wk_log2);  // output columns of the block
+  const int tile = warp >> wk_log2, wk = warp & (WK - 1);
+  const int n_blk = blockIdx.x * BR;
+  const int n_row[2] = {n_blk + tile * 16 + g, n_blk + tile * 16 + g + 8};
+  const int words_per_row = K / 32 * 3, groups_per_row = K / G;
   const int32_t* qe = p.q + e * p.q_estride;
   const T* se = reinterpret_cast<const T*>(p.scales) + e * p.s_estride;
   const T* ze = reinterpret_cast<const T*>(p.zeros) + e * p.s_estride;
   const T* xg = reinterpret_cast<const T*>(p.x);
-  constexpr int kXsStride = kChunk + kChunk / 128 * kPad;
-  float* xs = smem;                      // [MR][kXsStride]
-  float* xsum = smem + MR * kXsStride;   // [MR][kChunk / G]
-  __shared__ float ys[MR][kCols];
-  __shared__ float red[kRankSlices][MR][kCols];
+  uint8_t* wx = smem + warp * MR * (kXRowBytes + kXSumFloats * 4);
+  float* xsum = reinterpret_cast<float*>(wx + MR * kXRowBytes);
 
-  float yacc[MR][kRowsPerWarp];
+  // B operand: column (lane >> 2) of set b carries row 2b + (lane >> 4) of x on the k of lane (lane >> 2) & 3
+  const int bcol = lane >> 2;
+  bool b_on[NB];
 #pragma unroll
-  for (int m = 0; m < MR; ++m)
+  for (int b = 0; b < NB; ++b) b_on[b] = (bcol & 3) == c && 2 * b + (bcol >> 2) < rows;
+  // accumulator columns of this lane: 2c, 2c+1 = row m = c >> 1 (+2 for set 1), source lanes cs0, cs0 + 1
+  const int cs0 = 2 * (c & 1);
+  const bool need_scales = (c >> 1) < rows || (NB > 1 && 2 + (c >> 1) < rows);
+  // a lane's 2 * GPL scales of a row are one aligned vector when every row and expert start is
+  const bool vec_scales = groups_per_row % (2 * GPL) == 0 && reinterpret_cast<uintptr_t>(se) % (4 * GPL) == 0 &&
+                          reinterpret_cast<uintptr_t>(ze) % (4 * GPL) == 0;
+
+  const int n_slices = (K + kSliceK - 1) / kSliceK;
+  float yacc[NB][4];
 #pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r) yacc[m][r] = 0.f;
-  for (int kc0 = 0; kc0 < K; kc0 += kChunk) {
-    LaneSlice<G> d;  // loaded before x is staged, so its latency overlaps the staging
-    load_slice<T, G>(d, qe, se, ze, n_base + warp * kRowsPerWarp, kc0 + lane * 128, N, K);
-    __syncthreads();  // the previous pass's readers are done with xs / xsum
-    stage_x<T, G, MR>(xg, m0, rows, K, kc0, min(kChunk, K - kc0), xs, kXsStride, xsum, kChunk / G);
-    __syncthreads();
-    if (kc0 + lane * 128 < K) dot_slice<G, MR>(d, xs, kXsStride, xsum, kChunk / G, lane * 128, yacc);
+  for (int b = 0; b < NB; ++b)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) yacc[b][i] = 0.f;
+
+  for (int s = wk; s < n_slices; s += WK) {
+    const int k0 = s * kSliceK;
+    const int kc = k0 + c * 128;  // this lane's 128 k
+    // codes of the lane's two rows (issued first: their latency overlaps the staging of x)
+    uint32_t w[2][12];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const bool ok = kc < K && n_row[r] < N;
+      const uint4* src = reinterpret_cast<const uint4*>(qe + static_cast<long long>(n_row[r]) * words_per_row + kc / 32 * 3);
+#pragma unroll
+      for (int v = 0; v < 3; ++v) {
+        const uint4 u = ok ? __ldg(src + v) : make_uint4(0, 0, 0, 0);
+        w[r][4 * v + 0] = u.x;
+        w[r][4 * v + 1] = u.y;
+        w[r][4 * v + 2] = u.z;
+        w[r][4 * v + 3] = u.w;
+      }
+    }
+    // raw scales / zeros of the accumulator entries: row r, halves (cc * GPL + j) = group j of source
+    // lane cs0 + cc (contiguous in memory: one vector load when aligned)
+    uint32_t sv[2][GPL], zv[2][GPL];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int kk = k0 + cs0 * 128;
+      const bool ok = need_scales && kk < K && n_row[r] < N;
+      const long long gi = static_cast<long long>(n_row[r]) * groups_per_row + kk / G;
+      load_halves<GPL>(sv[r], se + gi, ok, vec_scales, k0 + (cs0 + 1) * 128 < K);
+      load_halves<GPL>(zv[r], ze + gi, ok, vec_scales, k0 + (cs0 + 1) * 128 < K);
+    }
+    __syncwarp();  // the previous slice's readers are done with the warp's x buffer
+    stage_x<T, G, MR>(xg, m0, rows, K, k0, wx, xsum);
+    __syncwarp();
+
+    float d[NB][4];
+#pragma unroll
+    for (int h = 0; h < 4; ++h) {  // 32-k chunks of the lane's 128 k
+      if ((32 * h) % G == 0) {
+#pragma unroll
+        for (int b = 0; b < NB; ++b)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) d[b][i] = 0.f;
+      }
+#pragma unroll
+      for (int wd = 0; wd < 2; ++wd) {  // plane word: codes 16wd .. 16wd + 15 of the chunk
+        uint32_t pr[2][8];  // pr[r][j] = (1 + code j / 8, 1 + code j+8 / 8) of the word, row r
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const uint32_t W = w[r][3 * h + wd];
+          const uint32_t hb = prmt(w[r][3 * h + 2], 0u, wd ? 0x4342u : 0x4140u);
+#pragma unroll
+          for (int j = 0; j < 8; ++j) pr[r][j] = code_pair<T>(W, hb, j);
+        }
+        const int xoff = xblk_off(8 * c + 2 * h + wd);
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+          const uint8_t* xr = wx + (2 * b + (bcol >> 2)) * kXRowBytes + xoff;
+          const uint4 v0 = b_on[b] ? lds128(xr) : make_uint4(0, 0, 0, 0);
+          const uint4 v1 = b_on[b] ? lds128(xr + 16) : make_uint4(0, 0, 0, 0);
+          const uint32_t bv[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+#pragma unroll
+          for (int j0 = 0; j0 < 8; j0 += 2) {
+            const uint32_t a[4] = {pr[0][j0], pr[1][j0], pr[0][j0 + 1], pr[1][j0 + 1]};
+            mma16816<T>(d[b], a, bv[j0], bv[j0 + 1], d[b]);
+          }
+        }
+      }
+      if ((32 * (h + 1)) % G == 0) {  // group end: its affine map, in fp32
+        const int gl = (32 * h) / G;
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+          const int m = 2 * b + (c >> 1);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int r = i >> 1, cc = i & 1;
+            const int hi = cc * GPL + gl;  // half index in sv / zv
+            const float sc = u16_to_float<T>(static_cast<uint16_t>(sv[r][hi >> 1] >> (16 * (hi & 1))));
+            const float zc = u16_to_float<T>(static_cast<uint16_t>(zv[r][hi >> 1] >> (16 * (hi & 1))));
+            const float sx = xsum[(m < MR ? m : 0) * kXSumFloats + ((cs0 + cc) * 128) / G + gl];
+            yacc[b][i] = fmaf(8.f * sc, d[b][i], fmaf(-sc * (8.f + zc), sx, yacc[b][i]));
+          }
+        }
+      }
+    }
   }
 
-  // reduce across the warp's lanes
+  // accumulator columns 2c, 2c+1 (row m, source lanes cs0, cs0+1) + the partner lane's (c ^ 1: the other
+  // two source lanes of the same m)
 #pragma unroll
-  for (int m = 0; m < MR; ++m)
-#pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r) {
-      float v = yacc[m][r];
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-      if (lane == 0) ys[m][warp * kRowsPerWarp + r] = v;
+  for (int b = 0; b < NB; ++b) {
+    float ylo = yacc[b][0] + yacc[b][1], yhi = yacc[b][2] + yacc[b][3];
+    ylo += __shfl_xor_sync(0xffffffffu, ylo, 1);
+    yhi += __shfl_xor_sync(0xffffffffu, yhi, 1);
+    const int m = 2 * b + (c >> 1);
+    if ((c & 1) == 0 && m < MR) {
+      ys[warp][m][g] = ylo;
+      ys[warp][m][g + 8] = yhi;
     }
-  // low-rank term: thread (column nn, rank slice rs) sums t[m, r] * ut[r, n] over r = rs (mod 16);
-  // the 16 columns' U^T entries of one rank are 32 contiguous bytes
-  const int nn = tid % kCols, rs = tid / kCols;
-  const int n = n_base + nn;
+  }
+
+  // low-rank term: thread (column nn, rank slice rs) sums t[m, r] * ut[r, n] over r = rs (mod slices)
+  const int slices = kThreads / BR;
+  const int nn = tid % BR, rs = tid / BR;
+  const int n = n_blk + nn;
   float lr[MR];
 #pragma unroll
   for (int m = 0; m < MR; ++m) lr[m] = 0.f;
   if (R > 0 && n < N) {
     const T* ute = reinterpret_cast<const T*>(p.ut) + e * p.ut_estride;
-    for (int r = rs; r < R; r += kRankSlices) {
+    for (int r = rs; r < R; r += slices) {
       const float u = to_float(ute[static_cast<long long>(r) * N + n]);
 #pragma unroll
       for (int m = 0; m < MR; ++m) {
@@ -234,62 +309,65 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
     }
   }
 #pragma unroll
-  for (int m = 0; m < MR; ++m) red[rs][m][nn] = lr[m];
+  for (int m = 0; m < MR; ++m) red[(rs * MR + m) * BR + nn] = lr[m];
   __syncthreads();
-  if (tid < MR * kCols) {
-    const int m = tid / kCols, c = tid % kCols, col = n_base + c;
-    if (m < rows && col < N) {
-      float v = ys[m][c];
-#pragma unroll
-      for (int sp = 0; sp < kRankSlices; ++sp) v += red[sp][m][c];
-      if (p.bias != nullptr) v += to_float(reinterpret_cast<const T*>(p.bias)[col]);
-      reinterpret_cast<T*>(p.y)[static_cast<long long>(m0 + m) * N + col] = from_float<T>(v);
+  for (int idx = tid; idx < MR * BR; idx += kThreads) {
+    const int m = idx / BR, col = idx % BR, nc = n_blk + col;
+    if (m < rows && nc < N) {
+      const int t0 = (col / 16) << wk_log2;
+      float v = 0.f;
+      for (int w2 = 0; w2 < WK; ++w2) v += ys[t0 + w2][m][col % 16];
+      for (int sl = 0; sl < slices; ++sl) v += red[(sl * MR + m) * BR + col];
+      if (p.bias != nullptr) v += to_float(reinterpret_cast<const T*>(p.bias)[nc]);
+      reinterpret_cast<T*>(p.y)[static_cast<long long>(m0 + m) * N + nc] = from_float<T>(v);
     }
   }
 }
 
-// grid (ceil(N / 16), row blocks): the dense op's blockIdx.y covers rows 4y .. 4y + 3; the grouped
-// op's indexes the tile list (expert, row start, row end).
-template <typename T, int G>
-__global__ void __launch_bounds__(256) int3_gemv_kernel(const Int3GemmParams p) {
-  extern __shared__ float4 gemv_smem4[];
-  float* smem = reinterpret_cast<float*>(gemv_smem4);
+// grid (ceil(N / BR), row blocks): the dense op's blockIdx.y covers rows MR*y .. MR*y + MR - 1; the
+// grouped op's indexes the tile list (expert, row start, row end), at most MR rows a tile.
+template <typename T, int G, int MR, int MINB>
+__global__ void __launch_bounds__(kThreads, MINB) int3_gemv_kernel(const Int3GemmParams p, int wk_log2) {
+  extern __shared__ __align__(16) uint8_t gemv_smem[];
+  __shared__ float ys[kWarps][kInt3GemvMaxRows][16];
+  __shared__ float red[kThreads * kInt3GemvMaxRows];
   int e = 0, m0, m_end;
   if (p.tiles != nullptr) {
     const int4 tl = p.tiles[blockIdx.y];
     if (tl.x < 0) return;
     e = tl.x;
     m0 = tl.y;
-    m_end = tl.z;
+    m_end = min(tl.z, m0 + MR);
   } else {
-    m0 = blockIdx.y * kInt3GemvMaxRows;
-    m_end = min(p.M, m0 + kInt3GemvMaxRows);
+    m0 = blockIdx.y * MR;
+    m_end = min(p.M, m0 + MR);
   }
   const int rows = m_end - m0;
   if (rows <= 0) return;
-  if (rows == 1) {
-    gemv_block<T, G, 1>(p, e, m0, rows, smem);
-  } else if (rows == 2) {
-    gemv_block<T, G, 2>(p, e, m0, rows, smem);
-  } else {
-    gemv_block<T, G, 4>(p, e, m0, rows, smem);
-  }
+  gemv_block<T, G, MR>(p, e, m0, rows, wk_log2, gemv_smem, ys, red);
+}
+
+constexpr int smem_bytes(int rows) { return kWarps * rows * (kXRowBytes + kXSumFloats * 4); }
+
+template <typename T, int G, int MR>
+void launch_mr(const Int3GemmParams& p, int row_blocks, int wk_log2, cudaStream_t stream) {
+  // 80 registers: 3 blocks per SM (a 64-register cap for 4 spilled and was 5-30% slower, H100)
+  auto kern = int3_gemv_kernel<T, G, MR, G == 32 ? 2 : 3>;
+  const int br = 16 * (kWarps >> wk_log2);
+  const dim3 grid((p.N + br - 1) / br, row_blocks);
+  kern<<<grid, kThreads, smem_bytes(MR), stream>>>(p, wk_log2);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, int G>
 void launch(const Int3GemmParams& p, int row_blocks, int max_rows, cudaStream_t stream) {
-  const int mr = max_rows <= 1 ? 1 : (max_rows <= 2 ? 2 : 4);
-  auto bytes = [](int rows) { return rows * (kChunk + kChunk / 128 * kPad + kChunk / G) * static_cast<int>(sizeof(float)); };
-  auto kern = int3_gemv_kernel<T, G>;
-  static bool attr_done[64] = {false};
-  const int dev = c10::cuda::current_device();
-  if (dev < 64 && !attr_done[dev]) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes(kInt3GemvMaxRows)));
-    attr_done[dev] = true;
-  }
-  const dim3 grid((p.N + kCols - 1) / kCols, row_blocks);
-  kern<<<grid, 256, bytes(mr), stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // warps per 16-column tile: enough 512-k slices to keep each warp busy, at most 8
+  const int n_slices = (p.K + kSliceK - 1) / kSliceK;
+  int wk_log2 = 0;
+  while (wk_log2 < 3 && (1 << wk_log2) < n_slices) ++wk_log2;
+  if (max_rows <= 1) return launch_mr<T, G, 1>(p, row_blocks, wk_log2, stream);
+  if (max_rows <= 2) return launch_mr<T, G, 2>(p, row_blocks, wk_log2, stream);
+  return launch_mr<T, G, 4>(p, row_blocks, wk_log2, stream);
 }
 
 }  // namespace

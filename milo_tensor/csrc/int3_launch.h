@@ -24,10 +24,11 @@ int int3_cfg_bm(int cfg);
 void launch_int3_gemm(int dtype, int mt, int group, const Int3GemmParams& p, int n_tiles, int m_blocks,
                       cudaStream_t stream);
 
-// Decode path (int3_gemv.cu): CUDA-core dequant + dot products for tiles of at most
-// kInt3GemvMaxRows rows of x; grid (ceil(N / 16), row_blocks). Dense op: p.tiles == nullptr, row
-// block y takes rows 4y .. 4y + 3; grouped op: p.tiles lists (expert, row start, row end) tiles, one
-// per row block. max_rows: the most rows any tile has (sizes shared memory). Needs K % 128 == 0; any N.
+// Decode path (int3_gemv.cu): tensor-core kernel with the weight as the mma A operand, for tiles of
+// at most kInt3GemvMaxRows rows of x; grid (ceil(N / BR), row_blocks), BR = 16..128 columns per block
+// chosen from K. Dense op: p.tiles == nullptr, row block y takes rows MR*y .. MR*y + MR - 1 where MR
+// = 1, 2 or 4 is max_rows rounded up; grouped op: p.tiles lists (expert, row start, row end) tiles of
+// at most max_rows rows, one per row block. Needs K % 128 == 0; any N.
 constexpr int kInt3GemvMaxRows = 4;
 void launch_int3_gemv(int dtype, int group, const Int3GemmParams& p, int row_blocks, int max_rows,
                       cudaStream_t stream);

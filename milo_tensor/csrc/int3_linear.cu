@@ -5,7 +5,7 @@
 //
 // Paths:
 //  * decode: fp16/bf16, K % 128 == 0, group in {32, 64, 128}, M <= 2 -> t = x @ v^T (cuBLAS) +
-//    int3_gemv_kernel (int3_gemv.cu: CUDA-core dequant and dot products, low-rank fused).
+//    int3_gemv_kernel (int3_gemv.cu: decode, weight as the mma A operand, low-rank fused).
 //  * fused: fp16/bf16, K % 128 == 0, N % 8 == 0, group in {32, 64, 128}, M <= fused_max_m
 //    -> t = x @ v^T (fp32, cuBLAS) + int3_gemm_kernel (dequant fused, low-rank fused, split-K).
 //  * everything else (large M, other shapes, float32, other group sizes): dequantize into a
@@ -318,9 +318,10 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   const DevInfo dinfo = dev_info();
   const bool fused = dtype_ok && dinfo.major >= 8 && K % kInt3BK == 0 && N % 8 == 0 &&
                      (G == 32 || G == 64 || G == 128) && M64 <= fused_max_m && M64 < (1LL << 24);
-  // decode: CUDA-core kernel (int3_gemv.cu) for a few rows; MILO_INT3_GEMV_MAX_M=0 turns it off
+  // decode: int3_gemv.cu for up to 4 rows (faster than the GEMM kernel at M <= 4 on every benchmark
+  // shape at R = 0, H100 2026-11-25); MILO_INT3_GEMV_MAX_M=0 turns it off
   const bool use_gemv = dtype_ok && K % 128 == 0 && (G == 32 || G == 64 || G == 128) &&
-                        M64 <= env_int("MILO_INT3_GEMV_MAX_M", 2);
+                        M64 <= env_int("MILO_INT3_GEMV_MAX_M", 4);
   if (!fused && !use_gemv) {
     return int3_linear_general(x2d, q, scales, zeros, ut, v, G, bias, N, K, R).reshape(out_shape);
   }
@@ -340,22 +341,22 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   at::Tensor ba;
   if (bias.has_value()) ba = bias->reshape({N64}).contiguous();
 
+  at::Tensor y = at::empty({M64, N64}, x.options());
+  Int3GemmParams p{};  // dense op: no tile list, one t partial
+  p.x = xa.data_ptr();
+  p.q = qa.data_ptr<int32_t>();
+  p.scales = sa.data_ptr();
+  p.zeros = za.data_ptr();
+  p.t = R > 0 ? tt.data_ptr<float>() : nullptr;
+  p.ut = R > 0 ? uta.data_ptr() : nullptr;
+  p.bias = bias.has_value() ? ba.data_ptr() : nullptr;
+  p.y = y.data_ptr();
+  p.M = M;
+  p.N = N;
+  p.K = K;
+  p.R = R;
+  p.t_splits = 1;
   if (use_gemv) {
-    at::Tensor y = at::empty({M64, N64}, x.options());
-    Int3GemmParams p{};
-    p.x = xa.data_ptr();
-    p.q = qa.data_ptr<int32_t>();
-    p.scales = sa.data_ptr();
-    p.zeros = za.data_ptr();
-    p.t = R > 0 ? tt.data_ptr<float>() : nullptr;
-    p.ut = R > 0 ? uta.data_ptr() : nullptr;
-    p.bias = bias.has_value() ? ba.data_ptr() : nullptr;
-    p.y = y.data_ptr();
-    p.M = M;
-    p.N = N;
-    p.K = K;
-    p.R = R;
-    p.t_splits = 1;
     const int row_blocks = (M + kInt3GemvMaxRows - 1) / kInt3GemvMaxRows;
     launch_int3_gemv(xt == at::kHalf ? 0 : 1, G, p, row_blocks, std::min(M, kInt3GemvMaxRows), stream);
     return y.reshape(out_shape);
@@ -378,40 +379,17 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   const int sps = (total_stages + splits - 1) / splits;
   splits = (total_stages + sps - 1) / sps;
 
-  at::Tensor y = at::empty({M64, N64}, x.options());
   at::Tensor ws;
-  float* ws_ptr = nullptr;
-  int* counters = nullptr;
   if (splits > 1) {
     const int64_t part_floats = static_cast<int64_t>(splits) * M64 * N64;
     const int64_t n_counters = static_cast<int64_t>(base);
     ws = at::empty({part_floats + n_counters}, x.options().dtype(at::kFloat));
-    ws_ptr = ws.data_ptr<float>();
-    counters = reinterpret_cast<int*>(ws_ptr + part_floats);
-    C10_CUDA_CHECK(cudaMemsetAsync(counters, 0, n_counters * sizeof(int), stream));
+    p.ws = ws.data_ptr<float>();
+    p.counters = reinterpret_cast<int*>(p.ws + part_floats);
+    C10_CUDA_CHECK(cudaMemsetAsync(p.counters, 0, n_counters * sizeof(int), stream));
   }
-
-  Int3GemmParams p;
-  p.x = xa.data_ptr();
-  p.q = qa.data_ptr<int32_t>();
-  p.scales = sa.data_ptr();
-  p.zeros = za.data_ptr();
-  p.t = R > 0 ? tt.data_ptr<float>() : nullptr;
-  p.ut = R > 0 ? uta.data_ptr() : nullptr;
-  p.bias = bias.has_value() ? ba.data_ptr() : nullptr;
-  p.y = y.data_ptr();
-  p.ws = ws_ptr;
-  p.counters = counters;
-  p.M = M;
-  p.N = N;
-  p.K = K;
-  p.R = R;
   p.splits = splits;
   p.stages_per_split = sps;
-  p.tiles = nullptr;
-  p.q_estride = p.s_estride = p.ut_estride = 0;
-  p.t_splits = 1;
-  p.t_split_stride = 0;
   launch_int3_gemm(xt == at::kHalf ? 0 : 1, cfg, G, p, n_tiles, m_blocks, stream);
   return y.reshape(out_shape);
 }
@@ -594,7 +572,7 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   int cfg = mean_rows <= 16 ? 1 : (mean_rows <= 32 ? 2 : 4);
   const int forced = env_int("MILO_INT3_GROUPED_CFG", 0);
   if (forced == 1 || forced == 2 || forced == 4) cfg = forced;
-  // decode (about one row per busy expert, K >= 4096): the CUDA-core kernel on tiles of at most 2
+  // decode (about one row per busy expert, K >= 4096): the decode kernel on tiles of at most 2
   // rows. Measured on an H100 (bench_moe.py): Mixtral-shaped M=1 274 us vs 292 with the mma tiles, but
   // at 2+ rows per expert the re-read weights, and at K < 4096 the idle lanes (a warp spans 4096 k),
   // make it slower (Qwen3-shaped M=8: 444 vs 273 us).
