@@ -4,7 +4,7 @@
 //               int group_size, Tensor? bias=None) -> Tensor
 //
 // Paths:
-//  * decode: fp16/bf16, K % 128 == 0, group in {32, 64, 128}, M <= 2 -> t = x @ v^T (cuBLAS) +
+//  * decode: fp16/bf16, K % 128 == 0, group in {32, 64, 128}, M <= 4 -> t = x @ v^T (cuBLAS) +
 //    int3_gemv_kernel (int3_gemv.cu: decode, weight as the mma A operand, low-rank fused).
 //  * fused: fp16/bf16, K % 128 == 0, N % 8 == 0, group in {32, 64, 128}, M <= fused_max_m
 //    -> t = x @ v^T (fp32, cuBLAS) + int3_gemm_kernel (dequant fused, low-rank fused, split-K).
