@@ -257,56 +257,34 @@ def profile_cases(spec):
 
 
 def sweep(args):
-    """Tuning sweep: decode tile variants (MILO_INT3_DECODE_CFG) x blocks per SM, with a correctness
-    check of every variant; and MT_MAX 2 vs 4 for M > 32."""
+    """Decode kernel tuning: time R=0 over MILO_INT3_GEMV_WK (warps per 16-column tile; 0 = the
+    launcher's choice), each variant first checked against the float32 reference."""
     pack_int3, ok, status = _setup_milo()
-    props = torch.cuda.get_device_properties(0)
-    l2 = getattr(props, "L2_cache_size", 50 << 20)
+    print(status, flush=True)
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s]
     ms = [int(m) for m in args.ms.split(",") if m]
-    variants = [int(v) for v in os.environ.get("SWEEP_CFGS", "1,11,12,13,14,15").split(",")]
-    per_sms = [int(v) for v in os.environ.get("SWEEP_PER_SM", "2,3,4,6,8").split(",")]
-    # correctness of each variant on one case against the float32 reference
-    N, K = 1408, 2048
-    build, call, nbytes, xdt = m_milo(32, pack_int3)
-    st = build(N, K, 0)
-    q, sc, z, ut, v = st
-    codes = _unpack(q)
-    w = ((codes.view(N, K // GROUP, GROUP) - z.float()[..., None]) * sc.float()[..., None]).view(N, K)
-    for M in (1, 5, 16):
-        x = torch.randn(M, K, device="cuda").to(xdt)
-        ref = x.float() @ w.T + (x.float() @ v.float().T) @ ut.float()
-        errs = []
-        for cfg in variants:
-            os.environ["MILO_INT3_DECODE_CFG"] = str(cfg)
-            y = call(st, x).float()
-            errs.append(f"{cfg}:{((y - ref).norm() / ref.norm()).item():.1e}")
-        print(f"check M={M}: " + " ".join(errs), flush=True)
-    print("\n| N x K | M | cfg | " + " | ".join(f"{c}/SM" for c in per_sms) + " |")
-    print("|---|---|---|" + "---|" * len(per_sms))
+    wks = [int(v) for v in os.environ.get("SWEEP_WK", "0,1,2,4,8").split(",")]
+    print("\n| N x K | M | " + " | ".join(f"WK={w or 'auto'}" for w in wks) + " | max rel err |")
+    print("|---|---|" + "---|" * (len(wks) + 1))
     for N, K in shapes:
         build, call, nbytes, xdt = m_milo(0, pack_int3)
         states = [build(N, K, i) for i in range(_n_copies(nbytes(N, K), l2))]
+        q, sc, z, _, _ = states[0]
+        w = ((_unpack(q).view(N, K // GROUP, GROUP) - z.float()[..., None]) * sc.float()[..., None]).view(N, K)
         for M in ms:
+            if M > 4:
+                continue
             x = torch.randn(M, K, device="cuda").to(xdt)
-            cfgs = variants if M <= 16 else ["mt4", "mt2"]
-            for cfg in cfgs:
-                if isinstance(cfg, int):
-                    os.environ["MILO_INT3_DECODE_CFG"] = str(cfg)
-                else:
-                    os.environ.pop("MILO_INT3_DECODE_CFG", None)
-                    os.environ["MILO_INT3_MT_MAX"] = "2" if cfg == "mt2" else "4"
-                row = []
-                for c in per_sms:
-                    os.environ["MILO_INT3_CTAS_PER_SM"] = str(c)
-                    calls = [(lambda st=st: call(st, x)) for st in states]
-                    try:
-                        row.append(f"{time_graph(calls, replays=10):.1f}")
-                    except Exception as e:
-                        row.append(f"err {type(e).__name__}")
-                print(f"| {N}x{K} | {M} | {cfg} | " + " | ".join(row) + " |", flush=True)
-            for k in ("MILO_INT3_CTAS_PER_SM", "MILO_INT3_DECODE_CFG", "MILO_INT3_MT_MAX"):
-                os.environ.pop(k, None)
+            ref = x.float() @ w.T
+            row, err = [], 0.0
+            for wk in wks:
+                os.environ["MILO_INT3_GEMV_WK"] = str(wk)
+                err = max(err, ((call(states[0], x).float() - ref).norm() / ref.norm()).item())
+                calls = [(lambda st=st: call(st, x)) for st in states]
+                row.append(f"{time_graph(calls, replays=10):.1f}")
+            os.environ.pop("MILO_INT3_GEMV_WK", None)
+            print(f"| {N}x{K} | {M} | " + " | ".join(row) + f" | {err:.1e} |", flush=True)
         del states
 
 
@@ -360,7 +338,7 @@ def main():
     ap.add_argument("--out", default="")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new shapes after this")
     ap.add_argument("--profile", default="", help="NxKxMxR,...: call milo twice per case (for ncu), no timing")
-    ap.add_argument("--sweep", action="store_true", help="time milo R=0 over MILO_INT3_CTAS_PER_SM values")
+    ap.add_argument("--sweep", action="store_true", help="decode kernel: time milo R=0 over MILO_INT3_GEMV_WK values")
     ap.add_argument("--paths", action="store_true", help="decode kernel vs tensor-core kernel per shape and M")
     args = ap.parse_args()
     if args.paths:

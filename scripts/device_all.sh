@@ -5,7 +5,8 @@
 # steps: test (tests/test_cuda_kernel.py + tests/test_moe_cuda.py), sanitize (compute-sanitizer
 # memcheck of both ops), compress (benchmarks/compress.py, full), kbench (benchmarks/bench_kernel.py),
 # moe (benchmarks/bench_moe.py), decode (benchmarks/bench_decode.py), paths (decode kernel vs
-# tensor-core kernel at small M: bench_kernel.py --paths).
+# tensor-core kernel at small M: bench_kernel.py --paths), sweep (decode kernel's warps per tile:
+# bench_kernel.py --sweep).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/milo_out}
@@ -69,6 +70,12 @@ if has paths; then
   timeout ${PATHS_TIMEOUT:-150} python3 benchmarks/bench_kernel.py --paths --ms ${PATHS_MS:-1,2,3,4,8,16} \
     > "$OUT/paths.md" 2>&1
   log "paths rc=$?"; cat "$OUT/paths.md"
+fi
+if has sweep; then
+  echo "== sweep [$(el)s]"
+  timeout ${SWEEP_TIMEOUT:-150} python3 benchmarks/bench_kernel.py --sweep --shapes ${SWEEP_SHAPES:-14336x4096,4096x14336,4096x4096,1408x2048} \
+    --ms ${SWEEP_MS:-1,4} > "$OUT/sweep.md" 2>&1
+  log "sweep rc=$?"; cat "$OUT/sweep.md"
 fi
 if has kbench; then
   echo "== bench_kernel [$(el)s]"

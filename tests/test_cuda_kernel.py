@@ -185,6 +185,47 @@ def test_gemv_offset_activations_and_odd_shapes(dtype, g, M):
         check(tuple(args))
 
 
+@pytest.mark.parametrize("wk", ["1", "2", "4", "8"])
+@pytest.mark.parametrize("M", [1, 3])
+def test_gemv_warps_per_tile(monkeypatch, wk, M):
+    """Every split of a column tile's k over the decode kernel's warps (1 to 8; up to 28 512-k
+    slices per warp, odd counts, a partial last slice, scale rows that are and are not one aligned
+    vector per lane, warps with no slice); N not a multiple of the block's columns."""
+    monkeypatch.setenv("MILO_INT3_GEMV_WK", wk)
+    gen = torch.Generator(device="cuda").manual_seed(int(wk) * 10 + M)
+    for i, (N, K, g) in enumerate([(1000, 4096 + 640, 64), (200, 14336, 128), (136, 1536, 32), (264, 2560, 64)]):
+        dtype = torch.bfloat16 if (i + M) % 2 else torch.float16
+        check(make_inputs(M, N, K, 16, g, dtype, bias=True, gen=gen))
+
+
+@pytest.mark.parametrize("pdl", ["0", "1"])
+@pytest.mark.parametrize("M,N,K,R", [(1, 64, 14336, 512), (2, 4096, 4096, 32), (4, 200, 2048, 100)])
+def test_programmatic_launch_waits_for_t(monkeypatch, pdl, M, N, K, R):
+    """The decode kernel launched programmatically after the t = x V^T kernel (sm_90) must wait for t:
+    a tiny N with a long K and R = 512 makes the t kernel the slow one. Eager and CUDA-graph replay,
+    against the float32 reference and bit-equal to the serialized launch."""
+    monkeypatch.setenv("MILO_INT3_PDL", pdl)
+    gen = torch.Generator(device="cuda").manual_seed(M * 1000 + R)
+    x, q, s, z, ut, v, g, b = make_inputs(M, N, K, R, 64, torch.bfloat16, bias=True, gen=gen)
+    y, _ = check((x, q, s, z, ut, v, g, b))
+    monkeypatch.setenv("MILO_INT3_PDL", "0")
+    assert torch.equal(y, torch.ops.milo.int3_linear(x, q, s, z, ut, v, g, b))
+    monkeypatch.setenv("MILO_INT3_PDL", pdl)
+    static_x = x.clone()
+    torch.ops.milo.int3_linear(static_x, q, s, z, ut, v, g, b)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = torch.ops.milo.int3_linear(static_x, q, s, z, ut, v, g, b)
+    for _ in range(3):
+        new_x = torch.randn(x.shape, device="cuda", generator=gen).to(x.dtype)
+        static_x.copy_(new_x)
+        static_y.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_y, torch.ops.milo.int3_linear(new_x, q, s, z, ut, v, g, b))
+
+
 @pytest.mark.parametrize("splits", [1, 2, 3, 7, 16, 64])
 @pytest.mark.parametrize("M", [1, 24, 64])
 def test_forced_splits(monkeypatch, splits, M):
@@ -319,8 +360,17 @@ def _sanitize_main():
             os.environ.pop("MILO_INT3_SPLITS", None)
         _, err = check(make_inputs(M, N, K, R, g, dt, bias=True, gen=gen))
         worst = max(worst, err)
+    os.environ.pop("MILO_INT3_SPLITS", None)
+    # decode kernel with one or two warps per column tile: every slice goes through the ring
+    gemv_cases = [("1", 1, 200, 4096 + 640, 64, torch.float16), ("1", 3, 136, 2560, 32, torch.bfloat16),
+                  ("2", 4, 1000, 14336, 128, torch.float16), ("1", 2, 72, 768, 64, torch.bfloat16)]
+    for wk, M, N, K, g, dt in gemv_cases:
+        os.environ["MILO_INT3_GEMV_WK"] = wk
+        _, err = check(make_inputs(M, N, K, 16, g, dt, bias=True, gen=gen))
+        worst = max(worst, err)
+    os.environ.pop("MILO_INT3_GEMV_WK", None)
     torch.cuda.synchronize()
-    print(f"sanitize cases OK ({len(cases)} cases, worst relative error {worst:.2e})")
+    print(f"sanitize cases OK ({len(cases) + len(gemv_cases)} cases, worst relative error {worst:.2e})")
 
 
 if __name__ == "__main__" and "--sanitize" in sys.argv:

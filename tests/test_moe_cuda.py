@@ -165,13 +165,15 @@ def test_grouped_tile_configs(monkeypatch, cfg, splits):
     check(x, counts, routing_offsets(counts, rows), experts, 64)
 
 
-@pytest.mark.parametrize("gemv_rows", ["0", "1000"])
+@pytest.mark.parametrize("gemv_rows,wk", [("0", "0"), ("1000", "0"), ("1000", "1"), ("1000", "8")])
 @pytest.mark.parametrize("rows,g,dtype", [(2, 128, torch.float16), (5, 64, torch.bfloat16), (9, 32, torch.float16),
                                           (150, 64, torch.bfloat16)])
-def test_grouped_gemv_and_mma_paths(monkeypatch, gemv_rows, rows, g, dtype):
-    """The decode kernel (tiles of <= 2 rows) forced on or off, for decode and prefill
-    routings, K = 4096 + 1024 (one full and one partial 4096-wide pass), x offset from zero."""
+def test_grouped_gemv_and_mma_paths(monkeypatch, gemv_rows, wk, rows, g, dtype):
+    """The decode kernel (tiles of <= 2 rows, 4 past one row per expert) forced on or off, with its
+    warps per column tile chosen or forced to 1 and 8, for decode and prefill routings, K = 4096 +
+    1024 (ten 512-k slices), x offset from zero."""
     monkeypatch.setenv("MILO_INT3_GROUPED_GEMV_MAX_ROWS", gemv_rows)
+    monkeypatch.setenv("MILO_INT3_GEMV_WK", wk)
     rnd = random.Random(rows)
     gen = torch.Generator(device="cuda").manual_seed(rows + int(gemv_rows))
     E, N, K = 8, 1000, 4096 + 1024
@@ -179,6 +181,25 @@ def test_grouped_gemv_and_mma_paths(monkeypatch, gemv_rows, rows, g, dtype):
     counts = random_counts(rnd, E, rows, "uniform")
     x = (torch.randn(rows, K, device="cuda", generator=gen) + 2.0).to(dtype)
     check(x, counts, routing_offsets(counts, rows), experts, g)
+
+
+@pytest.mark.parametrize("pdl", ["0", "1"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_grouped_decode_waits_for_t(monkeypatch, pdl, dtype):
+    """Decode routing (about one row per expert): the rows t-kernel, then the decode kernel launched
+    programmatically after it (sm_90), which must wait for t; a small N with a long K and ranks up to
+    512 make t the slow kernel. Against the reference and bit-equal to the serialized launch."""
+    monkeypatch.setenv("MILO_INT3_PDL", pdl)
+    rnd = random.Random(17)
+    gen = torch.Generator(device="cuda").manual_seed(17 + int(pdl))
+    E, N, K, rows = 8, 64, 14336, 6
+    experts = make_experts(E, N, K, [512, 0, 100, 512, 8, 512, 0, 4], 64, dtype, gen)
+    counts = random_counts(rnd, E, rows, "uniform")
+    offsets = routing_offsets(counts, rows)
+    x = torch.randn(rows, K, device="cuda", generator=gen).to(dtype)
+    out, _ = check(x, counts, offsets, experts, 64)
+    monkeypatch.setenv("MILO_INT3_PDL", "0")
+    assert torch.equal(out, torch.ops.milo.int3_grouped_linear(x, offsets, *experts, 64))
 
 
 def test_grouped_all_empty():

@@ -294,6 +294,9 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
   float lr[MR];
 #pragma unroll
   for (int m = 0; m < MR; ++m) lr[m] = 0.f;
+  // t may still be in flight when this kernel was launched programmatically after the kernel
+  // computing it (the dense op): wait for it here, after the main loop
+  if (R > 0) grid_dep_wait();
   if (R > 0 && n < N) {
     const T* ute = reinterpret_cast<const T*>(p.ut) + e * p.ut_estride;
     for (int r = rs; r < R; r += slices) {
@@ -350,39 +353,54 @@ __global__ void __launch_bounds__(kThreads, MINB) int3_gemv_kernel(const Int3Gem
 constexpr int smem_bytes(int rows) { return kWarps * rows * (kXRowBytes + kXSumFloats * 4); }
 
 template <typename T, int G, int MR>
-void launch_mr(const Int3GemmParams& p, int row_blocks, int wk_log2, cudaStream_t stream) {
+void launch_mr(const Int3GemmParams& p, int row_blocks, int wk_log2, const GemvLaunch& l, cudaStream_t stream) {
   // 80 registers: 3 blocks per SM (a 64-register cap for 4 spilled and was 5-30% slower, H100)
   auto kern = int3_gemv_kernel<T, G, MR, G == 32 ? 2 : 3>;
   const int br = 16 * (kWarps >> wk_log2);
   const dim3 grid((p.N + br - 1) / br, row_blocks);
-  kern<<<grid, kThreads, smem_bytes(MR), stream>>>(p, wk_log2);
+  if (l.programmatic) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(kThreads);
+    cfg.dynamicSmemBytes = smem_bytes(MR);
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, p, wk_log2));
+  } else {
+    kern<<<grid, kThreads, smem_bytes(MR), stream>>>(p, wk_log2);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, int G>
-void launch(const Int3GemmParams& p, int row_blocks, int max_rows, cudaStream_t stream) {
-  // warps per 16-column tile: enough 512-k slices to keep each warp busy, at most 8
+void launch(const Int3GemmParams& p, int row_blocks, int max_rows, const GemvLaunch& l, cudaStream_t stream) {
+  // warps per 16-column tile: enough 512-k slices to keep each warp busy, at most 8 (measured on an
+  // H100 against 1, 2, 4 and 8 for every benchmark shape: bench_kernel.py --sweep)
   const int n_slices = (p.K + kSliceK - 1) / kSliceK;
   int wk_log2 = 0;
-  while (wk_log2 < 3 && (1 << wk_log2) < n_slices) ++wk_log2;
-  if (max_rows <= 1) return launch_mr<T, G, 1>(p, row_blocks, wk_log2, stream);
-  if (max_rows <= 2) return launch_mr<T, G, 2>(p, row_blocks, wk_log2, stream);
-  return launch_mr<T, G, 4>(p, row_blocks, wk_log2, stream);
+  while (wk_log2 < 3 && (1 << wk_log2) < (l.wk_force > 0 ? l.wk_force : n_slices)) ++wk_log2;
+  if (max_rows <= 1) return launch_mr<T, G, 1>(p, row_blocks, wk_log2, l, stream);
+  if (max_rows <= 2) return launch_mr<T, G, 2>(p, row_blocks, wk_log2, l, stream);
+  return launch_mr<T, G, 4>(p, row_blocks, wk_log2, l, stream);
 }
 
 }  // namespace
 
 void launch_int3_gemv(int dtype, int group, const Int3GemmParams& p, int row_blocks, int max_rows,
-                      cudaStream_t stream) {
+                      const GemvLaunch& l, cudaStream_t stream) {
   TORCH_CHECK(p.K % 128 == 0, "int3 gemv: K must be a multiple of 128");
   if (dtype == 0) {
-    if (group == 32) return launch<half, 32>(p, row_blocks, max_rows, stream);
-    if (group == 64) return launch<half, 64>(p, row_blocks, max_rows, stream);
-    return launch<half, 128>(p, row_blocks, max_rows, stream);
+    if (group == 32) return launch<half, 32>(p, row_blocks, max_rows, l, stream);
+    if (group == 64) return launch<half, 64>(p, row_blocks, max_rows, l, stream);
+    return launch<half, 128>(p, row_blocks, max_rows, l, stream);
   }
-  if (group == 32) return launch<__nv_bfloat16, 32>(p, row_blocks, max_rows, stream);
-  if (group == 64) return launch<__nv_bfloat16, 64>(p, row_blocks, max_rows, stream);
-  return launch<__nv_bfloat16, 128>(p, row_blocks, max_rows, stream);
+  if (group == 32) return launch<__nv_bfloat16, 32>(p, row_blocks, max_rows, l, stream);
+  if (group == 64) return launch<__nv_bfloat16, 64>(p, row_blocks, max_rows, l, stream);
+  return launch<__nv_bfloat16, 128>(p, row_blocks, max_rows, l, stream);
 }
 
 }  // namespace milo

@@ -30,8 +30,13 @@ void launch_int3_gemm(int dtype, int mt, int group, const Int3GemmParams& p, int
 // = 1, 2 or 4 is max_rows rounded up; grouped op: p.tiles lists (expert, row start, row end) tiles of
 // at most max_rows rows, one per row block. Needs K % 128 == 0; any N.
 constexpr int kInt3GemvMaxRows = 4;
+struct GemvLaunch {
+  int wk_force;       // warps per 16-column tile (1, 2, 4, 8), 0 = chosen from K (tuning and tests)
+  bool programmatic;  // launched with programmatic stream serialization: the kernel before it in the
+                      // stream computes p.t and lets this one start; it waits only before using t
+};
 void launch_int3_gemv(int dtype, int group, const Int3GemmParams& p, int row_blocks, int max_rows,
-                      cudaStream_t stream);
+                      const GemvLaunch& l, cudaStream_t stream);
 
 // one entry per (dtype, group) translation unit
 void launch_int3_gemm_f16_g32(int mt, const Int3GemmParams& p, int n_tiles, int m_blocks, cudaStream_t s);

@@ -4,8 +4,9 @@
 //               int group_size, Tensor? bias=None) -> Tensor
 //
 // Paths:
-//  * decode: fp16/bf16, K % 128 == 0, group in {32, 64, 128}, M <= 4 -> t = x @ v^T (cuBLAS) +
-//    int3_gemv_kernel (int3_gemv.cu: decode, weight as the mma A operand, low-rank fused).
+//  * decode: fp16/bf16, K % 128 == 0, group in {32, 64, 128}, M <= 4 -> t = x @ v^T (lowrank_t_rows_kernel,
+//    k-split fp32 partials) + int3_gemv_kernel (int3_gemv.cu: weight as the mma A operand, low-rank
+//    term in the epilogue), launched programmatically on sm_90 so its main loop overlaps the t kernel.
 //  * fused: fp16/bf16, K % 128 == 0, N % 8 == 0, group in {32, 64, 128}, M <= fused_max_m
 //    -> t = x @ v^T (fp32, cuBLAS) + int3_gemm_kernel (dequant fused, low-rank fused, split-K).
 //  * everything else (large M, other shapes, float32, other group sizes): dequantize into a
@@ -23,6 +24,8 @@
 #include <algorithm>
 #include <cstdlib>
 #include <optional>
+#include <tuple>
+#include <utility>
 
 #include "int3_launch.h"
 
@@ -234,6 +237,143 @@ at::Tensor lowrank_t(const at::Tensor& x2d, const at::Tensor& v) {
   return at::mm(x2d.to(at::kFloat), v.to(at::kFloat).t());
 }
 
+// Partial low-rank products t_part[z][m, r] = sum over k in split z of x[m, k] * v[e(m), r, k], fp32,
+// for the rows of every tile; grid (n_slots, ceil(R / 64), k_splits), 256 threads, a TM x 64 output
+// tile per block (TM / 16 x 4 per thread), k steps of 32 through shared memory. Split-K keeps the
+// grid wide at decode (few tiles, long K); the GEMM sums the k_splits partials in a fixed order.
+template <typename T, int TM>
+__global__ void __launch_bounds__(256) grouped_lowrank_kernel(const T* __restrict__ x, const T* __restrict__ v,
+                                                             const int4* __restrict__ tiles, float* __restrict__ t,
+                                                             int K, int R, long long v_estride, int k_chunk,
+                                                             long long split_stride) {
+  const int4 tl = tiles[blockIdx.x];
+  if (tl.x < 0) return;
+  const int m0 = tl.y, m_end = tl.z, r0 = blockIdx.y * 64;
+  const int k_begin = blockIdx.z * k_chunk, k_stop = min(K, k_begin + k_chunk);
+  const T* ve = v + tl.x * v_estride;
+  __shared__ float xs[32][TM + 1];
+  __shared__ float vs[32][65];
+  const int tid = threadIdx.x;
+  const int tx = tid & 15, ty = tid >> 4;  // r = r0 + tx + 16 i, m = m0 + ty + 16 j
+  constexpr int TJ = TM / 16;
+  float acc[TJ][4];
+#pragma unroll
+  for (int j = 0; j < TJ; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[j][i] = 0.f;
+  for (int k0 = k_begin; k0 < k_stop; k0 += 32) {
+#pragma unroll
+    for (int u = 0; u < TJ * 2; ++u) {  // TM rows x 32 k of x
+      const int idx = tid + u * 256;
+      const int row = idx >> 5, kk = idx & 31;
+      const int k = k0 + kk, m = m0 + row;
+      xs[kk][row] = (m < m_end && k < k_stop) ? to_float(x[static_cast<long long>(m) * K + k]) : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {  // 64 ranks x 32 k of v
+      const int idx = tid + u * 256;
+      const int row = idx >> 5, kk = idx & 31;
+      const int k = k0 + kk, r = r0 + row;
+      vs[kk][row] = (r < R && k < k_stop) ? to_float(ve[static_cast<long long>(r) * K + k]) : 0.f;
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int kk = 0; kk < 32; ++kk) {
+      float a[TJ], b[4];
+#pragma unroll
+      for (int j = 0; j < TJ; ++j) a[j] = xs[kk][ty + 16 * j];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) b[i] = vs[kk][tx + 16 * i];
+#pragma unroll
+      for (int j = 0; j < TJ; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[j][i] = fmaf(a[j], b[i], acc[j][i]);
+    }
+    __syncthreads();
+  }
+  float* tz = t + blockIdx.z * split_stride;
+#pragma unroll
+  for (int j = 0; j < TJ; ++j) {
+    const int m = m0 + ty + 16 * j;
+    if (m >= m_end) continue;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = r0 + tx + 16 * i;
+      if (r < R) tz[static_cast<long long>(m) * R + r] = acc[j][i];
+    }
+  }
+}
+
+// Decode t partials t[split][m, r] = sum over k in the split of x[m, k] v[e, r, k] (fp32) for row
+// groups of at most 4 (blockIdx.y: rows 4y.. of the dense op, e = 0, or the grouped op's tile y with
+// its expert e): one warp per (rank, split), 16-byte loads issued several iterations ahead, a shuffle
+// reduction; no shared memory and no barrier, so a long K costs a few load round trips, not one per
+// 32-k step. Lets the decode kernel launched after it start at once (programmatic launch): that
+// kernel waits for t only before its epilogue. Needs K % 8 == 0, x and v rows 16-byte aligned.
+template <typename T>
+__global__ void __launch_bounds__(256) lowrank_t_rows_kernel(const T* __restrict__ x, const T* __restrict__ v,
+                                                            const int4* __restrict__ tiles, float* __restrict__ t,
+                                                            int M, int K, int R, int splits, int k_chunk) {
+  grid_dep_launch_dependents();
+  const int gw = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+  if (gw >= R * splits) return;  // whole warps
+  int e = 0, m0 = blockIdx.y * kInt3GemvMaxRows, rows = min(kInt3GemvMaxRows, M - m0);
+  if (tiles != nullptr) {
+    const int4 tl = tiles[blockIdx.y];
+    if (tl.x < 0) return;
+    e = tl.x;
+    m0 = tl.y;
+    rows = min(kInt3GemvMaxRows, tl.z - tl.y);
+  }
+  const int r = gw / splits, sp = gw % splits;
+  const int k_end = min(K, (sp + 1) * k_chunk);
+  const T* vr = v + (static_cast<long long>(e) * R + r) * K;
+  float acc[kInt3GemvMaxRows] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll 4
+  for (int k = sp * k_chunk + lane * 8; k < k_end; k += 256) {
+    const uint4 vv = __ldg(reinterpret_cast<const uint4*>(vr + k));
+    const T* vh = reinterpret_cast<const T*>(&vv);
+#pragma unroll
+    for (int m = 0; m < kInt3GemvMaxRows; ++m) {
+      if (m < rows) {
+        const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + static_cast<long long>(m0 + m) * K + k));
+        const T* xh = reinterpret_cast<const T*>(&xv);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[m] = fmaf(to_float(xh[i]), to_float(vh[i]), acc[m]);
+      }
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < kInt3GemvMaxRows; ++m) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) acc[m] += __shfl_xor_sync(0xffffffffu, acc[m], off);
+    if (lane == 0 && m < rows) t[(static_cast<long long>(sp) * M + m0 + m) * R + r] = acc[m];
+  }
+}
+
+// splits of K for lowrank_t_rows_kernel: about one per 2048 k, at most 8, each a multiple of 256
+std::pair<int, int> lowrank_rows_splits(int K) {
+  const int want = std::max(1, std::min(8, (K + 2047) / 2048));
+  const int k_chunk = ((K + want - 1) / want + 255) / 256 * 256;
+  return {(K + k_chunk - 1) / k_chunk, k_chunk};
+}
+
+// row_groups: ceil(M / 4) for the dense op (tiles == nullptr), the tile count for the grouped op
+void launch_lowrank_t_rows(at::ScalarType xt, const void* x, const void* v, const int4* tiles, int row_groups,
+                           float* t, int M, int K, int R, int splits, int k_chunk, cudaStream_t stream) {
+  const dim3 blocks((R * splits * 32 + 255) / 256, row_groups);
+  if (xt == at::kHalf) {
+    lowrank_t_rows_kernel<half><<<blocks, 256, 0, stream>>>(reinterpret_cast<const half*>(x),
+                                                            reinterpret_cast<const half*>(v), tiles, t, M, K, R,
+                                                            splits, k_chunk);
+  } else {
+    lowrank_t_rows_kernel<__nv_bfloat16><<<blocks, 256, 0, stream>>>(
+        reinterpret_cast<const __nv_bfloat16*>(x), reinterpret_cast<const __nv_bfloat16*>(v), tiles, t, M, K, R, splits,
+        k_chunk);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // ------------------------------------------------------------------------------------------------
 // general path: dequantize + cuBLAS
 // ------------------------------------------------------------------------------------------------
@@ -332,17 +472,30 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   const at::Tensor qa = aligned(q, 16) ? q : q.clone();
   const at::Tensor sa = aligned_contig(scales, 4);
   const at::Tensor za = aligned_contig(zeros, 4);
-  at::Tensor uta, tt;
-  if (R > 0) {
-    uta = aligned_contig(ut, 16);
-    tt = lowrank_t(xa, v).contiguous();
-    if (!aligned(tt, 8)) tt = tt.clone();
-  }
   at::Tensor ba;
   if (bias.has_value()) ba = bias->reshape({N64}).contiguous();
-
   at::Tensor y = at::empty({M64, N64}, x.options());
-  Int3GemmParams p{};  // dense op: no tile list, one t partial
+  // (y and the bias copy first: the decode kernel should follow the t kernel directly in the stream)
+  at::Tensor uta, tt, va;
+  int t_splits = 1;
+  // decode: t = x v^T by lowrank_t_rows_kernel in k splits, and the decode kernel launched programmatically
+  // after it (sm_90): it streams its weights while t is computed and waits for t only in its epilogue
+  const bool programmatic = use_gemv && R > 0 && dinfo.major >= 9 && env_int("MILO_INT3_PDL", 1) != 0;
+  if (R > 0) {
+    uta = aligned_contig(ut, 16);
+    if (use_gemv) {
+      const auto [splits, k_chunk] = lowrank_rows_splits(K);
+      t_splits = splits;
+      va = aligned_contig(v, 16);
+      tt = at::empty({static_cast<int64_t>(splits) * M64 * R}, x.options().dtype(at::kFloat));
+      launch_lowrank_t_rows(xt, xa.data_ptr(), va.data_ptr(), nullptr, (M + kInt3GemvMaxRows - 1) / kInt3GemvMaxRows,
+                            tt.data_ptr<float>(), M, K, R, splits, k_chunk, stream);
+    } else {
+      tt = lowrank_t(xa, v).contiguous();
+      if (!aligned(tt, 8)) tt = tt.clone();
+    }
+  }
+  Int3GemmParams p{};  // dense op: no tile list
   p.x = xa.data_ptr();
   p.q = qa.data_ptr<int32_t>();
   p.scales = sa.data_ptr();
@@ -355,10 +508,12 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   p.N = N;
   p.K = K;
   p.R = R;
-  p.t_splits = 1;
+  p.t_splits = t_splits;
+  p.t_split_stride = M64 * R;
   if (use_gemv) {
     const int row_blocks = (M + kInt3GemvMaxRows - 1) / kInt3GemvMaxRows;
-    launch_int3_gemv(xt == at::kHalf ? 0 : 1, G, p, row_blocks, std::min(M, kInt3GemvMaxRows), stream);
+    const GemvLaunch gl{env_int("MILO_INT3_GEMV_WK", 0), programmatic};
+    launch_int3_gemv(xt == at::kHalf ? 0 : 1, G, p, row_blocks, std::min(M, kInt3GemvMaxRows), gl, stream);
     return y.reshape(out_shape);
   }
 
@@ -444,73 +599,6 @@ __global__ void grouped_tiles_kernel(const OffT* __restrict__ offsets, int E, in
   for (long long i = tid; i < nz; i += blockDim.x) yt[i] = zero;
 }
 
-// Partial low-rank products t_part[z][m, r] = sum over k in split z of x[m, k] * v[e(m), r, k], fp32,
-// for the rows of every tile; grid (n_slots, ceil(R / 64), k_splits), 256 threads, a TM x 64 output
-// tile per block (TM / 16 x 4 per thread), k steps of 32 through shared memory. Split-K keeps the
-// grid wide at decode (few tiles, long K); the GEMM sums the k_splits partials in a fixed order.
-template <typename T, int TM>
-__global__ void __launch_bounds__(256) grouped_lowrank_kernel(const T* __restrict__ x, const T* __restrict__ v,
-                                                             const int4* __restrict__ tiles, float* __restrict__ t,
-                                                             int K, int R, long long v_estride, int k_chunk,
-                                                             long long split_stride) {
-  const int4 tl = tiles[blockIdx.x];
-  if (tl.x < 0) return;
-  const int m0 = tl.y, m_end = tl.z, r0 = blockIdx.y * 64;
-  const int k_begin = blockIdx.z * k_chunk, k_stop = min(K, k_begin + k_chunk);
-  const T* ve = v + tl.x * v_estride;
-  __shared__ float xs[32][TM + 1];
-  __shared__ float vs[32][65];
-  const int tid = threadIdx.x;
-  const int tx = tid & 15, ty = tid >> 4;  // r = r0 + tx + 16 i, m = m0 + ty + 16 j
-  constexpr int TJ = TM / 16;
-  float acc[TJ][4];
-#pragma unroll
-  for (int j = 0; j < TJ; ++j)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) acc[j][i] = 0.f;
-  for (int k0 = k_begin; k0 < k_stop; k0 += 32) {
-#pragma unroll
-    for (int u = 0; u < TJ * 2; ++u) {  // TM rows x 32 k of x
-      const int idx = tid + u * 256;
-      const int row = idx >> 5, kk = idx & 31;
-      const int k = k0 + kk, m = m0 + row;
-      xs[kk][row] = (m < m_end && k < k_stop) ? to_float(x[static_cast<long long>(m) * K + k]) : 0.f;
-    }
-#pragma unroll
-    for (int u = 0; u < 8; ++u) {  // 64 ranks x 32 k of v
-      const int idx = tid + u * 256;
-      const int row = idx >> 5, kk = idx & 31;
-      const int k = k0 + kk, r = r0 + row;
-      vs[kk][row] = (r < R && k < k_stop) ? to_float(ve[static_cast<long long>(r) * K + k]) : 0.f;
-    }
-    __syncthreads();
-#pragma unroll 8
-    for (int kk = 0; kk < 32; ++kk) {
-      float a[TJ], b[4];
-#pragma unroll
-      for (int j = 0; j < TJ; ++j) a[j] = xs[kk][ty + 16 * j];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) b[i] = vs[kk][tx + 16 * i];
-#pragma unroll
-      for (int j = 0; j < TJ; ++j)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[j][i] = fmaf(a[j], b[i], acc[j][i]);
-    }
-    __syncthreads();
-  }
-  float* tz = t + blockIdx.z * split_stride;
-#pragma unroll
-  for (int j = 0; j < TJ; ++j) {
-    const int m = m0 + ty + 16 * j;
-    if (m >= m_end) continue;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int r = r0 + tx + 16 * i;
-      if (r < R) tz[static_cast<long long>(m) * R + r] = acc[j][i];
-    }
-  }
-}
-
 }  // namespace
 
 at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& qdata,
@@ -572,14 +660,11 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   int cfg = mean_rows <= 16 ? 1 : (mean_rows <= 32 ? 2 : 4);
   const int forced = env_int("MILO_INT3_GROUPED_CFG", 0);
   if (forced == 1 || forced == 2 || forced == 4) cfg = forced;
-  // decode (about one row per busy expert, K >= 4096): the decode kernel on tiles of at most 2
-  // rows. Measured on an H100 (bench_moe.py): Mixtral-shaped M=1 274 us vs 292 with the mma tiles, but
-  // at 2+ rows per expert the re-read weights, and at K < 4096 the idle lanes (a warp spans 4096 k),
-  // make it slower (Qwen3-shaped M=8: 444 vs 273 us).
+  // decode (about one row per busy expert): the decode kernel on tiles of at most 2 rows (4 when the
+  // mean is above 1); past that it re-reads the weights per tile and the mma tiles win (H100, bench_moe.py)
   const bool use_gemv = forced == 0 && K % 128 == 0 &&
-                        (K >= 4096 || env_int("MILO_INT3_GROUPED_GEMV_MAX_ROWS", 0) > 0) &&
                         mean_rows <= env_int("MILO_INT3_GROUPED_GEMV_MAX_ROWS", 1);
-  const int bm = use_gemv ? 2 : int3_cfg_bm(cfg), bn = int3_cfg_bn(cfg, G);
+  const int bm = use_gemv ? (mean_rows <= 1 ? 2 : kInt3GemvMaxRows) : int3_cfg_bm(cfg), bn = int3_cfg_bn(cfg, G);
   const int n_slots = (rows + bm - 1) / bm + busy;
   TORCH_CHECK(n_slots < 65536, "int3_grouped_linear: too many row tiles");
   const int n_tiles = (N + bn - 1) / bn;
@@ -606,8 +691,9 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
     const int want = (2 * dinfo.sms + est * r_chunks64 - 1) / (est * r_chunks64);
     t_splits = std::max(1, std::min({want, 32, K / 128}));
   }
-  const int k_chunk = ((K + t_splits - 1) / t_splits + 31) / 32 * 32;
+  int k_chunk = ((K + t_splits - 1) / t_splits + 31) / 32 * 32;
   t_splits = (K + k_chunk - 1) / k_chunk;
+  if (use_gemv) std::tie(t_splits, k_chunk) = lowrank_rows_splits(K);  // tiles of <= 2 rows: the rows kernel
   const int64_t t_floats = R > 0 ? static_cast<int64_t>(t_splits) * rows64 * R : 0;
   const int64_t tile_ints = 4LL * n_slots;
   // one scratch allocation: [tiles (int4) | t (fp32) | partials (fp32) | counters (int)]
@@ -640,20 +726,25 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   at::Tensor uta, va;
   if (R > 0) {
     uta = aligned_contig(ut, 16);
-    va = v.contiguous();
-    const dim3 grid(n_slots, r_chunks64, t_splits);
-    const long long vs_ = static_cast<long long>(R) * K, ss_ = rows64 * R;
+    va = aligned_contig(v, 16);
+    if (use_gemv) {
+      launch_lowrank_t_rows(xt, xa.data_ptr(), va.data_ptr(), tiles, n_slots, tbuf, rows, K, R, t_splits, k_chunk,
+                            stream);
+    } else {
+      const dim3 grid(n_slots, r_chunks64, t_splits);
+      const long long vs_ = static_cast<long long>(R) * K, ss_ = rows64 * R;
 #define MILO_LR_LAUNCH(TT, TM)                                                                              \
   grouped_lowrank_kernel<TT, TM><<<grid, 256, 0, stream>>>(reinterpret_cast<const TT*>(xa.data_ptr()),     \
                                                            reinterpret_cast<const TT*>(va.data_ptr()), tiles, \
                                                            tbuf, K, R, vs_, k_chunk, ss_)
-    if (xt == at::kHalf) {
-      if (bm <= 16) MILO_LR_LAUNCH(half, 16); else MILO_LR_LAUNCH(half, 64);
-    } else {
-      if (bm <= 16) MILO_LR_LAUNCH(__nv_bfloat16, 16); else MILO_LR_LAUNCH(__nv_bfloat16, 64);
-    }
+      if (xt == at::kHalf) {
+        if (bm <= 16) MILO_LR_LAUNCH(half, 16); else MILO_LR_LAUNCH(half, 64);
+      } else {
+        if (bm <= 16) MILO_LR_LAUNCH(__nv_bfloat16, 16); else MILO_LR_LAUNCH(__nv_bfloat16, 64);
+      }
 #undef MILO_LR_LAUNCH
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   }
 
   Int3GemmParams p;
@@ -680,7 +771,8 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   p.t_splits = t_splits;
   p.t_split_stride = rows64 * R;
   if (use_gemv) {
-    launch_int3_gemv(xt == at::kHalf ? 0 : 1, G, p, n_slots, bm, stream);
+    const GemvLaunch gl{env_int("MILO_INT3_GEMV_WK", 0), R > 0 && dinfo.major >= 9 && env_int("MILO_INT3_PDL", 1) != 0};
+    launch_int3_gemv(xt == at::kHalf ? 0 : 1, G, p, n_slots, bm, gl, stream);
   } else {
     launch_int3_gemm(xt == at::kHalf ? 0 : 1, cfg, G, p, n_tiles, n_slots, stream);
   }
