@@ -81,15 +81,50 @@ def to_ao_int4(model):
     return model
 
 
-def decode_tps(model, batch, prompt, steps, warm, device, compile_):
+def make_step(model, batch, prompt, max_len, device):
+    """A greedy decode step on a static cache, and the prompt ids."""
     from transformers import StaticCache
 
-    cache = StaticCache(config=model.config, max_cache_len=prompt + warm + steps + 2)
+    cache = StaticCache(config=model.config, max_cache_len=max_len)
     ids = torch.randint(3, model.config.vocab_size, (batch, prompt), device=device)
 
     def step(tok, pos):
         out = model(tok, past_key_values=cache, use_cache=True, cache_position=pos)
         return out.logits[:, -1:].argmax(-1)
+
+    return step, ids
+
+
+def profile_decode(model, prompt, device, steps=8):
+    """Where a decode step's time goes: dynamo graph breaks of the step, and the CUDA kernels of
+    eager steps (torch.profiler), top 20 by total time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step, ids = make_step(model, 1, prompt, prompt + steps + 8, device)
+    with torch.no_grad():
+        tok = step(ids, torch.arange(prompt, device=device))
+        pos = prompt
+        expl = torch._dynamo.explain(step)(tok.clone(), torch.tensor([pos], device=device))
+        print(f"dynamo: {expl.graph_count} graphs, {expl.graph_break_count} breaks", flush=True)
+        for reason in expl.break_reasons[:5]:
+            print(f"  break: {str(reason.reason)[:160]}", flush=True)
+        torch._dynamo.reset()
+        for _ in range(2):
+            tok = step(tok.clone(), torch.tensor([pos], device=device))
+            pos += 1
+        sync()
+        acts = [ProfilerActivity.CUDA] if device == "cuda" else [ProfilerActivity.CPU]
+        with profile(activities=acts) as prof:
+            for _ in range(steps):
+                tok = step(tok.clone(), torch.tensor([pos], device=device))
+                pos += 1
+            sync()
+    key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=70), flush=True)
+
+
+def decode_tps(model, batch, prompt, steps, warm, device, compile_):
+    step, ids = make_step(model, batch, prompt, prompt + warm + steps + 2, device)
 
     fn = torch.compile(step, mode="reduce-overhead", fullgraph=False) if compile_ else step
     with torch.no_grad():
@@ -121,6 +156,7 @@ def main():
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default="")
+    ap.add_argument("--profile", action="store_true", help="graph breaks and kernel times per method, no timing")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     compile_ = device == "cuda" and not args.no_compile
@@ -143,6 +179,11 @@ def main():
                     return sum(_bytes(getattr(t, n)) for n in names if getattr(t, n, None) is not None)
                 return t.nbytes
 
+            if args.profile:
+                print(f"== {meth}", flush=True)
+                profile_decode(model, args.prompt, device)
+                model = None
+                continue
             nbytes = sum(_bytes(t) for t in model.parameters())
             for b in [int(v) for v in args.batch.split(",")]:
                 tps, ms, tw = decode_tps(model, b, args.prompt, args.steps, args.warm, device, compile_)

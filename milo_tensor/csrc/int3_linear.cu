@@ -660,10 +660,11 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   int cfg = mean_rows <= 16 ? 1 : (mean_rows <= 32 ? 2 : 4);
   const int forced = env_int("MILO_INT3_GROUPED_CFG", 0);
   if (forced == 1 || forced == 2 || forced == 4) cfg = forced;
-  // decode (about one row per busy expert): the decode kernel on tiles of at most 2 rows (4 when the
-  // mean is above 1); past that it re-reads the weights per tile and the mma tiles win (H100, bench_moe.py)
+  // decode (up to 2 rows per busy expert): the decode kernel on tiles of at most 2 rows (4 when the mean
+  // is above 1). H100, bench_moe.py: Mixtral-shaped M=8 (2 rows per expert) 533 us vs 730 with the mma
+  // tiles; past that a tile re-reads the weights and the mma tiles are expected to win (not measured)
   const bool use_gemv = forced == 0 && K % 128 == 0 &&
-                        mean_rows <= env_int("MILO_INT3_GROUPED_GEMV_MAX_ROWS", 1);
+                        mean_rows <= env_int("MILO_INT3_GROUPED_GEMV_MAX_ROWS", 2);
   const int bm = use_gemv ? (mean_rows <= 1 ? 2 : kInt3GemvMaxRows) : int3_cfg_bm(cfg), bn = int3_cfg_bn(cfg, G);
   const int n_slots = (rows + bm - 1) / bm + busy;
   TORCH_CHECK(n_slots < 65536, "int3_grouped_linear: too many row tiles");
