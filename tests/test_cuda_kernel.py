@@ -114,6 +114,30 @@ def call_poisoned(args):
     return torch.ops.milo.int3_linear(*args)
 
 
+def assert_graph_replay_matches_eager(args, gen, replays=3):
+    """Capture the op once (after a side-stream warm-up), then replay it on fresh inputs copied into the
+    captured x, the output NaN-poisoned before each replay: every replay bit-equal to an eager call."""
+    x, rest = args[0], args[1:]
+    static_x = x.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            torch.ops.milo.int3_linear(static_x, *rest)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = torch.ops.milo.int3_linear(static_x, *rest)
+    for _ in range(replays):
+        new_x = torch.randn(x.shape, device="cuda", generator=gen).to(x.dtype)
+        static_x.copy_(new_x)
+        static_y.fill_(float("nan"))
+        graph.replay()
+        eager = torch.ops.milo.int3_linear(new_x, *rest)
+        torch.cuda.synchronize()
+        assert torch.equal(static_y, eager)
+
+
 def check(args, tol=TOL):
     out = call_poisoned(args)
     ref = reference(*args)
@@ -211,19 +235,7 @@ def test_programmatic_launch_waits_for_t(monkeypatch, pdl, M, N, K, R):
     monkeypatch.setenv("MILO_INT3_PDL", "0")
     assert torch.equal(y, torch.ops.milo.int3_linear(x, q, s, z, ut, v, g, b))
     monkeypatch.setenv("MILO_INT3_PDL", pdl)
-    static_x = x.clone()
-    torch.ops.milo.int3_linear(static_x, q, s, z, ut, v, g, b)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_y = torch.ops.milo.int3_linear(static_x, q, s, z, ut, v, g, b)
-    for _ in range(3):
-        new_x = torch.randn(x.shape, device="cuda", generator=gen).to(x.dtype)
-        static_x.copy_(new_x)
-        static_y.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(static_y, torch.ops.milo.int3_linear(new_x, q, s, z, ut, v, g, b))
+    assert_graph_replay_matches_eager((x, q, s, z, ut, v, g, b), gen)
 
 
 @pytest.mark.parametrize("splits", [1, 2, 3, 7, 16, 64])
@@ -305,24 +317,7 @@ def test_compile_fullgraph(M):
 def test_cuda_graph_replay():
     gen = torch.Generator(device="cuda").manual_seed(7)
     for M, R in [(1, 32), (8, 0), (40, 512)]:
-        x, q, s, z, ut, v, g, b = make_inputs(M, 4096, 2048, R, 64, torch.float16, gen=gen)
-        static_x = x.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                torch.ops.milo.int3_linear(static_x, q, s, z, ut, v, g, b)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_y = torch.ops.milo.int3_linear(static_x, q, s, z, ut, v, g, b)
-        for _ in range(3):
-            new_x = torch.randn(x.shape, device="cuda", generator=gen).to(x.dtype)
-            static_x.copy_(new_x)
-            graph.replay()
-            eager = torch.ops.milo.int3_linear(new_x, q, s, z, ut, v, g, b)
-            torch.cuda.synchronize()
-            assert torch.equal(static_y, eager)
+        assert_graph_replay_matches_eager(make_inputs(M, 4096, 2048, R, 64, torch.float16, gen=gen), gen)
 
 
 def test_compile_reduce_overhead():
