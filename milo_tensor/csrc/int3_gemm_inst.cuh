@@ -1,5 +1,5 @@
 // Included once per (dtype, group) translation unit with MILO_T, MILO_G and MILO_FN defined, so
-// the 18 kernel instantiations compile in parallel.
+// the kernel instantiations compile in parallel.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/util/Exception.h>
@@ -32,7 +32,7 @@ void launch_cfg(const Int3GemmParams& p, int n_tiles, int m_blocks, cudaStream_t
 void MILO_FN(int mt, const Int3GemmParams& p, int n_tiles, int m_blocks, cudaStream_t s) {
   switch (mt) {
     case 1:  // decode (M <= 16): 64 columns per block, 8 warps (4 along N x 2 along K), 4 stages
-      // (4 stages measured 20-25% faster than 8 at M = 1..16 on an H100: cfg 13 of the sweep)
+      // (4 stages measured 20-25% faster than 8 at M = 1..16 on an H100)
       launch_cfg<Int3Cfg<MILO_T, 1, 2, 4, MILO_G, 4, 3>>(p, n_tiles, m_blocks, s);
       break;
     case 2:
@@ -41,23 +41,6 @@ void MILO_FN(int mt, const Int3GemmParams& p, int n_tiles, int m_blocks, cudaStr
     case 4:
       launch_cfg<Int3Cfg<MILO_T, 4, 4, 4, MILO_G, 4>>(p, n_tiles, m_blocks, s);
       break;
-#ifdef MILO_DECODE_VARIANTS
-    case 10:
-      launch_cfg<Int3Cfg<MILO_T, 1, 8, 2, MILO_G, 4, 4>>(p, n_tiles, m_blocks, s);
-      break;
-    case 11:
-      launch_cfg<Int3Cfg<MILO_T, 1, 4, 4, MILO_G, 4, 3>>(p, n_tiles, m_blocks, s);
-      break;
-    case 13:  // the old decode tile (8 stages)
-      launch_cfg<Int3Cfg<MILO_T, 1, 2, 4, MILO_G, 8, 3>>(p, n_tiles, m_blocks, s);
-      break;
-    case 17:
-      launch_cfg<Int3Cfg<MILO_T, 1, 4, 4, MILO_G, 6, 3>>(p, n_tiles, m_blocks, s);
-      break;
-    case 18:
-      launch_cfg<Int3Cfg<MILO_T, 1, 2, 4, MILO_G, 6, 4>>(p, n_tiles, m_blocks, s);
-      break;
-#endif
     default:
       TORCH_CHECK(false, "int3_linear: tile configuration ", mt, " is not built for this dtype / group size");
   }

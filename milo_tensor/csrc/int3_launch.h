@@ -7,15 +7,11 @@
 
 namespace milo {
 
-// Tile shapes chosen by the host. Every configuration has BN = 128 output columns per block and
-// 128-wide k stages; BM = 16 * mt rows.
+// Tile shapes chosen by the host: 128-wide k stages, BM = 16 * mt rows.
 constexpr int kInt3BK = 128;
 
-// Tile configurations (cfg ids): 1 = decode, M <= 16 (MT 1, NT 2, WN 4 -> BN 64, 256 threads, 8 stages,
-// register cap for 3 blocks/SM); 2 = MT 2 (NT 8, WN 2, BN 128); 4 = MT 4 (NT 4, WN 4,
-// BN 128). Tuning variants of the decode tile, fp16 group 64 only (MILO_INT3_DECODE_CFG): 10 = MT 1, NT 8,
-// WN 2 (the first version); 11 = NT 4, WN 4; 13 = NT 2, WN 4, 4 stages; 17 = NT 4, WN 4, 6 stages;
-// 18 = NT 2, WN 4, 6 stages, 4 blocks/SM register cap.
+// Tile configurations (cfg ids): 1 = M <= 16 (MT 1, NT 2, WN 4 -> BN 64, 256 threads, 4 stages,
+// register cap for 3 blocks/SM); 2 = MT 2 (NT 8, WN 2, BN 128); 4 = MT 4 (NT 4, WN 4, BN 128).
 int int3_cfg_bn(int cfg, int group);
 int int3_cfg_bm(int cfg);
 

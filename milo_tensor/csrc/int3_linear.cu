@@ -34,7 +34,7 @@ namespace milo {
 int int3_cfg_bm(int cfg) { return cfg == 2 ? 32 : (cfg == 4 ? 64 : 16); }
 int int3_cfg_bn(int cfg, int group) {
   (void)group;
-  return (cfg == 1 || cfg == 13 || cfg == 18) ? 64 : 128;
+  return cfg == 1 ? 64 : 128;
 }
 
 void launch_int3_gemm(int dtype, int mt, int group, const Int3GemmParams& p, int n_tiles, int m_blocks,
@@ -518,9 +518,6 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   }
 
   int cfg = M <= 16 ? 1 : (M <= 32 ? 2 : 4);
-  if (cfg == 4 && env_int("MILO_INT3_MT_MAX", 4) == 2) cfg = 2;  // experiment: two 32-row blocks
-  const int decode_cfg = env_int("MILO_INT3_DECODE_CFG", 0);       // experiment: decode tile variants
-  if (cfg == 1 && decode_cfg > 0 && xt == at::kHalf && G == 64) cfg = decode_cfg;
   const int bm = int3_cfg_bm(cfg), bn = int3_cfg_bn(cfg, G);
   const int m_blocks = (M + bm - 1) / bm;
   const int n_tiles = (N + bn - 1) / bn;
