@@ -4,6 +4,9 @@ graphs) greedy decode loop with a static KV cache, on a Mixtral-shaped model wit
     python benchmarks/bench_decode.py --layers 4 --out bench_decode.md
     python benchmarks/bench_decode.py --smoke                   # tiny model, any device, no compile
 
+Each method runs in a fresh process (`--in-process` shares one; there the method compiled second ran
+slower); `--profile` prints each method's graph breaks and CUDA kernel times instead of timing.
+
 Model: MixtralConfig (hidden 4096, intermediate 14336, 8 experts top-2, 32 heads / 8 KV heads,
 vocab 32000) with --layers decoder layers (the full model has 32; a few layers keep the run short
 and the weights in memory for every method; per-layer time scales to the full depth).
@@ -145,6 +148,63 @@ def decode_tps(model, batch, prompt, steps, warm, device, compile_):
     return batch * steps / dt, dt / steps * 1e3, t_warm
 
 
+def _nbytes(t):
+    if hasattr(t, "__tensor_flatten__"):  # tensor subclasses: their inner tensors
+        names, _ = t.__tensor_flatten__()
+        return sum(_nbytes(getattr(t, n)) for n in names if getattr(t, n, None) is not None)
+    return t.nbytes
+
+
+def run_method(meth, args, device, compile_):
+    """Rows (method, batch, tok/s, ms/step, GiB, warm-up s) of one method in this process."""
+    rows = []
+    try:
+        model = build(args.layers, device, args.smoke)
+        if meth == "milo":
+            model = to_milo(model, device)
+        elif meth == "ao-int4":
+            model = to_ao_int4(model)
+        if args.profile:
+            print(f"== {meth}", flush=True)
+            profile_decode(model, args.prompt, device)
+            return rows
+        nbytes = sum(_nbytes(t) for t in model.parameters())
+        for b in [int(v) for v in args.batch.split(",")]:
+            tps, ms, tw = decode_tps(model, b, args.prompt, args.steps, args.warm, device, compile_)
+            rows.append((meth, b, tps, ms, nbytes / 2**30, tw))
+            print(f"{meth:8s} batch {b}: {tps:8.1f} tok/s, {ms:7.2f} ms/step, weights {nbytes / 2**30:.2f} GiB, "
+                  f"warm-up {tw:.0f} s", flush=True)
+    except Exception as e:
+        msg = f"n/a ({type(e).__name__}: {str(e).splitlines()[0][:90] if str(e) else ''})"
+        rows.append((meth, 0, msg, msg, float("nan"), 0))
+        print(f"{meth}: {msg}", flush=True)
+        import traceback
+
+        traceback.print_exc()
+    return rows
+
+
+def run_isolated(meth, args):
+    """One method in a fresh process: in one process the method compiled second ran up to 15% slower
+    (H100, 2026-11-25: milo 482 tok/s first, 415 after bf16)."""
+    import json
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rows.json")
+        cmd = [sys.executable, os.path.abspath(__file__), "--methods", meth, "--rows-json", out,
+               "--layers", str(args.layers), "--batch", args.batch, "--prompt", str(args.prompt),
+               "--steps", str(args.steps), "--warm", str(args.warm)]
+        cmd += ["--no-compile"] if args.no_compile else []
+        cmd += ["--smoke"] if args.smoke else []
+        subprocess.run(cmd, check=False)
+        if not os.path.exists(out):
+            return [(meth, 0, "n/a (subprocess failed)", "", float("nan"), 0)]
+        with open(out) as f:
+            return [tuple(r) for r in json.load(f)]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=4)
@@ -157,6 +217,8 @@ def main():
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default="")
     ap.add_argument("--profile", action="store_true", help="graph breaks and kernel times per method, no timing")
+    ap.add_argument("--in-process", action="store_true", help="all methods in this process (default: one process each)")
+    ap.add_argument("--rows-json", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     compile_ = device == "cuda" and not args.no_compile
@@ -165,42 +227,11 @@ def main():
 
     header = env_header() + f"; milo kernels: {extension_status()}"
     print(header, flush=True)
-    rows = []
-    for meth in args.methods.split(","):
-        try:
-            model = build(args.layers, device, args.smoke)
-            if meth == "milo":
-                model = to_milo(model, device)
-            elif meth == "ao-int4":
-                model = to_ao_int4(model)
-            def _bytes(t):
-                if hasattr(t, "__tensor_flatten__"):  # tensor subclasses: their inner tensors
-                    names, _ = t.__tensor_flatten__()
-                    return sum(_bytes(getattr(t, n)) for n in names if getattr(t, n, None) is not None)
-                return t.nbytes
-
-            if args.profile:
-                print(f"== {meth}", flush=True)
-                profile_decode(model, args.prompt, device)
-                model = None
-                continue
-            nbytes = sum(_bytes(t) for t in model.parameters())
-            for b in [int(v) for v in args.batch.split(",")]:
-                tps, ms, tw = decode_tps(model, b, args.prompt, args.steps, args.warm, device, compile_)
-                rows.append((meth, b, tps, ms, nbytes / 2**30, tw))
-                print(f"{meth:8s} batch {b}: {tps:8.1f} tok/s, {ms:7.2f} ms/step, weights {nbytes / 2**30:.2f} GiB, "
-                      f"warm-up {tw:.0f} s", flush=True)
-            torch._dynamo.reset()
-        except Exception as e:
-            msg = f"n/a ({type(e).__name__}: {str(e).splitlines()[0][:90] if str(e) else ''})"
-            rows.append((meth, 0, msg, msg, float("nan"), 0))
-            print(f"{meth}: {msg}", flush=True)
-            import traceback
-
-            traceback.print_exc()
-        model = None
-        if device == "cuda":
-            torch.cuda.empty_cache()
+    methods = args.methods.split(",")
+    if len(methods) > 1 and not args.profile and not args.in_process:
+        rows = [row for meth in methods for row in run_isolated(meth, args)]
+    else:
+        rows = [row for meth in methods for row in run_method(meth, args, device, compile_)]
     lines = ["# Decode benchmark\n", header + "\n",
              f"Mixtral-shaped model, {args.layers} decoder layers, random weights; greedy decode, static KV cache, "
              f"prompt {args.prompt}, {args.steps} timed steps after {args.warm} warm-up steps; "
@@ -213,6 +244,11 @@ def main():
             lines.append(f"| {meth} | - | {tps} | | | |")
     report = "\n".join(lines) + "\n"
     print("\n" + report)
+    if args.rows_json:
+        import json
+
+        with open(args.rows_json, "w") as f:
+            json.dump(rows, f)
     if args.out:
         with open(args.out, "w") as f:
             f.write(report)
