@@ -356,7 +356,7 @@ def _sanitize_main():
         _, err = check(make_inputs(M, N, K, R, g, dt, bias=True, gen=gen))
         worst = max(worst, err)
     os.environ.pop("MILO_INT3_SPLITS", None)
-    # decode kernel with one or two warps per column tile: every slice goes through the ring
+    # decode kernel with one or two warps per column tile: each warp loops over many 512-k slices
     gemv_cases = [("1", 1, 200, 4096 + 640, 64, torch.float16), ("1", 3, 136, 2560, 32, torch.bfloat16),
                   ("2", 4, 1000, 14336, 128, torch.float16), ("1", 2, 72, 768, 64, torch.bfloat16)]
     for wk, M, N, K, g, dt in gemv_cases:

@@ -295,7 +295,7 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
 #pragma unroll
   for (int m = 0; m < MR; ++m) lr[m] = 0.f;
   // t may still be in flight when this kernel was launched programmatically after the kernel
-  // computing it (the dense op): wait for it here, after the main loop
+  // computing it: wait for it here, after the main loop
   if (R > 0) grid_dep_wait();
   if (R > 0 && n < N) {
     const T* ute = reinterpret_cast<const T*>(p.ut) + e * p.ut_estride;
@@ -358,28 +358,23 @@ void launch_mr(const Int3GemmParams& p, int row_blocks, int wk_log2, const GemvL
   auto kern = int3_gemv_kernel<T, G, MR, G == 32 ? 2 : 3>;
   const int br = 16 * (kWarps >> wk_log2);
   const dim3 grid((p.N + br - 1) / br, row_blocks);
-  if (l.programmatic) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = grid;
-    cfg.blockDim = dim3(kThreads);
-    cfg.dynamicSmemBytes = smem_bytes(MR);
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, p, wk_log2));
-  } else {
-    kern<<<grid, kThreads, smem_bytes(MR), stream>>>(p, wk_log2);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = smem_bytes(MR);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = l.programmatic ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, p, wk_log2));
 }
 
 template <typename T, int G>
 void launch(const Int3GemmParams& p, int row_blocks, int max_rows, const GemvLaunch& l, cudaStream_t stream) {
-  // warps per 16-column tile: enough 512-k slices to keep each warp busy, at most 8 (measured on an
-  // H100 against 1, 2, 4 and 8 for every benchmark shape: bench_kernel.py --sweep)
+  // warps per 16-column tile: enough 512-k slices to keep each warp busy, at most 8 (H100: fewer warps
+  // per tile were slower on the benchmark shapes except 14336x4096 M=1, 20.5 vs 21.5 us)
   const int n_slices = (p.K + kSliceK - 1) / kSliceK;
   int wk_log2 = 0;
   while (wk_log2 < 3 && (1 << wk_log2) < (l.wk_force > 0 ? l.wk_force : n_slices)) ++wk_log2;

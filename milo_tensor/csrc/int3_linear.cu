@@ -24,7 +24,6 @@
 #include <algorithm>
 #include <cstdlib>
 #include <optional>
-#include <tuple>
 #include <utility>
 
 #include "int3_launch.h"
@@ -207,6 +206,11 @@ int env_int(const char* name, int dflt) {
   return std::atoi(v);
 }
 
+// launch the decode kernel programmatically after the t kernel (sm_90; MILO_INT3_PDL=0 serializes)
+bool programmatic_after_t(int R, const DevInfo& d) {
+  return R > 0 && d.major >= 9 && env_int("MILO_INT3_PDL", 1) != 0;
+}
+
 bool aligned(const at::Tensor& t, int bytes) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0; }
 
 at::Tensor aligned_contig(const at::Tensor& t, int bytes) {
@@ -235,73 +239,6 @@ at::Tensor lowrank_t(const at::Tensor& x2d, const at::Tensor& v) {
     }
   }
   return at::mm(x2d.to(at::kFloat), v.to(at::kFloat).t());
-}
-
-// Partial low-rank products t_part[z][m, r] = sum over k in split z of x[m, k] * v[e(m), r, k], fp32,
-// for the rows of every tile; grid (n_slots, ceil(R / 64), k_splits), 256 threads, a TM x 64 output
-// tile per block (TM / 16 x 4 per thread), k steps of 32 through shared memory. Split-K keeps the
-// grid wide at decode (few tiles, long K); the GEMM sums the k_splits partials in a fixed order.
-template <typename T, int TM>
-__global__ void __launch_bounds__(256) grouped_lowrank_kernel(const T* __restrict__ x, const T* __restrict__ v,
-                                                             const int4* __restrict__ tiles, float* __restrict__ t,
-                                                             int K, int R, long long v_estride, int k_chunk,
-                                                             long long split_stride) {
-  const int4 tl = tiles[blockIdx.x];
-  if (tl.x < 0) return;
-  const int m0 = tl.y, m_end = tl.z, r0 = blockIdx.y * 64;
-  const int k_begin = blockIdx.z * k_chunk, k_stop = min(K, k_begin + k_chunk);
-  const T* ve = v + tl.x * v_estride;
-  __shared__ float xs[32][TM + 1];
-  __shared__ float vs[32][65];
-  const int tid = threadIdx.x;
-  const int tx = tid & 15, ty = tid >> 4;  // r = r0 + tx + 16 i, m = m0 + ty + 16 j
-  constexpr int TJ = TM / 16;
-  float acc[TJ][4];
-#pragma unroll
-  for (int j = 0; j < TJ; ++j)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) acc[j][i] = 0.f;
-  for (int k0 = k_begin; k0 < k_stop; k0 += 32) {
-#pragma unroll
-    for (int u = 0; u < TJ * 2; ++u) {  // TM rows x 32 k of x
-      const int idx = tid + u * 256;
-      const int row = idx >> 5, kk = idx & 31;
-      const int k = k0 + kk, m = m0 + row;
-      xs[kk][row] = (m < m_end && k < k_stop) ? to_float(x[static_cast<long long>(m) * K + k]) : 0.f;
-    }
-#pragma unroll
-    for (int u = 0; u < 8; ++u) {  // 64 ranks x 32 k of v
-      const int idx = tid + u * 256;
-      const int row = idx >> 5, kk = idx & 31;
-      const int k = k0 + kk, r = r0 + row;
-      vs[kk][row] = (r < R && k < k_stop) ? to_float(ve[static_cast<long long>(r) * K + k]) : 0.f;
-    }
-    __syncthreads();
-#pragma unroll 8
-    for (int kk = 0; kk < 32; ++kk) {
-      float a[TJ], b[4];
-#pragma unroll
-      for (int j = 0; j < TJ; ++j) a[j] = xs[kk][ty + 16 * j];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) b[i] = vs[kk][tx + 16 * i];
-#pragma unroll
-      for (int j = 0; j < TJ; ++j)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[j][i] = fmaf(a[j], b[i], acc[j][i]);
-    }
-    __syncthreads();
-  }
-  float* tz = t + blockIdx.z * split_stride;
-#pragma unroll
-  for (int j = 0; j < TJ; ++j) {
-    const int m = m0 + ty + 16 * j;
-    if (m >= m_end) continue;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int r = r0 + tx + 16 * i;
-      if (r < R) tz[static_cast<long long>(m) * R + r] = acc[j][i];
-    }
-  }
 }
 
 // Decode t partials t[split][m, r] = sum over k in the split of x[m, k] v[e, r, k] (fp32) for row
@@ -480,7 +417,7 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   int t_splits = 1;
   // decode: t = x v^T by lowrank_t_rows_kernel in k splits, and the decode kernel launched programmatically
   // after it (sm_90): it streams its weights while t is computed and waits for t only in its epilogue
-  const bool programmatic = use_gemv && R > 0 && dinfo.major >= 9 && env_int("MILO_INT3_PDL", 1) != 0;
+  const bool programmatic = use_gemv && programmatic_after_t(R, dinfo);
   if (R > 0) {
     uta = aligned_contig(ut, 16);
     if (use_gemv) {
@@ -596,6 +533,86 @@ __global__ void grouped_tiles_kernel(const OffT* __restrict__ offsets, int E, in
   for (long long i = tid; i < nz; i += blockDim.x) yt[i] = zero;
 }
 
+// Partial low-rank products t_part[z][m, r] = sum over k in split z of x[m, k] * v[e(m), r, k], fp32,
+// for the rows of every tile; grid (n_slots, ceil(R / 64), k_splits), 256 threads, a TM x 64 output
+// tile per block (TM / 16 x 4 per thread), k steps of 32 through shared memory. Split-K keeps the
+// grid wide at decode (few tiles, long K); the GEMM sums the k_splits partials in a fixed order.
+template <typename T, int TM>
+__global__ void __launch_bounds__(256) grouped_lowrank_kernel(const T* __restrict__ x, const T* __restrict__ v,
+                                                             const int4* __restrict__ tiles, float* __restrict__ t,
+                                                             int K, int R, long long v_estride, int k_chunk,
+                                                             long long split_stride) {
+  const int4 tl = tiles[blockIdx.x];
+  if (tl.x < 0) return;
+  const int m0 = tl.y, m_end = tl.z, r0 = blockIdx.y * 64;
+  const int k_begin = blockIdx.z * k_chunk, k_stop = min(K, k_begin + k_chunk);
+  const T* ve = v + tl.x * v_estride;
+  __shared__ float xs[32][TM + 1];
+  __shared__ float vs[32][65];
+  const int tid = threadIdx.x;
+  const int tx = tid & 15, ty = tid >> 4;  // r = r0 + tx + 16 i, m = m0 + ty + 16 j
+  constexpr int TJ = TM / 16;
+  float acc[TJ][4];
+#pragma unroll
+  for (int j = 0; j < TJ; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[j][i] = 0.f;
+  for (int k0 = k_begin; k0 < k_stop; k0 += 32) {
+#pragma unroll
+    for (int u = 0; u < TJ * 2; ++u) {  // TM rows x 32 k of x
+      const int idx = tid + u * 256;
+      const int row = idx >> 5, kk = idx & 31;
+      const int k = k0 + kk, m = m0 + row;
+      xs[kk][row] = (m < m_end && k < k_stop) ? to_float(x[static_cast<long long>(m) * K + k]) : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {  // 64 ranks x 32 k of v
+      const int idx = tid + u * 256;
+      const int row = idx >> 5, kk = idx & 31;
+      const int k = k0 + kk, r = r0 + row;
+      vs[kk][row] = (r < R && k < k_stop) ? to_float(ve[static_cast<long long>(r) * K + k]) : 0.f;
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int kk = 0; kk < 32; ++kk) {
+      float a[TJ], b[4];
+#pragma unroll
+      for (int j = 0; j < TJ; ++j) a[j] = xs[kk][ty + 16 * j];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) b[i] = vs[kk][tx + 16 * i];
+#pragma unroll
+      for (int j = 0; j < TJ; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[j][i] = fmaf(a[j], b[i], acc[j][i]);
+    }
+    __syncthreads();
+  }
+  float* tz = t + blockIdx.z * split_stride;
+#pragma unroll
+  for (int j = 0; j < TJ; ++j) {
+    const int m = m0 + ty + 16 * j;
+    if (m >= m_end) continue;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = r0 + tx + 16 * i;
+      if (r < R) tz[static_cast<long long>(m) * R + r] = acc[j][i];
+    }
+  }
+}
+
+// k splits of grouped_lowrank_kernel: about 2 blocks per SM over the expected busy row tiles and the
+// 64-rank chunks, each split at least 128 wide, at most 32 splits; returns (splits, k per split)
+std::pair<int, int> tiled_lowrank_splits(int sms, int busy_tiles, int R, int K) {
+  const int r_chunks = (R + 63) / 64;
+  int splits = 1;
+  if (R > 0) {
+    const int want = (2 * sms + busy_tiles * r_chunks - 1) / (busy_tiles * r_chunks);
+    splits = std::max(1, std::min({want, 32, K / 128}));
+  }
+  const int k_chunk = ((K + splits - 1) / splits + 31) / 32 * 32;
+  return {(K + k_chunk - 1) / k_chunk, k_chunk};
+}
+
 }  // namespace
 
 at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& qdata,
@@ -681,17 +698,8 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
 
   const int64_t part_floats = splits > 1 ? static_cast<int64_t>(splits) * rows64 * N64 : 0;
   const int64_t n_counters = splits > 1 ? static_cast<int64_t>(n_slots) * n_tiles : 0;
-  // split-K of the low-rank pre-step: about 2 blocks per SM over the (at most n_slots) row tiles,
-  // each split at least 128 wide, at most 32 splits
-  const int r_chunks64 = (R + 63) / 64;
-  int t_splits = 1;
-  if (R > 0) {
-    const int want = (2 * dinfo.sms + est * r_chunks64 - 1) / (est * r_chunks64);
-    t_splits = std::max(1, std::min({want, 32, K / 128}));
-  }
-  int k_chunk = ((K + t_splits - 1) / t_splits + 31) / 32 * 32;
-  t_splits = (K + k_chunk - 1) / k_chunk;
-  if (use_gemv) std::tie(t_splits, k_chunk) = lowrank_rows_splits(K);  // tiles of <= 2 rows: the rows kernel
+  // split-K of the low-rank pre-step: the rows kernel before the decode kernel, else the tiled kernel
+  const auto [t_splits, k_chunk] = use_gemv ? lowrank_rows_splits(K) : tiled_lowrank_splits(dinfo.sms, est, R, K);
   const int64_t t_floats = R > 0 ? static_cast<int64_t>(t_splits) * rows64 * R : 0;
   const int64_t tile_ints = 4LL * n_slots;
   // one scratch allocation: [tiles (int4) | t (fp32) | partials (fp32) | counters (int)]
@@ -729,7 +737,7 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
       launch_lowrank_t_rows(xt, xa.data_ptr(), va.data_ptr(), tiles, n_slots, tbuf, rows, K, R, t_splits, k_chunk,
                             stream);
     } else {
-      const dim3 grid(n_slots, r_chunks64, t_splits);
+      const dim3 grid(n_slots, (R + 63) / 64, t_splits);
       const long long vs_ = static_cast<long long>(R) * K, ss_ = rows64 * R;
 #define MILO_LR_LAUNCH(TT, TM)                                                                              \
   grouped_lowrank_kernel<TT, TM><<<grid, 256, 0, stream>>>(reinterpret_cast<const TT*>(xa.data_ptr()),     \
@@ -769,7 +777,7 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   p.t_splits = t_splits;
   p.t_split_stride = rows64 * R;
   if (use_gemv) {
-    const GemvLaunch gl{env_int("MILO_INT3_GEMV_WK", 0), R > 0 && dinfo.major >= 9 && env_int("MILO_INT3_PDL", 1) != 0};
+    const GemvLaunch gl{env_int("MILO_INT3_GEMV_WK", 0), programmatic_after_t(R, dinfo)};
     launch_int3_gemv(xt == at::kHalf ? 0 : 1, G, p, n_slots, bm, gl, stream);
   } else {
     launch_int3_gemm(xt == at::kHalf ? 0 : 1, cfg, G, p, n_tiles, n_slots, stream);
