@@ -157,7 +157,7 @@ def _nbytes(t):
 
 def run_method(meth, args, device, compile_):
     """Rows (method, batch, tok/s, ms/step, GiB, warm-up s) of one method in this process."""
-    rows = []
+    rows, model = [], None
     try:
         model = build(args.layers, device, args.smoke)
         if meth == "milo":
@@ -181,6 +181,11 @@ def run_method(meth, args, device, compile_):
         import traceback
 
         traceback.print_exc()
+    finally:  # the next method in this process starts from clean compile caches and free memory
+        model = None
+        torch._dynamo.reset()
+        if device == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 
