@@ -124,6 +124,39 @@ def profile_decode(model, prompt, device, steps=8):
             sync()
     key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=70), flush=True)
+    if device != "cuda":
+        return
+    # The same steps compiled and replayed as CUDA graphs: the kernels the replay runs (and any
+    # copies cudagraph trees adds in front of it), and the host time of one call (if it exceeds the
+    # GPU time of a step, the loop is bound by the host, not by the kernels).
+    fn = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    with torch.no_grad():
+        for _ in range(4):
+            tok = fn(tok.clone(), torch.tensor([pos], device=device))
+            pos += 1
+        sync()
+        host, gpu = [], []
+        for _ in range(steps):
+            t_in, e0, e1 = tok.clone(), torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            p_in = torch.tensor([pos], device=device)
+            sync()
+            t0 = time.perf_counter()
+            e0.record()
+            tok = fn(t_in, p_in)
+            e1.record()
+            host.append(time.perf_counter() - t0)
+            sync()
+            gpu.append(e0.elapsed_time(e1) * 1e-3)
+            pos += 1
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                tok = fn(tok.clone(), torch.tensor([pos], device=device))
+                pos += 1
+            sync()
+    host.sort(), gpu.sort()
+    print(f"compiled step: host call {host[len(host) // 2] * 1e3:.3f} ms (median), "
+          f"GPU {gpu[len(gpu) // 2] * 1e3:.3f} ms (median, events around the call, synced before each)", flush=True)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70), flush=True)
 
 
 def decode_tps(model, batch, prompt, steps, warm, device, compile_):
