@@ -103,7 +103,7 @@ def profile_decode(model, prompt, device, steps=8):
     eager steps (torch.profiler), top 20 by total time."""
     from torch.profiler import ProfilerActivity, profile
 
-    step, ids = make_step(model, 1, prompt, prompt + steps + 8, device)
+    step, ids = make_step(model, 1, prompt, prompt + 4 * steps + 16, device)  # eager, compiled and profiled steps
     with torch.no_grad():
         tok = step(ids, torch.arange(prompt, device=device))
         pos = prompt

@@ -226,8 +226,10 @@ def test_gemv_warps_per_tile(monkeypatch, wk, M):
 @pytest.mark.parametrize("M,N,K,R", [(1, 64, 14336, 512), (2, 4096, 4096, 32), (4, 200, 2048, 100)])
 def test_programmatic_launch_waits_for_t(monkeypatch, pdl, M, N, K, R):
     """The decode kernel launched programmatically after the t = x V^T kernel (sm_90) must wait for t:
-    a tiny N with a long K and R = 512 makes the t kernel the slow one. Eager and CUDA-graph replay,
-    against the float32 reference and bit-equal to the serialized launch."""
+    the t kernel is held back 200 us before it writes t (MILO_INT3_TEST_T_DELAY_NS), so a decode
+    kernel that does not wait reads a stale t. Eager and CUDA-graph replay, against the float32
+    reference and bit-equal to the serialized launch."""
+    monkeypatch.setenv("MILO_INT3_TEST_T_DELAY_NS", "200000")
     monkeypatch.setenv("MILO_INT3_PDL", pdl)
     gen = torch.Generator(device="cuda").manual_seed(M * 1000 + R)
     x, q, s, z, ut, v, g, b = make_inputs(M, N, K, R, 64, torch.bfloat16, bias=True, gen=gen)

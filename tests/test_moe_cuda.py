@@ -187,8 +187,10 @@ def test_grouped_gemv_and_mma_paths(monkeypatch, gemv_rows, wk, rows, g, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_grouped_decode_waits_for_t(monkeypatch, pdl, dtype):
     """Decode routing (about one row per expert): the rows t-kernel, then the decode kernel launched
-    programmatically after it (sm_90), which must wait for t; a small N with a long K and ranks up to
-    512 make t the slow kernel. Against the reference and bit-equal to the serialized launch."""
+    programmatically after it (sm_90), which must wait for t: the t kernel is held back 200 us before
+    it writes t (MILO_INT3_TEST_T_DELAY_NS). Ragged ranks up to 512; against the reference and
+    bit-equal to the serialized launch."""
+    monkeypatch.setenv("MILO_INT3_TEST_T_DELAY_NS", "200000")
     monkeypatch.setenv("MILO_INT3_PDL", pdl)
     rnd = random.Random(17)
     gen = torch.Generator(device="cuda").manual_seed(17 + int(pdl))

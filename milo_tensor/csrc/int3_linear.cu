@@ -247,10 +247,13 @@ at::Tensor lowrank_t(const at::Tensor& x2d, const at::Tensor& v) {
 // reduction; no shared memory and no barrier, so a long K costs a few load round trips, not one per
 // 32-k step. Lets the decode kernel launched after it start at once (programmatic launch): that
 // kernel waits for t only before its epilogue. Needs K % 8 == 0, x and v rows 16-byte aligned.
+// delay_ns (0 outside tests; MILO_INT3_TEST_T_DELAY_NS) holds each warp back before it writes t, so
+// tests can prove the dependent kernel waits instead of hoping t happens to be the slow kernel.
 template <typename T>
 __global__ void __launch_bounds__(256) lowrank_t_rows_kernel(const T* __restrict__ x, const T* __restrict__ v,
                                                             const int4* __restrict__ tiles, float* __restrict__ t,
-                                                            int M, int K, int R, int splits, int k_chunk) {
+                                                            int M, int K, int R, int splits, int k_chunk,
+                                                            unsigned delay_ns) {
   grid_dep_launch_dependents();
   const int gw = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
   if (gw >= R * splits) return;  // whole warps
@@ -280,6 +283,7 @@ __global__ void __launch_bounds__(256) lowrank_t_rows_kernel(const T* __restrict
       }
     }
   }
+  if (delay_ns != 0) sleep_ns(delay_ns);
 #pragma unroll
   for (int m = 0; m < kInt3GemvMaxRows; ++m) {
 #pragma unroll
@@ -299,14 +303,15 @@ std::pair<int, int> lowrank_rows_splits(int K) {
 void launch_lowrank_t_rows(at::ScalarType xt, const void* x, const void* v, const int4* tiles, int row_groups,
                            float* t, int M, int K, int R, int splits, int k_chunk, cudaStream_t stream) {
   const dim3 blocks((R * splits * 32 + 255) / 256, row_groups);
+  const unsigned delay_ns = static_cast<unsigned>(std::max(0, env_int("MILO_INT3_TEST_T_DELAY_NS", 0)));
   if (xt == at::kHalf) {
     lowrank_t_rows_kernel<half><<<blocks, 256, 0, stream>>>(reinterpret_cast<const half*>(x),
                                                             reinterpret_cast<const half*>(v), tiles, t, M, K, R,
-                                                            splits, k_chunk);
+                                                            splits, k_chunk, delay_ns);
   } else {
     lowrank_t_rows_kernel<__nv_bfloat16><<<blocks, 256, 0, stream>>>(
         reinterpret_cast<const __nv_bfloat16*>(x), reinterpret_cast<const __nv_bfloat16*>(v), tiles, t, M, K, R, splits,
-        k_chunk);
+        k_chunk, delay_ns);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
