@@ -4,7 +4,9 @@ graphs) greedy decode loop with a static KV cache, on a Mixtral-shaped model wit
     python benchmarks/bench_decode.py --layers 4 --out bench_decode.md
     python benchmarks/bench_decode.py --smoke                   # tiny model, any device, no compile
 
-Each method runs in a fresh process (`--in-process` shares one; there the method compiled second ran
+Two loops per method: free-running (the host queues the next step while the GPU runs this one, as
+a serving loop does) and synced (the host reads every token first, as transformers' generate()
+does, so host time adds to GPU time). Each method runs in a fresh process (`--in-process` shares one; there the method compiled second ran
 slower); `--profile` prints each method's graph breaks and CUDA kernel times instead of timing.
 
 Model: MixtralConfig (hidden 4096, intermediate 14336, 8 experts top-2, 32 heads / 8 KV heads,
@@ -160,25 +162,42 @@ def profile_decode(model, prompt, device, steps=8):
 
 
 def decode_tps(model, batch, prompt, steps, warm, device, compile_):
-    step, ids = make_step(model, batch, prompt, prompt + warm + steps + 2, device)
-
+    """Two timed loops of `steps` greedy steps each, returning a dict:
+    - free-running (tok_s, ms): the position lives on the GPU and is advanced there, so the host
+      never waits for a token and queues the next step while the GPU runs this one, as a serving
+      loop does; `host_ms` is the host time of one call (median), which bounds the loop from below;
+    - synced (tok_s_synced, ms_synced): the host reads each token before the next step, as
+      transformers' generate() does (its stopping check), so host and GPU time add up."""
+    step, ids = make_step(model, batch, prompt, prompt + warm + 2 * steps + 2, device)
     fn = torch.compile(step, mode="reduce-overhead", fullgraph=False) if compile_ else step
     with torch.no_grad():
         tok = step(ids, torch.arange(prompt, device=device))
-        pos = prompt
+        pos = torch.tensor([prompt], device=device)
         t_c = time.perf_counter()
         for _ in range(warm):
-            tok = fn(tok.clone(), torch.tensor([pos], device=device))
+            tok = fn(tok.clone(), pos)
             pos += 1
         sync()
         t_warm = time.perf_counter() - t_c
+        host = []
         t0 = time.perf_counter()
         for _ in range(steps):
-            tok = fn(tok.clone(), torch.tensor([pos], device=device))
+            t_in = tok.clone()
+            t1 = time.perf_counter()
+            tok = fn(t_in, pos)
+            host.append(time.perf_counter() - t1)
             pos += 1
         sync()
         dt = time.perf_counter() - t0
-    return batch * steps / dt, dt / steps * 1e3, t_warm
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            tok = fn(tok.clone(), pos)
+            pos += 1
+            tok.cpu()  # the host waits for the token
+        dt_synced = time.perf_counter() - t0
+    host.sort()
+    return dict(tok_s=batch * steps / dt, ms=dt / steps * 1e3, host_ms=host[len(host) // 2] * 1e3,
+                tok_s_synced=batch * steps / dt_synced, ms_synced=dt_synced / steps * 1e3, warm_s=t_warm)
 
 
 def _nbytes(t):
@@ -203,13 +222,14 @@ def run_method(meth, args, device, compile_):
             return rows
         nbytes = sum(_nbytes(t) for t in model.parameters())
         for b in [int(v) for v in args.batch.split(",")]:
-            tps, ms, tw = decode_tps(model, b, args.prompt, args.steps, args.warm, device, compile_)
-            rows.append((meth, b, tps, ms, nbytes / 2**30, tw))
-            print(f"{meth:8s} batch {b}: {tps:8.1f} tok/s, {ms:7.2f} ms/step, weights {nbytes / 2**30:.2f} GiB, "
-                  f"warm-up {tw:.0f} s", flush=True)
+            r = decode_tps(model, b, args.prompt, args.steps, args.warm, device, compile_)
+            rows.append(dict(r, method=meth, batch=b, gib=nbytes / 2**30))
+            print(f"{meth:8s} batch {b}: {r['tok_s']:8.1f} tok/s ({r['ms']:.2f} ms/step, host {r['host_ms']:.2f} ms/call), "
+                  f"synced {r['tok_s_synced']:.1f} tok/s, weights {nbytes / 2**30:.2f} GiB, warm-up {r['warm_s']:.0f} s",
+                  flush=True)
     except Exception as e:
         msg = f"n/a ({type(e).__name__}: {str(e).splitlines()[0][:90] if str(e) else ''})"
-        rows.append((meth, 0, msg, msg, float("nan"), 0))
+        rows.append(dict(method=meth, error=msg))
         print(f"{meth}: {msg}", flush=True)
         import traceback
 
@@ -238,9 +258,9 @@ def run_isolated(meth, args):
         cmd += ["--smoke"] if args.smoke else []
         subprocess.run(cmd, check=False)
         if not os.path.exists(out):
-            return [(meth, 0, "n/a (subprocess failed)", "", float("nan"), 0)]
+            return [dict(method=meth, error="n/a (subprocess failed)")]
         with open(out) as f:
-            return [tuple(r) for r in json.load(f)]
+            return json.load(f)
 
 
 def main():
@@ -274,12 +294,17 @@ def main():
              f"Mixtral-shaped model, {args.layers} decoder layers, random weights; greedy decode, static KV cache, "
              f"prompt {args.prompt}, {args.steps} timed steps after {args.warm} warm-up steps; "
              f"{'torch.compile mode=reduce-overhead (CUDA graphs)' if compile_ else 'eager'}.\n",
-             "| method | batch | tokens/s | ms / step | ms / layer | weights GiB |", "|---|---|---|---|---|---|"]
-    for meth, b, tps, ms, gib, _ in rows:
-        if isinstance(tps, float):
-            lines.append(f"| {meth} | {b} | {tps:.1f} | {ms:.2f} | {ms / args.layers:.3f} | {gib:.2f} |")
+             "Free-running: the next step is queued while the GPU runs this one (position kept on the GPU); "
+             "host ms is one call's host time (median). Synced: the host reads every token before the next "
+             "step, as transformers' generate() does.\n",
+             "| method | batch | tokens/s | ms / step | ms / layer | host ms / call | tokens/s synced | ms / step synced "
+             "| weights GiB |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['method']} | - | {r['error']} | | | | | | |")
         else:
-            lines.append(f"| {meth} | - | {tps} | | | |")
+            lines.append(f"| {r['method']} | {r['batch']} | {r['tok_s']:.1f} | {r['ms']:.2f} | {r['ms'] / args.layers:.3f} "
+                         f"| {r['host_ms']:.2f} | {r['tok_s_synced']:.1f} | {r['ms_synced']:.2f} | {r['gib']:.2f} |")
     report = "\n".join(lines) + "\n"
     print("\n" + report)
     if args.rows_json:

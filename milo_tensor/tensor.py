@@ -96,6 +96,21 @@ class MiLoInt3Tensor(TorchAOBaseTensor):
         self.comp_group_size = comp_group_size
         self.transposed = bool(transposed)
 
+    def __tensor_flatten__(self) -> tuple[list[str], dict]:
+        """torch.compile flattens every MiLo weight on every call of a compiled function (the guard on
+        its metadata, then the unwrapping into inner tensors): about 9 us per weight per call, which
+        made a compiled 4-layer Mixtral decode step spend 0.5 ms more on the host than bf16. The
+        answer only changes when an attribute is assigned, so it is cached until then."""
+        cached = self.__dict__.get("_flatten_cache")
+        if cached is None:
+            cached = super().__tensor_flatten__()
+            self.__dict__["_flatten_cache"] = cached
+        return list(cached[0]), dict(cached[1])
+
+    def __setattr__(self, name: str, value) -> None:
+        self.__dict__.pop("_flatten_cache", None)
+        super().__setattr__(name, value)
+
     # ------------------------------------------------------------------ construction
 
     @classmethod

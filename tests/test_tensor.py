@@ -140,6 +140,36 @@ def test_compile_fullgraph_matches_eager(gen):
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
+def test_flatten_cache_follows_assignments(gen):
+    """__tensor_flatten__ is cached (torch.compile calls it for every weight on every call): an
+    assignment must show through, callers mutating what they got must not corrupt it, and a
+    compiled function's metadata guard must still see a change and recompile."""
+    from torch._dynamo.testing import CompileCounter
+    from torchao.utils import TorchAOBaseTensor
+
+    w, _ = random_parts(gen, 64, 128, (4,))
+    assert w.__tensor_flatten__() == TorchAOBaseTensor.__tensor_flatten__(w)
+    names, ctx = w.__tensor_flatten__()
+    names.append("junk")
+    ctx["group_size"] = 7
+    assert w.__tensor_flatten__() == TorchAOBaseTensor.__tensor_flatten__(w)
+    assert w.__tensor_flatten__()[1]["group_size"] == 64
+
+    x = torch.randn(3, 128, generator=gen)
+    cnt = CompileCounter()
+    f = torch.compile(lambda x, w: F.linear(x, w), backend=cnt, fullgraph=True)
+    f(x, w)
+    f(x, w)
+    assert cnt.frame_count == 1
+    w.ranks = (3,)  # metadata only: seen only through __tensor_flatten__
+    f(x, w)
+    assert cnt.frame_count == 2
+    w.ut_scales = torch.ones(4, 1)
+    names, ctx = w.__tensor_flatten__()
+    assert "ut_scales" in names and ctx["ranks"] == (3,)
+    assert (names, ctx) == TorchAOBaseTensor.__tensor_flatten__(w)
+
+
 def test_gradient_flows_to_activations(gen):
     w, codes = random_parts(gen, 64, 128, (4,))
     x = torch.randn(3, 128, generator=gen, requires_grad=True)
