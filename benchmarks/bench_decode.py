@@ -18,6 +18,8 @@ Methods:
             stay bf16 (torchao's int4 config does not quantize 3D expert parameters)
   milo      every attention Linear and both expert stacks as MiLoInt3Tensor (random codes, rank 64
             attention / 32 per expert; no solver run), experts through the "milo" grouped op
+  milo-r0   the same without the low-rank compensator (rank 0): what the compensator costs (not in
+            the default --methods)
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def build(layers, device, smoke):
     return model.eval()
 
 
-def to_milo(model, device):
+def to_milo(model, device, attn_rank=64, expert_rank=32):
     import milo_tensor  # noqa: F401
     from milo_tensor.integrations.experts import use_milo_experts
 
@@ -63,11 +65,11 @@ def to_milo(model, device):
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear) and "self_attn" in name:
             w = mod.weight
-            mod.weight = torch.nn.Parameter(random_milo(tuple(w.shape), 64, w.dtype, device, gen=gen), requires_grad=False)
+            mod.weight = torch.nn.Parameter(random_milo(tuple(w.shape), attn_rank, w.dtype, device, gen=gen), requires_grad=False)
         if hasattr(mod, "gate_up_proj") and getattr(mod, "gate_up_proj").ndim == 3:
             for pname in ("gate_up_proj", "down_proj"):
                 w = getattr(mod, pname)
-                setattr(mod, pname, torch.nn.Parameter(random_milo(tuple(w.shape), 32, w.dtype, device, gen=gen),
+                setattr(mod, pname, torch.nn.Parameter(random_milo(tuple(w.shape), expert_rank, w.dtype, device, gen=gen),
                                                        requires_grad=False))
             use_milo_experts(mod)
     model.config._experts_implementation = "milo"
@@ -128,37 +130,39 @@ def profile_decode(model, prompt, device, steps=8):
     print(prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=70), flush=True)
     if device != "cuda":
         return
-    # The same steps compiled and replayed as CUDA graphs: the kernels the replay runs (and any
-    # copies cudagraph trees adds in front of it), and the host time of one call (if it exceeds the
-    # GPU time of a step, the loop is bound by the host, not by the kernels).
+    # The same steps compiled and replayed as CUDA graphs: the kernels the replay runs (and any copies
+    # cudagraph trees adds in front of it), and where the host time of a call goes (cProfile; the
+    # host time bounds the free-running loop and adds to the GPU time in the synced one).
+    import cProfile
+    import io
+    import pstats
+
     fn = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    pos_t = torch.tensor([pos], device=device)
     with torch.no_grad():
         for _ in range(4):
-            tok = fn(tok.clone(), torch.tensor([pos], device=device))
-            pos += 1
+            tok = fn(tok.clone(), pos_t)
+            pos_t += 1
         sync()
-        host, gpu = [], []
-        for _ in range(steps):
-            t_in, e0, e1 = tok.clone(), torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            p_in = torch.tensor([pos], device=device)
-            sync()
-            t0 = time.perf_counter()
-            e0.record()
-            tok = fn(t_in, p_in)
-            e1.record()
-            host.append(time.perf_counter() - t0)
-            sync()
-            gpu.append(e0.elapsed_time(e1) * 1e-3)
-            pos += 1
-        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
-                tok = fn(tok.clone(), torch.tensor([pos], device=device))
-                pos += 1
+                tok = fn(tok.clone(), pos_t)
+                pos_t += 1
             sync()
-    host.sort(), gpu.sort()
-    print(f"compiled step: host call {host[len(host) // 2] * 1e3:.3f} ms (median), "
-          f"GPU {gpu[len(gpu) // 2] * 1e3:.3f} ms (median, events around the call, synced before each)", flush=True)
+        prof_host = cProfile.Profile()
+        for _ in range(steps):
+            t_in = tok.clone()
+            prof_host.enable()
+            tok = fn(t_in, pos_t)
+            prof_host.disable()
+            pos_t += 1
+            sync()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70), flush=True)
+    buf = io.StringIO()
+    stats = pstats.Stats(prof_host, stream=buf)
+    print(f"host side of {steps} compiled calls: {stats.total_tt * 1e3 / steps:.3f} ms per call", flush=True)
+    stats.sort_stats("tottime").print_stats(25)
+    print(buf.getvalue(), flush=True)
 
 
 def decode_tps(model, batch, prompt, steps, warm, device, compile_):
@@ -214,6 +218,8 @@ def run_method(meth, args, device, compile_):
         model = build(args.layers, device, args.smoke)
         if meth == "milo":
             model = to_milo(model, device)
+        elif meth == "milo-r0":
+            model = to_milo(model, device, attn_rank=0, expert_rank=0)
         elif meth == "ao-int4":
             model = to_ao_int4(model)
         if args.profile:
