@@ -292,9 +292,11 @@ __global__ void __launch_bounds__(256) lowrank_t_rows_kernel(const T* __restrict
   }
 }
 
-// splits of K for lowrank_t_rows_kernel: about one per 2048 k, at most 8, each a multiple of 256
+// splits of K for lowrank_t_rows_kernel: about one per MILO_INT3_T_SPLIT_K k (default 2048), at most
+// 16, each a multiple of 256
 std::pair<int, int> lowrank_rows_splits(int K) {
-  const int want = std::max(1, std::min(8, (K + 2047) / 2048));
+  const int per = std::max(256, env_int("MILO_INT3_T_SPLIT_K", 2048));
+  const int want = std::max(1, std::min(16, (K + per - 1) / per));
   const int k_chunk = ((K + want - 1) / want + 255) / 256 * 256;
   return {(K + k_chunk - 1) / k_chunk, k_chunk};
 }
