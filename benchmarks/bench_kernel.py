@@ -327,6 +327,51 @@ def _unpack(q):
     return unpack_int3(q).float()
 
 
+def render_report(results, names, no_eager):
+    header = results["header"]
+    lines = [f"# milo int3 kernel benchmark\n", header + "\n",
+             "Times in microseconds per call, median, CUDA graph with rotated weight copies (L2 cold). "
+             "floor = milo R=0 bytes / copy bandwidth.\n"]
+    for kind, idx in (("CUDA graph", 0), ("eager", 1)):
+        if kind == "eager" and no_eager:
+            continue
+        lines.append(f"\n## {kind}\n")
+        cols = ["N x K", "M", "floor"] + names
+        extra = []
+        if kind == "CUDA graph" and "milo-R0" in names:
+            extra = ["R0 % of floor", "R0 x fp16", "R0 x ao-int4", "R32 cost"]
+        lines.append("| " + " | ".join(cols + extra) + " |")
+        lines.append("|" + "---|" * (len(cols) + len(extra)))
+        for r in results["rows"]:
+            vals = [f"{r['N']}x{r['K']}", str(r["M"]), fmt(r["floor_us"])]
+            vals += [fmt(r[n][idx]) for n in names]
+            if extra:
+                def num(n):
+                    v = r.get(n, ("n/a",))[idx]
+                    return v if isinstance(v, float) else None
+                r0, f16, i4, r32 = num("milo-R0"), num("fp16"), num("ao-int4"), num("milo-R32")
+                vals.append(f"{100 * r['floor_us'] / r0:.0f}%" if r0 else "n/a")
+                vals.append(f"{f16 / r0:.2f}" if (r0 and f16) else "n/a")
+                vals.append(f"{i4 / r0:.2f}" if (r0 and i4) else "n/a")
+                vals.append(f"{100 * (r32 / r0 - 1):+.0f}%" if (r0 and r32) else "n/a")
+            lines.append("| " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results, names, args, final=False):
+    """The table so far into --out (and its JSON), each written to a temp file and renamed."""
+    report = render_report(results, names, args.no_eager)
+    if final:
+        print("\n" + report)
+    if not args.out:
+        return
+    for path, text in ((args.out, report),
+                       (os.path.splitext(args.out)[0] + ".json", json.dumps(results, indent=1, default=str))):
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
@@ -420,42 +465,9 @@ def main():
             for name in methods:
                 row[name] = table[M].get(name, ("n/a", "n/a"))
             results["rows"].append(row)
+        write_report(results, list(methods), args)  # after every shape: a run cut short keeps its table
 
-    # ---------------- report ----------------
-    names = list(methods)
-    lines = [f"# milo int3 kernel benchmark\n", header + "\n",
-             "Times in microseconds per call, median, CUDA graph with rotated weight copies (L2 cold). "
-             "floor = milo R=0 bytes / copy bandwidth.\n"]
-    for kind, idx in (("CUDA graph", 0), ("eager", 1)):
-        if kind == "eager" and args.no_eager:
-            continue
-        lines.append(f"\n## {kind}\n")
-        cols = ["N x K", "M", "floor"] + names
-        extra = []
-        if kind == "CUDA graph" and "milo-R0" in names:
-            extra = ["R0 % of floor", "R0 x fp16", "R0 x ao-int4", "R32 cost"]
-        lines.append("| " + " | ".join(cols + extra) + " |")
-        lines.append("|" + "---|" * (len(cols) + len(extra)))
-        for r in results["rows"]:
-            vals = [f"{r['N']}x{r['K']}", str(r["M"]), fmt(r["floor_us"])]
-            vals += [fmt(r[n][idx]) for n in names]
-            if extra:
-                def num(n):
-                    v = r.get(n, ("n/a",))[idx]
-                    return v if isinstance(v, float) else None
-                r0, f16, i4, r32 = num("milo-R0"), num("fp16"), num("ao-int4"), num("milo-R32")
-                vals.append(f"{100 * r['floor_us'] / r0:.0f}%" if r0 else "n/a")
-                vals.append(f"{f16 / r0:.2f}" if (r0 and f16) else "n/a")
-                vals.append(f"{i4 / r0:.2f}" if (r0 and i4) else "n/a")
-                vals.append(f"{100 * (r32 / r0 - 1):+.0f}%" if (r0 and r32) else "n/a")
-            lines.append("| " + " | ".join(vals) + " |")
-    report = "\n".join(lines) + "\n"
-    print("\n" + report)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(report)
-        with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-            json.dump(results, f, indent=1, default=str)
+    write_report(results, list(methods), args, final=True)
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ if has kbench; then
   echo "== bench_kernel [$(el)s]"
   LEFT=$(( ${TOTAL_BUDGET:-570} - $(el) ))
   timeout $(( LEFT > 30 ? LEFT : 30 )) python3 benchmarks/bench_kernel.py --out "$OUT/bench_kernel.md" \
-    --budget-s $(( LEFT > 100 ? LEFT - 100 : 10 )) ${KBENCH_ARGS:-} > "$OUT/bench_kernel.log" 2>&1
+    --budget-s $(( LEFT > 160 ? LEFT - 160 : 10 )) ${KBENCH_ARGS:-} > "$OUT/bench_kernel.log" 2>&1
   log "bench_kernel rc=$?"
   [ -f "$OUT/bench_kernel.md" ] && sed -n '/## CUDA graph/,/## eager/p' "$OUT/bench_kernel.md" | cut -c1-200 || tail -30 "$OUT/bench_kernel.log"
 fi
