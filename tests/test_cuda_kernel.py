@@ -227,8 +227,10 @@ def test_gemv_warps_per_tile(monkeypatch, wk, M):
 def test_programmatic_launch_waits_for_t(monkeypatch, pdl, M, N, K, R):
     """The decode kernel launched programmatically after the t = x V^T kernel (sm_90) must wait for t:
     the t kernel is held back 200 us before it writes t (MILO_INT3_TEST_T_DELAY_NS), so a decode
-    kernel that does not wait reads a stale t. Eager and CUDA-graph replay, against the float32
-    reference and bit-equal to the serialized launch."""
+    kernel that overlaps it without waiting reads a stale t. Eager and CUDA-graph replay, against the
+    float32 reference and bit-equal to the serialized launch. With the wait removed (H100, 2026-11-25
+    08:15 UTC) the two small-t cases failed; the K=14336, R=512 case (448 t blocks) passed: there the
+    decode kernel did not start before t finished, so it checks correctness, not the wait."""
     monkeypatch.setenv("MILO_INT3_TEST_T_DELAY_NS", "200000")
     monkeypatch.setenv("MILO_INT3_PDL", pdl)
     gen = torch.Generator(device="cuda").manual_seed(M * 1000 + R)
