@@ -247,8 +247,8 @@ at::Tensor lowrank_t(const at::Tensor& x2d, const at::Tensor& v) {
 // reduction; no shared memory and no barrier, so a long K costs a few load round trips, not one per
 // 32-k step. Lets the decode kernel launched after it start at once (programmatic launch): that
 // kernel waits for t only before its epilogue. Needs K % 8 == 0, x and v rows 16-byte aligned.
-// delay_ns (0 outside tests; MILO_INT3_TEST_T_DELAY_NS) holds each warp back before it writes t, so
-// tests can prove the dependent kernel waits instead of hoping t happens to be the slow kernel.
+// delay_ns (0 outside tests; MILO_INT3_TEST_T_DELAY_NS) holds each warp back before it writes t, so a
+// test can catch a dependent kernel that overlaps this one without waiting for t.
 template <typename T>
 __global__ void __launch_bounds__(256) lowrank_t_rows_kernel(const T* __restrict__ x, const T* __restrict__ v,
                                                             const int4* __restrict__ tiles, float* __restrict__ t,
