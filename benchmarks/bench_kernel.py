@@ -21,7 +21,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -31,6 +30,12 @@ import torch.nn.functional as F
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import copy_bandwidth, time_eager, time_graph  # noqa: E402
+
+# calls per timed replay / eager round: 16 keeps launch overhead averaged over enough calls
+MIN_CALLS = 16
 
 SHAPES = [(14336, 4096), (4096, 14336), (4096, 4096), (1408, 2048), (768, 2048)]
 MS = [1, 4, 16, 64, 256, 1024]
@@ -77,75 +82,6 @@ class NA(Exception):
 
 def _n_copies(bytes_per_copy, l2_bytes, cap=512):
     return int(max(2, min(cap, math.ceil(3 * l2_bytes / max(1, bytes_per_copy)))))
-
-
-def time_graph(calls, replays=30, min_calls=16):
-    """Median time per call (us) of a CUDA graph that runs every callable of `calls` once
-    (repeated so a replay holds >= min_calls calls)."""
-    reps = max(1, math.ceil(min_calls / len(calls)))
-    seq = calls * reps
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for c in calls:
-            c()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for c in seq:
-            c()
-    for _ in range(3):
-        g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / len(seq))
-    del g
-    return statistics.median(times)
-
-
-def time_eager(calls, rounds=10, min_calls=16):
-    reps = max(1, math.ceil(min_calls / len(calls)))
-    seq = calls * reps
-    for c in calls:
-        c()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rounds):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for c in seq:
-            c()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / len(seq))
-    return statistics.median(times)
-
-
-def copy_bandwidth():
-    n = 1 << 28  # 1 GiB of fp32
-    src = torch.empty(n // 4, dtype=torch.float32, device="cuda").normal_()
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(10):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dst.copy_(src)
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) * 1e-3)
-    t = statistics.median(ts)
-    del src, dst
-    return 2 * n / t  # bytes read + written per second
 
 
 # ------------------------------------------------------------------------------------------------
@@ -282,7 +218,7 @@ def sweep(args):
                 os.environ["MILO_INT3_GEMV_WK"] = str(wk)
                 err = max(err, ((call(states[0], x).float() - ref).norm() / ref.norm()).item())
                 calls = [(lambda st=st: call(st, x)) for st in states]
-                row.append(f"{time_graph(calls, replays=10):.1f}")
+                row.append(f"{time_graph(calls, replays=10, min_calls=MIN_CALLS):.1f}")
             os.environ.pop("MILO_INT3_GEMV_WK", None)
             print(f"| {N}x{K} | {M} | " + " | ".join(row) + f" | {err:.1e} |", flush=True)
         del states
@@ -308,7 +244,7 @@ def paths(args):
                 for gemv in ("4096", "0"):
                     os.environ["MILO_INT3_GEMV_MAX_M"] = gemv
                     calls = [(lambda st=st: call(st, x)) for st in states]
-                    row.append(f"{time_graph(calls, replays=10):.1f}")
+                    row.append(f"{time_graph(calls, replays=10, min_calls=MIN_CALLS):.1f}")
                 print(f"| {N}x{K} | {R} | {M} | " + " | ".join(row) + " |", flush=True)
             os.environ.pop("MILO_INT3_GEMV_MAX_M", None)
             del states
@@ -329,7 +265,7 @@ def _unpack(q):
 
 def render_report(results, names, no_eager):
     header = results["header"]
-    lines = [f"# milo int3 kernel benchmark\n", header + "\n",
+    lines = ["# milo int3 kernel benchmark\n", header + "\n",
              "Times in microseconds per call, median, CUDA graph with rotated weight copies (L2 cold). "
              "floor = milo R=0 bytes / copy bandwidth.\n"]
     for kind, idx in (("CUDA graph", 0), ("eager", 1)):
@@ -447,8 +383,8 @@ def main():
                 try:
                     xs = [torch.randn(M, K, device="cuda").to(xdt) for _ in range(min(ncop, 8))]
                     calls = [(lambda st=st, x=xs[i % len(xs)]: call(st, x)) for i, st in enumerate(states)]
-                    tg = time_graph(calls, replays=args.replays)
-                    te = float("nan") if args.no_eager else time_eager(calls)
+                    tg = time_graph(calls, replays=args.replays, min_calls=MIN_CALLS)
+                    te = float("nan") if args.no_eager else time_eager(calls, min_calls=MIN_CALLS)
                     table[M][name] = (tg, te)
                     print(f"  {name:10s} M={M:5d}: graph {tg:8.1f} us  eager {te:8.1f} us", flush=True)
                 except Exception as e:
