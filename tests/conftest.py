@@ -16,8 +16,10 @@ def gen(request) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def heavy_tailed(shape, gen, dtype=torch.float32, df=3.0):
-    """Student-t weights (heavy tails like real LLM weights), never zeros."""
-    normal = torch.randn(shape, generator=gen, dtype=torch.float64)
-    chi2 = torch.distributions.Chi2(torch.tensor(df, dtype=torch.float64)).sample(shape)
-    return (normal / torch.sqrt(chi2 / df) * 0.02).to(dtype)
+@pytest.fixture
+def one_thread():
+    """Small shapes: one thread is fastest, and on a shared machine 2 OpenMP threads spin-wait."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

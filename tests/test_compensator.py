@@ -12,25 +12,10 @@ from milo_tensor.quant.compensator import (
     truncated_svd,
 )
 from milo_tensor.quant.hqq import quantize_hqq
+from weights import rel, student_t
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small shapes: one thread is fastest, and on a shared machine 2 OpenMP threads spin-wait."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def student_t(shape, gen, df=3, scale=0.02):
-    z = torch.randn(shape, generator=gen)
-    chi2 = sum(torch.randn(shape, generator=gen).square() for _ in range(df))
-    return z / (chi2 / df).sqrt() * scale
-
-
-def rel(a, b):
-    return float((a - b).norm() / b.norm())
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reconstruct64(res, e=None):

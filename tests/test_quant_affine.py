@@ -10,22 +10,10 @@ from milo_tensor.quant.affine import (
     quantize_codes,
     quantize_rtn,
 )
+from weights import student_t
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small shapes: one thread is fastest, and on a shared machine 2 OpenMP threads spin-wait."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def student_t(shape, gen, df=3, scale=0.02):
-    """Heavy-tailed weights drawn entirely from ``gen`` (never zeros)."""
-    z = torch.randn(shape, generator=gen)
-    chi2 = sum(torch.randn(shape, generator=gen).square() for _ in range(df))
-    return z / (chi2 / df).sqrt() * scale
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def groups(x, g):

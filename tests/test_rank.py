@@ -15,21 +15,10 @@ from milo_tensor.quant.rank import (
     get_rank_policy,
     kurtosis,
 )
+from weights import student_t
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small shapes: one thread is fastest, and on a shared machine 2 OpenMP threads spin-wait."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def student_t(shape, gen, df=3, scale=0.02):
-    z = torch.randn(shape, generator=gen)
-    chi2 = sum(torch.randn(shape, generator=gen).square() for _ in range(df))
-    return z / (chi2 / df).sqrt() * scale
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dense(w, fqn="model.layers.0.self_attn.q_proj.weight"):
