@@ -41,6 +41,8 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kSliceK = 512;            // k per warp step: 4 lanes x 128
 constexpr int kXRowBytes = 1024 + 64;   // one staged x row of a slice (512 halves + 16 bytes per 128 k)
 constexpr int kXSumFloats = kSliceK / 32;  // group sums per staged row (G >= 32)
+// shared memory a warp stages x in: `rows` rows of a 512-k slice and their group sums
+__host__ __device__ constexpr int warp_x_bytes(int rows) { return rows * (kXRowBytes + kXSumFloats * 4); }
 constexpr int kRChunk = 64;             // ranks of t staged in shared memory at a time (epilogue)
 static_assert(kRChunk * kInt3GemvMaxRows <= kThreads, "one t entry per thread when staging a chunk");
 
@@ -169,7 +171,7 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
   const T* se = reinterpret_cast<const T*>(p.scales) + e * p.s_estride;
   const T* ze = reinterpret_cast<const T*>(p.zeros) + e * p.s_estride;
   const T* xg = reinterpret_cast<const T*>(p.x);
-  uint8_t* wx = smem + warp * MR * (kXRowBytes + kXSumFloats * 4);
+  uint8_t* wx = smem + warp * warp_x_bytes(MR);
   float* xsum = reinterpret_cast<float*>(wx + MR * kXRowBytes);
 
   // B operand: column (lane >> 2) of set b carries row 2b + (lane >> 4) of x on the k of lane (lane >> 2) & 3
@@ -369,8 +371,6 @@ __global__ void __launch_bounds__(kThreads, MINB) int3_gemv_kernel(const Int3Gem
   gemv_block<T, G, MR>(p, e, m0, rows, wk_log2, gemv_smem, ys, red, tsm);
 }
 
-constexpr int smem_bytes(int rows) { return kWarps * rows * (kXRowBytes + kXSumFloats * 4); }
-
 template <typename T, int G, int MR>
 void launch_mr(const Int3GemmParams& p, int row_blocks, int wk_log2, const GemvLaunch& l, cudaStream_t stream) {
   // 80 registers: 3 blocks per SM (a 64-register cap for 4 spilled and was 5-30% slower, H100)
@@ -380,7 +380,7 @@ void launch_mr(const Int3GemmParams& p, int row_blocks, int wk_log2, const GemvL
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = smem_bytes(MR);
+  cfg.dynamicSmemBytes = kWarps * warp_x_bytes(MR);
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;

@@ -206,9 +206,10 @@ int env_int(const char* name, int dflt) {
   return std::atoi(v);
 }
 
-// launch the decode kernel programmatically after the t kernel (sm_90; MILO_INT3_PDL=0 serializes)
-bool programmatic_after_t(int R, const DevInfo& d) {
-  return R > 0 && d.major >= 9 && env_int("MILO_INT3_PDL", 1) != 0;
+// how the decode kernel is launched (both ops): warps per tile forced by MILO_INT3_GEMV_WK (0 = from
+// K), and programmatically after the t kernel when there is one (sm_90; MILO_INT3_PDL=0 serializes)
+GemvLaunch gemv_launch(int R, const DevInfo& d) {
+  return GemvLaunch{env_int("MILO_INT3_GEMV_WK", 0), R > 0 && d.major >= 9 && env_int("MILO_INT3_PDL", 1) != 0};
 }
 
 bool aligned(const at::Tensor& t, int bytes) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0; }
@@ -424,12 +425,11 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   // (y and the bias copy first: the decode kernel should follow the t kernel directly in the stream)
   at::Tensor uta, tt, va;
   int t_splits = 1;
-  // decode: t = x v^T by lowrank_t_rows_kernel in k splits, and the decode kernel launched programmatically
-  // after it (sm_90): it streams its weights while t is computed and waits for t only in its epilogue
-  const bool programmatic = use_gemv && programmatic_after_t(R, dinfo);
   if (R > 0) {
     uta = aligned_contig(ut, 16);
     if (use_gemv) {
+      // t = x v^T by lowrank_t_rows_kernel in k splits; the decode kernel launched programmatically after
+      // it (sm_90) streams its weights while t is computed and waits for t only in its epilogue
       const auto [splits, k_chunk] = lowrank_rows_splits(K);
       t_splits = splits;
       va = aligned_contig(v, 16);
@@ -458,8 +458,8 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   p.t_split_stride = M64 * R;
   if (use_gemv) {
     const int row_blocks = (M + kInt3GemvMaxRows - 1) / kInt3GemvMaxRows;
-    const GemvLaunch gl{env_int("MILO_INT3_GEMV_WK", 0), programmatic};
-    launch_int3_gemv(xt == at::kHalf ? 0 : 1, G, p, row_blocks, std::min(M, kInt3GemvMaxRows), gl, stream);
+    launch_int3_gemv(xt == at::kHalf ? 0 : 1, G, p, row_blocks, std::min(M, kInt3GemvMaxRows),
+                     gemv_launch(R, dinfo), stream);
     return y.reshape(out_shape);
   }
 
@@ -786,8 +786,7 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   p.t_splits = t_splits;
   p.t_split_stride = rows64 * R;
   if (use_gemv) {
-    const GemvLaunch gl{env_int("MILO_INT3_GEMV_WK", 0), programmatic_after_t(R, dinfo)};
-    launch_int3_gemv(xt == at::kHalf ? 0 : 1, G, p, n_slots, bm, gl, stream);
+    launch_int3_gemv(xt == at::kHalf ? 0 : 1, G, p, n_slots, bm, gemv_launch(R, dinfo), stream);
   } else {
     launch_int3_gemm(xt == at::kHalf ? 0 : 1, cfg, G, p, n_tiles, n_slots, stream);
   }
