@@ -212,7 +212,8 @@ def _nbytes(t):
 
 
 def run_method(meth, args, device, compile_):
-    """Rows (method, batch, tok/s, ms/step, GiB, warm-up s) of one method in this process."""
+    """One method in this process: a row per batch size (decode_tps's dict plus method, batch and
+    weight GiB), or one row with an error; with --profile, the profile and no rows."""
     rows, model = [], None
     try:
         model = build(args.layers, device, args.smoke)

@@ -80,6 +80,12 @@ class NA(Exception):
     pass
 
 
+def _shapes_and_ms(args):
+    """--shapes "NxK,..." and --ms "1,4,..." as [(N, K), ...] and [M, ...]."""
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s]
+    return shapes, [int(m) for m in args.ms.split(",") if m]
+
+
 def _n_copies(bytes_per_copy, l2_bytes, cap=512):
     return int(max(2, min(cap, math.ceil(3 * l2_bytes / max(1, bytes_per_copy)))))
 
@@ -198,8 +204,7 @@ def sweep(args):
     pack_int3, ok, status = _setup_milo()
     print(status, flush=True)
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s]
-    ms = [int(m) for m in args.ms.split(",") if m]
+    shapes, ms = _shapes_and_ms(args)
     wks = [int(v) for v in os.environ.get("SWEEP_WK", "0,1,2,4,8").split(",")]
     print("\n| N x K | M | " + " | ".join(f"WK={w or 'auto'}" for w in wks) + " | max rel err |")
     print("|---|---|" + "---|" * (len(wks) + 1))
@@ -230,8 +235,7 @@ def paths(args):
     pack_int3, ok, status = _setup_milo()
     print(status, flush=True)
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s]
-    ms = [int(m) for m in args.ms.split(",") if m]
+    shapes, ms = _shapes_and_ms(args)
     print("\n| N x K | R | M | decode kernel us | tensor-core us |")
     print("|---|---|---|---|---|")
     for N, K in shapes:
@@ -358,8 +362,7 @@ def main():
     if args.methods:
         methods = {k: v for k, v in methods.items() if k in args.methods.split(",")}
 
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s]
-    ms = [int(m) for m in args.ms.split(",") if m]
+    shapes, ms = _shapes_and_ms(args)
     results = {"header": header, "bw": bw, "rows": []}
 
     for N, K in shapes:
