@@ -25,7 +25,6 @@ Times: microseconds per layer call, median, CUDA graph (eager for bf16-eager).
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 
