@@ -98,9 +98,9 @@ class MiLoInt3Tensor(TorchAOBaseTensor):
 
     def __tensor_flatten__(self) -> tuple[list[str], dict]:
         """torch.compile flattens every MiLo weight on every call of a compiled function (the guard on
-        its metadata, then the unwrapping into inner tensors): about 9 us per weight per call, which
-        made a compiled 4-layer Mixtral decode step spend 0.5 ms more on the host than bf16. The
-        answer only changes when an attribute is assigned, so it is cached until then."""
+        its metadata, then the unwrapping into inner tensors), part of the extra host time of a
+        compiled milo decode step over bf16 (docs/benchmarks.md, Decode). The answer only changes
+        when an attribute is assigned, so it is cached until then."""
         cached = self.__dict__.get("_flatten_cache")
         if cached is None:
             cached = super().__tensor_flatten__()

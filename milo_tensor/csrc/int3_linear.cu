@@ -294,9 +294,8 @@ __global__ void __launch_bounds__(256) lowrank_t_rows_kernel(const T* __restrict
 }
 
 // splits of K for lowrank_t_rows_kernel: about one per MILO_INT3_T_SPLIT_K k (default 1024), at most 8,
-// each a multiple of 256. H100, R=32, one graph replay per call (2026-11-25): K=4096 with 4 splits
-// 28.2 / 34.7 us at 14336x4096 M=1 / M=4 vs 29.5 / 38.5 with 2; K=14336 with 7 splits 29.6 / 38.3 vs
-// 30.9 / 41.8 with 14.
+// each a multiple of 256. On an H100 (2026-11-25, R=32, M=1 and 4) 4 splits beat 2 at K=4096 and 7 beat 14
+// at K=14336; re-measure with MILO_INT3_T_SPLIT_K and benchmarks/bench_kernel.py.
 std::pair<int, int> lowrank_rows_splits(int K) {
   const int per = std::max(256, env_int("MILO_INT3_T_SPLIT_K", 1024));
   const int want = std::max(1, std::min(8, (K + per - 1) / per));
