@@ -30,7 +30,8 @@ TOL = 3e-3
 def _ext():
     if HAS_CUDA:
         assert load_extension(), f"the CUDA extension failed to build/load: {extension_status()}"
-        assert torch._C._dispatch_has_kernel_for_dispatch_key("milo::int3_grouped_linear", "CUDA")
+        for op in ("int3_grouped_linear", "moe_route", "moe_combine"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"milo::{op}", "CUDA"), op
     yield
 
 
@@ -381,6 +382,77 @@ def test_experts_module_cuda_graph():
 
 
 # ------------------------------------------------------------------------------------------------
+# routing glue: milo::moe_route / milo::moe_combine on CUDA against the reference ops on the CPU
+# ------------------------------------------------------------------------------------------------
+
+ROUTE_CASES = [  # tokens, top_k, experts: decode, one chunk, several 1024-pair chunks, many experts
+    (1, 2, 8), (3, 8, 128), (5, 6, 64), (64, 2, 8), (700, 2, 8), (513, 8, 128), (2000, 6, 64), (40, 4, 1000),
+]
+
+
+def random_expert_ids(gen, tokens, top_k, E, drop, dtype):
+    scores = torch.rand(tokens, E, device="cuda", generator=gen)
+    ids = scores.topk(top_k, dim=-1).indices
+    if drop:
+        bad = torch.tensor([E, -1, E + 3], device="cuda")[torch.randint(0, 3, ids.shape, device="cuda", generator=gen)]
+        ids = torch.where(torch.rand(ids.shape, device="cuda", generator=gen) < drop, bad, ids)
+    return ids.to(dtype)
+
+
+@pytest.mark.parametrize("tokens,top_k,E", ROUTE_CASES)
+@pytest.mark.parametrize("drop", [0.0, 0.3])
+@pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32])
+def test_route_cuda_equals_reference(tokens, top_k, E, drop, id_dtype):
+    from milo_tensor.ops import reference as ref_ops
+
+    gen = torch.Generator(device="cuda").manual_seed(tokens * 131 + E)
+    ids = random_expert_ids(gen, tokens, top_k, E, drop, id_dtype)
+    poison = [torch.full((n,), -7, device="cuda", dtype=torch.int32) for n in (ids.numel(), ids.numel(), E)]
+    del poison  # the op's outputs get these blocks back
+    got = torch.ops.milo.moe_route(ids, E)
+    want = ref_ops.moe_route(ids.cpu(), E)
+    for g, w in zip(got, want):
+        assert g.is_cuda and g.dtype == torch.int32
+        assert torch.equal(g.cpu(), w)
+
+
+@pytest.mark.parametrize("tokens,top_k,E,H", [(1, 2, 8, 4096), (7, 8, 128, 2048), (300, 6, 64, 1408), (5, 2, 8, 100)])
+@pytest.mark.parametrize("dtype,wdtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float16),
+                                          (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32)])
+def test_combine_cuda_equals_reference(tokens, top_k, E, H, dtype, wdtype):
+    from milo_tensor.ops import reference as ref_ops
+
+    gen = torch.Generator(device="cuda").manual_seed(tokens * 7 + H)
+    ids = random_expert_ids(gen, tokens, top_k, E, 0.25, torch.int64)
+    _, row_of_choice, offsets = torch.ops.milo.moe_route(ids, E)
+    out = (torch.randn(tokens * top_k, H, device="cuda", generator=gen) + 0.5).to(dtype)
+    weights = torch.rand(tokens, top_k, device="cuda", generator=gen).to(wdtype)
+    weights[ids >= E] = float("nan")  # dropped choices: their weight must not leak in
+    weights[ids < 0] = float("inf")
+    poison = torch.full((tokens * H,), float("nan"), device="cuda", dtype=dtype)
+    del poison
+    got = torch.ops.milo.moe_combine(out, row_of_choice, weights, offsets)
+    want = ref_ops.moe_combine(out.cpu(), row_of_choice.cpu(), weights.cpu(), offsets.cpu())
+    assert got.dtype == dtype and got.shape == (tokens, H)
+    assert torch.isfinite(got).all(), "unwritten (NaN-poisoned) or leaked dropped-choice outputs"
+    # same fp32 sum in the same order: equal up to fma contraction and the final rounding
+    tol = 1e-6 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(got.cpu().float(), want.float(), rtol=tol, atol=tol)
+
+
+def test_combine_cuda_other_dtypes_fall_back():
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    ids = random_expert_ids(gen, 4, 2, 8, 0.3, torch.int64)
+    _, row_of_choice, offsets = torch.ops.milo.moe_route(ids, 8)
+    out = torch.randn(8, 24, device="cuda", generator=gen, dtype=torch.float64)
+    weights = torch.rand(4, 2, device="cuda", generator=gen, dtype=torch.float64)
+    from milo_tensor.ops import reference as ref_ops
+
+    want = ref_ops.moe_combine(out.cpu(), row_of_choice.cpu(), weights.cpu(), offsets.cpu())
+    torch.testing.assert_close(torch.ops.milo.moe_combine(out, row_of_choice, weights, offsets).cpu(), want)
+
+
+# ------------------------------------------------------------------------------------------------
 # compute-sanitizer entry point:  compute-sanitizer python tests/test_moe_cuda.py --sanitize
 # ------------------------------------------------------------------------------------------------
 
@@ -408,6 +480,13 @@ def _sanitize_main():
         x = torch.randn(rows, K, device="cuda", generator=gen).to(dt)
         _, err = check(x, counts, routing_offsets(counts, rows), experts, g)
         worst = max(worst, err)
+    for tokens, top_k, E in [(1, 2, 8), (513, 8, 128), (2000, 6, 64)]:  # the routing kernels
+        gen = torch.Generator(device="cuda").manual_seed(tokens)
+        ids = random_expert_ids(gen, tokens, top_k, E, 0.3, torch.int64)
+        _, row_of_choice, offsets = torch.ops.milo.moe_route(ids, E)
+        out = torch.randn(tokens * top_k, 1408, device="cuda", generator=gen).to(torch.bfloat16)
+        weights = torch.rand(tokens, top_k, device="cuda", generator=gen)
+        torch.ops.milo.moe_combine(out, row_of_choice, weights, offsets)
     torch.cuda.synchronize()
     print(f"grouped sanitize cases OK ({len(cases)} cases, worst relative error {worst:.2e})")
 

@@ -58,25 +58,17 @@ def milo_experts_forward(
     if not (isinstance(up, MiLoInt3Tensor) and isinstance(down, MiLoInt3Tensor)):
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
 
-    num_tokens, top_k = top_k_index.shape
-    n_experts = self.num_experts
-    expert_ids = top_k_index.reshape(-1)
-    # Sentinels (id == n_experts, expert parallel) sort to the tail and fall outside offsets[-1].
-    sorted_ids, perm = torch.sort(expert_ids, stable=True)
-    x = hidden_states[perm // top_k]
-    counts = torch.zeros(n_experts + 1, dtype=torch.int32, device=hidden_states.device)
-    counts.scatter_add_(0, expert_ids.clamp(max=n_experts), torch.ones_like(expert_ids, dtype=torch.int32))
-    offsets = torch.cumsum(counts[:n_experts], dim=0, dtype=torch.int32)
-
+    # Rows sorted by expert (ids outside [0, E), expert-parallel sentinels, fall past offsets[-1] and
+    # come back as zeros), the two grouped matmuls, then the weighted sum per token: two routing
+    # launches on CUDA in place of a sort, a histogram, a cumsum, gathers and a scatter.
+    token_of_row, row_of_choice, offsets = torch.ops.milo.moe_route(top_k_index, self.num_experts)
+    x = hidden_states.index_select(0, token_of_row)
     h = _grouped(x, offsets, up)
     h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
     out = _grouped(h, offsets, down)
     if getattr(self, "has_post_expert_norm", False):
         out = self.post_expert_norm(out)
-    weighted = out * top_k_weights.reshape(-1)[perm].unsqueeze(-1)
-    weighted = weighted.masked_fill((sorted_ids >= n_experts).unsqueeze(-1), 0.0)
-    unsorted = torch.empty_like(weighted).index_copy_(0, perm, weighted)
-    return unsorted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+    return torch.ops.milo.moe_combine(out, row_of_choice, top_k_weights, offsets).to(hidden_states.dtype)
 
 
 def register() -> None:

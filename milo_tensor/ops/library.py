@@ -23,8 +23,14 @@ _lib.define(
     "Tensor ut, Tensor v, int group_size) -> Tensor"
 )
 
+# MoE routing glue around the grouped op: one launch each on CUDA instead of a dozen small ones
+_lib.define("moe_route(Tensor expert_ids, int num_experts) -> (Tensor, Tensor, Tensor)")
+_lib.define("moe_combine(Tensor out, Tensor row_of_choice, Tensor weights, Tensor offsets) -> Tensor")
+
 _lib.impl("int3_linear", reference.int3_linear, "CompositeExplicitAutograd")
 _lib.impl("int3_grouped_linear", reference.int3_grouped_linear, "CompositeExplicitAutograd")
+_lib.impl("moe_route", reference.moe_route, "CompositeExplicitAutograd")
+_lib.impl("moe_combine", reference.moe_combine, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("milo::int3_linear")
@@ -36,6 +42,19 @@ def _int3_linear_fake(x, qdata, scales, zeros, ut, v, group_size, bias=None):
 @torch.library.register_fake("milo::int3_grouped_linear")
 def _int3_grouped_linear_fake(x, offsets, qdata, scales, zeros, ut, v, group_size):
     return x.new_empty((x.shape[0], qdata.shape[-2]))
+
+
+@torch.library.register_fake("milo::moe_route")
+def _moe_route_fake(expert_ids, num_experts):
+    n = expert_ids.numel()
+    return (expert_ids.new_empty((n,), dtype=torch.int32), expert_ids.new_empty((n,), dtype=torch.int32),
+            expert_ids.new_empty((num_experts,), dtype=torch.int32))
+
+
+@torch.library.register_fake("milo::moe_combine")
+def _moe_combine_fake(out, row_of_choice, weights, offsets):
+    torch._check(row_of_choice.numel() == weights.numel(), lambda: "moe_combine: one row per (token, choice)")
+    return out.new_empty((weights.shape[0], out.shape[-1]))
 
 
 def _int3_linear_setup_context(ctx, inputs, output):

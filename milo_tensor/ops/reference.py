@@ -67,3 +67,41 @@ def int3_grouped_linear(
         if end > start:
             out[start:end] = int3_linear(x[start:end], qdata[e], scales[e], zeros[e], ut[e], v[e], group_size)
     return out
+
+
+def moe_route(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sort a layer's (token, choice) pairs by expert, stably, with static output shapes.
+
+    ``expert_ids`` is ``[tokens, top_k]``; ids outside ``[0, num_experts)`` (expert-parallel
+    sentinels) sort after every expert and so fall past ``offsets[-1]``. Returns, all int32:
+    ``token_of_row [tokens*top_k]`` (the token each sorted row reads), ``row_of_choice
+    [tokens*top_k]`` (the sorted row of each flattened (token, choice)) and ``offsets [num_experts]``
+    (end row of each expert, the grouped op's input)."""
+    flat = expert_ids.reshape(-1).long()
+    keys = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)
+    _, perm = torch.sort(keys, stable=True)
+    top_k = expert_ids.shape[-1] if expert_ids.dim() > 0 else 1
+    token_of_row = (perm // max(top_k, 1)).to(torch.int32)
+    row_of_choice = torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))
+    offsets = torch.cumsum(torch.bincount(keys, minlength=num_experts + 1)[:num_experts], 0)
+    return token_of_row, row_of_choice.to(torch.int32), offsets.to(torch.int32)
+
+
+def moe_combine(
+    out: torch.Tensor, row_of_choice: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor
+) -> torch.Tensor:
+    """y[t] = sum over j of weights[t, j] * out[row_of_choice[t*k + j]], in float32 and in j order;
+    rows past ``offsets[-1]`` (dropped choices) add nothing, whatever their weight. Returns
+    ``[tokens, H]`` in ``out.dtype``."""
+    tokens, top_k = weights.shape
+    acc = _accumulation_dtype(out.dtype)
+    end = offsets[-1] if offsets.numel() > 0 else torch.zeros((), dtype=offsets.dtype, device=offsets.device)
+    rows = row_of_choice.long()
+    keep = (rows < end).reshape(tokens, top_k)
+    w = torch.where(keep, weights.to(acc), torch.zeros((), dtype=acc, device=weights.device))
+    picked = out.to(acc)[rows.clamp(max=max(out.shape[0] - 1, 0))].reshape(tokens, top_k, -1)
+    picked = torch.where(keep.unsqueeze(-1), picked, torch.zeros((), dtype=acc, device=out.device))
+    y = torch.zeros(tokens, out.shape[-1], dtype=acc, device=out.device)
+    for j in range(top_k):
+        y = y + w[:, j, None] * picked[:, j]
+    return y.to(out.dtype)
