@@ -240,7 +240,12 @@ struct Int3Cfg {
   static constexpr int UT_BYTES = RC * BN * 2;
   static constexpr int UT_RING = PIPE_BYTES / UT_BYTES;  // extra ut buffers in the pipeline area
   static constexpr int RED_BYTES = WN * MT * NT * 4 * 32 * 4;
-  static constexpr int SMEM_BASE = PIPE_BYTES + FS_BYTES;  // + UT_BYTES when R > 0
+  static constexpr int SMEM_BASE = PIPE_BYTES + FS_BYTES;  // + LR_BYTES when R > 0
+  // t[:, chunk] of the block's rows, summed over t's k-split partials once per chunk (fp32; rows
+  // padded to 72 floats so a quad's float2 reads of 8 rows hit 32 distinct banks)
+  static constexpr int TS_LD = RC + 8;
+  static constexpr int TS_BYTES = BM * TS_LD * 4;
+  static constexpr int LR_BYTES = UT_BYTES + TS_BYTES;
   static_assert(G == 32 || G == 64 || G == 128, "group size");
   static_assert(NT % 2 == 0, "the low-rank epilogue loads n8 tiles in pairs");
   static_assert(STAGES >= 3, "the scale conversion runs one stage ahead");
@@ -271,6 +276,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MINB) int3_gemm_kernel(cons
   extern __shared__ __align__(16) uint8_t smem[];
   const uint32_t s_base = smem_u32(smem);
   const uint32_t s_ut0 = s_base + Cfg::SMEM_BASE;
+  float* const ts_s = reinterpret_cast<float*>(smem + Cfg::SMEM_BASE + Cfg::UT_BYTES);
 
   const int tid = threadIdx.x;
   const int lane = tid & 31, warp = tid >> 5;
@@ -638,11 +644,38 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MINB) int3_gemm_kernel(cons
     }
     for (int jj = 0; jj < nc; ++jj) {
       cp_async_wait<P - 1>();
-      __syncthreads();
+      __syncthreads();  // ut chunk jj landed; every warp is done with the previous chunk's t
       if (jj + P < nc) load_ut_chunk(jj + P, ut_buf(jj + P));
       cp_async_commit();
       const uint32_t ub = ut_buf(jj);
       const int r_base = (split + jj * p.splits) * Cfg::RC;
+      {
+        // stage t[rows, chunk]: the whole block sums the t_splits partials in a fixed order, loads
+        // independent across elements and coalesced along r (the per-thread global sums this
+        // replaces were a chain of dependent loads per rank)
+        constexpr int TS_PER = (BM * Cfg::RC + THREADS - 1) / THREADS;
+        float tv[TS_PER];
+#pragma unroll
+        for (int u = 0; u < TS_PER; ++u) tv[u] = 0.f;
+        const float* tp = p.t;
+#pragma unroll 4
+        for (int ts = 0; ts < p.t_splits; ++ts, tp += p.t_split_stride) {
+#pragma unroll
+          for (int u = 0; u < TS_PER; ++u) {
+            const int idx = tid + u * THREADS;
+            const int ml = idx / Cfg::RC, c = idx - ml * Cfg::RC;
+            const int m = m0 + ml, r = r_base + c;
+            if (idx < BM * Cfg::RC && m < M && r < R) tv[u] += tp[static_cast<size_t>(m) * R + r];
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < TS_PER; ++u) {
+          const int idx = tid + u * THREADS;
+          const int ml = idx / Cfg::RC, c = idx - ml * Cfg::RC;
+          if (idx < BM * Cfg::RC) ts_s[ml * Cfg::TS_LD + c] = tv[u];
+        }
+      }
+      __syncthreads();
 #pragma unroll
       for (int kk = 0; kk < 2; ++kk) {
         const int ks = 2 * kk + wk;  // k16 step of the chunk handled by this warp
@@ -656,24 +689,9 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MINB) int3_gemm_kernel(cons
           for (int half_ = 0; half_ < 2; ++half_) {      // rows g, g + 8
 #pragma unroll
             for (int kh = 0; kh < 2; ++kh) {             // cols 2t.., 2t + 8..
-              const int m = m0 + mt * 16 + g + 8 * half_;
-              const int r = rk + 2 * t + 8 * kh;
-              float v0 = 0.f, v1 = 0.f;
-              if (m < M) {
-                const float* tp = p.t + static_cast<size_t>(m) * R + r;
-                // t may come as t_splits partial sums (grouped op's split-K pre-step), summed here
-                // in a fixed order
-                for (int ts = 0; ts < p.t_splits; ++ts, tp += p.t_split_stride) {
-                  if (r + 1 < R && ((reinterpret_cast<uintptr_t>(tp) & 7) == 0)) {
-                    const float2 v = *reinterpret_cast<const float2*>(tp);
-                    v0 += v.x;
-                    v1 += v.y;
-                  } else {
-                    if (r < R) v0 += tp[0];
-                    if (r + 1 < R) v1 += tp[1];
-                  }
-                }
-              }
+              const float2 tv2 = *reinterpret_cast<const float2*>(
+                  ts_s + (mt * 16 + g + 8 * half_) * Cfg::TS_LD + (rk - r_base) + 2 * t + 8 * kh);
+              const float v0 = tv2.x, v1 = tv2.y;
               const T h0 = from_float<T>(v0), h1 = from_float<T>(v1);
               const int reg = half_ + 2 * kh;
               ahi[mt][reg] = pack2<T>(to_float(h0), to_float(h1));

@@ -13,7 +13,7 @@ namespace {
 template <typename Cfg>
 void launch_cfg(const Int3GemmParams& p, int n_tiles, int m_blocks, cudaStream_t stream) {
   static_assert(Cfg::BK == kInt3BK, "host tiling assumes BK = 128");
-  constexpr int kMaxSmem = Cfg::SMEM_BASE + Cfg::UT_BYTES;
+  constexpr int kMaxSmem = Cfg::SMEM_BASE + Cfg::LR_BYTES;
   static bool attr_done[64] = {false};
   const int dev = c10::cuda::current_device();
   auto kern = int3_gemm_kernel<Cfg>;
@@ -21,7 +21,7 @@ void launch_cfg(const Int3GemmParams& p, int n_tiles, int m_blocks, cudaStream_t
     C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem));
     attr_done[dev] = true;
   }
-  const int smem = Cfg::SMEM_BASE + (p.R > 0 ? Cfg::UT_BYTES : 0);
+  const int smem = Cfg::SMEM_BASE + (p.R > 0 ? Cfg::LR_BYTES : 0);
   dim3 grid(n_tiles, p.splits, m_blocks);
   kern<<<grid, Cfg::THREADS, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
