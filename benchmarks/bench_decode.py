@@ -22,6 +22,8 @@ Methods:
             the default --methods)
   milo-unwrap  milo after milo_tensor.unwrap_tensor_subclass (parameters as plain tensors, the
             subclass rebuilt inside the compiled graph): what per-call subclass handling costs
+  <method>+freeze  any of the above compiled with torch._inductor.config.freezing (parameters
+            become graph constants instead of inputs checked on every call)
 """
 
 from __future__ import annotations
@@ -217,17 +219,24 @@ def run_method(meth, args, device, compile_):
     """One method in this process: a row per batch size (decode_tps's dict plus method, batch and
     weight GiB), or one row with an error; with --profile, the profile and no rows."""
     rows, model = [], None
+    base, _, option = meth.partition("+")
     try:
+        if option not in ("", "freeze"):
+            raise ValueError(f"unknown method option +{option} (known: +freeze)")
+        if option == "freeze":
+            import torch._inductor.config as inductor_config
+
+            inductor_config.freezing = True
         model = build(args.layers, device, args.smoke)
-        if meth == "milo":
+        if base == "milo":
             model = to_milo(model, device)
-        elif meth == "milo-r0":
+        elif base == "milo-r0":
             model = to_milo(model, device, attn_rank=0, expert_rank=0)
-        elif meth == "milo-unwrap":
+        elif base == "milo-unwrap":
             from milo_tensor import unwrap_tensor_subclass
 
             model = unwrap_tensor_subclass(to_milo(model, device))
-        elif meth == "ao-int4":
+        elif base == "ao-int4":
             model = to_ao_int4(model)
         if args.profile:
             print(f"== {meth}", flush=True)

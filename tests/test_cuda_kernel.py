@@ -223,13 +223,15 @@ def test_gemv_warps_per_tile(monkeypatch, wk, M):
 
 
 @pytest.mark.parametrize("pdl", ["0", "1"])
-@pytest.mark.parametrize("M,N,K,R", [(1, 64, 14336, 512), (2, 4096, 4096, 32), (4, 200, 2048, 100)])
+@pytest.mark.parametrize("M,N,K,R", [(1, 64, 14336, 512), (2, 4096, 4096, 32), (4, 200, 2048, 100),
+                                     (8, 4096, 4096, 32), (16, 200, 2048, 100)])
 def test_programmatic_launch_waits_for_t(monkeypatch, pdl, M, N, K, R):
-    """The decode kernel launched programmatically after the t = x V^T kernel (sm_90) must wait for t:
-    the t kernel is held back 200 us before it writes t (MILO_INT3_TEST_T_DELAY_NS), so a decode
-    kernel that overlaps it without waiting reads a stale t. Eager and CUDA-graph replay, against the
-    float32 reference and bit-equal to the serialized launch. With the wait removed (H100, 2026-11-25
-    08:15 UTC) the two small-t cases failed; the K=14336, R=512 case (448 t blocks) passed: there the
+    """The matmul kernel launched programmatically after the t = x V^T kernel (sm_90; the decode kernel
+    at M <= 4, the 16-row tensor-core tile at M 8 and 16) must wait for t: the t kernel is held back
+    200 us before it writes t (MILO_INT3_TEST_T_DELAY_NS), so a kernel that overlaps it without
+    waiting reads a stale t. Eager and CUDA-graph replay, against the float32 reference and bit-equal
+    to the serialized launch. With the decode kernel's wait removed (H100, 2026-11-25 08:15 and 10:27
+    UTC) the two small-t decode cases failed; the K=14336, R=512 case (448 t blocks) passed: there the
     decode kernel did not start before t finished, so it checks correctness, not the wait."""
     monkeypatch.setenv("MILO_INT3_TEST_T_DELAY_NS", "200000")
     monkeypatch.setenv("MILO_INT3_PDL", pdl)

@@ -186,16 +186,18 @@ def test_grouped_gemv_and_mma_paths(monkeypatch, gemv_rows, wk, rows, g, dtype):
 
 @pytest.mark.parametrize("pdl", ["0", "1"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_grouped_decode_waits_for_t(monkeypatch, pdl, dtype):
-    """Decode routing (about one row per expert): the rows t-kernel, then the decode kernel launched
-    programmatically after it (sm_90), which must wait for t: the t kernel is held back 200 us before
-    it writes t (MILO_INT3_TEST_T_DELAY_NS). Ragged ranks up to 32 and K = 2048 keep the t grid small,
-    as in the dense cases that failed with the wait removed (the earlier K = 14336, ranks-to-512
-    version passed without the wait: its decode kernel did not overlap t); that this version fails
-    without the wait is not yet checked on a GPU. Against the reference and bit-equal to the
-    serialized launch."""
+@pytest.mark.parametrize("kernel", ["decode", "tensor-core"])
+def test_grouped_decode_waits_for_t(monkeypatch, pdl, dtype, kernel):
+    """Decode routing (about one row per expert): a t kernel (the rows kernel before the decode kernel,
+    the tiled one before the tensor-core kernel), then the matmul kernel launched programmatically
+    after it (sm_90), which must wait for t: the t kernel is held back 200 us before it writes t
+    (MILO_INT3_TEST_T_DELAY_NS). Ragged ranks up to 32 and K = 2048 keep the t grid small. With the
+    decode kernel's wait removed (H100, 2026-11-25 10:27 UTC) the decode cases failed. Against the
+    reference and bit-equal to the serialized launch."""
     monkeypatch.setenv("MILO_INT3_TEST_T_DELAY_NS", "200000")
     monkeypatch.setenv("MILO_INT3_PDL", pdl)
+    if kernel == "tensor-core":
+        monkeypatch.setenv("MILO_INT3_GROUPED_CFG", "1")
     rnd = random.Random(17)
     gen = torch.Generator(device="cuda").manual_seed(17 + int(pdl))
     E, N, K, rows = 8, 64, 2048, 6

@@ -633,6 +633,9 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MINB) int3_gemm_kernel(cons
 
   // ---------------- low-rank term: acc += t[:, chunk] @ ut[chunk, tile] ----------------
   if (nc > 0) {
+    // launched programmatically after the kernel computing t (sm_90), this block may have streamed its
+    // weights while t was in flight: wait for it here (returns at once after a normal launch)
+    grid_dep_wait();
     constexpr int P = Cfg::UT_RING;  // ring of P + 1 buffers: the ut region and P in the pipe area
     auto ut_buf = [&](int jj) -> uint32_t {
       const int b = jj % (P + 1);

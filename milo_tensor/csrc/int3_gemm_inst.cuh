@@ -11,7 +11,7 @@ namespace milo {
 namespace {
 
 template <typename Cfg>
-void launch_cfg(const Int3GemmParams& p, int n_tiles, int m_blocks, cudaStream_t stream) {
+void launch_cfg(const Int3GemmParams& p, int n_tiles, int m_blocks, bool programmatic, cudaStream_t stream) {
   static_assert(Cfg::BK == kInt3BK, "host tiling assumes BK = 128");
   constexpr int kMaxSmem = Cfg::SMEM_BASE + Cfg::LR_BYTES;
   static bool attr_done[64] = {false};
@@ -22,24 +22,32 @@ void launch_cfg(const Int3GemmParams& p, int n_tiles, int m_blocks, cudaStream_t
     attr_done[dev] = true;
   }
   const int smem = Cfg::SMEM_BASE + (p.R > 0 ? Cfg::LR_BYTES : 0);
-  dim3 grid(n_tiles, p.splits, m_blocks);
-  kern<<<grid, Cfg::THREADS, smem, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(n_tiles, p.splits, m_blocks);
+  cfg.blockDim = dim3(Cfg::THREADS);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = programmatic ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, p));
 }
 
 }  // namespace
 
-void MILO_FN(int mt, const Int3GemmParams& p, int n_tiles, int m_blocks, cudaStream_t s) {
+void MILO_FN(int mt, const Int3GemmParams& p, int n_tiles, int m_blocks, bool programmatic, cudaStream_t s) {
   switch (mt) {
     case 1:  // decode (M <= 16): 64 columns per block, 8 warps (4 along N x 2 along K), 4 stages
       // (4 stages measured 20-25% faster than 8 at M = 1..16 on an H100)
-      launch_cfg<Int3Cfg<MILO_T, 1, 2, 4, MILO_G, 4, 3>>(p, n_tiles, m_blocks, s);
+      launch_cfg<Int3Cfg<MILO_T, 1, 2, 4, MILO_G, 4, 3>>(p, n_tiles, m_blocks, programmatic, s);
       break;
     case 2:
-      launch_cfg<Int3Cfg<MILO_T, 2, 8, 2, MILO_G, 4>>(p, n_tiles, m_blocks, s);
+      launch_cfg<Int3Cfg<MILO_T, 2, 8, 2, MILO_G, 4>>(p, n_tiles, m_blocks, programmatic, s);
       break;
     case 4:
-      launch_cfg<Int3Cfg<MILO_T, 4, 4, 4, MILO_G, 4>>(p, n_tiles, m_blocks, s);
+      launch_cfg<Int3Cfg<MILO_T, 4, 4, 4, MILO_G, 4>>(p, n_tiles, m_blocks, programmatic, s);
       break;
     default:
       TORCH_CHECK(false, "int3_linear: tile configuration ", mt, " is not built for this dtype / group size");

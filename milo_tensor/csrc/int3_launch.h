@@ -16,9 +16,10 @@ int int3_cfg_bn(int cfg, int group);
 int int3_cfg_bm(int cfg);
 
 // dtype: 0 = fp16, 1 = bf16. mt = cfg id (above); group in {32, 64, 128}.
-// Launches int3_gemm_kernel on `stream` with grid (n_tiles, p.splits, m_blocks).
+// Launches int3_gemm_kernel on `stream` with grid (n_tiles, p.splits, m_blocks); programmatic: with
+// programmatic stream serialization after the kernel computing p.t (it waits for t before its epilogue).
 void launch_int3_gemm(int dtype, int mt, int group, const Int3GemmParams& p, int n_tiles, int m_blocks,
-                      cudaStream_t stream);
+                      bool programmatic, cudaStream_t stream);
 
 // Decode path (int3_gemv.cu): tensor-core kernel with the weight as the mma A operand, for tiles of
 // at most kInt3GemvMaxRows rows of x; grid (ceil(N / BR), row_blocks), BR = 16..128 columns per block
@@ -35,11 +36,17 @@ void launch_int3_gemv(int dtype, int group, const Int3GemmParams& p, int row_blo
                       const GemvLaunch& l, cudaStream_t stream);
 
 // one entry per (dtype, group) translation unit
-void launch_int3_gemm_f16_g32(int mt, const Int3GemmParams& p, int n_tiles, int m_blocks, cudaStream_t s);
-void launch_int3_gemm_f16_g64(int mt, const Int3GemmParams& p, int n_tiles, int m_blocks, cudaStream_t s);
-void launch_int3_gemm_f16_g128(int mt, const Int3GemmParams& p, int n_tiles, int m_blocks, cudaStream_t s);
-void launch_int3_gemm_bf16_g32(int mt, const Int3GemmParams& p, int n_tiles, int m_blocks, cudaStream_t s);
-void launch_int3_gemm_bf16_g64(int mt, const Int3GemmParams& p, int n_tiles, int m_blocks, cudaStream_t s);
-void launch_int3_gemm_bf16_g128(int mt, const Int3GemmParams& p, int n_tiles, int m_blocks, cudaStream_t s);
+void launch_int3_gemm_f16_g32(int mt, const Int3GemmParams& p, int n_tiles, int m_blocks, bool programmatic,
+                            cudaStream_t s);
+void launch_int3_gemm_f16_g64(int mt, const Int3GemmParams& p, int n_tiles, int m_blocks, bool programmatic,
+                            cudaStream_t s);
+void launch_int3_gemm_f16_g128(int mt, const Int3GemmParams& p, int n_tiles, int m_blocks, bool programmatic,
+                            cudaStream_t s);
+void launch_int3_gemm_bf16_g32(int mt, const Int3GemmParams& p, int n_tiles, int m_blocks, bool programmatic,
+                            cudaStream_t s);
+void launch_int3_gemm_bf16_g64(int mt, const Int3GemmParams& p, int n_tiles, int m_blocks, bool programmatic,
+                            cudaStream_t s);
+void launch_int3_gemm_bf16_g128(int mt, const Int3GemmParams& p, int n_tiles, int m_blocks, bool programmatic,
+                            cudaStream_t s);
 
 }  // namespace milo

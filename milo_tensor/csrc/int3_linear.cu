@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <optional>
+#include <tuple>
 #include <utility>
 
 #include "int3_launch.h"
@@ -37,15 +38,16 @@ int int3_cfg_bn(int cfg, int group) {
 }
 
 void launch_int3_gemm(int dtype, int mt, int group, const Int3GemmParams& p, int n_tiles, int m_blocks,
-                      cudaStream_t stream) {
+                      bool programmatic, cudaStream_t stream) {
+  const bool pr = programmatic;
   if (dtype == 0) {
-    if (group == 32) return launch_int3_gemm_f16_g32(mt, p, n_tiles, m_blocks, stream);
-    if (group == 64) return launch_int3_gemm_f16_g64(mt, p, n_tiles, m_blocks, stream);
-    return launch_int3_gemm_f16_g128(mt, p, n_tiles, m_blocks, stream);
+    if (group == 32) return launch_int3_gemm_f16_g32(mt, p, n_tiles, m_blocks, pr, stream);
+    if (group == 64) return launch_int3_gemm_f16_g64(mt, p, n_tiles, m_blocks, pr, stream);
+    return launch_int3_gemm_f16_g128(mt, p, n_tiles, m_blocks, pr, stream);
   }
-  if (group == 32) return launch_int3_gemm_bf16_g32(mt, p, n_tiles, m_blocks, stream);
-  if (group == 64) return launch_int3_gemm_bf16_g64(mt, p, n_tiles, m_blocks, stream);
-  return launch_int3_gemm_bf16_g128(mt, p, n_tiles, m_blocks, stream);
+  if (group == 32) return launch_int3_gemm_bf16_g32(mt, p, n_tiles, m_blocks, pr, stream);
+  if (group == 64) return launch_int3_gemm_bf16_g64(mt, p, n_tiles, m_blocks, pr, stream);
+  return launch_int3_gemm_bf16_g128(mt, p, n_tiles, m_blocks, pr, stream);
 }
 
 namespace {
@@ -422,24 +424,30 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   if (bias.has_value()) ba = bias->reshape({N64}).contiguous();
   at::Tensor y = at::empty({M64, N64}, x.options());
   // (y and the bias copy first: the decode kernel should follow the t kernel directly in the stream)
+  // t = x v^T by lowrank_t_rows_kernel in k splits for the decode kernel and the 16-row tensor-core tile
+  // (ranks up to kRowsTMaxR; more ranks, or more rows, through cuBLAS); the matmul kernel is then launched
+  // programmatically right after it (sm_90), streams its weights while t is computed and waits for t
+  // only in its epilogue
+  constexpr int kRowsTMaxR = 128;  // (above it the rows kernel re-reads V per 4-row group; not measured)
+  const bool rows_t = R > 0 && (use_gemv || (M <= 16 && R <= kRowsTMaxR));
   at::Tensor uta, tt, va;
-  int t_splits = 1;
+  int t_splits = 1, t_k_chunk = 0;
   if (R > 0) {
     uta = aligned_contig(ut, 16);
-    if (use_gemv) {
-      // t = x v^T by lowrank_t_rows_kernel in k splits; the decode kernel launched programmatically after
-      // it (sm_90) streams its weights while t is computed and waits for t only in its epilogue
-      const auto [splits, k_chunk] = lowrank_rows_splits(K);
-      t_splits = splits;
+    if (rows_t) {
+      std::tie(t_splits, t_k_chunk) = lowrank_rows_splits(K);
       va = aligned_contig(v, 16);
-      tt = at::empty({static_cast<int64_t>(splits) * M64 * R}, x.options().dtype(at::kFloat));
-      launch_lowrank_t_rows(xt, xa.data_ptr(), va.data_ptr(), nullptr, (M + kInt3GemvMaxRows - 1) / kInt3GemvMaxRows,
-                            tt.data_ptr<float>(), M, K, R, splits, k_chunk, stream);
+      tt = at::empty({static_cast<int64_t>(t_splits) * M64 * R}, x.options().dtype(at::kFloat));
     } else {
       tt = lowrank_t(xa, v).contiguous();
       if (!aligned(tt, 8)) tt = tt.clone();
     }
   }
+  auto launch_rows_t = [&]() {
+    launch_lowrank_t_rows(xt, xa.data_ptr(), va.data_ptr(), nullptr, (M + kInt3GemvMaxRows - 1) / kInt3GemvMaxRows,
+                          tt.data_ptr<float>(), M, K, R, t_splits, t_k_chunk, stream);
+  };
+  const GemvLaunch launch_mode = gemv_launch(R, dinfo);
   Int3GemmParams p{};  // dense op: no tile list
   p.x = xa.data_ptr();
   p.q = qa.data_ptr<int32_t>();
@@ -457,8 +465,8 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   p.t_split_stride = M64 * R;
   if (use_gemv) {
     const int row_blocks = (M + kInt3GemvMaxRows - 1) / kInt3GemvMaxRows;
-    launch_int3_gemv(xt == at::kHalf ? 0 : 1, G, p, row_blocks, std::min(M, kInt3GemvMaxRows),
-                     gemv_launch(R, dinfo), stream);
+    if (rows_t) launch_rows_t();
+    launch_int3_gemv(xt == at::kHalf ? 0 : 1, G, p, row_blocks, std::min(M, kInt3GemvMaxRows), launch_mode, stream);
     return y.reshape(out_shape);
   }
 
@@ -487,7 +495,8 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   }
   p.splits = splits;
   p.stages_per_split = sps;
-  launch_int3_gemm(xt == at::kHalf ? 0 : 1, cfg, G, p, n_tiles, m_blocks, stream);
+  if (rows_t) launch_rows_t();  // directly before the matmul kernel in the stream (after the memset)
+  launch_int3_gemm(xt == at::kHalf ? 0 : 1, cfg, G, p, n_tiles, m_blocks, rows_t && launch_mode.programmatic, stream);
   return y.reshape(out_shape);
 }
 
@@ -549,7 +558,8 @@ template <typename T, int TM>
 __global__ void __launch_bounds__(256) grouped_lowrank_kernel(const T* __restrict__ x, const T* __restrict__ v,
                                                              const int4* __restrict__ tiles, float* __restrict__ t,
                                                              int K, int R, long long v_estride, int k_chunk,
-                                                             long long split_stride) {
+                                                             long long split_stride, unsigned delay_ns) {
+  grid_dep_launch_dependents();  // the GEMM launched after this kernel waits for t only in its epilogue
   const int4 tl = tiles[blockIdx.x];
   if (tl.x < 0) return;
   const int m0 = tl.y, m_end = tl.z, r0 = blockIdx.y * 64;
@@ -595,6 +605,7 @@ __global__ void __launch_bounds__(256) grouped_lowrank_kernel(const T* __restric
     }
     __syncthreads();
   }
+  if (delay_ns != 0) sleep_ns(delay_ns);  // tests only (MILO_INT3_TEST_T_DELAY_NS)
   float* tz = t + blockIdx.z * split_stride;
 #pragma unroll
   for (int j = 0; j < TJ; ++j) {
@@ -747,10 +758,11 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
     } else {
       const dim3 grid(n_slots, (R + 63) / 64, t_splits);
       const long long vs_ = static_cast<long long>(R) * K, ss_ = rows64 * R;
+      const unsigned delay_ns = static_cast<unsigned>(std::max(0, env_int("MILO_INT3_TEST_T_DELAY_NS", 0)));
 #define MILO_LR_LAUNCH(TT, TM)                                                                              \
   grouped_lowrank_kernel<TT, TM><<<grid, 256, 0, stream>>>(reinterpret_cast<const TT*>(xa.data_ptr()),     \
                                                            reinterpret_cast<const TT*>(va.data_ptr()), tiles, \
-                                                           tbuf, K, R, vs_, k_chunk, ss_)
+                                                           tbuf, K, R, vs_, k_chunk, ss_, delay_ns)
       if (xt == at::kHalf) {
         if (bm <= 16) MILO_LR_LAUNCH(half, 16); else MILO_LR_LAUNCH(half, 64);
       } else {
@@ -787,7 +799,7 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   if (use_gemv) {
     launch_int3_gemv(xt == at::kHalf ? 0 : 1, G, p, n_slots, bm, gemv_launch(R, dinfo), stream);
   } else {
-    launch_int3_gemm(xt == at::kHalf ? 0 : 1, cfg, G, p, n_tiles, n_slots, stream);
+    launch_int3_gemm(xt == at::kHalf ? 0 : 1, cfg, G, p, n_tiles, n_slots, gemv_launch(R, dinfo).programmatic, stream);
   }
   return y;
 }
