@@ -20,10 +20,9 @@ Methods:
             attention / 32 per expert; no solver run), experts through the "milo" grouped op
   milo-r0   the same without the low-rank compensator (rank 0): what the compensator costs (not in
             the default --methods)
-  milo-unwrap  milo after milo_tensor.unwrap_tensor_subclass (parameters as plain tensors, the
-            subclass rebuilt inside the compiled graph): what per-call subclass handling costs
-  <method>+freeze  any of the above compiled with torch._inductor.config.freezing (parameters
-            become graph constants instead of inputs checked on every call)
+  <method>+freeze  any of the above compiled with torch._inductor.config.freezing = True: the
+            parameters become constants of the compiled graph instead of inputs that every call
+            unwraps and checks (for milo: its tensor subclass, per weight, in Python)
 """
 
 from __future__ import annotations
@@ -232,10 +231,6 @@ def run_method(meth, args, device, compile_):
             model = to_milo(model, device)
         elif base == "milo-r0":
             model = to_milo(model, device, attn_rank=0, expert_rank=0)
-        elif base == "milo-unwrap":
-            from milo_tensor import unwrap_tensor_subclass
-
-            model = unwrap_tensor_subclass(to_milo(model, device))
         elif base == "ao-int4":
             model = to_ao_int4(model)
         if args.profile:
@@ -292,7 +287,7 @@ def main():
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--warm", type=int, default=4)
-    ap.add_argument("--methods", default="bf16,ao-int4,milo,milo-unwrap")
+    ap.add_argument("--methods", default="bf16,ao-int4,milo,bf16+freeze,milo+freeze")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default="")

@@ -16,7 +16,6 @@ from milo_tensor.quant.rank import (
 )
 from milo_tensor.tensor import MiLoInt3Tensor
 from milo_tensor.serialization import CheckpointError, load_quantized, save_quantized
-from milo_tensor.unwrap import unwrap_tensor_subclass
 from milo_tensor.integrations.hf_quantizer import MiLoHfConfig  # registers the "milo" transformers quantizer
 
 __version__ = "0.1.0"
@@ -38,6 +37,5 @@ __all__ = [
     "CheckpointError",
     "save_quantized",
     "load_quantized",
-    "unwrap_tensor_subclass",
     "MiLoHfConfig",
 ]

@@ -50,18 +50,18 @@ def test_kernel_report_derived_columns(tmp_path):
 
 def test_decode_benchmark_smoke(tmp_path):
     """Tiny Mixtral, eager on the CPU: every method in its own process reports both loops, and the
-    milo model holds fewer weight bytes than bf16 (unwrapped or not)."""
+    milo model holds fewer weight bytes than bf16."""
     out, rows_json = tmp_path / "d.md", tmp_path / "rows.json"
     cmd = [sys.executable, os.path.join(REPO, "benchmarks", "bench_decode.py"), "--smoke", "--steps", "2", "--warm", "1",
-           "--methods", "bf16,milo,milo-unwrap", "--out", str(out), "--rows-json", str(rows_json)]
+           "--methods", "bf16,milo,milo+freeze", "--out", str(out), "--rows-json", str(rows_json)]
     subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, timeout=600)
     rows = {r["method"]: r for r in json.load(open(rows_json))}
-    assert set(rows) == {"bf16", "milo", "milo-unwrap"}, rows
+    assert set(rows) == {"bf16", "milo", "milo+freeze"}, rows
     for r in rows.values():
         assert "error" not in r, r
         assert r["tok_s"] > 0 and r["tok_s_synced"] > 0 and r["host_ms"] > 0
         assert r["ms"] == pytest.approx(1e3 / r["tok_s"], rel=1e-6)
     assert rows["milo"]["gib"] < rows["bf16"]["gib"]
-    assert rows["milo-unwrap"]["gib"] == pytest.approx(rows["milo"]["gib"])  # the same bytes, as plain tensors
+    assert rows["milo+freeze"]["gib"] == pytest.approx(rows["milo"]["gib"])
     table = open(out).read()
     assert "| bf16 | 1 |" in table and "| milo | 1 |" in table

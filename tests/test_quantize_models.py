@@ -71,6 +71,21 @@ def test_compile_fullgraph_moe_model(gen):
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
 
 
+def test_compile_with_freezing(gen):
+    """torch._inductor.config.freezing (recommended for compiled decode in docs/benchmarks.md: the MiLo
+    weights become graph constants, no per-call subclass handling) keeps the logits, with a quantized
+    (8-bit) compensator too."""
+    import torch._inductor.config as inductor_config
+
+    model = tiny_moe("mixtral")
+    quantize_(model, milo_int3(4, compensator_bits=8, compensator_group_size=32, **FAST), progress=False)
+    ids = torch.randint(3, 256, (1, 8), generator=gen)
+    eager = _logits(model, ids)
+    with inductor_config.patch(freezing=True), torch.no_grad():
+        out = torch.compile(model, fullgraph=True)(ids).logits.double()
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
+
+
 def test_torchao_quantize_with_filter_and_fqn_to_config(gen):
     a, b = tiny_moe("mixtral"), tiny_moe("mixtral")
     config = milo_int3(ConstantRank(4), **FAST)

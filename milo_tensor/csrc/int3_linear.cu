@@ -425,11 +425,13 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   at::Tensor y = at::empty({M64, N64}, x.options());
   // (y and the bias copy first: the decode kernel should follow the t kernel directly in the stream)
   // t = x v^T by lowrank_t_rows_kernel in k splits for the decode kernel and the 16-row tensor-core tile
-  // (ranks up to kRowsTMaxR; more ranks, or more rows, through cuBLAS); the matmul kernel is then launched
+  // (up to kRowsTMaxR ranks and kRowsTMaxK; otherwise cuBLAS); the matmul kernel is then launched
   // programmatically right after it (sm_90), streams its weights while t is computed and waits for t
-  // only in its epilogue
-  constexpr int kRowsTMaxR = 128;  // (above it the rows kernel re-reads V per 4-row group; not measured)
-  const bool rows_t = R > 0 && (use_gemv || (M <= 16 && R <= kRowsTMaxR));
+  // only in its epilogue. H100, bench_kernel.py M=16 R=32 (2026-11-25): 14336x4096 47.6 -> 43.4 us,
+  // 4096x4096 26.4 -> 23.3, 1408x2048 17.6 -> 14.6, but 4096x14336 46.9 -> 49.7 (every warp of the rows
+  // kernel re-reads its 4 rows of x over the long K), hence the K limit; R above 128 not measured.
+  constexpr int kRowsTMaxR = 128, kRowsTMaxK = 8192;
+  const bool rows_t = R > 0 && (use_gemv || (M <= 16 && R <= kRowsTMaxR && K <= kRowsTMaxK));
   at::Tensor uta, tt, va;
   int t_splits = 1, t_k_chunk = 0;
   if (R > 0) {
