@@ -55,6 +55,7 @@ struct Int3Traits<__nv_bfloat16> {
 
 __device__ __forceinline__ float to_float(half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(float v) { return v; }
 
 template <typename T>
 __device__ __forceinline__ T from_float(float v);
@@ -62,6 +63,8 @@ template <>
 __device__ __forceinline__ half from_float<half>(float v) { return __float2half_rn(v); }
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
 
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi);

@@ -13,18 +13,12 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
+#include "int3_gemm.cuh"  // to_float / from_float
+
 namespace milo {
 namespace {
 
 constexpr int kRouteMaxThreads = 1024;
-
-__device__ __forceinline__ float as_float(float v) { return v; }
-__device__ __forceinline__ float as_float(half v) { return __half2float(v); }
-__device__ __forceinline__ float as_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ half from_f<half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // Exclusive prefix sum of a[0 .. n) in place (shared memory), by the whole block; returns the total.
 // Warp scans with shuffles, the warp totals scanned by warp 0, chunk by chunk with a carry.
@@ -122,21 +116,21 @@ __global__ void moe_combine_kernel(const T* __restrict__ out, const int* __restr
     for (int j = 0; j < top_k; ++j) {
       const int row = row_of_choice[t * top_k + j];
       if (row >= end) continue;
-      const float wj = as_float(w[t * top_k + j]);
+      const float wj = to_float(w[t * top_k + j]);
       const T* src = out + static_cast<long long>(row) * H + h0;
       if constexpr (VEC * sizeof(T) == 16) {
         const uint4 raw = *reinterpret_cast<const uint4*>(src);
         const T* v = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-        for (int u = 0; u < VEC; ++u) acc[u] = fmaf(wj, as_float(v[u]), acc[u]);
+        for (int u = 0; u < VEC; ++u) acc[u] = fmaf(wj, to_float(v[u]), acc[u]);
       } else {
 #pragma unroll
-        for (int u = 0; u < VEC; ++u) acc[u] = fmaf(wj, as_float(src[u]), acc[u]);
+        for (int u = 0; u < VEC; ++u) acc[u] = fmaf(wj, to_float(src[u]), acc[u]);
       }
     }
     T* dst = y + static_cast<long long>(t) * H + h0;
 #pragma unroll
-    for (int u = 0; u < VEC; ++u) dst[u] = from_f<T>(acc[u]);
+    for (int u = 0; u < VEC; ++u) dst[u] = from_float<T>(acc[u]);
   }
 }
 
