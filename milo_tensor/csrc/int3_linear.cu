@@ -208,10 +208,15 @@ int env_int(const char* name, int dflt) {
   return std::atoi(v);
 }
 
-// how the decode kernel is launched (both ops): warps per tile forced by MILO_INT3_GEMV_WK (0 = from
-// K), and programmatically after the t kernel when there is one (sm_90; MILO_INT3_PDL=0 serializes)
+// whether a matmul kernel (decode or tensor-core) that follows its t kernel in the stream is launched
+// programmatically (sm_90; MILO_INT3_PDL=0 serializes the two)
+bool programmatic_after_t(int R, const DevInfo& d) {
+  return R > 0 && d.major >= 9 && env_int("MILO_INT3_PDL", 1) != 0;
+}
+
+// how the decode kernel is launched (both ops): warps per tile forced by MILO_INT3_GEMV_WK (0 = from K)
 GemvLaunch gemv_launch(int R, const DevInfo& d) {
-  return GemvLaunch{env_int("MILO_INT3_GEMV_WK", 0), R > 0 && d.major >= 9 && env_int("MILO_INT3_PDL", 1) != 0};
+  return GemvLaunch{env_int("MILO_INT3_GEMV_WK", 0), programmatic_after_t(R, d)};
 }
 
 bool aligned(const at::Tensor& t, int bytes) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0; }
@@ -449,7 +454,6 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
     launch_lowrank_t_rows(xt, xa.data_ptr(), va.data_ptr(), nullptr, (M + kInt3GemvMaxRows - 1) / kInt3GemvMaxRows,
                           tt.data_ptr<float>(), M, K, R, t_splits, t_k_chunk, stream);
   };
-  const GemvLaunch launch_mode = gemv_launch(R, dinfo);
   Int3GemmParams p{};  // dense op: no tile list
   p.x = xa.data_ptr();
   p.q = qa.data_ptr<int32_t>();
@@ -468,7 +472,8 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   if (use_gemv) {
     const int row_blocks = (M + kInt3GemvMaxRows - 1) / kInt3GemvMaxRows;
     if (rows_t) launch_rows_t();
-    launch_int3_gemv(xt == at::kHalf ? 0 : 1, G, p, row_blocks, std::min(M, kInt3GemvMaxRows), launch_mode, stream);
+    launch_int3_gemv(xt == at::kHalf ? 0 : 1, G, p, row_blocks, std::min(M, kInt3GemvMaxRows), gemv_launch(R, dinfo),
+                     stream);
     return y.reshape(out_shape);
   }
 
@@ -498,7 +503,8 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   p.splits = splits;
   p.stages_per_split = sps;
   if (rows_t) launch_rows_t();  // directly before the matmul kernel in the stream (after the memset)
-  launch_int3_gemm(xt == at::kHalf ? 0 : 1, cfg, G, p, n_tiles, m_blocks, rows_t && launch_mode.programmatic, stream);
+  launch_int3_gemm(xt == at::kHalf ? 0 : 1, cfg, G, p, n_tiles, m_blocks, rows_t && programmatic_after_t(R, dinfo),
+                   stream);
   return y.reshape(out_shape);
 }
 
@@ -801,7 +807,7 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   if (use_gemv) {
     launch_int3_gemv(xt == at::kHalf ? 0 : 1, G, p, n_slots, bm, gemv_launch(R, dinfo), stream);
   } else {
-    launch_int3_gemm(xt == at::kHalf ? 0 : 1, cfg, G, p, n_tiles, n_slots, gemv_launch(R, dinfo).programmatic, stream);
+    launch_int3_gemm(xt == at::kHalf ? 0 : 1, cfg, G, p, n_tiles, n_slots, programmatic_after_t(R, dinfo), stream);
   }
   return y;
 }
