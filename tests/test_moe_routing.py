@@ -87,3 +87,15 @@ def test_routing_ops_compile_fullgraph(gen):
         return torch.ops.milo.moe_combine(out, row_of_choice, weights, offsets)
 
     torch.testing.assert_close(torch.compile(glue, fullgraph=True)(ids, out, weights), glue(ids, out, weights))
+
+
+def test_bad_inputs_name_the_problem(gen):
+    with pytest.raises(ValueError, match="integer tensor"):
+        torch.ops.milo.moe_route(torch.rand(3, 2), 4)
+    ids = _random_ids(gen, 4, 2, 8, sentinels=False)
+    _, row_of_choice, offsets = torch.ops.milo.moe_route(ids, 8)
+    out = torch.randn(8, 16, generator=gen)
+    with pytest.raises(ValueError, match="one row per"):
+        torch.ops.milo.moe_combine(out, row_of_choice[:-1], torch.rand(4, 2), offsets)
+    with pytest.raises(ValueError, match=r"\[tokens, top_k\]"):
+        torch.ops.milo.moe_combine(out, row_of_choice, torch.rand(8), offsets)

@@ -77,6 +77,10 @@ def moe_route(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor,
     ``token_of_row [tokens*top_k]`` (the token each sorted row reads), ``row_of_choice
     [tokens*top_k]`` (the sorted row of each flattened (token, choice)) and ``offsets [num_experts]``
     (end row of each expert, the grouped op's input)."""
+    if expert_ids.is_floating_point() or expert_ids.is_complex() or expert_ids.dtype == torch.bool:
+        raise ValueError(f"moe_route: expert_ids must be an integer tensor (the router's top-k indices), got {expert_ids.dtype}")
+    if num_experts < 0:
+        raise ValueError(f"moe_route: num_experts must be >= 0, got {num_experts}")
     flat = expert_ids.reshape(-1).long()
     keys = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)
     _, perm = torch.sort(keys, stable=True)
@@ -93,6 +97,15 @@ def moe_combine(
     """y[t] = sum over j of weights[t, j] * out[row_of_choice[t*k + j]], in float32 and in j order;
     rows past ``offsets[-1]`` (dropped choices) add nothing, whatever their weight. Returns
     ``[tokens, H]`` in ``out.dtype``."""
+    if weights.dim() != 2 or out.dim() != 2:
+        raise ValueError(
+            f"moe_combine: weights must be [tokens, top_k] and out [rows, H], got {tuple(weights.shape)} and {tuple(out.shape)}"
+        )
+    if row_of_choice.numel() != weights.numel():
+        raise ValueError(
+            f"moe_combine: row_of_choice must have one row per (token, choice), {weights.numel()} here, got "
+            f"{row_of_choice.numel()} (pass moe_route's second output)"
+        )
     tokens, top_k = weights.shape
     acc = _accumulation_dtype(out.dtype)
     end = offsets[-1] if offsets.numel() > 0 else torch.zeros((), dtype=offsets.dtype, device=offsets.device)
