@@ -12,8 +12,9 @@ several weight copies rotate so that repeated calls do not find the weights in L
 
 Methods (the same transformers experts module, MixtralExperts, with gate_up [E, 2I, H] and down
 [E, H, I]; shared experts as a gate/up/down MLP):
-  milo-grouped   experts_implementation="milo": sort by expert, ONE int3_grouped_linear launch for
-                 gate_up and one for down (rank 32 per expert; shared experts through int3_linear, rank 32)
+  milo-grouped   experts_implementation="milo": milo::moe_route (sort by expert), ONE
+                 int3_grouped_linear launch for gate_up and one for down, milo::moe_combine (rank 32 per
+                 expert; shared experts through int3_linear, rank 32)
   milo-loop      the dense int3 kernel once per active expert (routing known on the host, so this
                  is a lower bound for a per-expert loop: no host sync is timed)
   bf16-grouped   transformers' grouped_mm experts (torch._grouped_mm), bf16
