@@ -321,8 +321,11 @@ def test_model_grouped_equals_expert_loop():
     assert ((grouped - loop).norm() / loop.norm()).item() < 5e-2
 
 
-def test_model_decode_compiled_and_graphed():
-    """One decode step (static KV cache) compiled with CUDA graphs equals the eager step."""
+@pytest.mark.parametrize("freezing", [False, True])
+def test_model_decode_compiled_and_graphed(freezing):
+    """One decode step (static KV cache) compiled with CUDA graphs equals the eager step, also with
+    inductor freezing (README's setting: weights as graph constants, the KV cache still written)."""
+    import torch._inductor.config as inductor_config
     from transformers import StaticCache
 
     model = _tiny_quantized()
@@ -347,9 +350,11 @@ def test_model_decode_compiled_and_graphed():
         return model(tok, past_key_values=cache, use_cache=True, cache_position=pos).logits
 
     eager = run(step)
-    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=False)
-    run(compiled)  # warm-up / record
-    graphed = run(compiled)
+    torch._dynamo.reset()
+    with inductor_config.patch(freezing=freezing):
+        compiled = torch.compile(step, mode="reduce-overhead", fullgraph=False)
+        run(compiled)  # warm-up / record
+        graphed = run(compiled)
     assert torch.isfinite(graphed).all()
     rel = ((graphed - eager).norm() / eager.norm()).item()
     assert rel < 2e-2, f"compiled decode differs from eager: {rel:.3e}"

@@ -86,6 +86,36 @@ def test_compile_with_freezing(gen):
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
 
 
+def test_frozen_compiled_decode_loop_follows_the_kv_cache(gen):
+    """A static-cache decode loop compiled with freezing equals eager step by step: freezing turns the
+    weights into constants but must not freeze the KV cache the steps write and read."""
+    import torch._inductor.config as inductor_config
+    from transformers import StaticCache
+
+    model = tiny_moe("mixtral")
+    quantize_(model, milo_int3(4, **FAST), progress=False)
+    ids = torch.randint(3, 256, (2, 6), generator=gen)
+
+    def run(step_fn):
+        cache = StaticCache(config=model.config, max_cache_len=32)
+        with torch.no_grad():
+            tok = model(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(6)).logits[:, -1:].argmax(-1)
+            logits = []
+            for i in range(4):
+                lg = step_fn(tok, cache, torch.tensor([6 + i]))
+                logits.append(lg.double().clone())
+                tok = lg[:, -1:].argmax(-1)
+        return torch.cat(logits, 1)
+
+    def step(tok, cache, pos):
+        return model(tok, past_key_values=cache, use_cache=True, cache_position=pos).logits
+
+    eager = run(step)
+    with inductor_config.patch(freezing=True):
+        frozen = run(torch.compile(step, fullgraph=True))
+    torch.testing.assert_close(frozen, eager, rtol=1e-4, atol=1e-4)
+
+
 def test_torchao_quantize_with_filter_and_fqn_to_config(gen):
     a, b = tiny_moe("mixtral"), tiny_moe("mixtral")
     config = milo_int3(ConstantRank(4), **FAST)
