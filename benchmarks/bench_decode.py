@@ -2,6 +2,7 @@
 graphs) greedy decode loop with a static KV cache, on a Mixtral-shaped model with random weights.
 
     python benchmarks/bench_decode.py --layers 4 --out bench_decode.md
+    python benchmarks/bench_decode.py --layers auto             # as many layers as the bf16 model fits
     python benchmarks/bench_decode.py --smoke                   # tiny model, any device, no compile
 
 Two loops per method: free-running (the host queues the next step while the GPU runs this one, as
@@ -10,8 +11,10 @@ does, so host time adds to GPU time). Each method runs in a fresh process (`--in
 slower); `--profile` prints each method's graph breaks and CUDA kernel times instead of timing.
 
 Model: MixtralConfig (hidden 4096, intermediate 14336, 8 experts top-2, 32 heads / 8 KV heads,
-vocab 32000) with --layers decoder layers (the full model has 32; a few layers keep the run short
-and the weights in memory for every method; per-layer time scales to the full depth).
+vocab 32000) with --layers decoder layers (the full model has 32; a few layers keep the run and its
+compile short; per-layer time scales to the full depth). `--layers auto` takes as many as the widest
+method (bf16) fits in 85% of the free GPU memory, at most 32, for every method (compile time grows
+with the depth: allow minutes per method).
 Methods:
   bf16      the model as is, experts through transformers' grouped_mm
   ao-int4   torchao Int4WeightOnlyConfig(group 64) on the attention Linear layers; the experts
@@ -41,15 +44,37 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import env_header, random_milo, sync  # noqa: E402
 
 
-def build(layers, device, smoke):
-    from transformers import MixtralConfig, MixtralForCausalLM
+def mixtral_config(layers, smoke):
+    from transformers import MixtralConfig
 
     kw = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
               vocab_size=32000)
     if smoke:
         kw = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
-    cfg = MixtralConfig(num_hidden_layers=layers, num_local_experts=8, num_experts_per_tok=2,
-                        max_position_embeddings=4096, **kw)
+    return MixtralConfig(num_hidden_layers=layers, num_local_experts=8, num_experts_per_tok=2,
+                         max_position_embeddings=4096, **kw)
+
+
+def bf16_bytes(layers, smoke):
+    """Weight bytes of the bf16 model with this many layers (built on the meta device: no memory)."""
+    from transformers import MixtralForCausalLM
+
+    with torch.device("meta"):
+        model = MixtralForCausalLM(mixtral_config(layers, smoke))
+    return sum(p.numel() for p in model.parameters()) * 2
+
+
+def layers_that_fit(free_bytes, smoke=False, headroom=0.85, cap=32):
+    """The most decoder layers whose bf16 weights (the widest method) fit in headroom * free_bytes."""
+    one, two = bf16_bytes(1, smoke), bf16_bytes(2, smoke)
+    per_layer, fixed = two - one, 2 * one - two
+    return max(1, min(cap, int((free_bytes * headroom - fixed) // per_layer)))
+
+
+def build(layers, device, smoke):
+    from transformers import MixtralForCausalLM
+
+    cfg = mixtral_config(layers, smoke)
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
@@ -282,7 +307,7 @@ def run_isolated(meth, args):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--layers", default="4", help="decoder layers, or 'auto': as many as the bf16 model fits")
     ap.add_argument("--batch", default="1")
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--steps", type=int, default=64)
@@ -296,6 +321,11 @@ def main():
     ap.add_argument("--rows-json", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.layers == "auto":
+        free = torch.cuda.mem_get_info()[0] if device == "cuda" else 2 * bf16_bytes(2, args.smoke)
+        args.layers = layers_that_fit(free, args.smoke)
+        print(f"--layers auto: {args.layers} layers", flush=True)
+    args.layers = int(args.layers)
     compile_ = device == "cuda" and not args.no_compile
     import milo_tensor  # noqa: F401
     from milo_tensor.ops.cuda import extension_status

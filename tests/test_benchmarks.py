@@ -65,3 +65,16 @@ def test_decode_benchmark_smoke(tmp_path):
     assert rows["milo+freeze"]["gib"] == pytest.approx(rows["milo"]["gib"])
     table = open(out).read()
     assert "| bf16 | 1 |" in table and "| milo | 1 |" in table
+
+
+def test_decode_layers_that_fit():
+    """--layers auto: the most layers whose bf16 weights fit in 85% of the free memory, checked against
+    the meta-device byte counts of whole models, at most 32."""
+    import bench_decode
+
+    five = bench_decode.bf16_bytes(5, smoke=True)
+    assert bench_decode.layers_that_fit(five / 0.85 + 1, smoke=True) == 5
+    assert bench_decode.layers_that_fit(five / 0.85 - 1, smoke=True) == 4
+    assert bench_decode.layers_that_fit(1e15, smoke=True) == 32
+    # full-size Mixtral layers on an 80 GB GPU with about 79 GiB free: 24 layers of bf16 (2.8 GiB each)
+    assert bench_decode.layers_that_fit(79 * 2**30) == 24
