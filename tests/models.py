@@ -40,3 +40,31 @@ def tiny_moe(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
             if p.ndim >= 2:
                 p.mul_(1 + 2 * torch.rand_like(p).pow(8))
     return model
+
+
+def static_cache_decode_logits(model: torch.nn.Module, ids: torch.Tensor, step_fn, steps: int = 4) -> torch.Tensor:
+    """Logits of `steps` greedy decode steps after the prompt `ids`, each through
+    step_fn(tok, cache, position) on a fresh static KV cache: the eager and the compiled decode loop
+    of a test run the same steps on the same cache layout."""
+    from transformers import StaticCache
+
+    prompt, dev = ids.shape[1], ids.device
+    cache = StaticCache(config=model.config, max_cache_len=prompt + steps + 16)
+    with torch.no_grad():
+        out = model(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(prompt, device=dev))
+        tok = out.logits[:, -1:].argmax(-1)
+        logits = []
+        for i in range(steps):
+            lg = step_fn(tok, cache, torch.tensor([prompt + i], device=dev))
+            logits.append(lg.double().clone())
+            tok = lg[:, -1:].argmax(-1)
+    return torch.cat(logits, 1)
+
+
+def decode_step(model: torch.nn.Module):
+    """One decode step of `model` as step_fn for static_cache_decode_logits (what the tests compile)."""
+
+    def step(tok, cache, pos):
+        return model(tok, past_key_values=cache, use_cache=True, cache_position=pos).logits
+
+    return step

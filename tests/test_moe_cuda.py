@@ -326,35 +326,17 @@ def test_model_decode_compiled_and_graphed(freezing):
     """One decode step (static KV cache) compiled with CUDA graphs equals the eager step, also with
     inductor freezing (README's setting: weights as graph constants, the KV cache still written)."""
     import torch._inductor.config as inductor_config
-    from transformers import StaticCache
+    from models import decode_step, static_cache_decode_logits
 
     model = _tiny_quantized()
-    batch, prompt = 2, 6
-    ids = torch.randint(3, 256, (batch, prompt), device="cuda")
-
-    def run(step_fn):
-        cache = StaticCache(config=model.config, max_cache_len=32)
-        with torch.no_grad():
-            out = model(ids, past_key_values=cache, use_cache=True,
-                        cache_position=torch.arange(prompt, device="cuda"))
-            tok = out.logits[:, -1:].argmax(-1)
-            logits = []
-            for i in range(4):
-                pos = torch.tensor([prompt + i], device="cuda")
-                lg = step_fn(tok, cache, pos)
-                logits.append(lg.float().clone())
-                tok = lg[:, -1:].argmax(-1)
-        return torch.cat(logits, 1)
-
-    def step(tok, cache, pos):
-        return model(tok, past_key_values=cache, use_cache=True, cache_position=pos).logits
-
-    eager = run(step)
+    ids = torch.randint(3, 256, (2, 6), device="cuda")
+    step = decode_step(model)
+    eager = static_cache_decode_logits(model, ids, step)
     torch._dynamo.reset()
     with inductor_config.patch(freezing=freezing):
         compiled = torch.compile(step, mode="reduce-overhead", fullgraph=False)
-        run(compiled)  # warm-up / record
-        graphed = run(compiled)
+        static_cache_decode_logits(model, ids, compiled)  # warm-up / record
+        graphed = static_cache_decode_logits(model, ids, compiled)
     assert torch.isfinite(graphed).all()
     rel = ((graphed - eager).norm() / eager.norm()).item()
     assert rel < 2e-2, f"compiled decode differs from eager: {rel:.3e}"

@@ -9,7 +9,7 @@ from torchao.quantization import quantize_ as torchao_quantize_
 
 import milo_tensor
 from milo_tensor import ConstantRank, DenseSparseRank, MiLoInt3Tensor, is_milo_target, milo_int3, quantize_
-from models import FAMILIES, tiny_moe
+from models import FAMILIES, decode_step, static_cache_decode_logits, tiny_moe
 
 FAST = dict(iters=4)
 
@@ -90,29 +90,14 @@ def test_frozen_compiled_decode_loop_follows_the_kv_cache(gen):
     """A static-cache decode loop compiled with freezing equals eager step by step: freezing turns the
     weights into constants but must not freeze the KV cache the steps write and read."""
     import torch._inductor.config as inductor_config
-    from transformers import StaticCache
 
     model = tiny_moe("mixtral")
     quantize_(model, milo_int3(4, **FAST), progress=False)
     ids = torch.randint(3, 256, (2, 6), generator=gen)
-
-    def run(step_fn):
-        cache = StaticCache(config=model.config, max_cache_len=32)
-        with torch.no_grad():
-            tok = model(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(6)).logits[:, -1:].argmax(-1)
-            logits = []
-            for i in range(4):
-                lg = step_fn(tok, cache, torch.tensor([6 + i]))
-                logits.append(lg.double().clone())
-                tok = lg[:, -1:].argmax(-1)
-        return torch.cat(logits, 1)
-
-    def step(tok, cache, pos):
-        return model(tok, past_key_values=cache, use_cache=True, cache_position=pos).logits
-
-    eager = run(step)
+    step = decode_step(model)
+    eager = static_cache_decode_logits(model, ids, step)
     with inductor_config.patch(freezing=True):
-        frozen = run(torch.compile(step, fullgraph=True))
+        frozen = static_cache_decode_logits(model, ids, torch.compile(step, fullgraph=True))
     torch.testing.assert_close(frozen, eager, rtol=1e-4, atol=1e-4)
 
 
