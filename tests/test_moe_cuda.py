@@ -20,6 +20,7 @@ HAS_CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 import milo_tensor  # noqa: E402,F401  (registers the ops; loads the CUDA kernels when a GPU is visible)
+from milo_tensor.ops import reference as ref_ops  # noqa: E402
 from milo_tensor.ops.cuda import extension_status, load_extension  # noqa: E402
 from milo_tensor.quant.packing import pack_int3, unpack_int3  # noqa: E402
 
@@ -392,8 +393,6 @@ def random_expert_ids(gen, tokens, top_k, E, drop, dtype):
 @pytest.mark.parametrize("drop", [0.0, 0.3])
 @pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32])
 def test_route_cuda_equals_reference(tokens, top_k, E, drop, id_dtype):
-    from milo_tensor.ops import reference as ref_ops
-
     gen = torch.Generator(device="cuda").manual_seed(tokens * 131 + E)
     ids = random_expert_ids(gen, tokens, top_k, E, drop, id_dtype)
     poison = [torch.full((n,), -7, device="cuda", dtype=torch.int32) for n in (ids.numel(), ids.numel(), E)]
@@ -409,8 +408,6 @@ def test_route_cuda_equals_reference(tokens, top_k, E, drop, id_dtype):
 @pytest.mark.parametrize("dtype,wdtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float16),
                                           (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32)])
 def test_combine_cuda_equals_reference(tokens, top_k, E, H, dtype, wdtype):
-    from milo_tensor.ops import reference as ref_ops
-
     gen = torch.Generator(device="cuda").manual_seed(tokens * 7 + H)
     ids = random_expert_ids(gen, tokens, top_k, E, 0.25, torch.int64)
     _, row_of_choice, offsets = torch.ops.milo.moe_route(ids, E)
@@ -435,8 +432,6 @@ def test_combine_cuda_other_dtypes_fall_back():
     _, row_of_choice, offsets = torch.ops.milo.moe_route(ids, 8)
     out = torch.randn(8, 24, device="cuda", generator=gen, dtype=torch.float64)
     weights = torch.rand(4, 2, device="cuda", generator=gen, dtype=torch.float64)
-    from milo_tensor.ops import reference as ref_ops
-
     want = ref_ops.moe_combine(out.cpu(), row_of_choice.cpu(), weights.cpu(), offsets.cpu())
     torch.testing.assert_close(torch.ops.milo.moe_combine(out, row_of_choice, weights, offsets).cpu(), want)
 

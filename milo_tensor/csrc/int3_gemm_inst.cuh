@@ -22,17 +22,7 @@ void launch_cfg(const Int3GemmParams& p, int n_tiles, int m_blocks, bool program
     attr_done[dev] = true;
   }
   const int smem = Cfg::SMEM_BASE + (p.R > 0 ? Cfg::LR_BYTES : 0);
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(n_tiles, p.splits, m_blocks);
-  cfg.blockDim = dim3(Cfg::THREADS);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = programmatic ? 1 : 0;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, p));
+  launch_programmatic_if(kern, dim3(n_tiles, p.splits, m_blocks), dim3(Cfg::THREADS), smem, programmatic, stream, p);
 }
 
 }  // namespace

@@ -377,17 +377,7 @@ void launch_mr(const Int3GemmParams& p, int row_blocks, int wk_log2, const GemvL
   auto kern = int3_gemv_kernel<T, G, MR, G == 32 ? 2 : 3>;
   const int br = 16 * (kWarps >> wk_log2);
   const dim3 grid((p.N + br - 1) / br, row_blocks);
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = kWarps * warp_x_bytes(MR);
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = l.programmatic ? 1 : 0;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, p, wk_log2));
+  launch_programmatic_if(kern, grid, dim3(kThreads), kWarps * warp_x_bytes(MR), l.programmatic, stream, p, wk_log2);
 }
 
 template <typename T, int G>

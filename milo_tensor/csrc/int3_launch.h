@@ -1,11 +1,31 @@
 // Host-side declarations shared by the op (int3_linear.cu) and the kernel instantiation files.
 #pragma once
 
+#include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
 
 #include "int3_gemm.cuh"
 
 namespace milo {
+
+// Launch `kern` on `stream`; programmatic: with programmatic stream serialization (PDL, sm_90), so it
+// may start while the kernel before it in the stream runs (it must griddepcontrol.wait before reading
+// that kernel's output). Shared by the decode and the tensor-core kernels' launchers.
+template <typename... KArgs, typename... Args>
+void launch_programmatic_if(void (*kern)(KArgs...), dim3 grid, dim3 block, size_t smem, bool programmatic,
+                            cudaStream_t stream, Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = programmatic ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, args...));
+}
 
 // Tile shapes chosen by the host: 128-wide k stages, BM = 16 * mt rows.
 constexpr int kInt3BK = 128;

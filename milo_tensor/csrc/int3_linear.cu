@@ -39,15 +39,14 @@ int int3_cfg_bn(int cfg, int group) {
 
 void launch_int3_gemm(int dtype, int mt, int group, const Int3GemmParams& p, int n_tiles, int m_blocks,
                       bool programmatic, cudaStream_t stream) {
-  const bool pr = programmatic;
   if (dtype == 0) {
-    if (group == 32) return launch_int3_gemm_f16_g32(mt, p, n_tiles, m_blocks, pr, stream);
-    if (group == 64) return launch_int3_gemm_f16_g64(mt, p, n_tiles, m_blocks, pr, stream);
-    return launch_int3_gemm_f16_g128(mt, p, n_tiles, m_blocks, pr, stream);
+    if (group == 32) return launch_int3_gemm_f16_g32(mt, p, n_tiles, m_blocks, programmatic, stream);
+    if (group == 64) return launch_int3_gemm_f16_g64(mt, p, n_tiles, m_blocks, programmatic, stream);
+    return launch_int3_gemm_f16_g128(mt, p, n_tiles, m_blocks, programmatic, stream);
   }
-  if (group == 32) return launch_int3_gemm_bf16_g32(mt, p, n_tiles, m_blocks, pr, stream);
-  if (group == 64) return launch_int3_gemm_bf16_g64(mt, p, n_tiles, m_blocks, pr, stream);
-  return launch_int3_gemm_bf16_g128(mt, p, n_tiles, m_blocks, pr, stream);
+  if (group == 32) return launch_int3_gemm_bf16_g32(mt, p, n_tiles, m_blocks, programmatic, stream);
+  if (group == 64) return launch_int3_gemm_bf16_g64(mt, p, n_tiles, m_blocks, programmatic, stream);
+  return launch_int3_gemm_bf16_g128(mt, p, n_tiles, m_blocks, programmatic, stream);
 }
 
 namespace {
@@ -214,6 +213,10 @@ bool programmatic_after_t(int R, const DevInfo& d) {
   return R > 0 && d.major >= 9 && env_int("MILO_INT3_PDL", 1) != 0;
 }
 
+// tests only: how long the t kernels sleep before writing t (MILO_INT3_TEST_T_DELAY_NS, 0 = not at all), so a
+// test catches a kernel launched programmatically after them that reads t without waiting
+unsigned test_t_delay_ns() { return static_cast<unsigned>(std::max(0, env_int("MILO_INT3_TEST_T_DELAY_NS", 0))); }
+
 // how the decode kernel is launched (both ops): warps per tile forced by MILO_INT3_GEMV_WK (0 = from K)
 GemvLaunch gemv_launch(int R, const DevInfo& d) {
   return GemvLaunch{env_int("MILO_INT3_GEMV_WK", 0), programmatic_after_t(R, d)};
@@ -314,7 +317,7 @@ std::pair<int, int> lowrank_rows_splits(int K) {
 void launch_lowrank_t_rows(at::ScalarType xt, const void* x, const void* v, const int4* tiles, int row_groups,
                            float* t, int M, int K, int R, int splits, int k_chunk, cudaStream_t stream) {
   const dim3 blocks((R * splits * 32 + 255) / 256, row_groups);
-  const unsigned delay_ns = static_cast<unsigned>(std::max(0, env_int("MILO_INT3_TEST_T_DELAY_NS", 0)));
+  const unsigned delay_ns = test_t_delay_ns();
   if (xt == at::kHalf) {
     lowrank_t_rows_kernel<half><<<blocks, 256, 0, stream>>>(reinterpret_cast<const half*>(x),
                                                             reinterpret_cast<const half*>(v), tiles, t, M, K, R,
@@ -428,7 +431,6 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   at::Tensor ba;
   if (bias.has_value()) ba = bias->reshape({N64}).contiguous();
   at::Tensor y = at::empty({M64, N64}, x.options());
-  // (y and the bias copy first: the decode kernel should follow the t kernel directly in the stream)
   // t = x v^T by lowrank_t_rows_kernel in k splits for the decode kernel and the 16-row tensor-core tile
   // (up to kRowsTMaxR ranks and kRowsTMaxK; otherwise cuBLAS); the matmul kernel is then launched
   // programmatically right after it (sm_90), streams its weights while t is computed and waits for t
@@ -766,7 +768,7 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
     } else {
       const dim3 grid(n_slots, (R + 63) / 64, t_splits);
       const long long vs_ = static_cast<long long>(R) * K, ss_ = rows64 * R;
-      const unsigned delay_ns = static_cast<unsigned>(std::max(0, env_int("MILO_INT3_TEST_T_DELAY_NS", 0)));
+      const unsigned delay_ns = test_t_delay_ns();
 #define MILO_LR_LAUNCH(TT, TM)                                                                              \
   grouped_lowrank_kernel<TT, TM><<<grid, 256, 0, stream>>>(reinterpret_cast<const TT*>(xa.data_ptr()),     \
                                                            reinterpret_cast<const TT*>(va.data_ptr()), tiles, \
