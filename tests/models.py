@@ -42,14 +42,21 @@ def tiny_moe(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
     return model
 
 
-def static_cache_decode_logits(model: torch.nn.Module, ids: torch.Tensor, step_fn, steps: int = 4) -> torch.Tensor:
+def static_cache_decode_logits(
+    model: torch.nn.Module, ids: torch.Tensor, step_fn, steps: int = 4, cache=None
+) -> torch.Tensor:
     """Logits of `steps` greedy decode steps after the prompt `ids`, each through
-    step_fn(tok, cache, position) on a fresh static KV cache: the eager and the compiled decode loop
-    of a test run the same steps on the same cache layout."""
+    step_fn(tok, cache, position), on `cache` after its reset() or on a fresh static KV cache: the
+    eager and the compiled decode loop of a test run the same steps on the same cache layout. (A loop
+    compiled with inductor freezing must be given the same cache object every time: freezing binds
+    the graph to the tensors of the cache it was compiled with.)"""
     from transformers import StaticCache
 
     prompt, dev = ids.shape[1], ids.device
-    cache = StaticCache(config=model.config, max_cache_len=prompt + steps + 16)
+    if cache is None:
+        cache = StaticCache(config=model.config, max_cache_len=prompt + steps + 16)
+    else:
+        cache.reset()
     with torch.no_grad():
         out = model(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(prompt, device=dev))
         tok = out.logits[:, -1:].argmax(-1)

@@ -325,19 +325,22 @@ def test_model_grouped_equals_expert_loop():
 @pytest.mark.parametrize("freezing", [False, True])
 def test_model_decode_compiled_and_graphed(freezing):
     """One decode step (static KV cache) compiled with CUDA graphs equals the eager step, also with
-    inductor freezing (README's setting: weights as graph constants, the KV cache still written)."""
+    inductor freezing (README's setting: weights as graph constants, one KV cache reset between
+    prompts and still written)."""
     import torch._inductor.config as inductor_config
     from models import decode_step, static_cache_decode_logits
+    from transformers import StaticCache
 
     model = _tiny_quantized()
     ids = torch.randint(3, 256, (2, 6), device="cuda")
     step = decode_step(model)
     eager = static_cache_decode_logits(model, ids, step)
+    cache = StaticCache(config=model.config, max_cache_len=32)
     torch._dynamo.reset()
     with inductor_config.patch(freezing=freezing):
         compiled = torch.compile(step, mode="reduce-overhead", fullgraph=False)
-        static_cache_decode_logits(model, ids, compiled)  # warm-up / record
-        graphed = static_cache_decode_logits(model, ids, compiled)
+        static_cache_decode_logits(model, ids, compiled, cache=cache)  # warm-up / record
+        graphed = static_cache_decode_logits(model, ids, compiled, cache=cache)
     assert torch.isfinite(graphed).all()
     rel = ((graphed - eager).norm() / eager.norm()).item()
     assert rel < 2e-2, f"compiled decode differs from eager: {rel:.3e}"
