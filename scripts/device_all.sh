@@ -38,7 +38,7 @@ has() { case " $STEPS " in *" $1 "*) return 0;; *) return 1;; esac; }
 log() { echo "$*" >> "$OUT/summary.txt"; echo "$*"; }
 if has test; then
   echo "== tests [$(el)s]"
-  timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -x -p no:cacheprovider --maxfail=20 tests/test_cuda_kernel.py tests/test_moe_cuda.py -rf \
+  timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -x -p no:cacheprovider --maxfail=20 ${PYTEST_ARGS:-} tests/test_cuda_kernel.py tests/test_moe_cuda.py -rf \
     > "$OUT/test.log" 2>&1
   log "pytest rc=$? $(grep -E '[0-9]+ (passed|failed)' "$OUT/test.log" | tail -1)"
   grep -E "^FAILED|^ERROR|Error|assert" "$OUT/test.log" | head -20

@@ -41,35 +41,88 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kSliceK = 512;            // k per warp step: 4 lanes x 128
 constexpr int kXRowBytes = 1024 + 64;   // one staged x row of a slice (512 halves + 16 bytes per 128 k)
 constexpr int kXSumFloats = kSliceK / 32;  // group sums per staged row (G >= 32)
-// shared memory a warp stages x in: `rows` rows of a 512-k slice and their group sums
-__host__ __device__ constexpr int warp_x_bytes(int rows) { return rows * (kXRowBytes + kXSumFloats * 4); }
+// shared memory a warp stages x in: `rows` rows of a 512-k slice, their group sums and (bf16) their
+// magic sums (CodeEnc)
+__host__ __device__ constexpr int warp_x_bytes(int rows) { return rows * (kXRowBytes + 2 * kXSumFloats * 4); }
 constexpr int kRChunk = 64;             // ranks of t staged in shared memory at a time (epilogue)
 static_assert(kRChunk * kInt3GemvMaxRows <= kThreads, "one t entry per thread when staging a chunk");
 
-// 1 + code/8 in T: the code's low 2 bits at mantissa bits LO, LO + 1, its high bit at LO + 2
-template <typename T>
+// How a code pair (j, j + 8) of a 16-code plane word W (code j's low bits at bits 2j, 2j+1, code j+8's
+// at 16+2j) becomes one mma A register: the pair's 3-bit field is placed at bit pos(j) of each half and
+// OR-ed into a magic, giving kMagic + code * 2^pos(j) * unit. Two encodings:
+//
+// * Classed (the decode path at 1-2 rows of x, g >= 64): pos(j) is where a shift of W *shared by several
+//   pairs* leaves the low bits, so a pair costs one shift (of the high-bit word) and two lop3, not two
+//   shifts and two lop3. The power of two then depends on the pair: pairs are multiplied in mmas of one
+//   class (one pos) each, into an accumulator per class, and the classes are combined in fp32 at the
+//   group end (22% fewer instructions per 512-k slice than the fixed encoding, sm_90 SASS).
+//     fp16: fp16 subnormals (magic 0): the field is code << pos times 2^-24 exactly, no offset, so
+//           nothing cancels; pos = 2 (j & 3) from W (j < 4) and W >> 8 (field at most bit 8).
+//     bf16: a bf16 subnormal times x would underflow fp32, so the magic 1.0 stays: 1 + (code << pos) /
+//           128 (field at most bit 6 of the 7-bit mantissa), pos = 2 (j & 1) from W >> 4 (j >> 1).
+// * Fixed (4 rows of x, or g = 32, where the classed accumulators do not fit in registers): every code
+//   at the top of the mantissa of 1.0, 1 + code / 8, one class. (Magic 1024 + code would make a lane's
+//   128-k partial sum ~300x larger than the result, too much cancellation for offset activations.)
+//
+// The group end subtracts the magic's share, sum_k x_k * kInvUnit / 4^class(k) (staged with x).
+template <typename T, bool kClassed>
 struct CodeEnc;
 template <>
-struct CodeEnc<half> {
-  static constexpr uint32_t kOne2 = 0x3C003C00u;
-  static constexpr int LO = 7;
+struct CodeEnc<half, true> {
+  static constexpr int kClasses = 4;
+  static constexpr uint32_t kMagic2 = 0u;
+  static constexpr float kInvUnit = 16777216.f;  // 2^24: class c counts code * 4^c * 2^-24
+  __host__ __device__ static constexpr int cls(int j) { return j & 3; }
+  __host__ __device__ static constexpr int pos(int j) { return 2 * (j & 3); }
+  // mma i multiplies pairs pa(i) and pb(i), both of class mma_cls(i)
+  __host__ __device__ static constexpr int pa(int i) { return i; }
+  __host__ __device__ static constexpr int pb(int i) { return i + 4; }
+  __host__ __device__ static constexpr int mma_cls(int i) { return i; }
 };
 template <>
-struct CodeEnc<__nv_bfloat16> {
-  static constexpr uint32_t kOne2 = 0x3F803F80u;
-  static constexpr int LO = 4;
+struct CodeEnc<__nv_bfloat16, true> {
+  static constexpr int kClasses = 2;
+  static constexpr uint32_t kMagic2 = 0x3F803F80u;  // bf162(1, 1)
+  static constexpr float kInvUnit = 128.f;          // class c counts code * 4^c / 128
+  __host__ __device__ static constexpr int cls(int j) { return j & 1; }
+  __host__ __device__ static constexpr int pos(int j) { return 2 * (j & 1); }
+  __host__ __device__ static constexpr int pa(int i) { return 4 * (i & 1) + (i >> 1); }
+  __host__ __device__ static constexpr int pb(int i) { return 4 * (i & 1) + (i >> 1) + 2; }
+  __host__ __device__ static constexpr int mma_cls(int i) { return i >> 1; }
 };
+template <typename T>
+struct FixedEnc {
+  static constexpr int kClasses = 1;
+  static constexpr float kInvUnit = 8.f;  // 1 + code / 8
+  __host__ __device__ static constexpr int cls(int) { return 0; }
+  __host__ __device__ static constexpr int pa(int i) { return 2 * i; }
+  __host__ __device__ static constexpr int pb(int i) { return 2 * i + 1; }
+  __host__ __device__ static constexpr int mma_cls(int) { return 0; }
+};
+template <>
+struct CodeEnc<half, false> : FixedEnc<half> {
+  static constexpr uint32_t kMagic2 = 0x3C003C00u;  // half2(1, 1)
+  __host__ __device__ static constexpr int pos(int) { return 7; }
+};
+template <>
+struct CodeEnc<__nv_bfloat16, false> : FixedEnc<__nv_bfloat16> {
+  static constexpr uint32_t kMagic2 = 0x3F803F80u;
+  __host__ __device__ static constexpr int pos(int) { return 4; }
+};
+
+// where the classed encoding (and the slice prefetch) is used: its registers fit
+__host__ __device__ constexpr bool classed(int rows_per_block, int group) { return rows_per_block <= 2 && group >= 64; }
 
 // v shifted left by s (right by -s); s is a constant after unrolling
 __device__ __forceinline__ uint32_t shl(uint32_t v, int s) { return s >= 0 ? v << s : v >> (-s); }
 
-// (1 + code_j / 8, 1 + code_{j+8} / 8) of the 16-code plane word W, hb = the codes' high bits (code j at
-// bit j, code j + 8 at bit 16 + j)
-template <typename T>
+// pair j of the plane word W as the operand of its class; hb = the word's high bits (code j at bit j,
+// code j + 8 at bit 16 + j)
+template <typename E>
 __device__ __forceinline__ uint32_t code_pair(uint32_t W, uint32_t hb, int j) {
-  constexpr int LO = CodeEnc<T>::LO;
-  constexpr uint32_t kLoMask = 0x00030003u << LO, kHiMask = 0x00040004u << LO;
-  return and_or(shl(hb, LO + 2 - j), kHiMask, and_or(shl(W, LO - 2 * j), kLoMask, CodeEnc<T>::kOne2));
+  const int pos = E::pos(j);
+  const uint32_t lo = and_or(shl(W, pos - 2 * j), 0x00030003u << pos, E::kMagic2);
+  return and_or(shl(hb, pos + 2 - j), 0x00040004u << pos, lo);
 }
 
 // byte offset of 16-k block b (0..31) in a staged x row: 32 bytes each, 16 bytes of padding after
@@ -118,9 +171,12 @@ __device__ __forceinline__ void load_halves(uint32_t (&dst)[NW], const void* src
 }
 
 // Stage rows 0..MR-1 of x (global rows m0.., `rows` of them real) for k0 .. k0+511 into the warp's
-// buffer: 16-k block b = lane holds (x_j, x_j+8) pairs, j = 0..7. Group sums go to xsum[m][k_local/G].
-template <typename T, int G, int MR>
-__device__ __forceinline__ void stage_x(const T* xg, int m0, int rows, int K, int k0, uint8_t* wx, float* xsum) {
+// buffer: 16-k block b = lane holds (x_j, x_j+8) pairs, j = 0..7. Group sums go to xsum[m][k_local/G],
+// and with a magic the sums of x_k * kInvUnit / 4^class(k) (its share, CodeEnc) to xmag[m][k_local/G].
+template <typename E, typename T, int G, int MR>
+__device__ __forceinline__ void stage_x(const T* xg, int m0, int rows, int K, int k0, uint8_t* wx, float* xsum,
+                                        float* xmag) {
+  constexpr bool kMagic = E::kMagic2 != 0u && E::kClasses > 1;  // one class: the group end uses sum x
   const int lane = threadIdx.x & 31;
   const int k = k0 + lane * 16;
 #pragma unroll
@@ -133,21 +189,33 @@ __device__ __forceinline__ void stage_x(const T* xg, int m0, int rows, int K, in
     }
     const uint32_t av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
     uint32_t o[8];
-    float sum = 0.f;
+    float sum = 0.f, mag = 0.f;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
+    for (int i = 0; i < 4; ++i) {  // k = 2i, 2i + 1 of the block (av) and 8 + 2i, 9 + 2i (bv): pairs 2i, 2i + 1
       o[2 * i] = prmt(av[i], bv[i], 0x5410);
       o[2 * i + 1] = prmt(av[i], bv[i], 0x7632);
       const T* ha = reinterpret_cast<const T*>(&av[i]);
       const T* hb = reinterpret_cast<const T*>(&bv[i]);
-      sum += (to_float(ha[0]) + to_float(ha[1])) + (to_float(hb[0]) + to_float(hb[1]));
+      const float even = to_float(ha[0]) + to_float(hb[0]), odd = to_float(ha[1]) + to_float(hb[1]);
+      sum += even + odd;
+      if constexpr (kMagic) {
+        constexpr float w0 = E::kInvUnit, w1 = E::kInvUnit / 4, w2 = E::kInvUnit / 16, w3 = E::kInvUnit / 64;
+        constexpr float wc[4] = {w0, w1, w2, w3};
+        mag = fmaf(wc[E::cls(2 * i)], even, fmaf(wc[E::cls(2 * i + 1)], odd, mag));
+      }
     }
     uint4* dst = reinterpret_cast<uint4*>(wx + m * kXRowBytes + xblk_off(lane));
     dst[0] = make_uint4(o[0], o[1], o[2], o[3]);
     dst[1] = make_uint4(o[4], o[5], o[6], o[7]);
 #pragma unroll
-    for (int off = 1; off < G / 16; off <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-    if (lane % (G / 16) == 0) xsum[m * kXSumFloats + lane / (G / 16)] = sum;
+    for (int off = 1; off < G / 16; off <<= 1) {
+      sum += __shfl_xor_sync(0xffffffffu, sum, off);
+      if constexpr (kMagic) mag += __shfl_xor_sync(0xffffffffu, mag, off);
+    }
+    if (lane % (G / 16) == 0) {
+      xsum[m * kXSumFloats + lane / (G / 16)] = sum;
+      if constexpr (kMagic) xmag[m * kXSumFloats + lane / (G / 16)] = mag;
+    }
   }
 }
 
@@ -155,7 +223,10 @@ __device__ __forceinline__ void stage_x(const T* xg, int m0, int rows, int K, in
 template <typename T, int G, int MR>
 __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m0, int rows, int wk_log2,
                                            uint8_t* smem, float (*ys)[kInt3GemvMaxRows][16], float* red,
-                                           float (*tsm)[kRChunk]) {
+                                           float (*tsm)[kRChunk], const uint8_t* zrow) {
+  // the classed encoding and a slice of prefetch where their registers fit (CodeEnc)
+  constexpr bool kClassed = classed(MR, G);
+  using E = CodeEnc<T, kClassed>;
   constexpr int NB = MR > 2 ? 2 : 1;   // mma sets, two rows of x each
   constexpr int GPL = 128 / G;         // groups in a lane's 128 k
   const int K = p.K, N = p.N, R = p.R;
@@ -173,6 +244,7 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
   const T* xg = reinterpret_cast<const T*>(p.x);
   uint8_t* wx = smem + warp * warp_x_bytes(MR);
   float* xsum = reinterpret_cast<float*>(wx + MR * kXRowBytes);
+  float* xmag = xsum + MR * kXSumFloats;
 
   // B operand: column (lane >> 2) of set b carries row 2b + (lane >> 4) of x on the k of lane (lane >> 2) & 3
   const int bcol = lane >> 2;
@@ -185,6 +257,11 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
   // a lane's 2 * GPL scales of a row are one aligned vector when every row and expert start is
   const bool vec_scales = groups_per_row % (2 * GPL) == 0 && reinterpret_cast<uintptr_t>(se) % (4 * GPL) == 0 &&
                           reinterpret_cast<uintptr_t>(ze) % (4 * GPL) == 0;
+  // where set b's B registers come from: the staged x row, or the block's zero row for the lanes whose
+  // column is another lane's (no zeroing of registers before every load)
+  const uint8_t* xb[NB];
+#pragma unroll
+  for (int b = 0; b < NB; ++b) xb[b] = b_on[b] ? wx + (2 * b + (bcol >> 2)) * kXRowBytes : zrow;
 
   const int n_slices = (K + kSliceK - 1) / kSliceK;
   float yacc[NB][4];
@@ -193,11 +270,14 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
 #pragma unroll
     for (int i = 0; i < 4; ++i) yacc[b][i] = 0.f;
 
-  for (int s = wk; s < n_slices; s += WK) {
+  // A slice's codes and scales are loaded one slice ahead of its math (two register sets in turn), so a
+  // warp with several slices keeps its next loads in flight while it computes.
+  using Codes = uint32_t[2][12];
+  using Raw = uint32_t[2][GPL];
+  auto load_slice = [&](int s, Codes& w, Raw& sv, Raw& zv) {
     const int k0 = s * kSliceK;
     const int kc = k0 + c * 128;  // this lane's 128 k
     // codes of the lane's two rows (issued first: their latency overlaps the staging of x)
-    uint32_t w[2][12];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const bool ok = kc < K && n_row[r] < N;
@@ -213,7 +293,6 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
     }
     // raw scales / zeros of the accumulator entries: row r, halves (cc * GPL + j) = group j of source
     // lane cs0 + cc (contiguous in memory: one vector load when aligned)
-    uint32_t sv[2][GPL], zv[2][GPL];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int kk = k0 + cs0 * 128;
@@ -222,44 +301,50 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
       load_halves<GPL>(sv[r], se + gi, ok, vec_scales, k0 + (cs0 + 1) * 128 < K);
       load_halves<GPL>(zv[r], ze + gi, ok, vec_scales, k0 + (cs0 + 1) * 128 < K);
     }
+  };
+  auto compute_slice = [&](int s, const Codes& w, const Raw& sv, const Raw& zv) {
+    const int k0 = s * kSliceK;
     __syncwarp();  // the previous slice's readers are done with the warp's x buffer
-    stage_x<T, G, MR>(xg, m0, rows, K, k0, wx, xsum);
+    stage_x<E, T, G, MR>(xg, m0, rows, K, k0, wx, xsum, xmag);
     __syncwarp();
 
-    float d[NB][4];
+    // d[b][cl]: the current group's sum over k of x * (kMagic + code * 4^cl * unit), class cl (CodeEnc)
+    constexpr int NC = E::kClasses;
+    float d[NB][NC][4];
 #pragma unroll
     for (int h = 0; h < 4; ++h) {  // 32-k chunks of the lane's 128 k
       if ((32 * h) % G == 0) {
 #pragma unroll
         for (int b = 0; b < NB; ++b)
 #pragma unroll
-          for (int i = 0; i < 4; ++i) d[b][i] = 0.f;
+          for (int cl = 0; cl < NC; ++cl)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) d[b][cl][i] = 0.f;
       }
 #pragma unroll
       for (int wd = 0; wd < 2; ++wd) {  // plane word: codes 16wd .. 16wd + 15 of the chunk
-        uint32_t pr[2][8];  // pr[r][j] = (1 + code j / 8, 1 + code j+8 / 8) of the word, row r
+        uint32_t pr[2][8];  // pr[r][j] = code pair (j, j + 8) of the word, row r, as its class's operand
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const uint32_t W = w[r][3 * h + wd];
           const uint32_t hb = prmt(w[r][3 * h + 2], 0u, wd ? 0x4342u : 0x4140u);
 #pragma unroll
-          for (int j = 0; j < 8; ++j) pr[r][j] = code_pair<T>(W, hb, j);
+          for (int j = 0; j < 8; ++j) pr[r][j] = code_pair<E>(W, hb, j);
         }
         const int xoff = xblk_off(8 * c + 2 * h + wd);
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
-          const uint8_t* xr = wx + (2 * b + (bcol >> 2)) * kXRowBytes + xoff;
-          const uint4 v0 = b_on[b] ? lds128(xr) : make_uint4(0, 0, 0, 0);
-          const uint4 v1 = b_on[b] ? lds128(xr + 16) : make_uint4(0, 0, 0, 0);
+          const uint4 v0 = lds128(xb[b] + xoff), v1 = lds128(xb[b] + xoff + 16);
           const uint32_t bv[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
 #pragma unroll
-          for (int j0 = 0; j0 < 8; j0 += 2) {
-            const uint32_t a[4] = {pr[0][j0], pr[1][j0], pr[0][j0 + 1], pr[1][j0 + 1]};
-            mma16816<T>(d[b], a, bv[j0], bv[j0 + 1], d[b]);
+          for (int i = 0; i < 4; ++i) {
+            const int ja = E::pa(i), jb = E::pb(i), cl = E::mma_cls(i);
+            const uint32_t a[4] = {pr[0][ja], pr[1][ja], pr[0][jb], pr[1][jb]};
+            mma16816<T>(d[b][cl], a, bv[ja], bv[jb], d[b][cl]);
           }
         }
       }
-      if ((32 * (h + 1)) % G == 0) {  // group end: its affine map, in fp32
+      if ((32 * (h + 1)) % G == 0) {  // group end: the classes and the affine map, in fp32
         const int gl = (32 * h) / G;
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
@@ -270,12 +355,39 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
             const int hi = cc * GPL + gl;  // half index in sv / zv
             const float sc = u16_to_float<T>(static_cast<uint16_t>(sv[r][hi >> 1] >> (16 * (hi & 1))));
             const float zc = u16_to_float<T>(static_cast<uint16_t>(zv[r][hi >> 1] >> (16 * (hi & 1))));
-            const float sx = xsum[(m < MR ? m : 0) * kXSumFloats + ((cs0 + cc) * 128) / G + gl];
-            yacc[b][i] = fmaf(8.f * sc, d[b][i], fmaf(-sc * (8.f + zc), sx, yacc[b][i]));
+            const int xi = (m < MR ? m : 0) * kXSumFloats + ((cs0 + cc) * 128) / G + gl;
+            // sum_k x_k code_k: class cl counts code * 4^cl / kInvUnit (+ the magic's share, staged)
+            float xq = d[b][NC - 1][i];
+#pragma unroll
+            for (int cl = NC - 2; cl >= 0; --cl) xq = fmaf(xq, 0.25f, d[b][cl][i]);
+            // the magic's share: staged for several classes, (magic unit) * sum x for one
+            float off;
+            if constexpr (NC == 1) off = (zc + E::kInvUnit) * xsum[xi];
+            else if constexpr (E::kMagic2 != 0u) off = fmaf(zc, xsum[xi], xmag[xi]);
+            else off = zc * xsum[xi];
+            yacc[b][i] = fmaf(sc * E::kInvUnit, xq, fmaf(-sc, off, yacc[b][i]));
           }
         }
       }
     }
+    };
+  Codes wa, wb;
+  Raw sa, za, sb, zb;
+  if constexpr (!kClassed) {
+    for (int s = wk; s < n_slices; s += WK) {
+      load_slice(s, wa, sa, za);
+      compute_slice(s, wa, sa, za);
+    }
+  } else {
+  if (wk < n_slices) load_slice(wk, wa, sa, za);
+  for (int s = wk; s < n_slices; s += 2 * WK) {
+    const int s1 = s + WK;
+    if (s1 < n_slices) load_slice(s1, wb, sb, zb);
+    compute_slice(s, wa, sa, za);
+    if (s1 >= n_slices) break;
+    if (s1 + WK < n_slices) load_slice(s1 + WK, wa, sa, za);
+    compute_slice(s1, wb, sb, zb);
+  }
   }
 
   // accumulator columns 2c, 2c+1 (row m, source lanes cs0, cs0+1) + the partner lane's (c ^ 1: the other
@@ -355,6 +467,7 @@ __global__ void __launch_bounds__(kThreads, MINB) int3_gemv_kernel(const Int3Gem
   __shared__ float ys[kWarps][kInt3GemvMaxRows][16];
   __shared__ float red[kThreads * kInt3GemvMaxRows];
   __shared__ float tsm[kInt3GemvMaxRows][kRChunk];
+  __shared__ uint4 zrow[kXRowBytes / 16];  // the B operand of lanes whose column is another lane's
   int e = 0, m0, m_end;
   if (p.tiles != nullptr) {
     const int4 tl = p.tiles[blockIdx.y];
@@ -368,25 +481,40 @@ __global__ void __launch_bounds__(kThreads, MINB) int3_gemv_kernel(const Int3Gem
   }
   const int rows = m_end - m0;
   if (rows <= 0) return;
-  gemv_block<T, G, MR>(p, e, m0, rows, wk_log2, gemv_smem, ys, red, tsm);
+  for (int i = threadIdx.x; i < kXRowBytes / 16; i += kThreads) zrow[i] = make_uint4(0, 0, 0, 0);
+  __syncthreads();
+  gemv_block<T, G, MR>(p, e, m0, rows, wk_log2, gemv_smem, ys, red, tsm, reinterpret_cast<const uint8_t*>(zrow));
 }
 
 template <typename T, int G, int MR>
 void launch_mr(const Int3GemmParams& p, int row_blocks, int wk_log2, const GemvLaunch& l, cudaStream_t stream) {
-  // 80 registers: 3 blocks per SM (a 64-register cap for 4 spilled and was 5-30% slower, H100)
-  auto kern = int3_gemv_kernel<T, G, MR, G == 32 ? 2 : 3>;
+  // register cap: the classed encoding with its prefetch needs about 128 registers (2 blocks per SM); the
+  // fixed one 80 (3 blocks per SM; a 64-register cap for 4 spilled and was 5-30% slower, H100)
+  constexpr int kMinBlocks = classed(MR, G) ? 2 : (G == 32 ? 2 : 3);
+  auto kern = int3_gemv_kernel<T, G, MR, kMinBlocks>;
   const int br = 16 * (kWarps >> wk_log2);
   const dim3 grid((p.N + br - 1) / br, row_blocks);
   launch_programmatic_if(kern, grid, dim3(kThreads), kWarps * warp_x_bytes(MR), l.programmatic, stream, p, wk_log2);
 }
 
+// Warps per 16-column tile (log2). By default one 512-k slice per warp (at most 8 warps), except where
+// two warps per tile still give the grid about one full wave of 2 blocks per SM: a warp then streams
+// 4+ slices with the next one's loads in flight (H200, 2026-12-02, M=1: 14336x4096 17.9 us vs 19.6 at
+// 8 warps; with fewer blocks than that, 4096x4096, 11.4 vs 7.5). Only where slices are prefetched (the
+// classed encoding). busy_row_blocks: row blocks with work (the grouped op's tile list has empty slots).
+int gemv_wk_log2(int N, int K, int busy_row_blocks, int sms, int wk_force, bool prefetch) {
+  const int n_slices = (K + kSliceK - 1) / kSliceK;
+  int wk_log2 = 0;
+  while (wk_log2 < 3 && (1 << wk_log2) < (wk_force > 0 ? wk_force : n_slices)) ++wk_log2;
+  if (wk_force > 0 || wk_log2 < 2 || !prefetch) return wk_log2;
+  const long long blocks2 = static_cast<long long>((N + 63) / 64) * busy_row_blocks;  // 2 warps per tile
+  return 5 * blocks2 >= 4 * 2LL * sms && n_slices >= 8 ? 1 : wk_log2;
+}
+
 template <typename T, int G>
 void launch(const Int3GemmParams& p, int row_blocks, int max_rows, const GemvLaunch& l, cudaStream_t stream) {
-  // warps per 16-column tile: enough 512-k slices to keep each warp busy, at most 8 (H100: fewer warps
-  // per tile were slower on the benchmark shapes except 14336x4096 M=1, 20.5 vs 21.5 us)
-  const int n_slices = (p.K + kSliceK - 1) / kSliceK;
-  int wk_log2 = 0;
-  while (wk_log2 < 3 && (1 << wk_log2) < (l.wk_force > 0 ? l.wk_force : n_slices)) ++wk_log2;
+  const int busy = p.tiles != nullptr ? std::min(row_blocks, std::max(p.M, 1)) : row_blocks;
+  const int wk_log2 = gemv_wk_log2(p.N, p.K, busy, l.sms, l.wk_force, classed(max_rows, G));
   if (max_rows <= 1) return launch_mr<T, G, 1>(p, row_blocks, wk_log2, l, stream);
   if (max_rows <= 2) return launch_mr<T, G, 2>(p, row_blocks, wk_log2, l, stream);
   return launch_mr<T, G, 4>(p, row_blocks, wk_log2, l, stream);

@@ -51,6 +51,7 @@ struct GemvLaunch {
   int wk_force;       // warps per 16-column tile (1, 2, 4, 8), 0 = chosen from K (tuning and tests)
   bool programmatic;  // launched with programmatic stream serialization: the kernel before it in the
                       // stream computes p.t and lets this one start; it waits only before using t
+  int sms;            // multiprocessors of the device (the choice of warps per tile)
 };
 void launch_int3_gemv(int dtype, int group, const Int3GemmParams& p, int row_blocks, int max_rows,
                       const GemvLaunch& l, cudaStream_t stream);

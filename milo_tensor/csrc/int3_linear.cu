@@ -219,7 +219,7 @@ unsigned test_t_delay_ns() { return static_cast<unsigned>(std::max(0, env_int("M
 
 // how the decode kernel is launched (both ops): warps per tile forced by MILO_INT3_GEMV_WK (0 = from K)
 GemvLaunch gemv_launch(int R, const DevInfo& d) {
-  return GemvLaunch{env_int("MILO_INT3_GEMV_WK", 0), programmatic_after_t(R, d)};
+  return GemvLaunch{env_int("MILO_INT3_GEMV_WK", 0), programmatic_after_t(R, d), d.sms};
 }
 
 bool aligned(const at::Tensor& t, int bytes) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0; }
