@@ -90,7 +90,6 @@ struct CodeEnc<__nv_bfloat16, true> {
   __host__ __device__ static constexpr int pb(int i) { return 4 * (i & 1) + (i >> 1) + 2; }
   __host__ __device__ static constexpr int mma_cls(int i) { return i >> 1; }
 };
-template <typename T>
 struct FixedEnc {
   static constexpr int kClasses = 1;
   static constexpr float kInvUnit = 8.f;  // 1 + code / 8
@@ -100,12 +99,12 @@ struct FixedEnc {
   __host__ __device__ static constexpr int mma_cls(int) { return 0; }
 };
 template <>
-struct CodeEnc<half, false> : FixedEnc<half> {
+struct CodeEnc<half, false> : FixedEnc {
   static constexpr uint32_t kMagic2 = 0x3C003C00u;  // half2(1, 1)
   __host__ __device__ static constexpr int pos(int) { return 7; }
 };
 template <>
-struct CodeEnc<__nv_bfloat16, false> : FixedEnc<__nv_bfloat16> {
+struct CodeEnc<__nv_bfloat16, false> : FixedEnc {
   static constexpr uint32_t kMagic2 = 0x3F803F80u;
   __host__ __device__ static constexpr int pos(int) { return 4; }
 };
@@ -379,15 +378,15 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
       compute_slice(s, wa, sa, za);
     }
   } else {
-  if (wk < n_slices) load_slice(wk, wa, sa, za);
-  for (int s = wk; s < n_slices; s += 2 * WK) {
-    const int s1 = s + WK;
-    if (s1 < n_slices) load_slice(s1, wb, sb, zb);
-    compute_slice(s, wa, sa, za);
-    if (s1 >= n_slices) break;
-    if (s1 + WK < n_slices) load_slice(s1 + WK, wa, sa, za);
-    compute_slice(s1, wb, sb, zb);
-  }
+    if (wk < n_slices) load_slice(wk, wa, sa, za);
+    for (int s = wk; s < n_slices; s += 2 * WK) {
+      const int s1 = s + WK;
+      if (s1 < n_slices) load_slice(s1, wb, sb, zb);
+      compute_slice(s, wa, sa, za);
+      if (s1 >= n_slices) break;
+      if (s1 + WK < n_slices) load_slice(s1 + WK, wa, sa, za);
+      compute_slice(s1, wb, sb, zb);
+    }
   }
 
   // accumulator columns 2c, 2c+1 (row m, source lanes cs0, cs0+1) + the partner lane's (c ^ 1: the other
