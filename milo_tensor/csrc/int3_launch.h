@@ -48,7 +48,7 @@ void launch_int3_gemm(int dtype, int mt, int group, const Int3GemmParams& p, int
 // at most max_rows rows, one per row block. Needs K % 128 == 0; any N.
 constexpr int kInt3GemvMaxRows = 4;
 struct GemvLaunch {
-  int wk_force;       // warps per 16-column tile (1, 2, 4, 8), 0 = chosen from K (tuning and tests)
+  int wk_force;       // warps per 16-column tile (1, 2, 4, 8), 0 = chosen from N, K, SMs (tuning and tests)
   bool programmatic;  // launched with programmatic stream serialization: the kernel before it in the
                       // stream computes p.t and lets this one start; it waits only before using t
   int sms;            // multiprocessors of the device (the choice of warps per tile)

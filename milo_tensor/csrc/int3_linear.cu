@@ -217,7 +217,7 @@ bool programmatic_after_t(int R, const DevInfo& d) {
 // test catches a kernel launched programmatically after them that reads t without waiting
 unsigned test_t_delay_ns() { return static_cast<unsigned>(std::max(0, env_int("MILO_INT3_TEST_T_DELAY_NS", 0))); }
 
-// how the decode kernel is launched (both ops): warps per tile forced by MILO_INT3_GEMV_WK (0 = from K)
+// how the decode kernel is launched (both ops): warps per tile forced by MILO_INT3_GEMV_WK (0 = gemv_wk_log2())
 GemvLaunch gemv_launch(int R, const DevInfo& d) {
   return GemvLaunch{env_int("MILO_INT3_GEMV_WK", 0), programmatic_after_t(R, d), d.sms};
 }
