@@ -209,17 +209,23 @@ def test_gemv_offset_activations_and_odd_shapes(dtype, g, M):
         check(tuple(args))
 
 
+@pytest.mark.parametrize("xblock", ["0", "1", "-1"])
 @pytest.mark.parametrize("wk", ["1", "2", "4", "8"])
 @pytest.mark.parametrize("M", [1, 3])
-def test_gemv_warps_per_tile(monkeypatch, wk, M):
+def test_gemv_warps_per_tile(monkeypatch, xblock, wk, M):
     """Every split of a column tile's k over the decode kernel's warps (1 to 8; up to 28 512-k
     slices per warp, odd counts, a partial last slice, scale rows that are and are not one aligned
-    vector per lane, warps with no slice); N not a multiple of the block's columns."""
+    vector per lane, warps with no slice); N not a multiple of the block's columns; x staged per warp
+    and slice (MILO_INT3_GEMV_XBLOCK=0), once per block where it fits (1), by the default rule (-1;
+    at K=14336 and 4 rows, 136 KB, it does not fit beside 3 blocks: the per-warp path); ranks 0, under one
+    64-rank chunk of U^T (copied to shared memory up front) and past it (the rest read from global)."""
     monkeypatch.setenv("MILO_INT3_GEMV_WK", wk)
-    gen = torch.Generator(device="cuda").manual_seed(int(wk) * 10 + M)
-    for i, (N, K, g) in enumerate([(1000, 4096 + 640, 64), (200, 14336, 128), (136, 1536, 32), (264, 2560, 64)]):
+    monkeypatch.setenv("MILO_INT3_GEMV_XBLOCK", xblock)
+    gen = torch.Generator(device="cuda").manual_seed(int(wk) * 10 + M + 100 * int(xblock))
+    shapes = [(1000, 4096 + 640, 64, 16), (200, 14336, 128, 100), (136, 1536, 32, 0), (264, 2560, 64, 64)]
+    for i, (N, K, g, R) in enumerate(shapes):
         dtype = torch.bfloat16 if (i + M) % 2 else torch.float16
-        check(make_inputs(M, N, K, 16, g, dtype, bias=True, gen=gen))
+        check(make_inputs(M, N, K, R, g, dtype, bias=True, gen=gen))
 
 
 @pytest.mark.parametrize("pdl", ["0", "1"])

@@ -167,15 +167,17 @@ def test_grouped_tile_configs(monkeypatch, cfg, splits):
     check(x, counts, routing_offsets(counts, rows), experts, 64)
 
 
-@pytest.mark.parametrize("gemv_rows,wk", [("0", "0"), ("1000", "0"), ("1000", "1"), ("1000", "8")])
+@pytest.mark.parametrize("gemv_rows,wk,xblock", [("0", "0", "-1"), ("1000", "0", "-1"), ("1000", "0", "0"),
+                                                 ("1000", "1", "-1"), ("1000", "8", "0")])
 @pytest.mark.parametrize("rows,g,dtype", [(2, 128, torch.float16), (5, 64, torch.bfloat16), (9, 32, torch.float16),
                                           (150, 64, torch.bfloat16)])
-def test_grouped_gemv_and_mma_paths(monkeypatch, gemv_rows, wk, rows, g, dtype):
+def test_grouped_gemv_and_mma_paths(monkeypatch, gemv_rows, wk, xblock, rows, g, dtype):
     """The decode kernel (tiles of <= 2 rows, 4 past one row per expert) forced on or off, with its
-    warps per column tile chosen or forced to 1 and 8, for decode and prefill routings, K = 4096 +
-    1024 (ten 512-k slices), x offset from zero."""
+    warps per column tile chosen or forced to 1 and 8 and x staged per warp or once per block, for
+    decode and prefill routings, K = 4096 + 1024 (ten 512-k slices), x offset from zero."""
     monkeypatch.setenv("MILO_INT3_GROUPED_GEMV_MAX_ROWS", gemv_rows)
     monkeypatch.setenv("MILO_INT3_GEMV_WK", wk)
+    monkeypatch.setenv("MILO_INT3_GEMV_XBLOCK", xblock)
     rnd = random.Random(rows)
     gen = torch.Generator(device="cuda").manual_seed(rows + int(gemv_rows))
     E, N, K = 8, 1000, 4096 + 1024

@@ -36,7 +36,7 @@
 namespace milo {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = 256;            // the largest block (8 warps); 2 and 4 warps run too (launch())
 constexpr int kWarps = kThreads / 32;
 constexpr int kSliceK = 512;            // k per warp step: 4 lanes x 128
 constexpr int kXRowBytes = 1024 + 64;   // one staged x row of a slice (512 halves + 16 bytes per 128 k)
@@ -45,7 +45,9 @@ constexpr int kXSumFloats = kSliceK / 32;  // group sums per staged row (G >= 32
 // magic sums (CodeEnc)
 __host__ __device__ constexpr int warp_x_bytes(int rows) { return rows * (kXRowBytes + 2 * kXSumFloats * 4); }
 constexpr int kRChunk = 64;             // ranks of t staged in shared memory at a time (epilogue)
-static_assert(kRChunk * kInt3GemvMaxRows <= kThreads, "one t entry per thread when staging a chunk");
+// kernel flags (host: launch_mr())
+constexpr int kXBlock = 1;  // x of the whole K staged once per block up front (else per warp, per slice)
+constexpr int kUAsync = 2;  // the first kRChunk ranks of U^T's block columns copied to shared memory up front
 
 // How a code pair (j, j + 8) of a 16-code plane word W (code j's low bits at bits 2j, 2j+1, code j+8's
 // at 16+2j) becomes one mma A register: the pair's 3-bit field is placed at bit pos(j) of each half and
@@ -220,9 +222,9 @@ __device__ __forceinline__ void stage_x(const T* xg, int m0, int rows, int K, in
 
 // MR: rows of x this block multiplies (1, 2 or 4; rows past `rows` are zeros).
 template <typename T, int G, int MR>
-__device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m0, int rows, int wk_log2,
+__device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m0, int rows, int wk_log2, int flags,
                                            uint8_t* smem, float (*ys)[kInt3GemvMaxRows][16], float* red,
-                                           float (*tsm)[kRChunk], const uint8_t* zrow) {
+                                           float (*tsm)[kRChunk], uint4* zrow16) {
   // the classed encoding and a slice of prefetch where their registers fit (CodeEnc)
   constexpr bool kClassed = classed(MR, G);
   using E = CodeEnc<T, kClassed>;
@@ -230,9 +232,10 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
   constexpr int GPL = 128 / G;         // groups in a lane's 128 k
   const int K = p.K, N = p.N, R = p.R;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int nthreads = blockDim.x, nwarps = nthreads >> 5;
   const int g = lane >> 2, c = lane & 3;
   const int WK = 1 << wk_log2;
-  const int BR = 16 * (kWarps >> wk_log2);  // output columns of the block
+  const int BR = 16 * (nwarps >> wk_log2);  // output columns of the block
   const int tile = warp >> wk_log2, wk = warp & (WK - 1);
   const int n_blk = blockIdx.x * BR;
   const int n_row[2] = {n_blk + tile * 16 + g, n_blk + tile * 16 + g + 8};
@@ -241,9 +244,14 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
   const T* se = reinterpret_cast<const T*>(p.scales) + e * p.s_estride;
   const T* ze = reinterpret_cast<const T*>(p.zeros) + e * p.s_estride;
   const T* xg = reinterpret_cast<const T*>(p.x);
-  uint8_t* wx = smem + warp * warp_x_bytes(MR);
-  float* xsum = reinterpret_cast<float*>(wx + MR * kXRowBytes);
-  float* xmag = xsum + MR * kXSumFloats;
+  const bool xblock = (flags & kXBlock) != 0;
+  const int n_slices = (K + kSliceK - 1) / kSliceK;
+  // shared memory: the staged x (per slice when xblock, else per warp), then U^T's first rank chunk
+  constexpr int kWxBytes = warp_x_bytes(MR);
+  auto slice_x = [&](int s) { return smem + (xblock ? s : warp) * kWxBytes; };
+  T* usm = reinterpret_cast<T*>(smem + (xblock ? n_slices : nwarps) * kWxBytes);
+  const T* ute = reinterpret_cast<const T*>(p.ut) + e * p.ut_estride;
+  const uint8_t* zrow = reinterpret_cast<const uint8_t*>(zrow16);
 
   // B operand: column (lane >> 2) of set b carries row 2b + (lane >> 4) of x on the k of lane (lane >> 2) & 3
   const int bcol = lane >> 2;
@@ -256,13 +264,7 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
   // a lane's 2 * GPL scales of a row are one aligned vector when every row and expert start is
   const bool vec_scales = groups_per_row % (2 * GPL) == 0 && reinterpret_cast<uintptr_t>(se) % (4 * GPL) == 0 &&
                           reinterpret_cast<uintptr_t>(ze) % (4 * GPL) == 0;
-  // where set b's B registers come from: the staged x row, or the block's zero row for the lanes whose
-  // column is another lane's (no zeroing of registers before every load)
-  const uint8_t* xb[NB];
-#pragma unroll
-  for (int b = 0; b < NB; ++b) xb[b] = b_on[b] ? wx + (2 * b + (bcol >> 2)) * kXRowBytes : zrow;
 
-  const int n_slices = (K + kSliceK - 1) / kSliceK;
   float yacc[NB][4];
 #pragma unroll
   for (int b = 0; b < NB; ++b)
@@ -302,10 +304,19 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
     }
   };
   auto compute_slice = [&](int s, const Codes& w, const Raw& sv, const Raw& zv) {
-    const int k0 = s * kSliceK;
-    __syncwarp();  // the previous slice's readers are done with the warp's x buffer
-    stage_x<E, T, G, MR>(xg, m0, rows, K, k0, wx, xsum, xmag);
-    __syncwarp();
+    uint8_t* wx = slice_x(s);
+    const float* xsum = reinterpret_cast<const float*>(wx + MR * kXRowBytes);
+    const float* xmag = xsum + MR * kXSumFloats;
+    if (!xblock) {
+      __syncwarp();  // the previous slice's readers are done with the warp's x buffer
+      stage_x<E, T, G, MR>(xg, m0, rows, K, s * kSliceK, wx, const_cast<float*>(xsum), const_cast<float*>(xmag));
+      __syncwarp();
+    }
+    // where set b's B registers come from: the staged x row, or the block's zero row for the lanes whose
+    // column is another lane's (no zeroing of registers before every load)
+    const uint8_t* xb[NB];
+#pragma unroll
+    for (int b = 0; b < NB; ++b) xb[b] = b_on[b] ? wx + (2 * b + (bcol >> 2)) * kXRowBytes : zrow;
 
     // d[b][cl]: the current group's sum over k of x * (kMagic + code * 4^cl * unit), class cl (CodeEnc)
     constexpr int NC = E::kClasses;
@@ -372,13 +383,34 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
     };
   Codes wa, wb;
   Raw sa, za, sb, zb;
+  // up front, while the first codes are in flight: U^T's first rank chunk of the block's columns
+  // (cp.async, read in the epilogue), the zero row, and with xblock the x of every slice (one load
+  // round trip per block instead of one per warp and slice, each slice staged once per block)
+  if (flags & kUAsync) {
+    const int rc = min(kRChunk, R), per_row = BR / 8;
+    for (int u = tid; u < rc * per_row; u += nthreads) {
+      const int r = u / per_row, n = n_blk + (u - r * per_row) * 8;
+      const bool ok = n < N;  // N % 8 == 0 (host)
+      cp_async16_zfill(smem_u32(usm + r * BR + (n - n_blk)), ok ? ute + static_cast<long long>(r) * N + n : ute, ok);
+    }
+    cp_async_commit();
+  }
+  if (wk < n_slices) load_slice(wk, wa, sa, za);
+  for (int i = tid; i < kXRowBytes / 16; i += nthreads) zrow16[i] = make_uint4(0, 0, 0, 0);
+  if (xblock) {
+    for (int s = warp; s < n_slices; s += nwarps) {
+      uint8_t* wx = slice_x(s);
+      float* xsum = reinterpret_cast<float*>(wx + MR * kXRowBytes);
+      stage_x<E, T, G, MR>(xg, m0, rows, K, s * kSliceK, wx, xsum, xsum + MR * kXSumFloats);
+    }
+  }
+  __syncthreads();
   if constexpr (!kClassed) {
     for (int s = wk; s < n_slices; s += WK) {
-      load_slice(s, wa, sa, za);
+      if (s != wk) load_slice(s, wa, sa, za);
       compute_slice(s, wa, sa, za);
     }
   } else {
-    if (wk < n_slices) load_slice(wk, wa, sa, za);
     for (int s = wk; s < n_slices; s += 2 * WK) {
       const int s1 = s + WK;
       if (s1 < n_slices) load_slice(s1, wb, sb, zb);
@@ -404,7 +436,7 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
   }
 
   // low-rank term: thread (column nn, rank slice rs) sums t[m, r] * ut[r, n] over r = rs (mod slices)
-  const int slices = kThreads / BR;
+  const int slices = nthreads / BR;
   const int nn = tid % BR, rs = tid / BR;
   const int n = n_blk + nn;
   float lr[MR];
@@ -419,10 +451,10 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
     // thread summing the partials itself cost a chain of dependent global loads per rank: 11 us at
     // 14336x4096, M=4, R=32.) kRChunk is a multiple of every `slices`, so a thread visits the same
     // ranks in the same order as without chunks.
-    const T* ute = reinterpret_cast<const T*>(p.ut) + e * p.ut_estride;
+    if (flags & kUAsync) cp_async_wait<0>();  // visible to the block after the __syncthreads below
     for (int r0 = 0; r0 < R; r0 += kRChunk) {
       const int rc = min(kRChunk, R - r0);
-      for (int i = tid; i < MR * kRChunk; i += kThreads) {
+      for (int i = tid; i < MR * kRChunk; i += nthreads) {
         const int m = i / kRChunk, rr = i % kRChunk;
         float tv = 0.f;
         if (m < rows && rr < rc) {
@@ -433,10 +465,21 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
       }
       __syncthreads();
       if (n < N) {
-        for (int r = rs; r < rc; r += slices) {
-          const float u = to_float(ute[static_cast<long long>(r0 + r) * N + n]);
+        // the first chunk's U from shared memory (copied up front) when there; else 4 ranks' loads
+        // in flight at a time (one dependent global round trip per rank cost ~5 us at R=32)
+        const bool from_smem = (flags & kUAsync) && r0 == 0;
+        for (int r = rs; r < rc; r += 4 * slices) {
+          float u[4];
 #pragma unroll
-          for (int m = 0; m < MR; ++m) lr[m] = fmaf(tsm[m][r], u, lr[m]);
+          for (int j = 0; j < 4; ++j) {
+            const int rj = r + j * slices;
+            u[j] = rj < rc ? to_float(from_smem ? usm[rj * BR + nn] : ute[static_cast<long long>(r0 + rj) * N + n])
+                           : 0.f;
+          }
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int m = 0; m < MR; ++m) lr[m] = fmaf(tsm[m][min(r + j * slices, kRChunk - 1)], u[j], lr[m]);
         }
       }
       __syncthreads();
@@ -445,7 +488,7 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
 #pragma unroll
   for (int m = 0; m < MR; ++m) red[(rs * MR + m) * BR + nn] = lr[m];
   __syncthreads();
-  for (int idx = tid; idx < MR * BR; idx += kThreads) {
+  for (int idx = tid; idx < MR * BR; idx += nthreads) {
     const int m = idx / BR, col = idx % BR, nc = n_blk + col;
     if (m < rows && nc < N) {
       const int t0 = (col / 16) << wk_log2;
@@ -461,7 +504,7 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
 // grid (ceil(N / BR), row blocks): the dense op's blockIdx.y covers rows MR*y .. MR*y + MR - 1; the
 // grouped op's indexes the tile list (expert, row start, row end), at most MR rows a tile.
 template <typename T, int G, int MR, int MINB>
-__global__ void __launch_bounds__(kThreads, MINB) int3_gemv_kernel(const Int3GemmParams p, int wk_log2) {
+__global__ void __launch_bounds__(kThreads, MINB) int3_gemv_kernel(const Int3GemmParams p, int wk_log2, int flags) {
   extern __shared__ __align__(16) uint8_t gemv_smem[];
   __shared__ float ys[kWarps][kInt3GemvMaxRows][16];
   __shared__ float red[kThreads * kInt3GemvMaxRows];
@@ -480,9 +523,7 @@ __global__ void __launch_bounds__(kThreads, MINB) int3_gemv_kernel(const Int3Gem
   }
   const int rows = m_end - m0;
   if (rows <= 0) return;
-  for (int i = threadIdx.x; i < kXRowBytes / 16; i += kThreads) zrow[i] = make_uint4(0, 0, 0, 0);
-  __syncthreads();
-  gemv_block<T, G, MR>(p, e, m0, rows, wk_log2, gemv_smem, ys, red, tsm, reinterpret_cast<const uint8_t*>(zrow));
+  gemv_block<T, G, MR>(p, e, m0, rows, wk_log2, flags, gemv_smem, ys, red, tsm, zrow);
 }
 
 template <typename T, int G, int MR>
@@ -493,7 +534,24 @@ void launch_mr(const Int3GemmParams& p, int row_blocks, int wk_log2, const GemvL
   auto kern = int3_gemv_kernel<T, G, MR, kMinBlocks>;
   const int br = 16 * (kWarps >> wk_log2);
   const dim3 grid((p.N + br - 1) / br, row_blocks);
-  launch_programmatic_if(kern, grid, dim3(kThreads), kWarps * warp_x_bytes(MR), l.programmatic, stream, p, wk_log2);
+  // shared memory: x of the whole K once per block where it fits beside the other resident blocks
+  // (else one slice per warp, restaged every slice), and U^T's first rank chunk where rows are 16-byte
+  // aligned
+  const int n_slices = (p.K + kSliceK - 1) / kSliceK;
+  const bool uasync = p.R > 0 && p.N % 8 == 0 && (p.ut_estride * 2) % 16 == 0 &&
+                      reinterpret_cast<uintptr_t>(p.ut) % 16 == 0;
+  const int u_bytes = uasync ? std::min(kRChunk, p.R) * br * 2 : 0;
+  constexpr int kStaticBytes = sizeof(float) * kInt3GemvMaxRows * (kWarps * 16 + kThreads + kRChunk) + kXRowBytes;
+  const int xblock_bytes = n_slices * warp_x_bytes(MR) + u_bytes;
+  const bool xblock_fits = (xblock_bytes + kStaticBytes + 1024) * kMinBlocks <= l.smem_per_sm;
+  // by default only up to 8 slices: x of more is a long serial load before the first mma (H200,
+  // 2026-12-02, M=1, R=0: 14336x4096 (8 slices) 18.6 -> 17.1 us, 4096x14336 (28) 16.8 -> 17.8 us)
+  const bool xblock = xblock_fits && (l.xblock_force >= 0 ? l.xblock_force > 0 : n_slices <= 8);
+  const int smem = xblock ? xblock_bytes : kWarps * warp_x_bytes(MR) + u_bytes;
+  if (smem + kStaticBytes > 48 * 1024)  // past 48 KB of static + dynamic a block needs the opt-in
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const int flags = (xblock ? kXBlock : 0) | (uasync ? kUAsync : 0);
+  launch_programmatic_if(kern, grid, dim3(kThreads), smem, l.programmatic, stream, p, wk_log2, flags);
 }
 
 // Warps per 16-column tile (log2). By default one 512-k slice per warp (at most 8 warps), except where

@@ -52,6 +52,8 @@ struct GemvLaunch {
   bool programmatic;  // launched with programmatic stream serialization: the kernel before it in the
                       // stream computes p.t and lets this one start; it waits only before using t
   int sms;            // multiprocessors of the device (the choice of warps per tile)
+  int smem_per_sm;    // shared memory per multiprocessor (whether x of the whole K fits once per block)
+  int xblock_force;   // x of the whole K staged once per block: 1 where it fits, 0 never, -1 the default rule
 };
 void launch_int3_gemv(int dtype, int group, const Int3GemmParams& p, int row_blocks, int max_rows,
                       const GemvLaunch& l, cudaStream_t stream);

@@ -187,6 +187,7 @@ void dequant_into(const at::Tensor& q, const at::Tensor& scales, const at::Tenso
 struct DevInfo {
   int major = 0;
   int sms = 0;
+  int smem_per_sm = 0;
 };
 
 // compute capability and SM count of the current device, read once per device
@@ -197,6 +198,7 @@ DevInfo dev_info() {
   DevInfo d;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, dev));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev));
   if (dev >= 0 && dev < 64) cache[dev] = d;
   return d;
 }
@@ -217,9 +219,11 @@ bool programmatic_after_t(int R, const DevInfo& d) {
 // test catches a kernel launched programmatically after them that reads t without waiting
 unsigned test_t_delay_ns() { return static_cast<unsigned>(std::max(0, env_int("MILO_INT3_TEST_T_DELAY_NS", 0))); }
 
-// how the decode kernel is launched (both ops): warps per tile forced by MILO_INT3_GEMV_WK (0 = gemv_wk_log2())
+// how the decode kernel is launched (both ops): warps per tile forced by MILO_INT3_GEMV_WK (0 = gemv_wk_log2()),
+// x staged once per block forced on or off by MILO_INT3_GEMV_XBLOCK (1 / 0; -1 = the default rule, launch_mr())
 GemvLaunch gemv_launch(int R, const DevInfo& d) {
-  return GemvLaunch{env_int("MILO_INT3_GEMV_WK", 0), programmatic_after_t(R, d), d.sms};
+  return GemvLaunch{env_int("MILO_INT3_GEMV_WK", 0), programmatic_after_t(R, d), d.sms, d.smem_per_sm,
+                    env_int("MILO_INT3_GEMV_XBLOCK", -1)};
 }
 
 bool aligned(const at::Tensor& t, int bytes) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0; }
