@@ -173,6 +173,24 @@ def fmt(v):
     return f"{v:.1f}" if isinstance(v, float) else str(v)
 
 
+def print_kernels(call) -> None:
+    """The kernels one call launches and their GPU time (eager; a graph replays the same ones)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        call()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                call()
+            torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    total = sum(e.self_device_time_total for e in kernels) / 5
+    print(f"    kernels per call {sum(e.count for e in kernels) / 5:.0f}, GPU time {total:.1f} us:", flush=True)
+    for e in sorted(kernels, key=lambda e: -e.self_device_time_total):
+        print(f"      {e.count / 5:4.0f} x {e.self_device_time_total / e.count:7.1f} us  {e.key[:90]}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", default=",".join(LAYERS))
@@ -182,6 +200,8 @@ def main():
     ap.add_argument("--routes", type=int, default=8, help="random routings rotated per M")
     ap.add_argument("--out", default="")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (any device)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also list the kernels of one eager milo-grouped call per M (torch.profiler)")
     args = ap.parse_args()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -242,6 +262,8 @@ def main():
                             t = time_eager(calls, rounds=5)
                     row[meth] = t
                     print(f"  {meth:13s} M={M:4d}: {t:9.1f} us", flush=True)
+                    if args.profile and meth == "milo-grouped" and device == "cuda":
+                        print_kernels(calls[0])
                 except Exception as e:
                     row[meth] = f"n/a ({type(e).__name__}: {str(e).splitlines()[0][:70] if str(e) else ''})"
                     print(f"  {meth:13s} M={M:4d}: {row[meth]}", flush=True)

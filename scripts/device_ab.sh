@@ -4,7 +4,8 @@
 #   here:        bash scripts/device_ab.sh prepare REV     # REV's milo_tensor/ + benchmarks/ into .dev/old
 #   on the GPU:  bash scripts/device_ab.sh                 # carry .dev and .whl; results under $OUT
 # Environment: METH, SHAPES, MS (bench_kernel.py --methods/--shapes/--ms), TEST_SEL / TEST_T (GPU tests
-# of the new tree first), SWEEP (shapes for a warps-per-tile sweep of the new decode kernel).
+# of the new tree first), SWEEP (shapes for a warps-per-tile sweep of the new decode kernel), MOE_MS (bench_moe.py
+# --ms of both trees, milo-grouped vs bf16-grouped; the new tree's kernels per call listed too).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = prepare ]; then
@@ -31,6 +32,12 @@ fi
 B="--methods ${METH:-fp16,milo-R0,milo-R32} --shapes ${SHAPES:-14336x4096,4096x14336,4096x4096,1408x2048,768x2048} --ms ${MS:-1,2,4} --no-eager --replays 20"
 (cd .dev/old && TORCH_EXTENSIONS_DIR=/tmp/ext_old PYTHONPATH=$PWD:/tmp/site python3 benchmarks/bench_kernel.py $B) > "$OUT/b_old.log" 2>&1
 python3 benchmarks/bench_kernel.py $B > "$OUT/b_new.log" 2>&1; echo "benches done [$(el)s]"
+if [ -n "${MOE_MS:-}" ]; then  # the MoE layer, old tree then new, same command
+  MB="--methods milo-grouped,bf16-grouped --ms $MOE_MS ${MOE_EXTRA:-}"
+  (cd .dev/old && TORCH_EXTENSIONS_DIR=/tmp/ext_old PYTHONPATH=$PWD:/tmp/site timeout 200 python3 benchmarks/bench_moe.py $MB) > "$OUT/moe_old.log" 2>&1
+  timeout 200 python3 benchmarks/bench_moe.py $MB --profile > "$OUT/moe_new.log" 2>&1
+  echo "moe done [$(el)s]"; grep -E "^==|M=" "$OUT/moe_old.log" | sed 's/^/old /'; grep -E "^==|M=|kernels per|^      " "$OUT/moe_new.log" | sed 's/^/new /'
+fi
 if [ -n "${SWEEP:-}" ]; then
   SWEEP_WK=0,1,2,4,8 timeout 200 python3 benchmarks/bench_kernel.py --sweep --shapes "$SWEEP" --ms "${SWEEP_MS:-1,2}" > "$OUT/sweep.md" 2>&1
   grep "^|" "$OUT/sweep.md"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from milo_tensor import MiLoInt3Tensor
-from milo_tensor.integrations.experts import milo_experts_forward
+from milo_tensor.integrations.experts import _gate_is_silu_mul, milo_experts_forward
 from models import tiny_moe
 from test_tensor import random_parts
 
@@ -77,3 +77,26 @@ def test_grouped_op_compiles_fullgraph(gen):
     eager = milo_experts_forward(quantized, hidden, index, weights)
     compiled = torch.compile(lambda h, i, w: milo_experts_forward(quantized, h, i, w), fullgraph=True)
     torch.testing.assert_close(compiled(hidden, index, weights), eager)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe"])
+def test_default_gate_runs_inside_the_down_op(gen, family):
+    """These families gate with silu(gate) * up, which the down projection's op applies itself."""
+    _, quantized = _experts_pair(gen, family)
+    assert _gate_is_silu_mul(quantized)
+
+
+def test_other_gates_run_between_the_ops(gen, monkeypatch):
+    """Another activation, or a model's own `_apply_gate`, is not fused: it runs as the model defines it."""
+    reference, quantized = _experts_pair(gen)
+    reference.act_fn = torch.nn.GELU()
+    quantized.act_fn = torch.nn.GELU()
+    assert not _gate_is_silu_mul(quantized)
+    hidden = torch.randn(4, reference.hidden_dim, generator=gen, dtype=torch.float64)
+    index = ROUTINGS["random"](4, reference.num_experts, 2, gen)
+    weights = torch.rand(4, 2, generator=gen, dtype=torch.float64)
+    expected = _eager(reference, hidden, index, weights)
+    torch.testing.assert_close(milo_experts_forward(quantized, hidden, index, weights), expected, rtol=1e-9, atol=1e-10)
+    quantized.act_fn = torch.nn.SiLU()
+    monkeypatch.setattr(type(quantized), "_apply_gate", lambda self, gate_up: gate_up[..., : gate_up.shape[-1] // 2])
+    assert not _gate_is_silu_mul(quantized)

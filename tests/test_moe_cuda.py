@@ -12,6 +12,7 @@ compares with a float32 per-expert reference: ||out - ref|| / ||ref|| < 3e-3, ev
 from __future__ import annotations
 
 import random
+import zlib
 
 import pytest
 import torch
@@ -74,14 +75,19 @@ def reference(x, counts, q, scales, zeros, ut, v, g):
     return out
 
 
-def call_poisoned(x, offsets, q, s, z, ut, v, g):
-    poison = torch.full((x.shape[0] * q.shape[1],), float("nan"), device="cuda", dtype=x.dtype)
+def call_poisoned(x, offsets, q, s, z, ut, v, g, **input_kw):
+    rows = input_kw["x_rows"].numel() if input_kw.get("x_rows") is not None else x.shape[0]
+    poison = torch.full((rows * q.shape[1],), float("nan"), device="cuda", dtype=x.dtype)
     del poison  # the op's output allocation gets this block back
-    return torch.ops.milo.int3_grouped_linear(x, offsets, q, s, z, ut, v, g)
+    return torch.ops.milo.int3_grouped_linear(x, offsets, q, s, z, ut, v, g, **input_kw)
 
 
-def check(x, counts, offsets, experts, g, tol=TOL):
-    out = call_poisoned(x, offsets, *experts, g)
+def check(x, counts, offsets, experts, g, tol=TOL, **input_kw):
+    """input_kw (x_rows, activation): the reference multiplies the input rows they describe
+    (ref_ops.grouped_input, plain torch on the GPU) while the op reads x itself."""
+    out = call_poisoned(x, offsets, *experts, g, **input_kw)
+    if input_kw:
+        x = ref_ops.grouped_input(x, input_kw.get("x_rows"), input_kw.get("activation", "none"))
     ref = reference(x, counts, *experts, g)
     assert out.shape == ref.shape and out.dtype == x.dtype
     assert torch.isfinite(out).all(), "unwritten (NaN-poisoned) or non-finite outputs"
@@ -211,6 +217,36 @@ def test_grouped_decode_waits_for_t(monkeypatch, pdl, dtype, kernel):
     out, _ = check(x, counts, offsets, experts, 64)
     monkeypatch.setenv("MILO_INT3_PDL", "0")
     assert torch.equal(out, torch.ops.milo.int3_grouped_linear(x, offsets, *experts, 64))
+
+
+@pytest.mark.parametrize("gemv_rows,lookup", [("1000", "1"), ("1000", "0"), ("0", "-1")])
+@pytest.mark.parametrize("E,K", [(16, 1536), (32, 4608)])
+@pytest.mark.parametrize("activation", ["none", "silu_mul"])
+@pytest.mark.parametrize("rows_dtype", [None, torch.int32, torch.int64])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_grouped_gathered_gated_input(monkeypatch, gemv_rows, lookup, E, K, activation, rows_dtype, dtype):
+    """Input rows read through x_rows (token indices, two outside the tokens: zero rows) and/or gated
+    with silu(gate) * up of [gate | up] rows, on the decode kernel (which reads them itself, with the
+    t kernel before it; the activation materialized first past K = 4096), its blocks finding their
+    tiles from the offsets or given a tile list, and on the tensor-core path (a materialized input);
+    tiles of 4 rows (E = 16) and 2 (E = 32); sentinel rows at the end."""
+    monkeypatch.setenv("MILO_INT3_GROUPED_GEMV_MAX_ROWS", gemv_rows)
+    monkeypatch.setenv("MILO_INT3_GROUPED_TILE_LOOKUP", lookup)
+    seed = zlib.crc32(repr((gemv_rows, lookup, E, K, activation, rows_dtype, dtype)).encode())
+    rnd = random.Random(seed)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    N, tokens = 520, 9
+    rows = 2 * tokens + 3
+    experts = make_experts(E, N, K, [rnd.choice([0, 16, 32]) for _ in range(E)], 64, dtype, gen)
+    counts = random_counts(rnd, E, rows - 3, "uniform")
+    cols = 2 * K if activation == "silu_mul" else K
+    x = (torch.randn(tokens if rows_dtype else rows, cols, device="cuda", generator=gen) * 2).to(dtype)
+    kw = {"activation": activation}
+    if rows_dtype is not None:
+        x_rows = torch.randint(0, tokens, (rows,), device="cuda", generator=gen)
+        x_rows[rnd.randrange(rows)], x_rows[rnd.randrange(rows)] = -1, tokens + 3
+        kw["x_rows"] = x_rows.to(rows_dtype)
+    check(x, counts, routing_offsets(counts, rows), experts, 64, **kw)
 
 
 def test_grouped_all_empty():
@@ -469,6 +505,16 @@ def _sanitize_main():
         x = torch.randn(rows, K, device="cuda", generator=gen).to(dt)
         _, err = check(x, counts, routing_offsets(counts, rows), experts, g)
         worst = max(worst, err)
+    for n, (dt, act) in enumerate([(torch.bfloat16, "silu_mul"), (torch.float16, "none")]):  # gathered / gated rows
+        gen = torch.Generator(device="cuda").manual_seed(100 + n)
+        os.environ["MILO_INT3_GROUPED_CFG"] = "0"
+        os.environ["MILO_INT3_GROUPED_TILE_LOOKUP"] = str(n)  # a tile list, then the blocks' own lookup
+        experts = make_experts(16, 256, 1024, [16] * 16, 64, dt, gen)
+        x = torch.randn(5, 2048 if act == "silu_mul" else 1024, device="cuda", generator=gen).to(dt)
+        x_rows = torch.randint(-1, 6, (10,), device="cuda", generator=gen, dtype=torch.int32)
+        counts = random_counts(random.Random(n), 16, 9, "uniform")
+        _, err = check(x, counts, routing_offsets(counts, 10), experts, 64, x_rows=x_rows, activation=act)
+        worst = max(worst, err)
     for tokens, top_k, E in [(1, 2, 8), (513, 8, 128), (2000, 6, 64)]:  # the routing kernels
         gen = torch.Generator(device="cuda").manual_seed(tokens)
         ids = random_expert_ids(gen, tokens, top_k, E, 0.3, torch.int64)
@@ -477,7 +523,7 @@ def _sanitize_main():
         weights = torch.rand(tokens, top_k, device="cuda", generator=gen)
         torch.ops.milo.moe_combine(out, row_of_choice, weights, offsets)
     torch.cuda.synchronize()
-    print(f"grouped sanitize cases OK ({len(cases)} cases, worst relative error {worst:.2e})")
+    print(f"grouped sanitize cases OK ({len(cases) + 2} cases, worst relative error {worst:.2e})")
 
 
 if __name__ == "__main__":

@@ -208,6 +208,18 @@ struct Int3GemmParams {
   long long q_estride, s_estride, ut_estride;
   int t_splits;                 // t = sum of t_splits partials [t_splits, p.M, R] (1 for the dense op)
   long long t_split_stride;     // p.M * R
+  // Read by the decode and t-rows kernels only (grouped_input.cuh); the tensor-core kernel needs
+  // tiles listed and x as [M, K] rows. Grouped op with tiles == nullptr: row block y finds its tile of
+  // at most tile_rows rows from offsets ([n_experts] int32, or int64 when offsets_i64) and zeroes the
+  // rows past the last expert.
+  const void* offsets = nullptr;
+  bool offsets_i64 = false;
+  int n_experts = 0, tile_rows = 0;
+  // input row m is x + x_rows[m] * ldx (x_rows == nullptr: m * ldx; outside [0, x_rows_n): zeros), and
+  // silu(gate) * up of that stored [gate | up] row when act == kActSiluMul
+  const int* x_rows = nullptr;
+  long long x_rows_n = 0;
+  int ldx = 0, act = 0;
 };
 
 template <typename T, int MT_, int NT_, int WN_, int G_, int STAGES_, int MINB_ = 1>

@@ -25,18 +25,20 @@
 // slices, so a block covers 16 * 8 / WK columns. Each warp stages the x of its slice in its own
 // shared memory, permuted so that a lane's B registers are one 16-byte load per 16 codes. Partials of
 // a tile's warps are summed in a fixed order, the low-rank term t U^T (t = x V^T from the caller) and
-// the bias are added per column, y is written once. Deterministic; no host sync, no allocation.
+// the bias are added per column, y is written once. Deterministic; no host sync, no allocation. The
+// grouped op's input rows may be gathered and gated on the fly (grouped_input.cuh).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/util/Exception.h>
 
+#include "grouped_input.cuh"
 #include "int3_gemm.cuh"
 #include "int3_launch.h"
 
 namespace milo {
 namespace {
 
-constexpr int kThreads = 256;            // the largest block (8 warps); 2 and 4 warps run too (launch())
+constexpr int kThreads = 256;            // 8 warps per block
 constexpr int kWarps = kThreads / 32;
 constexpr int kSliceK = 512;            // k per warp step: 4 lanes x 128
 constexpr int kXRowBytes = 1024 + 64;   // one staged x row of a slice (512 halves + 16 bytes per 128 k)
@@ -45,6 +47,7 @@ constexpr int kXSumFloats = kSliceK / 32;  // group sums per staged row (G >= 32
 // magic sums (CodeEnc)
 __host__ __device__ constexpr int warp_x_bytes(int rows) { return rows * (kXRowBytes + 2 * kXSumFloats * 4); }
 constexpr int kRChunk = 64;             // ranks of t staged in shared memory at a time (epilogue)
+static_assert(kRChunk * kInt3GemvMaxRows <= kThreads, "one thread per staged t entry");
 // kernel flags (host: launch_mr())
 constexpr int kXBlock = 1;  // x of the whole K staged once per block up front (else per warp, per slice)
 constexpr int kUAsync = 2;  // the first kRChunk ranks of U^T's block columns copied to shared memory up front
@@ -95,7 +98,6 @@ struct CodeEnc<__nv_bfloat16, true> {
 struct FixedEnc {
   static constexpr int kClasses = 1;
   static constexpr float kInvUnit = 8.f;  // 1 + code / 8
-  __host__ __device__ static constexpr int cls(int) { return 0; }
   __host__ __device__ static constexpr int pa(int i) { return 2 * i; }
   __host__ __device__ static constexpr int pb(int i) { return 2 * i + 1; }
   __host__ __device__ static constexpr int mma_cls(int) { return 0; }
@@ -171,22 +173,33 @@ __device__ __forceinline__ void load_halves(uint32_t (&dst)[NW], const void* src
   }
 }
 
-// Stage rows 0..MR-1 of x (global rows m0.., `rows` of them real) for k0 .. k0+511 into the warp's
-// buffer: 16-k block b = lane holds (x_j, x_j+8) pairs, j = 0..7. Group sums go to xsum[m][k_local/G],
-// and with a magic the sums of x_k * kInvUnit / 4^class(k) (its share, CodeEnc) to xmag[m][k_local/G].
-template <typename E, typename T, int G, int MR>
-__device__ __forceinline__ void stage_x(const T* xg, int m0, int rows, int K, int k0, uint8_t* wx, float* xsum,
-                                        float* xmag) {
+// A staged slice (warp_x_bytes(MR)): MR rows of x, then their group sums xsum[MR][kXSumFloats], then
+// their magic sums xmag[MR][kXSumFloats]
+template <int MR>
+__device__ __forceinline__ float* staged_xsum(uint8_t* wx) { return reinterpret_cast<float*>(wx + MR * kXRowBytes); }
+
+// Stage the input rows xr[0..MR-1] (input_row(); nullptr: zeros) for k0 .. k0+511 into the buffer wx:
+// 16-k block b = lane holds (x_j, x_j+8) pairs, j = 0..7. Group sums go to xsum[m][k_local/G], and with
+// a magic the sums of x_k * kInvUnit / 4^class(k) (its share, CodeEnc) to xmag[m][k_local/G].
+template <typename E, typename T, int G, int MR, bool kAct>
+__device__ __forceinline__ void stage_x(const T* const* xr, int K, int k0, uint8_t* wx) {
+  float* xsum = staged_xsum<MR>(wx);
+  float* xmag = xsum + MR * kXSumFloats;
   constexpr bool kMagic = E::kMagic2 != 0u && E::kClasses > 1;  // one class: the group end uses sum x
   const int lane = threadIdx.x & 31;
   const int k = k0 + lane * 16;
 #pragma unroll
   for (int m = 0; m < MR; ++m) {
     uint4 a = make_uint4(0, 0, 0, 0), b = make_uint4(0, 0, 0, 0);
-    if (m < rows && k < K) {
-      const uint4* src = reinterpret_cast<const uint4*>(xg + static_cast<long long>(m0 + m) * K + k);
+    if (k < K && xr[m] != nullptr) {
+      const uint4* src = reinterpret_cast<const uint4*>(xr[m] + k);
       a = __ldg(src);
       b = __ldg(src + 1);
+      if constexpr (kAct) {  // the up half, K further on
+        const uint4 ua = __ldg(src + K / 8), ub = __ldg(src + K / 8 + 1);
+        a = silu_mul8<T>(a, ua);
+        b = silu_mul8<T>(b, ub);
+      }
     }
     const uint32_t av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
     uint32_t o[8];
@@ -220,11 +233,12 @@ __device__ __forceinline__ void stage_x(const T* xg, int m0, int rows, int K, in
   }
 }
 
-// MR: rows of x this block multiplies (1, 2 or 4; rows past `rows` are zeros).
-template <typename T, int G, int MR>
+// MR: rows of x this block multiplies (1, 2 or 4; rows past `rows` are zeros). kAct: the input rows are
+// silu(gate) * up of [gate | up] rows (p.act, the grouped op's down projection).
+template <typename T, int G, int MR, bool kAct>
 __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m0, int rows, int wk_log2, int flags,
                                            uint8_t* smem, float (*ys)[kInt3GemvMaxRows][16], float* red,
-                                           float (*tsm)[kRChunk], uint4* zrow16) {
+                                           float (*tsm)[kRChunk], uint4* zrow16, const void** xrow) {
   // the classed encoding and a slice of prefetch where their registers fit (CodeEnc)
   constexpr bool kClassed = classed(MR, G);
   using E = CodeEnc<T, kClassed>;
@@ -232,10 +246,9 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
   constexpr int GPL = 128 / G;         // groups in a lane's 128 k
   const int K = p.K, N = p.N, R = p.R;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int nthreads = blockDim.x, nwarps = nthreads >> 5;
   const int g = lane >> 2, c = lane & 3;
   const int WK = 1 << wk_log2;
-  const int BR = 16 * (nwarps >> wk_log2);  // output columns of the block
+  const int BR = 16 * (kWarps >> wk_log2);  // output columns of the block
   const int tile = warp >> wk_log2, wk = warp & (WK - 1);
   const int n_blk = blockIdx.x * BR;
   const int n_row[2] = {n_blk + tile * 16 + g, n_blk + tile * 16 + g + 8};
@@ -243,13 +256,16 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
   const int32_t* qe = p.q + e * p.q_estride;
   const T* se = reinterpret_cast<const T*>(p.scales) + e * p.s_estride;
   const T* ze = reinterpret_cast<const T*>(p.zeros) + e * p.s_estride;
-  const T* xg = reinterpret_cast<const T*>(p.x);
+  // where the block's input rows are (gather, activation: grouped_input.cuh), in shared memory (set after
+  // the first code loads are issued): held in registers through the main loop they spilled at 4 rows
+  // (80-register cap)
+  const T* const* xr = reinterpret_cast<const T* const*>(xrow);
   const bool xblock = (flags & kXBlock) != 0;
   const int n_slices = (K + kSliceK - 1) / kSliceK;
   // shared memory: the staged x (per slice when xblock, else per warp), then U^T's first rank chunk
   constexpr int kWxBytes = warp_x_bytes(MR);
   auto slice_x = [&](int s) { return smem + (xblock ? s : warp) * kWxBytes; };
-  T* usm = reinterpret_cast<T*>(smem + (xblock ? n_slices : nwarps) * kWxBytes);
+  T* usm = reinterpret_cast<T*>(smem + (xblock ? n_slices : kWarps) * kWxBytes);
   const T* ute = reinterpret_cast<const T*>(p.ut) + e * p.ut_estride;
   const uint8_t* zrow = reinterpret_cast<const uint8_t*>(zrow16);
 
@@ -305,11 +321,11 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
   };
   auto compute_slice = [&](int s, const Codes& w, const Raw& sv, const Raw& zv) {
     uint8_t* wx = slice_x(s);
-    const float* xsum = reinterpret_cast<const float*>(wx + MR * kXRowBytes);
+    const float* xsum = staged_xsum<MR>(wx);
     const float* xmag = xsum + MR * kXSumFloats;
     if (!xblock) {
       __syncwarp();  // the previous slice's readers are done with the warp's x buffer
-      stage_x<E, T, G, MR>(xg, m0, rows, K, s * kSliceK, wx, const_cast<float*>(xsum), const_cast<float*>(xmag));
+      stage_x<E, T, G, MR, kAct>(xr, K, s * kSliceK, wx);
       __syncwarp();
     }
     // where set b's B registers come from: the staged x row, or the block's zero row for the lanes whose
@@ -388,7 +404,7 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
   // round trip per block instead of one per warp and slice, each slice staged once per block)
   if (flags & kUAsync) {
     const int rc = min(kRChunk, R), per_row = BR / 8;
-    for (int u = tid; u < rc * per_row; u += nthreads) {
+    for (int u = tid; u < rc * per_row; u += kThreads) {
       const int r = u / per_row, n = n_blk + (u - r * per_row) * 8;
       const bool ok = n < N;  // N % 8 == 0 (host)
       cp_async16_zfill(smem_u32(usm + r * BR + (n - n_blk)), ok ? ute + static_cast<long long>(r) * N + n : ute, ok);
@@ -396,13 +412,11 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
     cp_async_commit();
   }
   if (wk < n_slices) load_slice(wk, wa, sa, za);
-  for (int i = tid; i < kXRowBytes / 16; i += nthreads) zrow16[i] = make_uint4(0, 0, 0, 0);
+  for (int i = tid; i < kXRowBytes / 16; i += kThreads) zrow16[i] = make_uint4(0, 0, 0, 0);
+  if (tid < MR) xrow[tid] = tid < rows ? input_row<T>(p, m0 + tid) : nullptr;
+  __syncthreads();
   if (xblock) {
-    for (int s = warp; s < n_slices; s += nwarps) {
-      uint8_t* wx = slice_x(s);
-      float* xsum = reinterpret_cast<float*>(wx + MR * kXRowBytes);
-      stage_x<E, T, G, MR>(xg, m0, rows, K, s * kSliceK, wx, xsum, xsum + MR * kXSumFloats);
-    }
+    for (int s = warp; s < n_slices; s += kWarps) stage_x<E, T, G, MR, kAct>(xr, K, s * kSliceK, slice_x(s));
   }
   __syncthreads();
   if constexpr (!kClassed) {
@@ -436,7 +450,7 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
   }
 
   // low-rank term: thread (column nn, rank slice rs) sums t[m, r] * ut[r, n] over r = rs (mod slices)
-  const int slices = nthreads / BR;
+  const int slices = kThreads / BR;
   const int nn = tid % BR, rs = tid / BR;
   const int n = n_blk + nn;
   float lr[MR];
@@ -454,7 +468,7 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
     if (flags & kUAsync) cp_async_wait<0>();  // visible to the block after the __syncthreads below
     for (int r0 = 0; r0 < R; r0 += kRChunk) {
       const int rc = min(kRChunk, R - r0);
-      for (int i = tid; i < MR * kRChunk; i += nthreads) {
+      for (int i = tid; i < MR * kRChunk; i += kThreads) {
         const int m = i / kRChunk, rr = i % kRChunk;
         float tv = 0.f;
         if (m < rows && rr < rc) {
@@ -488,7 +502,7 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
 #pragma unroll
   for (int m = 0; m < MR; ++m) red[(rs * MR + m) * BR + nn] = lr[m];
   __syncthreads();
-  for (int idx = tid; idx < MR * BR; idx += nthreads) {
+  for (int idx = tid; idx < MR * BR; idx += kThreads) {
     const int m = idx / BR, col = idx % BR, nc = n_blk + col;
     if (m < rows && nc < N) {
       const int t0 = (col / 16) << wk_log2;
@@ -502,36 +516,35 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
 }
 
 // grid (ceil(N / BR), row blocks): the dense op's blockIdx.y covers rows MR*y .. MR*y + MR - 1; the
-// grouped op's indexes the tile list (expert, row start, row end), at most MR rows a tile.
-template <typename T, int G, int MR, int MINB>
+// grouped op's is a tile (expert, row start, row end) of at most MR rows, listed or found from the
+// offsets by the block itself (block_tile()).
+template <typename T, int G, int MR, int MINB, bool kAct>
 __global__ void __launch_bounds__(kThreads, MINB) int3_gemv_kernel(const Int3GemmParams p, int wk_log2, int flags) {
   extern __shared__ __align__(16) uint8_t gemv_smem[];
   __shared__ float ys[kWarps][kInt3GemvMaxRows][16];
   __shared__ float red[kThreads * kInt3GemvMaxRows];
   __shared__ float tsm[kInt3GemvMaxRows][kRChunk];
   __shared__ uint4 zrow[kXRowBytes / 16];  // the B operand of lanes whose column is another lane's
-  int e = 0, m0, m_end;
-  if (p.tiles != nullptr) {
-    const int4 tl = p.tiles[blockIdx.y];
-    if (tl.x < 0) return;
-    e = tl.x;
-    m0 = tl.y;
-    m_end = min(tl.z, m0 + MR);
-  } else {
-    m0 = blockIdx.y * MR;
-    m_end = min(p.M, m0 + MR);
+  __shared__ const void* xrow[kInt3GemvMaxRows];  // the input rows (input_row())
+  int tail0;
+  const int4 tl = block_tile<kThreads>(p, blockIdx.y, MR, &tail0);
+  if (blockIdx.y == 0 && tail0 < p.M) {  // the grouped op's rows past the last expert: no tile covers them
+    const int br = 16 * (kWarps >> wk_log2), n0 = blockIdx.x * br, nc = min(br, p.N - n0);
+    T* y = reinterpret_cast<T*>(p.y);
+    for (int i = threadIdx.x; i < (p.M - tail0) * nc; i += kThreads)
+      y[static_cast<long long>(tail0 + i / nc) * p.N + n0 + i % nc] = from_float<T>(0.f);
   }
-  const int rows = m_end - m0;
-  if (rows <= 0) return;
-  gemv_block<T, G, MR>(p, e, m0, rows, wk_log2, flags, gemv_smem, ys, red, tsm, zrow);
+  const int rows = min(tl.z, tl.y + MR) - tl.y;
+  if (tl.x < 0 || rows <= 0) return;
+  gemv_block<T, G, MR, kAct>(p, tl.x, tl.y, rows, wk_log2, flags, gemv_smem, ys, red, tsm, zrow, xrow);
 }
 
-template <typename T, int G, int MR>
+template <typename T, int G, int MR, bool kAct>
 void launch_mr(const Int3GemmParams& p, int row_blocks, int wk_log2, const GemvLaunch& l, cudaStream_t stream) {
   // register cap: the classed encoding with its prefetch needs about 128 registers (2 blocks per SM); the
   // fixed one 80 (3 blocks per SM; a 64-register cap for 4 spilled and was 5-30% slower, H100)
   constexpr int kMinBlocks = classed(MR, G) ? 2 : (G == 32 ? 2 : 3);
-  auto kern = int3_gemv_kernel<T, G, MR, kMinBlocks>;
+  auto kern = int3_gemv_kernel<T, G, MR, kMinBlocks, kAct>;
   const int br = 16 * (kWarps >> wk_log2);
   const dim3 grid((p.N + br - 1) / br, row_blocks);
   // shared memory: x of the whole K once per block where it fits beside the other resident blocks
@@ -541,14 +554,18 @@ void launch_mr(const Int3GemmParams& p, int row_blocks, int wk_log2, const GemvL
   const bool uasync = p.R > 0 && p.N % 8 == 0 && (p.ut_estride * 2) % 16 == 0 &&
                       reinterpret_cast<uintptr_t>(p.ut) % 16 == 0;
   const int u_bytes = uasync ? std::min(kRChunk, p.R) * br * 2 : 0;
-  constexpr int kStaticBytes = sizeof(float) * kInt3GemvMaxRows * (kWarps * 16 + kThreads + kRChunk) + kXRowBytes;
+  static const int static_smem = [kern] {  // the kernel's static shared memory, as compiled
+    cudaFuncAttributes a;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&a, kern));
+    return static_cast<int>(a.sharedSizeBytes);
+  }();
   const int xblock_bytes = n_slices * warp_x_bytes(MR) + u_bytes;
-  const bool xblock_fits = (xblock_bytes + kStaticBytes + 1024) * kMinBlocks <= l.smem_per_sm;
+  const bool xblock_fits = (xblock_bytes + static_smem + 1024) * kMinBlocks <= l.smem_per_sm;
   // by default only up to 8 slices: x of more is a long serial load before the first mma (H200,
   // 2026-12-02, M=1, R=0: 14336x4096 (8 slices) 18.6 -> 17.1 us, 4096x14336 (28) 16.8 -> 17.8 us)
   const bool xblock = xblock_fits && (l.xblock_force >= 0 ? l.xblock_force > 0 : n_slices <= 8);
   const int smem = xblock ? xblock_bytes : kWarps * warp_x_bytes(MR) + u_bytes;
-  if (smem + kStaticBytes > 48 * 1024)  // past 48 KB of static + dynamic a block needs the opt-in
+  if (smem + static_smem > 48 * 1024)  // past 48 KB of static + dynamic a block needs the opt-in
     C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const int flags = (xblock ? kXBlock : 0) | (uasync ? kUAsync : 0);
   launch_programmatic_if(kern, grid, dim3(kThreads), smem, l.programmatic, stream, p, wk_log2, flags);
@@ -568,16 +585,33 @@ int gemv_wk_log2(int N, int K, int busy_row_blocks, int sms, int wk_force, bool 
   return 5 * blocks2 >= 4 * 2LL * sms && n_slices >= 8 ? 1 : wk_log2;
 }
 
+// warps per tile (log2) of a launch: row blocks with work are at most the rows for the grouped op
+int launch_wk_log2(const Int3GemmParams& p, int row_blocks, int max_rows, int group, const GemvLaunch& l) {
+  const bool grouped = p.tiles != nullptr || p.offsets != nullptr;
+  const int busy = grouped ? std::min(row_blocks, std::max(p.M, 1)) : row_blocks;
+  return gemv_wk_log2(p.N, p.K, busy, l.sms, l.wk_force, classed(max_rows, group));
+}
+
 template <typename T, int G>
 void launch(const Int3GemmParams& p, int row_blocks, int max_rows, const GemvLaunch& l, cudaStream_t stream) {
-  const int busy = p.tiles != nullptr ? std::min(row_blocks, std::max(p.M, 1)) : row_blocks;
-  const int wk_log2 = gemv_wk_log2(p.N, p.K, busy, l.sms, l.wk_force, classed(max_rows, G));
-  if (max_rows <= 1) return launch_mr<T, G, 1>(p, row_blocks, wk_log2, l, stream);
-  if (max_rows <= 2) return launch_mr<T, G, 2>(p, row_blocks, wk_log2, l, stream);
-  return launch_mr<T, G, 4>(p, row_blocks, wk_log2, l, stream);
+  const int wk_log2 = launch_wk_log2(p, row_blocks, max_rows, G, l);
+  // the activation only where the grouped op runs it (tiles of 2 or 4 rows): its own instances
+  TORCH_CHECK(p.act == kActNone || (p.act == kActSiluMul && max_rows > 1), "int3 gemv: activation ", p.act,
+              " with ", max_rows, "-row tiles");
+  if (max_rows <= 1) return launch_mr<T, G, 1, false>(p, row_blocks, wk_log2, l, stream);
+  if (max_rows <= 2)
+    return p.act ? launch_mr<T, G, 2, true>(p, row_blocks, wk_log2, l, stream)
+                 : launch_mr<T, G, 2, false>(p, row_blocks, wk_log2, l, stream);
+  return p.act ? launch_mr<T, G, 4, true>(p, row_blocks, wk_log2, l, stream)
+               : launch_mr<T, G, 4, false>(p, row_blocks, wk_log2, l, stream);
 }
 
 }  // namespace
+
+long long int3_gemv_blocks(const Int3GemmParams& p, int row_blocks, int max_rows, int group, const GemvLaunch& l) {
+  const int br = 16 * (kWarps >> launch_wk_log2(p, row_blocks, max_rows, group, l));
+  return static_cast<long long>((p.N + br - 1) / br) * row_blocks;
+}
 
 void launch_int3_gemv(int dtype, int group, const Int3GemmParams& p, int row_blocks, int max_rows,
                       const GemvLaunch& l, cudaStream_t stream) {

@@ -57,6 +57,8 @@ struct GemvLaunch {
 };
 void launch_int3_gemv(int dtype, int group, const Int3GemmParams& p, int row_blocks, int max_rows,
                       const GemvLaunch& l, cudaStream_t stream);
+// the blocks that launch would start (the grouped op: whether its blocks look their tiles up themselves)
+long long int3_gemv_blocks(const Int3GemmParams& p, int row_blocks, int max_rows, int group, const GemvLaunch& l);
 
 // one entry per (dtype, group) translation unit
 void launch_int3_gemm_f16_g32(int mt, const Int3GemmParams& p, int n_tiles, int m_blocks, bool programmatic,

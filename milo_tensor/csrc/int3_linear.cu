@@ -27,6 +27,7 @@
 #include <tuple>
 #include <utility>
 
+#include "grouped_input.cuh"
 #include "int3_launch.h"
 
 namespace milo {
@@ -258,28 +259,27 @@ at::Tensor lowrank_t(const at::Tensor& x2d, const at::Tensor& v) {
 
 // Decode t partials t[split][m, r] = sum over k in the split of x[m, k] v[e, r, k] (fp32) for row
 // groups of at most 4 (blockIdx.y: rows 4y.. of the dense op, e = 0, or the grouped op's tile y with
-// its expert e): one warp per (rank, split), 16-byte loads issued several iterations ahead, a shuffle
-// reduction; no shared memory and no barrier, so a long K costs a few load round trips, not one per
-// 32-k step. Lets the decode kernel launched after it start at once (programmatic launch): that
-// kernel waits for t only before its epilogue. Needs K % 8 == 0, x and v rows 16-byte aligned.
-// delay_ns (0 outside tests; MILO_INT3_TEST_T_DELAY_NS) holds each warp back before it writes t, so a
-// test can catch a dependent kernel that overlaps this one without waiting for t.
-template <typename T>
-__global__ void __launch_bounds__(256) lowrank_t_rows_kernel(const T* __restrict__ x, const T* __restrict__ v,
-                                                            const int4* __restrict__ tiles, float* __restrict__ t,
-                                                            int M, int K, int R, int splits, int k_chunk,
+// its expert e, listed or found from the offsets; input rows gathered and gated as the decode kernel
+// reads them, grouped_input.cuh): one warp per (rank, split), 16-byte loads issued several iterations
+// ahead, a shuffle reduction; no barrier past the tile lookup, so a long K costs a few load round
+// trips, not one per 32-k step. Lets the decode kernel launched after it start at once (programmatic
+// launch): that kernel waits for t only before its epilogue. Needs K % 8 == 0, x and v rows 16-byte
+// aligned. delay_ns (0 outside tests; MILO_INT3_TEST_T_DELAY_NS) holds each warp back before it writes
+// t, so a test can catch a dependent kernel that overlaps this one without waiting for t.
+template <typename T, bool kAct>
+__global__ void __launch_bounds__(256) lowrank_t_rows_kernel(const Int3GemmParams p, const T* __restrict__ v,
+                                                            float* __restrict__ t, int splits, int k_chunk,
                                                             unsigned delay_ns) {
   grid_dep_launch_dependents();
+  int tail0;
+  const int4 tl = block_tile<256>(p, blockIdx.y, kInt3GemvMaxRows, &tail0);  // every thread (block scans)
   const int gw = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
-  if (gw >= R * splits) return;  // whole warps
-  int e = 0, m0 = blockIdx.y * kInt3GemvMaxRows, rows = min(kInt3GemvMaxRows, M - m0);
-  if (tiles != nullptr) {
-    const int4 tl = tiles[blockIdx.y];
-    if (tl.x < 0) return;
-    e = tl.x;
-    m0 = tl.y;
-    rows = min(kInt3GemvMaxRows, tl.z - tl.y);
-  }
+  const int K = p.K, R = p.R;
+  if (tl.x < 0 || gw >= R * splits) return;  // whole warps
+  const int e = tl.x, m0 = tl.y, rows = min(kInt3GemvMaxRows, tl.z - tl.y);
+  const T* xr[kInt3GemvMaxRows];
+#pragma unroll
+  for (int m = 0; m < kInt3GemvMaxRows; ++m) xr[m] = m < rows ? input_row<T>(p, m0 + m) : nullptr;
   const int r = gw / splits, sp = gw % splits;
   const int k_end = min(K, (sp + 1) * k_chunk);
   const T* vr = v + (static_cast<long long>(e) * R + r) * K;
@@ -291,7 +291,7 @@ __global__ void __launch_bounds__(256) lowrank_t_rows_kernel(const T* __restrict
 #pragma unroll
     for (int m = 0; m < kInt3GemvMaxRows; ++m) {
       if (m < rows) {
-        const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + static_cast<long long>(m0 + m) * K + k));
+        const uint4 xv = load_input8<T, kAct>(xr[m], K, k);
         const T* xh = reinterpret_cast<const T*>(&xv);
 #pragma unroll
         for (int i = 0; i < 8; ++i) acc[m] = fmaf(to_float(xh[i]), to_float(vh[i]), acc[m]);
@@ -303,7 +303,7 @@ __global__ void __launch_bounds__(256) lowrank_t_rows_kernel(const T* __restrict
   for (int m = 0; m < kInt3GemvMaxRows; ++m) {
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) acc[m] += __shfl_xor_sync(0xffffffffu, acc[m], off);
-    if (lane == 0 && m < rows) t[(static_cast<long long>(sp) * M + m0 + m) * R + r] = acc[m];
+    if (lane == 0 && m < rows) t[(static_cast<long long>(sp) * p.M + m0 + m) * R + r] = acc[m];
   }
 }
 
@@ -317,20 +317,22 @@ std::pair<int, int> lowrank_rows_splits(int K) {
   return {(K + k_chunk - 1) / k_chunk, k_chunk};
 }
 
-// row_groups: ceil(M / 4) for the dense op (tiles == nullptr), the tile count for the grouped op
-void launch_lowrank_t_rows(at::ScalarType xt, const void* x, const void* v, const int4* tiles, int row_groups,
-                           float* t, int M, int K, int R, int splits, int k_chunk, cudaStream_t stream) {
-  const dim3 blocks((R * splits * 32 + 255) / 256, row_groups);
+// t partials of the rows of p (x, M, K, R, the tiles or offsets and the input-row fields) into t;
+// row_groups: ceil(M / 4) for the dense op, the tile slots for the grouped op
+void launch_lowrank_t_rows(at::ScalarType xt, const Int3GemmParams& p, const void* v, int row_groups, float* t,
+                           int splits, int k_chunk, cudaStream_t stream) {
+  const dim3 blocks((p.R * splits * 32 + 255) / 256, row_groups);
   const unsigned delay_ns = test_t_delay_ns();
+#define MILO_T_ROWS_LAUNCH(TT, ACT)                                                                            \
+  lowrank_t_rows_kernel<TT, ACT><<<blocks, 256, 0, stream>>>(p, reinterpret_cast<const TT*>(v), t, splits, k_chunk, \
+                                                             delay_ns)
+  const bool act = p.act == kActSiluMul;
   if (xt == at::kHalf) {
-    lowrank_t_rows_kernel<half><<<blocks, 256, 0, stream>>>(reinterpret_cast<const half*>(x),
-                                                            reinterpret_cast<const half*>(v), tiles, t, M, K, R,
-                                                            splits, k_chunk, delay_ns);
+    if (act) MILO_T_ROWS_LAUNCH(half, true); else MILO_T_ROWS_LAUNCH(half, false);
   } else {
-    lowrank_t_rows_kernel<__nv_bfloat16><<<blocks, 256, 0, stream>>>(
-        reinterpret_cast<const __nv_bfloat16*>(x), reinterpret_cast<const __nv_bfloat16*>(v), tiles, t, M, K, R, splits,
-        k_chunk, delay_ns);
+    if (act) MILO_T_ROWS_LAUNCH(__nv_bfloat16, true); else MILO_T_ROWS_LAUNCH(__nv_bfloat16, false);
   }
+#undef MILO_T_ROWS_LAUNCH
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -456,10 +458,6 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
       if (!aligned(tt, 8)) tt = tt.clone();
     }
   }
-  auto launch_rows_t = [&]() {
-    launch_lowrank_t_rows(xt, xa.data_ptr(), va.data_ptr(), nullptr, (M + kInt3GemvMaxRows - 1) / kInt3GemvMaxRows,
-                          tt.data_ptr<float>(), M, K, R, t_splits, t_k_chunk, stream);
-  };
   Int3GemmParams p{};  // dense op: no tile list
   p.x = xa.data_ptr();
   p.q = qa.data_ptr<int32_t>();
@@ -475,6 +473,11 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   p.R = R;
   p.t_splits = t_splits;
   p.t_split_stride = M64 * R;
+  p.ldx = K;
+  auto launch_rows_t = [&]() {
+    launch_lowrank_t_rows(xt, p, va.data_ptr(), (M + kInt3GemvMaxRows - 1) / kInt3GemvMaxRows, tt.data_ptr<float>(),
+                          t_splits, t_k_chunk, stream);
+  };
   if (use_gemv) {
     const int row_blocks = (M + kInt3GemvMaxRows - 1) / kInt3GemvMaxRows;
     if (rows_t) launch_rows_t();
@@ -519,49 +522,25 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
 // ------------------------------------------------------------------------------------------------
 namespace {
 
-// One block. offsets[e] = end row of expert e (rows sorted by expert, expert e owns
-// offsets[e-1] .. offsets[e]-1). Writes one (e, m0, m_end, 0) entry per BM-row tile of every
-// non-empty expert into tiles[0 .. n_slots), the rest (e = -1), and zeroes the rows of y past
-// offsets[E-1] (expert-parallel sentinels), which no tile covers.
-template <typename OffT, typename T>
-__global__ void grouped_tiles_kernel(const OffT* __restrict__ offsets, int E, int rows, int BM, int n_slots,
-                                     int4* __restrict__ tiles, T* __restrict__ y, int N) {
-  extern __shared__ int s_mem[];  // s_end[E] (clamped, monotone), s_first[E + 1] (first slot of e)
-  int* s_end = s_mem;
-  int* s_first = s_mem + E;
-  const int tid = threadIdx.x;
-  for (int e = tid; e < E; e += blockDim.x) {
-    const long long o = static_cast<long long>(offsets[e]);
-    s_end[e] = static_cast<int>(o < 0 ? 0 : (o > rows ? rows : o));
-  }
-  __syncthreads();
-  if (tid == 0) {
-    int acc = 0, prev = 0;
-    for (int e = 0; e < E; ++e) {
-      const int end = max(prev, s_end[e]);
-      s_end[e] = end;
-      s_first[e] = acc;
-      acc += (end - prev + BM - 1) / BM;
-      prev = end;
-    }
-    s_first[E] = acc;
-  }
-  __syncthreads();
-  for (int e = tid; e < E; e += blockDim.x) {
-    const int start = e == 0 ? 0 : s_end[e - 1], end = s_end[e];
-    const int first = s_first[e], last = min(s_first[e + 1], n_slots);
-    for (int sl = first; sl < last; ++sl) {
-      const int m0 = start + (sl - first) * BM;
-      tiles[sl] = make_int4(e, m0, min(end, m0 + BM), 0);
-    }
-  }
-  for (int sl = s_first[E] + tid; sl < n_slots; sl += blockDim.x) tiles[sl] = make_int4(-1, 0, 0, 0);
-  // sentinel rows past the last expert: no tile covers them
-  const int tail0 = E > 0 ? s_end[E - 1] : 0;
-  const long long nz = static_cast<long long>(rows - tail0) * N;
-  T* yt = y + static_cast<long long>(tail0) * N;
-  const T zero = from_float<T>(0.f);
-  for (long long i = tid; i < nz; i += blockDim.x) yt[i] = zero;
+// One block of 256 threads: the tile list (the tensor-core path, and the decode kernel's on large grids), one (e, m0, m_end, 0) entry per
+// BM-row tile of every non-empty expert in tiles[0 .. n_slots), the rest (e = -1) (scan_expert_tiles()
+// numbers them as the decode kernel's own lookup does), and zeroes the rows of y past the last
+// expert (expert-parallel sentinels), which no tile covers.
+template <typename T>
+__global__ void __launch_bounds__(256) grouped_tiles_kernel(const void* offsets, bool offsets_i64, int E, int rows,
+                                                           int BM, int n_slots, int4* __restrict__ tiles,
+                                                           T* __restrict__ y, int N) {
+  const int2 tot = scan_expert_tiles<256>(offsets, offsets_i64, E, rows, BM,
+                                          [&](int e, int start, int end, int first, int count) {
+                                            for (int sl = first; sl < min(first + count, n_slots); ++sl) {
+                                              const int m0 = start + (sl - first) * BM;
+                                              tiles[sl] = make_int4(e, m0, min(end, m0 + BM), 0);
+                                            }
+                                          });
+  for (int sl = tot.y + threadIdx.x; sl < n_slots; sl += 256) tiles[sl] = make_int4(-1, 0, 0, 0);
+  const long long nz = static_cast<long long>(rows - tot.x) * N;
+  T* yt = y + static_cast<long long>(tot.x) * N;
+  for (long long i = threadIdx.x; i < nz; i += 256) yt[i] = from_float<T>(0.f);
 }
 
 // Partial low-rank products t_part[z][m, r] = sum over k in split z of x[m, k] * v[e(m), r, k], fp32,
@@ -648,16 +627,51 @@ std::pair<int, int> tiled_lowrank_splits(int sms, int busy_tiles, int R, int K) 
 
 }  // namespace
 
+// The grouped op's input as a plain [rows, K] tensor (for the paths whose kernels read x directly):
+// rows gathered by x_rows (an index outside [0, x.size(0)) gives a zero row), then silu(gate) * up of
+// the [gate | up] halves for kActSiluMul, rounded to x's dtype at each step as the reference does.
+at::Tensor grouped_input(const at::Tensor& x, const std::optional<at::Tensor>& x_rows, int act, int64_t K) {
+  at::Tensor xi = x;
+  if (x_rows.has_value()) {
+    const at::Tensor idx = x_rows->to(at::kLong);
+    if (x.size(0) == 0) {
+      xi = at::zeros({idx.numel(), x.size(1)}, x.options());
+    } else {
+      const at::Tensor outside = idx.lt(0).logical_or(idx.ge(x.size(0)));
+      xi = x.index_select(0, idx.clamp(0, x.size(0) - 1)).masked_fill_(outside.unsqueeze(1), 0);
+    }
+  }
+  if (act == kActSiluMul) xi = at::silu(xi.narrow(1, 0, K)).mul(xi.narrow(1, K, K));
+  return xi.contiguous();
+}
+
+int parse_activation(c10::string_view activation) {
+  if (activation == "none") return kActNone;
+  if (activation == "silu_mul") return kActSiluMul;
+  TORCH_CHECK(false, "int3_grouped_linear: unknown activation '", std::string(activation),
+              "'; use 'none' or 'silu_mul' (silu(x[:, :K]) * x[:, K:])");
+  return kActNone;
+}
+
 at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& qdata,
                                     const at::Tensor& scales, const at::Tensor& zeros, const at::Tensor& ut,
-                                    const at::Tensor& v, int64_t group_size) {
-  TORCH_CHECK(x.dim() == 2, "int3_grouped_linear: x must be [rows, K]");
-  TORCH_CHECK(qdata.dim() == 3 && qdata.scalar_type() == at::kInt, "int3_grouped_linear: qdata must be int32 [E, N, 3K/32]");
-  const int64_t E64 = qdata.size(0), N64 = qdata.size(1), K64 = x.size(1), rows64 = x.size(0);
+                                    const at::Tensor& v, int64_t group_size, const std::optional<at::Tensor>& x_rows,
+                                    c10::string_view activation) {
+  const int act = parse_activation(activation);
+  TORCH_CHECK(qdata.dim() == 3 && qdata.scalar_type() == at::kInt && qdata.size(2) % 3 == 0,
+              "int3_grouped_linear: qdata must be int32 [E, N, 3K/32]");
+  const int64_t E64 = qdata.size(0), N64 = qdata.size(1), K64 = qdata.size(2) / 3 * 32;
+  const int64_t x_cols = act == kActSiluMul ? 2 * K64 : K64;
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == x_cols, "int3_grouped_linear: x must be [rows, ", x_cols, "] for qdata's K = ",
+              K64, act == kActSiluMul ? " with activation='silu_mul' ([gate | up])" : "", ", got ", x.sizes());
+  if (x_rows.has_value())
+    TORCH_CHECK(x_rows->dim() == 1 && (x_rows->scalar_type() == at::kInt || x_rows->scalar_type() == at::kLong) &&
+                    x_rows->is_cuda(),
+                "int3_grouped_linear: x_rows must be an int32/int64 [rows] tensor on the GPU (row i reads x[x_rows[i]])");
+  const int64_t rows64 = x_rows.has_value() ? x_rows->numel() : x.size(0);
   TORCH_CHECK(offsets.dim() == 1 && offsets.numel() == E64 &&
                   (offsets.scalar_type() == at::kInt || offsets.scalar_type() == at::kLong),
               "int3_grouped_linear: offsets must be int32/int64 [E] (end row of each expert)");
-  TORCH_CHECK(K64 % 32 == 0 && qdata.size(2) == K64 / 32 * 3, "int3_grouped_linear: qdata is [E, N, 3K/32]");
   TORCH_CHECK(group_size > 0 && K64 % group_size == 0, "int3_grouped_linear: K must be a multiple of group_size");
   const int64_t groups = K64 / group_size;
   TORCH_CHECK(scales.dim() == 3 && scales.size(0) == E64 && scales.size(1) == N64 && scales.size(2) == groups,
@@ -676,10 +690,12 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   const bool fused = (xt == at::kHalf || xt == at::kBFloat16) && scales.scalar_type() == xt &&
                      zeros.scalar_type() == xt && ut.scalar_type() == xt && v.scalar_type() == xt &&
                      dinfo.major >= 8 && K64 % kInt3BK == 0 && N64 % 8 == 0 && (G == 32 || G == 64 || G == 128) &&
-                     N64 < (1LL << 30) && K64 < (1LL << 28) && rows64 < (1LL << 24) && E64 < (1LL << 16);
+                     N64 < (1LL << 30) && K64 < (1LL << 27) && rows64 < (1LL << 24) && x.size(0) < (1LL << 31) &&
+                     E64 < (1LL << 16);
   if (!fused) {
     // other dtypes / shapes: one int3_linear per expert; reads offsets on the host (a sync, so
     // not graph-capturable), like the reference
+    const at::Tensor xin = grouped_input(x, x_rows, act, K64);
     at::Tensor y = at::zeros({rows64, N64}, x.options());
     const at::Tensor off = offsets.to(at::kCPU).to(at::kLong);
     const int64_t* o = off.data_ptr<int64_t>();
@@ -688,7 +704,7 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
       const int64_t end = std::max(prev, std::min(o[e], rows64));
       if (end > prev)
         y.narrow(0, prev, end - prev)
-            .copy_(int3_linear_cuda(x.narrow(0, prev, end - prev), qdata[e], scales[e], zeros[e], ut[e], v[e],
+            .copy_(int3_linear_cuda(xin.narrow(0, prev, end - prev), qdata[e], scales[e], zeros[e], ut[e], v[e],
                                     group_size, std::nullopt));
       prev = end;
     }
@@ -709,7 +725,9 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   if (forced == 1 || forced == 2 || forced == 4) cfg = forced;
   // decode (up to 2 rows per busy expert): the decode kernel on tiles of at most 2 rows (4 when the mean
   // is above 1). H100, bench_moe.py: Mixtral-shaped M=8 (2 rows per expert) 533 us vs 730 with the mma
-  // tiles; past that a tile re-reads the weights and the mma tiles are expected to win (not measured)
+  // tiles; past that a tile re-reads the weights and the mma tiles are expected to win (not measured).
+  // Its kernels read the input rows gathered and gated themselves (and on small grids find their tiles
+  // from the offsets, below); the tensor-core path gets a tile list and a materialized input.
   const bool use_gemv = forced == 0 && K % 128 == 0 &&
                         mean_rows <= env_int("MILO_INT3_GROUPED_GEMV_MAX_ROWS", 2);
   const int bm = use_gemv ? (mean_rows <= 1 ? 2 : kInt3GemvMaxRows) : int3_cfg_bm(cfg), bn = int3_cfg_bn(cfg, G);
@@ -734,59 +752,58 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   // split-K of the low-rank pre-step: the rows kernel before the decode kernel, else the tiled kernel
   const auto [t_splits, k_chunk] = use_gemv ? lowrank_rows_splits(K) : tiled_lowrank_splits(dinfo.sms, est, R, K);
   const int64_t t_floats = R > 0 ? static_cast<int64_t>(t_splits) * rows64 * R : 0;
-  const int64_t tile_ints = 4LL * n_slots;
+  // The decode kernel's blocks find their own tiles from the offsets (two block scans each, no tile-list
+  // kernel) while the grid is a few waves; past that the scans, once per block, cost more than the
+  // launch they save (H200 2026-12-03, bench_moe.py Mixtral-shaped M=8, 21504 blocks: 479 -> 538 us).
+  // MILO_INT3_GROUPED_TILE_LOOKUP=1 / 0 forces it on / off (tests).
+  Int3GemmParams shape_p;
+  shape_p.N = N;
+  shape_p.K = K;
+  shape_p.M = rows;
+  shape_p.offsets = offsets.data_ptr();
+  const GemvLaunch glaunch = gemv_launch(R, dinfo);
+  const int lookup_env = env_int("MILO_INT3_GROUPED_TILE_LOOKUP", -1);
+  const bool lookup = use_gemv && (lookup_env >= 0 ? lookup_env > 0
+                                                   : int3_gemv_blocks(shape_p, n_slots, bm, G, glaunch) <=
+                                                         4LL * 2 * dinfo.sms);
+  const int64_t tile_ints = lookup ? 0 : 4LL * n_slots;
   // one scratch allocation: [tiles (int4) | t (fp32) | partials (fp32) | counters (int)]
   at::Tensor ws = at::empty({tile_ints + t_floats + part_floats + n_counters}, x.options().dtype(at::kFloat));
   float* wsp = ws.data_ptr<float>();
-  int4* tiles = reinterpret_cast<int4*>(wsp);
+  int4* tiles = lookup ? nullptr : reinterpret_cast<int4*>(wsp);
   float* tbuf = wsp + tile_ints;
   float* parts = tbuf + t_floats;
   int* counters = reinterpret_cast<int*>(parts + part_floats);
   if (n_counters > 0) C10_CUDA_CHECK(cudaMemsetAsync(counters, 0, n_counters * sizeof(int), stream));
 
-  const at::Tensor xa = aligned_contig(x, 16);
+  // The decode kernel reads the input rows itself (gather, and the activation where it stages x once per
+  // block, K <= 8 slices of 512: past that every warp gates its slice again, and a Mixtral-shaped down
+  // projection (K = 14336) got 20 us slower than with the activation materialized, H200 2026-12-03);
+  // otherwise the kernels get the input materialized.
+  const bool in_kernel_input = use_gemv && (act == kActNone || K <= 8 * 512);
+  const at::Tensor xa = aligned_contig(in_kernel_input ? x : grouped_input(x, x_rows, act, K64), 16);
+  at::Tensor rows_i32;
+  if (in_kernel_input && x_rows.has_value()) rows_i32 = x_rows->to(at::kInt).contiguous();
   const at::Tensor qa = aligned_contig(qdata, 16);
   const at::Tensor sa = aligned_contig(scales, 4);
   const at::Tensor za = aligned_contig(zeros, 4);
   const at::Tensor off = offsets.contiguous();
-  const size_t tk_smem = (2 * E + 1) * sizeof(int);
-  TORCH_CHECK(tk_smem <= 48 * 1024, "int3_grouped_linear: too many experts");
-#define MILO_TILES_LAUNCH(OFFT, TT)                                                                       \
-  grouped_tiles_kernel<OFFT, TT><<<1, 256, tk_smem, stream>>>(off.data_ptr<OFFT>(), E, rows, bm, n_slots, \
-                                                              tiles, reinterpret_cast<TT*>(y.data_ptr()), N)
-  if (xt == at::kHalf) {
-    if (off.scalar_type() == at::kInt) MILO_TILES_LAUNCH(int32_t, half); else MILO_TILES_LAUNCH(int64_t, half);
-  } else {
-    if (off.scalar_type() == at::kInt) MILO_TILES_LAUNCH(int32_t, __nv_bfloat16); else MILO_TILES_LAUNCH(int64_t, __nv_bfloat16);
+  if (!lookup) {
+    if (xt == at::kHalf)
+      grouped_tiles_kernel<half><<<1, 256, 0, stream>>>(off.data_ptr(), off.scalar_type() == at::kLong, E, rows, bm,
+                                                        n_slots, tiles, reinterpret_cast<half*>(y.data_ptr()), N);
+    else
+      grouped_tiles_kernel<__nv_bfloat16><<<1, 256, 0, stream>>>(off.data_ptr(), off.scalar_type() == at::kLong, E,
+                                                                 rows, bm, n_slots, tiles,
+                                                                 reinterpret_cast<__nv_bfloat16*>(y.data_ptr()), N);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-#undef MILO_TILES_LAUNCH
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   at::Tensor uta, va;
   if (R > 0) {
     uta = aligned_contig(ut, 16);
     va = aligned_contig(v, 16);
-    if (use_gemv) {
-      launch_lowrank_t_rows(xt, xa.data_ptr(), va.data_ptr(), tiles, n_slots, tbuf, rows, K, R, t_splits, k_chunk,
-                            stream);
-    } else {
-      const dim3 grid(n_slots, (R + 63) / 64, t_splits);
-      const long long vs_ = static_cast<long long>(R) * K, ss_ = rows64 * R;
-      const unsigned delay_ns = test_t_delay_ns();
-#define MILO_LR_LAUNCH(TT, TM)                                                                              \
-  grouped_lowrank_kernel<TT, TM><<<grid, 256, 0, stream>>>(reinterpret_cast<const TT*>(xa.data_ptr()),     \
-                                                           reinterpret_cast<const TT*>(va.data_ptr()), tiles, \
-                                                           tbuf, K, R, vs_, k_chunk, ss_, delay_ns)
-      if (xt == at::kHalf) {
-        if (bm <= 16) MILO_LR_LAUNCH(half, 16); else MILO_LR_LAUNCH(half, 64);
-      } else {
-        if (bm <= 16) MILO_LR_LAUNCH(__nv_bfloat16, 16); else MILO_LR_LAUNCH(__nv_bfloat16, 64);
-      }
-#undef MILO_LR_LAUNCH
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
   }
-
   Int3GemmParams p;
   p.x = xa.data_ptr();
   p.q = qa.data_ptr<int32_t>();
@@ -810,8 +827,41 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   p.ut_estride = static_cast<long long>(R) * N64;
   p.t_splits = t_splits;
   p.t_split_stride = rows64 * R;
+  p.ldx = static_cast<int>(xa.size(1));
+  if (lookup) {  // tiles from the offsets
+    p.offsets = off.data_ptr();
+    p.offsets_i64 = off.scalar_type() == at::kLong;
+    p.n_experts = E;
+    p.tile_rows = bm;
+  }
+  if (in_kernel_input) {
+    p.x_rows = x_rows.has_value() ? rows_i32.data_ptr<int>() : nullptr;
+    p.x_rows_n = x.size(0);
+    p.act = act;
+  }
+
+  if (R > 0) {
+    if (use_gemv) {
+      launch_lowrank_t_rows(xt, p, va.data_ptr(), n_slots, tbuf, t_splits, k_chunk, stream);
+    } else {
+      const dim3 grid(n_slots, (R + 63) / 64, t_splits);
+      const long long vs_ = static_cast<long long>(R) * K, ss_ = rows64 * R;
+      const unsigned delay_ns = test_t_delay_ns();
+#define MILO_LR_LAUNCH(TT, TM)                                                                              \
+  grouped_lowrank_kernel<TT, TM><<<grid, 256, 0, stream>>>(reinterpret_cast<const TT*>(xa.data_ptr()),     \
+                                                           reinterpret_cast<const TT*>(va.data_ptr()), tiles, \
+                                                           tbuf, K, R, vs_, k_chunk, ss_, delay_ns)
+      if (xt == at::kHalf) {
+        if (bm <= 16) MILO_LR_LAUNCH(half, 16); else MILO_LR_LAUNCH(half, 64);
+      } else {
+        if (bm <= 16) MILO_LR_LAUNCH(__nv_bfloat16, 16); else MILO_LR_LAUNCH(__nv_bfloat16, 64);
+      }
+#undef MILO_LR_LAUNCH
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
   if (use_gemv) {
-    launch_int3_gemv(xt == at::kHalf ? 0 : 1, G, p, n_slots, bm, gemv_launch(R, dinfo), stream);
+    launch_int3_gemv(xt == at::kHalf ? 0 : 1, G, p, n_slots, bm, glaunch, stream);
   } else {
     launch_int3_gemm(xt == at::kHalf ? 0 : 1, cfg, G, p, n_tiles, n_slots, programmatic_after_t(R, dinfo), stream);
   }

@@ -10,7 +10,13 @@ compiles with fullgraph=True and can be captured in a CUDA graph once a device k
 from __future__ import annotations
 
 import torch
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface, grouped_mm_experts_forward
+from transformers.activations import SiLUActivation
+from transformers.integrations.moe import (
+    ALL_EXPERTS_FUNCTIONS,
+    ExpertsInterface,
+    _default_apply_gate,
+    grouped_mm_experts_forward,
+)
 
 from milo_tensor.tensor import MiLoInt3Tensor
 
@@ -42,9 +48,22 @@ def check_supported_experts(module: torch.nn.Module, fqn: str) -> None:
             )
 
 
-def _grouped(x: torch.Tensor, offsets: torch.Tensor, w: MiLoInt3Tensor) -> torch.Tensor:
+def _grouped(x: torch.Tensor, offsets: torch.Tensor, w: MiLoInt3Tensor, **input_kw) -> torch.Tensor:
     ut, v = w.compensator()
-    return torch.ops.milo.int3_grouped_linear(x, offsets, w.qdata, w.scales, w.zeros, ut, v, w.group_size)
+    return torch.ops.milo.int3_grouped_linear(x, offsets, w.qdata, w.scales, w.zeros, ut, v, w.group_size, **input_kw)
+
+
+def _gate_is_silu_mul(module: torch.nn.Module) -> bool:
+    """Whether the module gates with transformers' default silu(gate) * up of a concatenated
+    [gate | up] output, which the down projection's op then applies to its input rows itself. Any
+    other gate (a custom `_apply_gate`, interleaved halves, another activation) runs as the model
+    defines it, between the two grouped ops."""
+    return (
+        getattr(module, "has_gate", False)
+        and getattr(module, "is_concatenated", True)
+        and getattr(type(module), "_apply_gate", None) is _default_apply_gate
+        and type(getattr(module, "act_fn", None)) in (SiLUActivation, torch.nn.SiLU)
+    )
 
 
 def milo_experts_forward(
@@ -60,12 +79,15 @@ def milo_experts_forward(
 
     # Rows sorted by expert (ids outside [0, E), expert-parallel sentinels, fall past offsets[-1] and
     # come back as zeros), the two grouped matmuls, then the weighted sum per token: two routing
-    # launches on CUDA in place of a sort, a histogram, a cumsum, gathers and a scatter.
+    # launches on CUDA in place of a sort, a histogram, a cumsum, gathers and a scatter. The first op
+    # reads each sorted row's token itself (x_rows), the second applies the default gate to its input.
     token_of_row, row_of_choice, offsets = torch.ops.milo.moe_route(top_k_index, self.num_experts)
-    x = hidden_states.index_select(0, token_of_row)
-    h = _grouped(x, offsets, up)
-    h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-    out = _grouped(h, offsets, down)
+    h = _grouped(hidden_states, offsets, up, x_rows=token_of_row)
+    if _gate_is_silu_mul(self):
+        out = _grouped(h, offsets, down, activation="silu_mul")
+    else:
+        h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+        out = _grouped(h, offsets, down)
     if getattr(self, "has_post_expert_norm", False):
         out = self.post_expert_norm(out)
     return torch.ops.milo.moe_combine(out, row_of_choice, top_k_weights, offsets).to(hidden_states.dtype)

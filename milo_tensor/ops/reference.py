@@ -47,6 +47,31 @@ def int3_linear(
     return y.to(x.dtype)
 
 
+ACTIVATIONS = ("none", "silu_mul")
+
+
+def grouped_input(x: torch.Tensor, x_rows: torch.Tensor | None, activation: str) -> torch.Tensor:
+    """The grouped op's input rows: ``x[x_rows]`` when given (an index outside ``[0, x.shape[0])``
+    reads a zero row), then for ``"silu_mul"`` ``silu(gate) * up`` of the ``[gate | up]`` halves in
+    x's dtype, as transformers' experts apply their default gate. Lets the op take the router's
+    token indices and the gate_up output directly, so no gather or activation runs between launches."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"int3_grouped_linear: unknown activation {activation!r}; use one of {ACTIVATIONS}")
+    if x_rows is not None:
+        if x_rows.dim() != 1 or x_rows.is_floating_point() or x_rows.dtype == torch.bool:
+            raise ValueError(f"int3_grouped_linear: x_rows must be a 1-D integer tensor, got {x_rows.dtype} {tuple(x_rows.shape)}")
+        idx = x_rows.long()
+        outside = (idx < 0) | (idx >= x.shape[0])
+        if x.shape[0] == 0:
+            x = x.new_zeros(idx.numel(), x.shape[1])
+        else:
+            x = x[idx.clamp(0, x.shape[0] - 1)].masked_fill(outside[:, None], 0)
+    if activation == "silu_mul":
+        gate, up = x.chunk(2, dim=-1)
+        x = torch.nn.functional.silu(gate) * up
+    return x
+
+
 def int3_grouped_linear(
     x: torch.Tensor,
     offsets: torch.Tensor,
@@ -56,9 +81,18 @@ def int3_grouped_linear(
     ut: torch.Tensor,
     v: torch.Tensor,
     group_size: int,
+    x_rows: torch.Tensor | None = None,
+    activation: str = "none",
 ) -> torch.Tensor:
-    """Rows of ``x`` sorted by expert; rows offsets[e-1]:offsets[e] use expert e. Rows past
-    offsets[-1] (expert-parallel sentinels) are zero in the output."""
+    """Rows of the input (``grouped_input``: x, or x gathered by ``x_rows``, gated by ``activation``)
+    sorted by expert; rows offsets[e-1]:offsets[e] use expert e. Rows past offsets[-1]
+    (expert-parallel sentinels) are zero in the output."""
+    x = grouped_input(x, x_rows, activation)
+    if x.shape[-1] != v.shape[-1]:
+        raise ValueError(
+            f"int3_grouped_linear: the input has {x.shape[-1]} columns, the weights K = {v.shape[-1]} "
+            f"(activation='silu_mul' takes [gate | up], 2K columns)"
+        )
     n_experts, n = qdata.shape[0], qdata.shape[1]
     out = x.new_zeros(x.shape[0], n)
     bounds = [0] + offsets.tolist()
