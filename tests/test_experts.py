@@ -13,7 +13,7 @@ from test_tensor import random_parts
 
 def _experts_pair(gen, family="mixtral", ranks=(4, 0, 8, 2)):
     model = tiny_moe(family)
-    experts = model.model.layers[0].mlp.experts
+    experts = next(layer.mlp.experts for layer in model.model.layers if hasattr(layer.mlp, "experts"))
     e, n2, h = experts.gate_up_proj.shape
     i = experts.down_proj.shape[-1]
     up, _ = random_parts(gen, n2, h, ranks, experts=e, dtype=torch.float64)
@@ -42,7 +42,7 @@ ROUTINGS = {  # (tokens, experts, top_k, generator) -> top_k_index [tokens, top_
 }
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe"])
 @pytest.mark.parametrize("routing", list(ROUTINGS))
 @pytest.mark.parametrize("tokens", [1, 7])
 def test_grouped_path_equals_eager_loop(gen, family, routing, tokens):
@@ -79,7 +79,7 @@ def test_grouped_op_compiles_fullgraph(gen):
     torch.testing.assert_close(compiled(hidden, index, weights), eager)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe"])
 def test_default_gate_runs_inside_the_down_op(gen, family):
     """These families gate with silu(gate) * up, which the down projection's op applies itself."""
     _, quantized = _experts_pair(gen, family)
