@@ -193,6 +193,22 @@ def test_grouped_gemv_and_mma_paths(monkeypatch, gemv_rows, wk, xblock, rows, g,
     check(x, counts, routing_offsets(counts, rows), experts, g)
 
 
+@pytest.mark.parametrize("wk", ["0", "8"])
+@pytest.mark.parametrize("rows,g,dtype", [(1, 64, torch.bfloat16), (3, 128, torch.float16), (6, 32, torch.bfloat16)])
+def test_grouped_gemv_spare_warps(monkeypatch, wk, rows, g, dtype):
+    """Grids far short of a wave (a few rows, N = 520): the launcher's rule (wk 0) then gives a column
+    tile 8 warps though K = 768 has one and a half 512-k slices, so six warps of each tile have no slice;
+    forced to 8 as well. Ragged ranks, x offset from zero."""
+    monkeypatch.setenv("MILO_INT3_GEMV_WK", wk)
+    rnd = random.Random(rows + 7)
+    gen = torch.Generator(device="cuda").manual_seed(rows + 70)
+    E, N, K = 8, 520, 768
+    experts = make_experts(E, N, K, [32, 0, 16, 32, 8, 32, 0, 4], g, dtype, gen)
+    counts = random_counts(rnd, E, rows, "uniform")
+    x = (torch.randn(rows, K, device="cuda", generator=gen) + 1.0).to(dtype)
+    check(x, counts, routing_offsets(counts, rows), experts, g)
+
+
 @pytest.mark.parametrize("pdl", ["0", "1"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kernel", ["decode", "tensor-core"])

@@ -57,11 +57,11 @@ __device__ __forceinline__ int2 scan_expert_tiles(const void* offsets, bool offs
 
 // (expert, first row, end row, 0) of row block `slot`: the listed tile (p.tiles), the tile found from
 // p.offsets (tiles of p.tile_rows rows), or for the dense op rows bm * slot ..; expert -1: no work.
-// *tail0 = first row past the last expert (the grouped op's rows from there on belong to no expert),
-// p.M for the dense op and a listed tile.
+// *tail0 (where given) = first row past the last expert (the grouped op's rows from there on belong to
+// no expert), p.M for the dense op and a listed tile.
 template <int kThreads>
-__device__ __forceinline__ int4 block_tile(const Int3GemmParams& p, int slot, int bm, int* tail0) {
-  *tail0 = p.M;
+__device__ __forceinline__ int4 block_tile(const Int3GemmParams& p, int slot, int bm, int* tail0 = nullptr) {
+  if (tail0 != nullptr) *tail0 = p.M;
   if (p.tiles != nullptr) return p.tiles[slot];
   if (p.offsets == nullptr) {
     const int m0 = slot * bm;
@@ -78,7 +78,7 @@ __device__ __forceinline__ int4 block_tile(const Int3GemmParams& p, int slot, in
                                                  }
                                                });
   __syncthreads();
-  *tail0 = tot.x;
+  if (tail0 != nullptr) *tail0 = tot.x;
   return s_tile;
 }
 

@@ -116,6 +116,13 @@ struct CodeEnc<__nv_bfloat16, false> : FixedEnc {
 // where the classed encoding (and the slice prefetch) is used: its registers fit
 __host__ __device__ constexpr bool classed(int rows_per_block, int group) { return rows_per_block <= 2 && group >= 64; }
 
+// resident blocks per SM the decode kernel's register cap allows: the classed encoding with its prefetch
+// needs about 128 registers (2 blocks); the fixed one 80 (3 blocks; a 64-register cap for 4 spilled and
+// was 5-30% slower, H100)
+__host__ __device__ constexpr int min_blocks(int rows_per_block, int group) {
+  return classed(rows_per_block, group) ? 2 : (group == 32 ? 2 : 3);
+}
+
 // v shifted left by s (right by -s); s is a constant after unrolling
 __device__ __forceinline__ uint32_t shl(uint32_t v, int s) { return s >= 0 ? v << s : v >> (-s); }
 
@@ -541,9 +548,7 @@ __global__ void __launch_bounds__(kThreads, MINB) int3_gemv_kernel(const Int3Gem
 
 template <typename T, int G, int MR, bool kAct>
 void launch_mr(const Int3GemmParams& p, int row_blocks, int wk_log2, const GemvLaunch& l, cudaStream_t stream) {
-  // register cap: the classed encoding with its prefetch needs about 128 registers (2 blocks per SM); the
-  // fixed one 80 (3 blocks per SM; a 64-register cap for 4 spilled and was 5-30% slower, H100)
-  constexpr int kMinBlocks = classed(MR, G) ? 2 : (G == 32 ? 2 : 3);
+  constexpr int kMinBlocks = min_blocks(MR, G);
   auto kern = int3_gemv_kernel<T, G, MR, kMinBlocks, kAct>;
   const int br = 16 * (kWarps >> wk_log2);
   const dim3 grid((p.N + br - 1) / br, row_blocks);
@@ -571,25 +576,46 @@ void launch_mr(const Int3GemmParams& p, int row_blocks, int wk_log2, const GemvL
   launch_programmatic_if(kern, grid, dim3(kThreads), smem, l.programmatic, stream, p, wk_log2, flags);
 }
 
-// Warps per 16-column tile (log2). By default one 512-k slice per warp (at most 8 warps), except where
-// two warps per tile still give the grid about one full wave of 2 blocks per SM: a warp then streams
-// 4+ slices with the next one's loads in flight (H200, 2026-12-02, M=1: 14336x4096 17.9 us vs 19.6 at
-// 8 warps; with fewer blocks than that, 4096x4096, 11.4 vs 7.5). Only where slices are prefetched (the
-// classed encoding). busy_row_blocks: row blocks with work (the grouped op's tile list has empty slots).
-int gemv_wk_log2(int N, int K, int busy_row_blocks, int sms, int wk_force, bool prefetch) {
+// Warps per 16-column tile (log2). One 512-k slice per warp (at most 8 warps) is the default; the grid is
+// then moved toward 0.7 of a wave of resident blocks, the least that kept the SMs' loads in flight:
+// * grids past it take fewer warps per tile: a warp streams several slices (the next one's loads in
+//   flight where slices are prefetched, the classed encoding) and the block's cross-warp reduction shrinks.
+//   Dense: only 2 warps per tile, only with the prefetch and 8+ slices (H200, 2026-12-02, M=1: 14336x4096
+//   17.9 us vs 19.6 at 8 warps; 4096x4096, with fewer blocks, 11.4 vs 7.5). Grouped: down to 1 warp
+//   (H200, 2026-12-03, bench_moe.py milo-grouped under MILO_INT3_GEMV_WK=1: Qwen3-shaped M=8 147 -> 118 us,
+//   M=32 304 -> 245, DeepSeek-V2-Lite-shaped M=8 237 -> 172; at M=1, where 1 warp leaves under half a
+//   wave, 2 warps: 41.4 -> 40.7, 75.8 -> 71.2).
+// * grids short of it take more warps per tile than slices, up to 8: more blocks on more SMs, the spare
+//   warps idle (H200, 2026-12-02, M=1, 8 warps vs 4: 1408x2048 4.1 vs 4.6 us, 768x2048 3.9 vs 4.6).
+// busy_row_blocks: row blocks with work (the grouped op's tile list has empty slots); blocks_per_sm: the
+// resident blocks per SM of the launch's register cap.
+int gemv_wk_log2(int N, int K, int busy_row_blocks, int sms, int blocks_per_sm, int wk_force, bool prefetch,
+                 bool grouped) {
   const int n_slices = (K + kSliceK - 1) / kSliceK;
   int wk_log2 = 0;
   while (wk_log2 < 3 && (1 << wk_log2) < (wk_force > 0 ? wk_force : n_slices)) ++wk_log2;
-  if (wk_force > 0 || wk_log2 < 2 || !prefetch) return wk_log2;
-  const long long blocks2 = static_cast<long long>((N + 63) / 64) * busy_row_blocks;  // 2 warps per tile
-  return 5 * blocks2 >= 4 * 2LL * sms && n_slices >= 8 ? 1 : wk_log2;
+  if (wk_force > 0) return wk_log2;
+  // the grid at 2^wk warps per tile fills 0.7 of a wave of resident blocks
+  const auto fills_wave = [&](int wk) {
+    const int br = 16 * (kWarps >> wk);
+    const long long blocks = static_cast<long long>((N + br - 1) / br) * busy_row_blocks;
+    return 10 * blocks >= 7LL * blocks_per_sm * sms;
+  };
+  if (grouped) {
+    wk_log2 = 0;
+  } else if (prefetch && n_slices >= 8 && fills_wave(1)) {
+    return 1;
+  }
+  while (wk_log2 < 3 && !fills_wave(wk_log2)) ++wk_log2;
+  return wk_log2;
 }
 
 // warps per tile (log2) of a launch: row blocks with work are at most the rows for the grouped op
 int launch_wk_log2(const Int3GemmParams& p, int row_blocks, int max_rows, int group, const GemvLaunch& l) {
   const bool grouped = p.tiles != nullptr || p.offsets != nullptr;
   const int busy = grouped ? std::min(row_blocks, std::max(p.M, 1)) : row_blocks;
-  return gemv_wk_log2(p.N, p.K, busy, l.sms, l.wk_force, classed(max_rows, group));
+  return gemv_wk_log2(p.N, p.K, busy, l.sms, min_blocks(max_rows, group), l.wk_force, classed(max_rows, group),
+                      grouped);
 }
 
 template <typename T, int G>

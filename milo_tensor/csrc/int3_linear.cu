@@ -271,8 +271,7 @@ __global__ void __launch_bounds__(256) lowrank_t_rows_kernel(const Int3GemmParam
                                                             float* __restrict__ t, int splits, int k_chunk,
                                                             unsigned delay_ns) {
   grid_dep_launch_dependents();
-  int tail0;
-  const int4 tl = block_tile<256>(p, blockIdx.y, kInt3GemvMaxRows, &tail0);  // every thread (block scans)
+  const int4 tl = block_tile<256>(p, blockIdx.y, kInt3GemvMaxRows);  // every thread (block scans)
   const int gw = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
   const int K = p.K, R = p.R;
   if (tl.x < 0 || gw >= R * splits) return;  // whole warps
@@ -756,7 +755,7 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   // kernel) while the grid is a few waves; past that the scans, once per block, cost more than the
   // launch they save (H200 2026-12-03, bench_moe.py Mixtral-shaped M=8, 21504 blocks: 479 -> 538 us).
   // MILO_INT3_GROUPED_TILE_LOOKUP=1 / 0 forces it on / off (tests).
-  Int3GemmParams shape_p;
+  Int3GemmParams shape_p;  // the launch's shape; offsets only mark it grouped (launch_wk_log2())
   shape_p.N = N;
   shape_p.K = K;
   shape_p.M = rows;
