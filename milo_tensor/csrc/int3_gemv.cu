@@ -580,8 +580,9 @@ void launch_mr(const Int3GemmParams& p, int row_blocks, int wk_log2, const GemvL
 // then moved toward 0.7 of a wave of resident blocks, the least that kept the SMs' loads in flight:
 // * grids past it take fewer warps per tile: a warp streams several slices (the next one's loads in
 //   flight where slices are prefetched, the classed encoding) and the block's cross-warp reduction shrinks.
-//   Dense: only 2 warps per tile, only with the prefetch and 8+ slices (H200, 2026-12-02, M=1: 14336x4096
-//   17.9 us vs 19.6 at 8 warps; 4096x4096, with fewer blocks, 11.4 vs 7.5). Grouped: down to 1 warp
+//   Dense: only 2 warps per tile, with 8+ slices and at least a block per SM (H200, 2026-12-02, M=1: 14336x4096
+//   17.9 us vs 19.6 at 8 warps; 4096x4096, 64 blocks, 11.4 vs 7.5; 2026-12-03, M=4, fixed encoding, 3 blocks
+//   per SM: 14336x4096 23.0 vs 26.0, x staged by 224 blocks instead of 896). Grouped: down to 1 warp
 //   (H200, 2026-12-03, bench_moe.py milo-grouped under MILO_INT3_GEMV_WK=1: Qwen3-shaped M=8 147 -> 118 us,
 //   M=32 304 -> 245, DeepSeek-V2-Lite-shaped M=8 237 -> 172; at M=1, where 1 warp leaves under half a
 //   wave, 2 warps: 41.4 -> 40.7, 75.8 -> 71.2).
@@ -589,21 +590,20 @@ void launch_mr(const Int3GemmParams& p, int row_blocks, int wk_log2, const GemvL
 //   warps idle (H200, 2026-12-02, M=1, 8 warps vs 4: 1408x2048 4.1 vs 4.6 us, 768x2048 3.9 vs 4.6).
 // busy_row_blocks: row blocks with work (the grouped op's tile list has empty slots); blocks_per_sm: the
 // resident blocks per SM of the launch's register cap.
-int gemv_wk_log2(int N, int K, int busy_row_blocks, int sms, int blocks_per_sm, int wk_force, bool prefetch,
-                 bool grouped) {
+int gemv_wk_log2(int N, int K, int busy_row_blocks, int sms, int blocks_per_sm, int wk_force, bool grouped) {
   const int n_slices = (K + kSliceK - 1) / kSliceK;
   int wk_log2 = 0;
   while (wk_log2 < 3 && (1 << wk_log2) < (wk_force > 0 ? wk_force : n_slices)) ++wk_log2;
   if (wk_force > 0) return wk_log2;
-  // the grid at 2^wk warps per tile fills 0.7 of a wave of resident blocks
-  const auto fills_wave = [&](int wk) {
+  // the blocks of a grid at 2^wk warps per tile; whether they fill 0.7 of a wave of resident blocks
+  const auto blocks = [&](int wk) {
     const int br = 16 * (kWarps >> wk);
-    const long long blocks = static_cast<long long>((N + br - 1) / br) * busy_row_blocks;
-    return 10 * blocks >= 7LL * blocks_per_sm * sms;
+    return static_cast<long long>((N + br - 1) / br) * busy_row_blocks;
   };
+  const auto fills_wave = [&](int wk) { return 10 * blocks(wk) >= 7LL * blocks_per_sm * sms; };
   if (grouped) {
     wk_log2 = 0;
-  } else if (prefetch && n_slices >= 8 && fills_wave(1)) {
+  } else if (n_slices >= 8 && blocks(1) >= sms) {
     return 1;
   }
   while (wk_log2 < 3 && !fills_wave(wk_log2)) ++wk_log2;
@@ -614,8 +614,7 @@ int gemv_wk_log2(int N, int K, int busy_row_blocks, int sms, int blocks_per_sm, 
 int launch_wk_log2(const Int3GemmParams& p, int row_blocks, int max_rows, int group, const GemvLaunch& l) {
   const bool grouped = p.tiles != nullptr || p.offsets != nullptr;
   const int busy = grouped ? std::min(row_blocks, std::max(p.M, 1)) : row_blocks;
-  return gemv_wk_log2(p.N, p.K, busy, l.sms, min_blocks(max_rows, group), l.wk_force, classed(max_rows, group),
-                      grouped);
+  return gemv_wk_log2(p.N, p.K, busy, l.sms, min_blocks(max_rows, group), l.wk_force, grouped);
 }
 
 template <typename T, int G>
