@@ -266,6 +266,8 @@ at::Tensor lowrank_t(const at::Tensor& x2d, const at::Tensor& v) {
 // launch): that kernel waits for t only before its epilogue. Needs K % 8 == 0, x and v rows 16-byte
 // aligned. delay_ns (0 outside tests; MILO_INT3_TEST_T_DELAY_NS) holds each warp back before it writes
 // t, so a test can catch a dependent kernel that overlaps this one without waiting for t.
+// Each of its blocks costs the decode kernel beside it one slot until t is done (an SM with two decode blocks
+// has no registers left): measured, and two ways around it dropped, in docs/kernel.md (What limits it).
 template <typename T, bool kAct>
 __global__ void __launch_bounds__(256) lowrank_t_rows_kernel(const Int3GemmParams p, const T* __restrict__ v,
                                                             float* __restrict__ t, int splits, int k_chunk,
