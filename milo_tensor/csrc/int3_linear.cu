@@ -266,14 +266,17 @@ at::Tensor lowrank_t(const at::Tensor& x2d, const at::Tensor& v) {
 // launch): that kernel waits for t only before its epilogue. Needs K % 8 == 0, x and v rows 16-byte
 // aligned. delay_ns (0 outside tests; MILO_INT3_TEST_T_DELAY_NS) holds each warp back before it writes
 // t, so a test can catch a dependent kernel that overlaps this one without waiting for t.
-// Each of its blocks costs the decode kernel beside it one slot until t is done (an SM with two decode blocks
-// has no registers left): measured, and two ways around it dropped, in docs/kernel.md (What limits it).
-template <typename T, bool kAct>
-__global__ void __launch_bounds__(256) lowrank_t_rows_kernel(const Int3GemmParams p, const T* __restrict__ v,
-                                                            float* __restrict__ t, int splits, int k_chunk,
-                                                            unsigned delay_ns) {
+// kThreads: 256, or 1024 at 32 registers a thread (32K registers, half an SM's: an SM holding one keeps room
+// for one of the decode kernel's 128-register blocks, and the t grid sits on few SMs, R=32: 4 at K=4096).
+// With 256-thread blocks each SM holding one (16 at K=4096, R=32) has a decode slot less until t is done,
+// which delays a decode grid that needs every slot; but t on few SMs reads V slower, which costs where the
+// decode grid has slots to spare or K is long (t_rows_wide()).
+template <typename T, bool kAct, int kThreads>
+__global__ void __launch_bounds__(kThreads, kThreads == 1024 ? 2 : 1)
+    lowrank_t_rows_kernel(const Int3GemmParams p, const T* __restrict__ v, float* __restrict__ t, int splits,
+                          int k_chunk, unsigned delay_ns) {
   grid_dep_launch_dependents();
-  const int4 tl = block_tile<256>(p, blockIdx.y, kInt3GemvMaxRows);  // every thread (block scans)
+  const int4 tl = block_tile<kThreads>(p, blockIdx.y, kInt3GemvMaxRows);  // every thread (block scans)
   const int gw = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
   const int K = p.K, R = p.R;
   if (tl.x < 0 || gw >= R * splits) return;  // whole warps
@@ -318,15 +321,29 @@ std::pair<int, int> lowrank_rows_splits(int K) {
   return {(K + k_chunk - 1) / k_chunk, k_chunk};
 }
 
+// Whether the dense op's t kernel takes 1024-thread blocks (lowrank_t_rows_kernel): where the decode grid
+// has a block per SM or more and K is short. H200, 2026-12-04, M=1/2/4, R=32, 1024- vs 256-thread blocks:
+// 4096x4096 (256 decode blocks) 10.0/10.4/12.6 vs 11.1/13.5/15.3 us, 14336x4096 19.7/19.9/25.8 vs
+// 20.0/20.1/25.5; slower at K=14336 (4096x14336 23.2/27.6 vs 22.5/25.9) and on grids short of the SMs
+// (1408x2048, 88 blocks, 7.0/7.6/9.8 vs 7.1/7.3/8.7), and for the grouped op (Qwen3-shaped M=1).
+bool t_rows_wide(int K, long long decode_blocks, int sms) { return K <= 4096 && decode_blocks >= sms; }
+
 // t partials of the rows of p (x, M, K, R, the tiles or offsets and the input-row fields) into t;
-// row_groups: ceil(M / 4) for the dense op, the tile slots for the grouped op
+// row_groups: ceil(M / 4) for the dense op, the tile slots for the grouped op; wide: 1024-thread blocks
 void launch_lowrank_t_rows(at::ScalarType xt, const Int3GemmParams& p, const void* v, int row_groups, float* t,
-                           int splits, int k_chunk, cudaStream_t stream) {
-  const dim3 blocks((p.R * splits * 32 + 255) / 256, row_groups);
+                           int splits, int k_chunk, cudaStream_t stream, bool wide = false) {
+  const int threads = wide ? 1024 : 256;
+  const dim3 blocks((p.R * splits * 32 + threads - 1) / threads, row_groups);
   const unsigned delay_ns = test_t_delay_ns();
 #define MILO_T_ROWS_LAUNCH(TT, ACT)                                                                            \
-  lowrank_t_rows_kernel<TT, ACT><<<blocks, 256, 0, stream>>>(p, reinterpret_cast<const TT*>(v), t, splits, k_chunk, \
-                                                             delay_ns)
+  do {                                                                                                         \
+    if (wide)                                                                                                  \
+      lowrank_t_rows_kernel<TT, ACT, 1024><<<blocks, 1024, 0, stream>>>(p, reinterpret_cast<const TT*>(v), t, \
+                                                                        splits, k_chunk, delay_ns);            \
+    else                                                                                                       \
+      lowrank_t_rows_kernel<TT, ACT, 256><<<blocks, 256, 0, stream>>>(p, reinterpret_cast<const TT*>(v), t,   \
+                                                                      splits, k_chunk, delay_ns);              \
+  } while (0)
   const bool act = p.act == kActSiluMul;
   if (xt == at::kHalf) {
     if (act) MILO_T_ROWS_LAUNCH(half, true); else MILO_T_ROWS_LAUNCH(half, false);
@@ -475,15 +492,15 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   p.t_splits = t_splits;
   p.t_split_stride = M64 * R;
   p.ldx = K;
-  auto launch_rows_t = [&]() {
+  auto launch_rows_t = [&](bool wide) {
     launch_lowrank_t_rows(xt, p, va.data_ptr(), (M + kInt3GemvMaxRows - 1) / kInt3GemvMaxRows, tt.data_ptr<float>(),
-                          t_splits, t_k_chunk, stream);
+                          t_splits, t_k_chunk, stream, wide);
   };
   if (use_gemv) {
-    const int row_blocks = (M + kInt3GemvMaxRows - 1) / kInt3GemvMaxRows;
-    if (rows_t) launch_rows_t();
-    launch_int3_gemv(xt == at::kHalf ? 0 : 1, G, p, row_blocks, std::min(M, kInt3GemvMaxRows), gemv_launch(R, dinfo),
-                     stream);
+    const int row_blocks = (M + kInt3GemvMaxRows - 1) / kInt3GemvMaxRows, max_rows = std::min(M, kInt3GemvMaxRows);
+    const GemvLaunch gl = gemv_launch(R, dinfo);
+    if (rows_t) launch_rows_t(t_rows_wide(K, int3_gemv_blocks(p, row_blocks, max_rows, G, gl), dinfo.sms));
+    launch_int3_gemv(xt == at::kHalf ? 0 : 1, G, p, row_blocks, max_rows, gl, stream);
     return y.reshape(out_shape);
   }
 
@@ -512,7 +529,7 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   }
   p.splits = splits;
   p.stages_per_split = sps;
-  if (rows_t) launch_rows_t();  // directly before the matmul kernel in the stream (after the memset)
+  if (rows_t) launch_rows_t(false);  // directly before the matmul kernel in the stream (after the memset)
   launch_int3_gemm(xt == at::kHalf ? 0 : 1, cfg, G, p, n_tiles, m_blocks, rows_t && programmatic_after_t(R, dinfo),
                    stream);
   return y.reshape(out_shape);
