@@ -8,16 +8,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/milo_kenv}; mkdir -p "$OUT"
 source scripts/device_setup.sh /tmp/ext_kenv
-IFS=';' read -ra SETS <<< "${ENVS:-default}"
-i=0
-for s in "${SETS[@]}"; do
-  i=$((i + 1)); log="$OUT/kenv_$i.log"
-  if [ "$s" = default ]; then envs=(); else read -ra envs <<< "$s"; fi
-  echo "## $s" > "$log"
-  env "${envs[@]}" timeout 150 python3 benchmarks/bench_kernel.py --methods "${METH:-milo-R0,milo-R32}" --no-eager \
-    --replays 20 --shapes "${SHAPES:-14336x4096,4096x14336,4096x4096}" --ms "${MS:-1,4}" >> "$log" 2>&1
-  echo "$s rc=$?"; grep -E "^==|M=" "$log"
-done
+for_each_env kenv timeout 150 python3 benchmarks/bench_kernel.py --methods "${METH:-milo-R0,milo-R32}" --no-eager \
+  --replays 20 --shapes "${SHAPES:-14336x4096,4096x14336,4096x4096}" --ms "${MS:-1,4}"
 for c in ${NCU:-}; do
   timeout 90 ncu --clock-control none --kernel-name regex:"int3|lowrank" --metrics gpu__time_duration.sum python3 benchmarks/bench_kernel.py --profile "$c" \
     > "$OUT/ncu_$c.txt" 2>&1

@@ -6,13 +6,5 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/milo_env}; mkdir -p "$OUT"
 source scripts/device_setup.sh /tmp/ext_env
-IFS=';' read -ra SETS <<< "${ENVS:-default}"
-i=0
-for s in "${SETS[@]}"; do
-  i=$((i + 1)); log="$OUT/env_$i.log"
-  if [ "$s" = default ]; then envs=(); else read -ra envs <<< "$s"; fi
-  echo "## $s" > "$log"
-  env "${envs[@]}" timeout 200 python3 benchmarks/bench_moe.py --methods milo-grouped${BF16:+,bf16-grouped} \
-    --layers "${LAYERS:-qwen3,dsv2lite}" --ms "${MOE_MS:-1,8,32}" >> "$log" 2>&1
-  echo "$s rc=$?"; grep -E "^==|M=" "$log"
-done
+for_each_env env timeout 200 python3 benchmarks/bench_moe.py --methods milo-grouped${BF16:+,bf16-grouped} \
+  --layers "${LAYERS:-qwen3,dsv2lite}" --ms "${MOE_MS:-1,8,32}"
