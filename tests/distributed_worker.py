@@ -290,20 +290,35 @@ def _check_packed_colwise(ref_w, shard, rank):
     assert_equal(_dense(shard), expected, "packed_colwise gate_up shard")
 
 
+def _check_experts(ref_experts, experts, rank, sharded: bool) -> None:
+    gate_up, down = _local(experts.gate_up_proj), _local(experts.down_proj)
+    down_full = ref_experts.down_proj.dequantize()
+    if not sharded:
+        assert_equal(_dense(gate_up), ref_experts.gate_up_proj.dequantize(), "gate_up_proj kept whole")
+        assert_equal(_dense(down), down_full, "down_proj kept whole")
+        return
+    _check_packed_colwise(ref_experts.gate_up_proj, gate_up, rank)
+    k = down_full.shape[-1] // WORLD
+    assert_equal(_dense(down), down_full[..., rank * k:(rank + 1) * k], "rowwise down_proj shard")
+
+
 def tp_transformers_plan(ctx: Ctx) -> dict:
-    """transformers' own TP plan (model.tp_plan) on the quantized model, quantized experts included."""
-    from milo_tensor.integrations.distributed import apply_tensor_parallel
+    """transformers' own TP plan (model.tp_plan) on the quantized model; with shard_experts=True the
+    quantized experts are split too (the plan of transformers <= 5.24, which 5.25 dropped)."""
+    from milo_tensor.integrations.distributed import apply_tensor_parallel, tensor_parallel_plan
 
     info = {}
-    for name in ("a", "b"):
-        model = apply_tensor_parallel(ctx.model(name), ctx.mesh)
-        experts = model.model.layers[0].mlp.experts
-        _check_packed_colwise(ctx.models[name].model.layers[0].mlp.experts.gate_up_proj, _local(experts.gate_up_proj), ctx.rank)
-        down_full = ctx.models[name].model.layers[0].mlp.experts.down_proj.dequantize()
-        k = down_full.shape[-1] // WORLD
-        assert_equal(_dense(_local(experts.down_proj)), down_full[..., ctx.rank * k:(ctx.rank + 1) * k], "rowwise down_proj shard")
-        assert_close(_logits(model, ctx.ids), ctx.refs[name], f"TP (transformers plan) forward, model {name}")
-        info[name] = type(experts.gate_up_proj).__name__
+    for name, shard_experts in (("a", False), ("a", True), ("b", True)):
+        model = ctx.model(name)
+        plan = tensor_parallel_plan(model, shard_experts=shard_experts)
+        in_plan = "model.layers.0.mlp.experts.gate_up_proj" in plan
+        if shard_experts and not in_plan:
+            raise AssertionError(f"shard_experts=True left the experts out of the plan: {sorted(plan)}")
+        model = apply_tensor_parallel(model, ctx.mesh, plan)
+        _check_experts(ctx.models[name].model.layers[0].mlp.experts, model.model.layers[0].mlp.experts, ctx.rank, in_plan)
+        assert_close(_logits(model, ctx.ids), ctx.refs[name],
+                     f"TP (transformers plan, shard_experts={shard_experts}) forward, model {name}")
+        info[f"{name}, shard_experts={shard_experts}"] = {"experts_sharded": in_plan, "plan_entries": len(plan)}
     return info
 
 

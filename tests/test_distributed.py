@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import transformers
 
 from milo_tensor import MiLoInt3Tensor
 from milo_tensor.integrations import distributed as D
@@ -198,9 +199,13 @@ def test_tp_dtensor_colwise_rowwise(dist_results):
 
 
 def test_tp_transformers_plan_with_quantized_experts(dist_results):
-    """transformers' own tp_plan (packed_colwise gate_up, rowwise down, moe_tp_experts) on a model
-    with float and with int3 compensators."""
-    _check(dist_results, "tp_transformers_plan")
+    """transformers' own tp_plan on a model with float and with int3 compensators. Up to 5.24 it
+    splits the experts (packed_colwise gate_up, rowwise down, moe_tp_experts); 5.25 keeps them whole
+    (experts go to EP), and shard_experts=True adds those entries back."""
+    info = _check(dist_results, "tp_transformers_plan")
+    tf_version = tuple(int(p) for p in transformers.__version__.split(".")[:2])
+    assert info["a, shard_experts=False"]["experts_sharded"] == (tf_version < (5, 25))
+    assert info["a, shard_experts=True"]["experts_sharded"] and info["b, shard_experts=True"]["experts_sharded"]
 
 
 def test_tp_split_cutting_a_group_is_refused(dist_results):

@@ -468,12 +468,34 @@ def _expand_plan(model: nn.Module, plan: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def tensor_parallel_plan(model: nn.Module) -> dict[str, str]:
+def _experts_tp_entries(model: nn.Module) -> dict[str, str]:
+    """The row/column split of every fused experts module (3D ``gate_up_proj`` and ``down_proj``):
+    the entries transformers <= 5.24 put in its MoE TP plans and 5.25 dropped in favour of EP."""
+    out: dict[str, str] = {}
+    for mname, module in model.named_modules():
+        gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+        if isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor) and gate_up.ndim == down.ndim == 3:
+            out[f"{mname}.gate_up_proj"] = "packed_colwise"
+            out[f"{mname}.down_proj"] = "rowwise"
+            out[mname] = "moe_tp_experts"
+    return out
+
+
+def tensor_parallel_plan(model: nn.Module, *, shard_experts: bool = False) -> dict[str, str]:
     """transformers' own TP plan of ``model`` (``model.tp_plan``: the config's ``base_model_tp_plan``
     and the class's ``_tp_plan``) with the layer numbers filled in. Quantized experts use the same
     styles as float ones: ``packed_colwise`` gate_up (N split, gate and up halves each), ``rowwise``
-    down (K split on group boundaries), ``moe_tp_experts`` (all-reduce of the partial outputs)."""
-    return _expand_plan(model, dict(getattr(model, "tp_plan", None) or {}))
+    down (K split on group boundaries), ``moe_tp_experts`` (all-reduce of the partial outputs).
+
+    transformers 5.25 took those experts entries out of its MoE plans (experts are meant to be
+    split by expert parallelism, :func:`apply_expert_parallel`), so there the model's plan keeps
+    every expert whole on every rank. ``shard_experts=True`` adds them back for each fused experts
+    module the plan leaves out, the TP-only layout of transformers 5.24."""
+    plan = _expand_plan(model, dict(getattr(model, "tp_plan", None) or {}))
+    if shard_experts:
+        for name, style in _experts_tp_entries(model).items():
+            plan.setdefault(name, style)
+    return plan
 
 
 def expert_parallel_plan(model: nn.Module) -> dict[str, str]:
@@ -512,16 +534,19 @@ def _check_plan_shapes(model: nn.Module, plan: dict[str, str], world: int) -> No
             raise ValueError(f"{style} on {name}: {err}") from None
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh, plan: dict[str, str] | None = None) -> nn.Module:
+def apply_tensor_parallel(
+    model: nn.Module, tp_mesh, plan: dict[str, str] | None = None, *, shard_experts: bool = False
+) -> nn.Module:
     """Shard a (quantized) transformers model with transformers' own TP styles on ``tp_mesh``.
 
-    ``plan`` defaults to :func:`tensor_parallel_plan`. MiLo weights are split locally on every rank
-    (each rank must hold the same quantized model), with the split checked first so that a plan that
-    would cut a group or a packed word fails before any parameter is replaced.
+    ``plan`` defaults to :func:`tensor_parallel_plan` (``shard_experts`` is passed to it). MiLo
+    weights are split locally on every rank (each rank must hold the same quantized model), with the
+    split checked first so that a plan that would cut a group or a packed word fails before any
+    parameter is replaced.
     """
     from transformers.distributed.tensor_parallel import apply_tensor_parallelism
 
-    plan = tensor_parallel_plan(model) if plan is None else plan
+    plan = tensor_parallel_plan(model, shard_experts=shard_experts) if plan is None else plan
     _check_plan_shapes(model, plan, tp_mesh.size())
     return apply_tensor_parallelism(model, tp_mesh, plan)
 
