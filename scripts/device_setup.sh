@@ -1,4 +1,4 @@
-# Sourced by the one-call device scripts (device_ncu.sh, device_moe_env.sh, device_kernel_env.sh): the carried .whl
+# Sourced by the one-call device scripts (device_moe_env.sh, device_kernel_env.sh, device_exp.sh): the carried .whl
 # wheels into /tmp/site (the GPU machine lacks torchao, gemlite, hqq, termcolor) and the milo extension JIT-built once,
 # cached under TORCH_EXTENSIONS_DIR=$1, so the script's timed runs do not pay the build.  Exits the script if either fails.
 export PYTHONUNBUFFERED=1 MILO_CUDA_ARCHS=${MILO_CUDA_ARCHS:-90} PYTHONPATH=$PWD:/tmp/site TORCH_EXTENSIONS_DIR=$1

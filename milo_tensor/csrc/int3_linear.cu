@@ -210,6 +210,17 @@ int env_int(const char* name, int dflt) {
   return std::atoi(v);
 }
 
+// blocks per SM the split-K choice aims for (MILO_INT3_CTAS_PER_SM overrides): about what each tile's
+// register cap lets reside
+int int3_cfg_ctas_per_sm(int cfg) {
+  return env_int("MILO_INT3_CTAS_PER_SM", cfg == 1 ? 4 : (cfg == 3 ? 2 : (cfg == 2 ? 3 : 1)));
+}
+// a forced tile configuration (MILO_INT3_CFG for the dense op, MILO_INT3_GROUPED_CFG for the grouped op), 0 if none
+int forced_cfg(const char* var) {
+  const int c = env_int(var, 0);
+  return c >= 1 && c <= 4 ? c : 0;
+}
+
 // whether a matmul kernel (decode or tensor-core) that follows its t kernel in the stream is launched
 // programmatically (sm_90; MILO_INT3_PDL=0 serializes the two)
 bool programmatic_after_t(int R, const DevInfo& d) {
@@ -505,12 +516,13 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   }
 
   int cfg = M <= 16 ? 1 : (M <= 32 ? 2 : 4);
+  if (const int f = forced_cfg("MILO_INT3_CFG")) cfg = f;
   const int bm = int3_cfg_bm(cfg), bn = int3_cfg_bn(cfg, G);
   const int m_blocks = (M + bm - 1) / bm;
   const int n_tiles = (N + bn - 1) / bn;
   const int total_stages = K / kInt3BK;
   const int base = n_tiles * m_blocks;
-  const int per_sm = env_int("MILO_INT3_CTAS_PER_SM", cfg == 4 ? 1 : (cfg == 1 ? 4 : 3));
+  const int per_sm = int3_cfg_ctas_per_sm(cfg);
   const int forced_splits = env_int("MILO_INT3_SPLITS", 0);
   const int target = dinfo.sms * std::max(1, per_sm);
   int splits = forced_splits > 0 ? forced_splits : (target + base - 1) / base;
@@ -739,8 +751,8 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   const int busy = std::max(1, std::min(E, rows));
   const int mean_rows = (rows + busy - 1) / busy;
   int cfg = mean_rows <= 16 ? 1 : (mean_rows <= 32 ? 2 : 4);
-  const int forced = env_int("MILO_INT3_GROUPED_CFG", 0);
-  if (forced == 1 || forced == 2 || forced == 4) cfg = forced;
+  const int forced = forced_cfg("MILO_INT3_GROUPED_CFG");
+  if (forced) cfg = forced;
   // decode (up to 2 rows per busy expert): the decode kernel on tiles of at most 2 rows (4 when the mean
   // is above 1). H100, bench_moe.py: Mixtral-shaped M=8 (2 rows per expert) 533 us vs 730 with the mma
   // tiles; past that a tile re-reads the weights and the mma tiles are expected to win (not measured).
@@ -753,7 +765,7 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   TORCH_CHECK(n_slots < 65536, "int3_grouped_linear: too many row tiles");
   const int n_tiles = (N + bn - 1) / bn;
   const int total_stages = K / kInt3BK;
-  const int per_sm = env_int("MILO_INT3_CTAS_PER_SM", cfg == 4 ? 1 : (cfg == 1 ? 4 : 3));
+  const int per_sm = int3_cfg_ctas_per_sm(cfg);
   const int target = dinfo.sms * std::max(1, per_sm);
   // expected busy tiles: one per busy expert when tiles are short, else rows / bm
   const int est = std::max(1, std::min(n_slots, std::max(busy, (rows + bm - 1) / bm)));

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The open kernel experiments in one device call.  1) The load probe (scripts/probe_loads.cu: what bandwidth the decode
+# kernel's access pattern, a persistent balanced grid, a cp.async ring and the sm_90 bulk copy engine reach; probe.md).
+# 2) The opt-in 16x128 tensor-core tile (cfg 3): build, its GPU tests, then the same-run timings
+# that decide whether the host should choose it: bench_kernel.py at M 5..16 with the default tile (16x64, cfg 1),
+# cfg 3 at 2 / 1 / 4 blocks per SM; bench_moe.py milo-grouped at M 8 and 32 with the grouped tile
+# forced to 1 and 3 and with the decode kernel up to 4 rows per expert.  Carry .whl; logs under $OUT (logs.tgz).
+#   on the GPU:  bash scripts/device_exp.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/milo_exp}; mkdir -p "$OUT/logs"
+nvcc -O3 -std=c++17 -arch=sm_90 -o /tmp/probe scripts/probe_loads.cu && timeout 120 /tmp/probe > "$OUT/probe.md" 2>&1
+echo "probe rc=$?"; grep -E "memcpy|stream|pers|ring|bulk" "$OUT/probe.md" | head -80
+source scripts/device_setup.sh /tmp/ext_tile
+timeout 240 python3 -m pytest -q -x -n 4 tests/test_cuda_kernel.py tests/test_moe_cuda.py \
+  -k "forced_tile_configs or grouped_tile_configs" > "$OUT/logs/tests.log" 2>&1
+echo "tests rc=$?"; tail -3 "$OUT/logs/tests.log"
+OUT_LOGS="$OUT/logs"
+ENVS="default;MILO_INT3_CFG=3;MILO_INT3_CFG=3 MILO_INT3_CTAS_PER_SM=1;MILO_INT3_CFG=3 MILO_INT3_CTAS_PER_SM=4" \
+  OUT="$OUT_LOGS" for_each_env kernel timeout 100 python3 benchmarks/bench_kernel.py --methods fp16,milo-R0,milo-R32 \
+  --no-eager --replays 20 --shapes "${SHAPES:-14336x4096,4096x14336,4096x4096}" --ms "${MS:-5,8,16}"
+ENVS="default;MILO_INT3_GROUPED_CFG=1;MILO_INT3_GROUPED_CFG=3;MILO_INT3_GROUPED_GEMV_MAX_ROWS=4" \
+  OUT="$OUT_LOGS" for_each_env moe timeout 100 python3 benchmarks/bench_moe.py --methods milo-grouped,bf16-grouped \
+  --layers "${LAYERS:-mixtral,dsv2lite}" --ms "${MOE_MS:-8,32}"
+tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"
