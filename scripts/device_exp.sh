@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# The open kernel experiments in one device call.  1) The load probe (scripts/probe_loads.cu: what bandwidth the decode
-# kernel's access pattern, a persistent balanced grid, a cp.async ring and the sm_90 bulk copy engine reach; probe.md).
-# 2) The opt-in 16x128 tensor-core tile (cfg 3): build, its GPU tests, then the same-run timings
-# that decide whether the host should choose it: bench_kernel.py at M 5..16 with the default tile (16x64, cfg 1),
-# cfg 3 at 2 / 1 / 4 blocks per SM; bench_moe.py milo-grouped at M 8 and 32 with the grouped tile
-# forced to 1 and 3 and with the decode kernel up to 4 rows per expert.  Carry .whl; logs under $OUT (logs.tgz).
+# The open kernel experiments in one device call.  0) The v2 layout's decode checked on the device
+# (scripts/proto_v2_decode.cu).  1) The load probe (scripts/probe_loads.cu, table in $OUT/probe.md): what bandwidth the
+# decode kernel's access pattern, a persistent balanced grid, a cp.async ring and the sm_90 bulk copy engine reach.
+# 2) The opt-in 16x128 tensor-core tile (cfg 3): build, its GPU tests, then the same-run timings that decide whether
+# the host should choose it: bench_kernel.py at M 5..16 with the default tile (16x64, cfg 1) and cfg 3 at 2 / 1 / 4
+# blocks per SM; bench_moe.py milo-grouped at M 8 and 32 with the grouped tile forced to 1 and 3 and with the decode
+# kernel up to 4 rows per expert.  Carry .whl; logs under $OUT (logs.tgz).
 #   on the GPU:  bash scripts/device_exp.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/milo_exp}; mkdir -p "$OUT/logs"
+nvcc -O3 -std=c++17 -arch=sm_90 -o /tmp/proto scripts/proto_v2_decode.cu && /tmp/proto; echo "v2 decode check rc=$?"
 nvcc -O3 -std=c++17 -arch=sm_90 -o /tmp/probe scripts/probe_loads.cu && timeout 120 /tmp/probe > "$OUT/probe.md" 2>&1
 echo "probe rc=$?"; grep -E "memcpy|stream|pers|ring|bulk" "$OUT/probe.md" | head -80
 source scripts/device_setup.sh /tmp/ext_tile
