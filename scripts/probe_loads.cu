@@ -22,6 +22,7 @@
 #include <cstdio>
 #include <vector>
 #include <algorithm>
+#include <type_traits>
 
 #define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("%s: %s\n", #x, cudaGetErrorString(e)); exit(1); } } while (0)
 
@@ -304,21 +305,31 @@ int main() {
              2.0 * qb / (ms / 50 * 1e-3) / 1e12);
       cudaFree(dst);
     }
-    auto run = [&](auto kern, const char* name, int wk, int ops) {
-      const int br = 16 * (8 >> wk), blocks = (sh.N + br - 1) / br;
+    // median us of 40 back-to-back launches of kern on (blocks, smem), over 7 repeats after 10 warm-up launches,
+    // printed as a table row (wk < 0: a persistent variant, no warps-per-tile split)
+    auto run_on = [&](auto kern, const char* name, int wk, int ops, int blocks, int smem) {
       cudaEvent_t e0, e1; cudaEventCreate(&e0); cudaEventCreate(&e1);
-      for (int i = 0; i < 10; ++i) kern<<<blocks, 256>>>(qs[i % copies], ss[i % copies], zs[i % copies], sh.N, sh.K, wk, out);
+      auto launch = [&](int i) {
+        kern<<<blocks, 256, smem>>>(qs[i % copies], ss[i % copies], zs[i % copies], sh.N, sh.K, wk < 0 ? 0 : wk, out);
+      };
+      for (int i = 0; i < 10; ++i) launch(i);
       CK(cudaGetLastError());
       std::vector<float> t;
       for (int rep = 0; rep < 7; ++rep) {
         cudaEventRecord(e0);
-        for (int i = 0; i < 40; ++i) kern<<<blocks, 256>>>(qs[i % copies], ss[i % copies], zs[i % copies], sh.N, sh.K, wk, out);
+        for (int i = 0; i < 40; ++i) launch(i);
         cudaEventRecord(e1); CK(cudaEventSynchronize(e1));
         float ms; cudaEventElapsedTime(&ms, e0, e1); t.push_back(ms / 40 * 1e3f);
       }
       std::sort(t.begin(), t.end());
-      printf("| %dx%d | %.1f | %s | %d | %d | %d | %.1f | %.2f |\n", sh.N, sh.K, mb, name, 1 << wk, ops, blocks, t[3],
+      char wks[8] = "-";
+      if (wk >= 0) snprintf(wks, sizeof wks, "%d", 1 << wk);
+      printf("| %dx%d | %.1f | %s | %s | %d | %d | %.1f | %.2f |\n", sh.N, sh.K, mb, name, wks, ops, blocks, t[3],
              mb * 1e6 / (t[3] * 1e-6) / 1e12);
+    };
+    auto run = [&](auto kern, const char* name, int wk, int ops) {
+      const int br = 16 * (8 >> wk);
+      run_on(kern, name, wk, ops, (sh.N + br - 1) / br, 0);
     };
     for (int wk : {0, 1, 2, 3}) {
       run(probe<false, 0, 1>, "lane PF0", wk, 1);
@@ -334,35 +345,25 @@ int main() {
       CK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
       int occ = 0;
       CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kern, 256, smem));
-      const int blocks = sms * std::max(1, std::min(occ, 2));
-      cudaEvent_t e0, e1; cudaEventCreate(&e0); cudaEventCreate(&e1);
-      for (int i = 0; i < 10; ++i) kern<<<blocks, 256, smem>>>(qs[i % copies], ss[i % copies], zs[i % copies], sh.N, sh.K, 0, out);
-      CK(cudaGetLastError());
-      std::vector<float> t;
-      for (int rep = 0; rep < 7; ++rep) {
-        cudaEventRecord(e0);
-        for (int i = 0; i < 40; ++i) kern<<<blocks, 256, smem>>>(qs[i % copies], ss[i % copies], zs[i % copies], sh.N, sh.K, 0, out);
-        cudaEventRecord(e1); CK(cudaEventSynchronize(e1));
-        float ms; cudaEventElapsedTime(&ms, e0, e1); t.push_back(ms / 40 * 1e3f);
-      }
-      std::sort(t.begin(), t.end());
-      printf("| %dx%d | %.1f | %s | - | %d | %d | %.1f | %.2f |\n", sh.N, sh.K, mb, name, ops, blocks, t[3],
-             mb * 1e6 / (t[3] * 1e-6) / 1e12);
+      run_on(kern, name, -1, ops, sms * std::max(1, std::min(occ, 2)), smem);
     };
-    run_p(stream_read, "stream (read ceiling)", 0, 0);
-    run_p(pers<1, 1>, "pers PF1", 0, 1);
-    run_p(pers<2, 1>, "pers PF2", 0, 1);
-    run_p(ring<3, 1>, "ring S3", 8 * 3 * kUnitBytes, 1);
-    run_p(ring<4, 1>, "ring S4", 8 * 4 * kUnitBytes, 1);
-    run_p(ring<6, 1>, "ring S6", 8 * 6 * kUnitBytes, 1);
-    run_p(bulk<3, 1>, "bulk S3", 8 * 3 * kUnitBytes, 1);
-    run_p(bulk<6, 1>, "bulk S6", 8 * 6 * kUnitBytes, 1);
-    run_p(pers<1, 15>, "pers PF1", 0, 15);
-    run_p(pers<2, 15>, "pers PF2", 0, 15);
-    run_p(ring<3, 15>, "ring S3", 8 * 3 * kUnitBytes, 15);
-    run_p(ring<6, 15>, "ring S6", 8 * 6 * kUnitBytes, 15);
-    run_p(bulk<3, 15>, "bulk S3", 8 * 3 * kUnitBytes, 15);
-    run_p(bulk<6, 15>, "bulk S6", 8 * 6 * kUnitBytes, 15);
+    {  // the read ceiling at full occupancy
+      int occ = 0;
+      CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, stream_read, 256, 0));
+      run_on(stream_read, "stream (read ceiling)", -1, 0, sms * std::max(1, occ), 0);
+    }
+    auto persistent = [&](auto ops) {  // ops: std::integral_constant, the integer work per word
+      constexpr int O = decltype(ops)::value;
+      run_p(pers<1, O>, "pers PF1", 0, O);
+      run_p(pers<2, O>, "pers PF2", 0, O);
+      run_p(ring<3, O>, "ring S3", 8 * 3 * kUnitBytes, O);
+      run_p(ring<4, O>, "ring S4", 8 * 4 * kUnitBytes, O);
+      run_p(ring<6, O>, "ring S6", 8 * 6 * kUnitBytes, O);
+      run_p(bulk<3, O>, "bulk S3", 8 * 3 * kUnitBytes, O);
+      run_p(bulk<6, O>, "bulk S6", 8 * 6 * kUnitBytes, O);
+    };
+    persistent(std::integral_constant<int, 1>{});
+    persistent(std::integral_constant<int, 15>{});
     int timeouts = 0;
     CK(cudaMemcpyFromSymbol(&timeouts, bulk_timeouts, sizeof(int)));
     if (timeouts) printf("bulk: %d barrier waits timed out (its rows are not valid)\n", timeouts);
