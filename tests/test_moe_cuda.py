@@ -158,11 +158,10 @@ def test_grouped_random(E, N, K, rows, R, g, dtype, kind, i):
     check(x, counts, routing_offsets(counts, rows, off_dtype), experts, g)
 
 
-@pytest.mark.parametrize("cfg", ["1", "2", "3", "4"])
+@pytest.mark.parametrize("cfg", ["1", "2", "4"])
 @pytest.mark.parametrize("splits", ["0", "1", "3"])
 def test_grouped_tile_configs(monkeypatch, cfg, splits):
-    """Every tile (16x64, 32x128, 16x128, 64x128) and split-K setting on one routing (the host picks
-    them from shapes; the 16x128 tile only when forced)."""
+    """Every tile height and split-K setting on one routing (the host picks them from shapes)."""
     monkeypatch.setenv("MILO_INT3_GROUPED_CFG", cfg)
     monkeypatch.setenv("MILO_INT3_SPLITS", splits)
     rnd = random.Random(int(cfg) * 10 + int(splits))

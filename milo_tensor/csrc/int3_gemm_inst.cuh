@@ -33,10 +33,6 @@ void MILO_FN(int mt, const Int3GemmParams& p, int n_tiles, int m_blocks, bool pr
       // (4 stages measured 20-25% faster than 8 at M = 1..16 on an H100)
       launch_cfg<Int3Cfg<MILO_T, 1, 2, 4, MILO_G, 4, 3>>(p, n_tiles, m_blocks, programmatic, s);
       break;
-    case 3:  // M <= 16, 128 columns per block (NT 4): half the blocks and x re-reads of cfg 1, register cap
-      // for 2 blocks/SM; opt-in (MILO_INT3_CFG / MILO_INT3_GROUPED_CFG = 3) until measured against cfg 1
-      launch_cfg<Int3Cfg<MILO_T, 1, 4, 4, MILO_G, 4, 2>>(p, n_tiles, m_blocks, programmatic, s);
-      break;
     case 2:
       launch_cfg<Int3Cfg<MILO_T, 2, 8, 2, MILO_G, 4>>(p, n_tiles, m_blocks, programmatic, s);
       break;

@@ -213,12 +213,12 @@ int env_int(const char* name, int dflt) {
 // blocks per SM the split-K choice aims for (MILO_INT3_CTAS_PER_SM overrides): about what each tile's
 // register cap lets reside
 int int3_cfg_ctas_per_sm(int cfg) {
-  return env_int("MILO_INT3_CTAS_PER_SM", cfg == 1 ? 4 : (cfg == 3 ? 2 : (cfg == 2 ? 3 : 1)));
+  return env_int("MILO_INT3_CTAS_PER_SM", cfg == 1 ? 4 : (cfg == 2 ? 3 : 1));
 }
 // a forced tile configuration (MILO_INT3_CFG for the dense op, MILO_INT3_GROUPED_CFG for the grouped op), 0 if none
 int forced_cfg(const char* var) {
   const int c = env_int(var, 0);
-  return c >= 1 && c <= 4 ? c : 0;
+  return c == 1 || c == 2 || c == 4 ? c : 0;
 }
 
 // whether a matmul kernel (decode or tensor-core) that follows its t kernel in the stream is launched
