@@ -6,7 +6,8 @@ streaming.py writes the same files a layer at a time). A checkpoint directory ho
 ordinary safetensors file whose header ``__metadata__`` (str -> str) carries:
 
     format                 "pt" (what transformers expects)
-    milo_format_version    "1" (quant/packing.FORMAT_VERSION; unknown versions are refused)
+    milo_format_version    "2" (quant/packing.FORMAT_VERSION); "1" is read (its int3 words are repacked,
+                           :func:`to_current_layout`), any other version is refused
     milo_config            the MiLoInt3Config as JSON (null if unknown)
     milo_params            {fqn: {shape, dtype, group_size, ranks, comp_bits, comp_group_size}} of the
                            quantized parameters in this file
@@ -41,7 +42,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from milo_tensor.quant.packing import FORMAT_VERSION
+from milo_tensor.quant.packing import FORMAT_VERSION, repack_v1
 from milo_tensor.tensor import MiLoInt3Tensor
 
 __all__ = [
@@ -50,6 +51,8 @@ __all__ = [
     "read_checkpoint",
     "verify_checkpoint",
     "build_quantized",
+    "check_format_version",
+    "to_current_layout",
     "SUPPORTED_FORMAT_VERSIONS",
 ]
 
@@ -57,7 +60,7 @@ SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 MILO_SEP = ".__milo__."
-SUPPORTED_FORMAT_VERSIONS = (1,)
+SUPPORTED_FORMAT_VERSIONS = (1, 2)  # 1: the format-1 int3 layout, repacked at load (to_current_layout)
 TMP_PREFIX = ".milo-tmp-"
 
 # Header metadata keys (values are JSON strings; safetensors metadata is str -> str).
@@ -406,17 +409,21 @@ def _load_json_meta(path: Path, metadata: Mapping[str, str], key: str, kind: typ
     return value
 
 
+def check_format_version(where: str | os.PathLike, version: Any) -> int:
+    """``version`` if this milo_tensor reads it; else the CheckpointError every loader raises."""
+    if type(version) is not int or version not in SUPPORTED_FORMAT_VERSIONS:
+        raise fail(where, f"unknown MiLo format version {version!r} (this milo_tensor reads "
+                          f"{list(SUPPORTED_FORMAT_VERSIONS)}); upgrade milo_tensor")
+    return version
+
+
 def _parse_version(path: Path, metadata: Mapping[str, str]) -> int:
     raw = metadata.get(META_VERSION)
     if raw is None:
         raise fail(path, f"header metadata lacks {META_VERSION!r}: not a MiLo checkpoint")
     if not re.fullmatch(r"[0-9]{1,9}", raw):
         raise fail(path, f"unknown MiLo format version {raw!r}")
-    version = int(raw)
-    if version not in SUPPORTED_FORMAT_VERSIONS:
-        raise fail(path, f"unknown MiLo format version {version} (this milo_tensor reads {list(SUPPORTED_FORMAT_VERSIONS)}); "
-                          f"upgrade milo_tensor")
-    return version
+    return check_format_version(path, int(raw))
 
 
 def read_checkpoint(directory: str | os.PathLike, *, load: bool = True, verify_data: bool = True) -> CheckpointInfo:
@@ -563,9 +570,27 @@ def _numel(shape: Iterable[int]) -> int:
     return n
 
 
+def to_current_layout(version: int, comp_bits: int | None, inner: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A quantized parameter's inner tensors as a checkpoint of format ``version`` stores them -> as
+    this milo_tensor holds them (format FORMAT_VERSION). Every loader passes them through here.
+
+    Formats 1 and 2 differ only in where the bits of each 32-code chunk sit in its 3 int32 words, so
+    the int3-packed tensors -- ``qdata``, and ``ut`` / ``v`` of an int3 compensator (``comp_bits``
+    3) -- go through ``repack_v1``; the others, shapes and dtypes are the same. Checksums are
+    checked on the stored bytes, before this.
+    """
+    if version == FORMAT_VERSION:
+        return dict(inner)
+    if version != 1:
+        raise ValueError(f"no conversion from MiLo format version {version!r}")
+    packed = ("qdata", "ut", "v") if comp_bits == 3 else ("qdata",)
+    return {name: repack_v1(t) if name in packed else t for name, t in inner.items()}
+
+
 def build_quantized(fqn: str, meta: Mapping[str, Any], inner: Mapping[str, torch.Tensor],
-                    device: torch.types.Device = None) -> MiLoInt3Tensor:
-    """The MiLoInt3Tensor of a quantized parameter from its stored inner tensors and attributes."""
+                    device: torch.types.Device = None, *, version: int) -> MiLoInt3Tensor:
+    """The MiLoInt3Tensor of a quantized parameter from its inner tensors as stored by a checkpoint of
+    format ``version`` (repacked to the current layout, :func:`to_current_layout`) and its attributes."""
     fields = {}
     for name, (shape, dtype) in expected_inner(fqn, meta).items():
         t = inner.get(name)
@@ -575,7 +600,7 @@ def build_quantized(fqn: str, meta: Mapping[str, Any], inner: Mapping[str, torch
             t = torch.empty(shape, dtype=dtype)
         fields[name] = t if device is None else t.to(device)
     return MiLoInt3Tensor(
-        **fields,
+        **to_current_layout(version, meta["comp_bits"], fields),
         shape=tuple(meta["shape"]),
         group_size=meta["group_size"],
         ranks=tuple(meta["ranks"]),

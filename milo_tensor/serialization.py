@@ -282,7 +282,7 @@ def _plan_assignments(model: nn.Module, info: CheckpointInfo, device: torch.devi
             if tuple(current.shape) != tuple(meta["shape"]) or current.dtype != FLOAT_DTYPES[meta["dtype"]]:
                 raise fail(file_of(name), f"tensor {name!r}: stored {meta['dtype']} {meta['shape']}, the model has "
                                            f"{str(current.dtype).removeprefix('torch.')} {list(current.shape)}")
-            value = build_quantized(name, meta, inner_of.get(name, {}), device)
+            value = build_quantized(name, meta, inner_of.get(name, {}), device, version=info.version)
         else:
             value = info.tensors[name]
             if tuple(current.shape) != tuple(value.shape) or current.dtype != value.dtype:

@@ -15,8 +15,9 @@ each decoder layer (and once for everything outside the layers: embeddings, fina
 So peak memory stays near one layer (float + quantized). A shard is only ever complete or absent;
 re-running after a kill verifies the shards already there (their checksums, the MiLo config, and a
 digest of the names, shapes and bytes of the source tensors they were made from) and quantizes only
-the layers without a valid shard. Quantization is
-deterministic, so a resumed run writes the same bytes as an uninterrupted one. The result is an
+the layers without a valid shard. A shard of another format version (written before the int3 layout
+changed) is not valid: its layer is quantized again, so a checkpoint never mixes layouts. Quantization
+is deterministic, so a resumed run writes the same bytes as an uninterrupted one. The result is an
 ordinary MiLo checkpoint: ``load_quantized(out)`` and ``from_pretrained(out)`` read it.
 """
 
@@ -48,6 +49,7 @@ from milo_tensor.checkpoint import (
     META_MANIFEST,
     META_STATS,
     META_UNIT,
+    META_VERSION,
     SAFE_WEIGHTS_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
     TMP_PREFIX,
@@ -63,6 +65,7 @@ from milo_tensor.checkpoint import (
     write_index,
     write_safetensors,
 )
+from milo_tensor.quant.packing import FORMAT_VERSION
 from milo_tensor.serialization import config_to_dict, flatten_state_dict
 from milo_tensor.tensor import MiLoInt3Tensor
 
@@ -461,13 +464,15 @@ def _lock_output(out: Path):
 
 
 def _existing_shard(path: Path, unit_meta: str, config_json: str):
-    """(header, stats, other_bytes) of a complete, verified shard for this unit, else None."""
+    """(header, stats, other_bytes) of a complete, verified shard for this unit, else None (a shard of
+    an older format version too: the layer is quantized again, so the checkpoint is all one version)."""
     if not path.is_file():
         return None
     try:
         header = read_header(path)
         md = header.metadata
-        if md.get(META_UNIT) != unit_meta or md.get(META_CONFIG) != config_json:
+        if (md.get(META_VERSION) != str(FORMAT_VERSION) or md.get(META_UNIT) != unit_meta
+                or md.get(META_CONFIG) != config_json):
             return None
         manifest = json.loads(md[META_MANIFEST])
         if set(manifest) != set(header.entries):

@@ -1,17 +1,15 @@
 #!/usr/bin/env bash
-# The open kernel experiments in one device call.  0) The v2 layout's decode checked on the device
-# (scripts/proto_v2_decode.cu).  1) The load probe (scripts/probe_loads.cu, table in $OUT/probe.md): what bandwidth the
+# The open kernel experiments in one device call.  1) The load probe (scripts/probe_loads.cu, table in $OUT/probe.md): what bandwidth the
 # decode kernel's access pattern, a persistent balanced grid, a cp.async ring and the sm_90 bulk copy engine reach.
 # 2) The tensor-core tiles forced in turn (tests); bench_kernel.py at M 5..16 under the settings in KENVS; bench_moe.py
 # milo-grouped at M 8 and 32 by default, with the 16-row tile forced and with the decode kernel up to 4 rows per
 # expert.  Carry .whl; logs under $OUT (logs.tgz).
-#   on the GPU:  bash scripts/device_exp.sh             # PARTS="proto probe tile kbench moe" (the default) picks steps
+#   on the GPU:  bash scripts/device_exp.sh             # PARTS="probe tile kbench moe" (the default) picks steps
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/milo_exp}; mkdir -p "$OUT/logs"
-PARTS=" ${PARTS:-proto probe tile kbench moe} "
+PARTS=" ${PARTS:-probe tile kbench moe} "
 part() { [[ $PARTS == *" $1 "* ]]; }
-part proto && nvcc -O3 -std=c++17 -arch=sm_90 -o /tmp/proto scripts/proto_v2_decode.cu && { /tmp/proto; echo "v2 decode check rc=$?"; }
 if part probe; then
   nvcc -O3 -std=c++17 -arch=sm_90 -o /tmp/probe scripts/probe_loads.cu && timeout 150 /tmp/probe > "$OUT/probe.md" 2>&1
   echo "probe rc=$?"; grep -E "memcpy|stream|pers|ring|bulk|lane PF1 \| 2 " "$OUT/probe.md" | head -80

@@ -94,6 +94,7 @@ def main() -> None:
     ap.add_argument("--kernel", default="", help="regex on the mangled kernel name (default: all)")
     ap.add_argument("--arch", default="90")
     ap.add_argument("--top", type=int, default=16, help="opcodes listed per loop")
+    ap.add_argument("--dump", action="store_true", help="print the main loop's instructions too")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")
@@ -112,6 +113,8 @@ def main() -> None:
             mix = collections.Counter(opcode(t) for _, t in ins[s:e + 1])
             print(f"  main loop {ins[s][0]:#x}-{ins[e][0]:#x}: {e - s + 1} instructions; "
                   + ", ".join(f"{k} {v}" for k, v in mix.most_common(args.top)))
+            if args.dump:
+                print("\n".join(f"    {t}" for _, t in ins[s:e + 1]))
 
 
 if __name__ == "__main__":

@@ -313,10 +313,12 @@ def test_structural_and_metadata_edits(original, target, tmp_path):
         edits.append((f"consistent size change of {name}", dict(edit_tensors=retype(name, lambda x: torch.cat([x.reshape(-1), x.reshape(-1)[:1]])))))
         edits.append((f"value change of {name} (digest kept)", dict(edit_tensors=lambda t, m, n=name: t.__setitem__(n, flip_first_bit(t[n])))))
     # Format version.
-    for version in ("2", "0", "999999999", "1.0", "one", "", "-1", " 1"):
+    # ("1" with a fresh digest is a valid format-1 checkpoint of other codes: test_serialization's
+    # test_format_1_checkpoint_loads_repacked)
+    for version in ("3", "0", "999999999", "2.0", "two", "", "-1", " 2"):
         edits.append((f"format version {version!r}", dict(edit_metadata=lambda m, v=version: m.__setitem__(ckpt.META_VERSION, v))))
     edits.append(("no format version", dict(edit_metadata=lambda m: m.pop(ckpt.META_VERSION))))
-    edits.append(("version edited, digest kept", dict(edit_metadata=lambda m: m.__setitem__(ckpt.META_VERSION, "2"), redigest=False)))
+    edits.append(("version edited, digest kept", dict(edit_metadata=lambda m: m.__setitem__(ckpt.META_VERSION, "1"), redigest=False)))
     # Attributes of a quantized parameter.
     def params_edit(fqn, key, value):
         return json_edit(ckpt.META_PARAMS, lambda p: p[fqn].__setitem__(key, value))

@@ -14,7 +14,7 @@ from milo_tensor import DenseSparseRank, load_quantized, milo_int3, quantize_
 from milo_tensor.cli import build_parser, main
 from milo_tensor.streaming import ABORT_ENV
 from models import tiny_moe
-from test_serialization import assert_same_model, logits, snapshot
+from test_serialization import assert_same_model, logits, rewrite_as_format_1, snapshot
 
 ARGS = ["--iters", "1", "--dense-rank", "8", "--sparse-rank", "4", "--no-progress"]
 CONFIG = milo_int3(DenseSparseRank(8, 4), iters=1)
@@ -109,6 +109,31 @@ def test_interrupt_and_resume_give_identical_files(tmp_path, monkeypatch, capsys
     assert main(["quantize", str(src), str(part), *ARGS]) == 0
     assert "layers quantized now: 0, resumed from an earlier run: 4" in capsys.readouterr().out
     assert_same_files(part, full)
+
+
+def test_resume_redoes_shards_of_format_1(tmp_path, capsys, gen):
+    """A run of a format-1 milo_tensor, resumed by this one: its shards (valid, but of the old int3
+    layout) are quantized again, never mixed with format-2 shards; the result is what one run writes."""
+    src = float_folder(tmp_path / "src", "mixtral", num_hidden_layers=3)
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(["quantize", str(src), str(full), *ARGS]) == 0
+    assert main(["quantize", str(src), str(part), *ARGS]) == 0
+    capsys.readouterr()
+    # layers 0 and 1 as a format-1 run left them; layer 2 of this format; the rest never written
+    assert rewrite_as_format_1(part, ["model-00001-of-00004.safetensors", "model-00002-of-00004.safetensors"])
+    for name in ("model-00004-of-00004.safetensors", "model.safetensors.index.json", "config.json"):
+        (part / name).unlink()
+    assert ckpt.read_header(part / "model-00001-of-00004.safetensors").metadata[ckpt.META_VERSION] == "1"
+    assert main(["quantize", str(src), str(part), *ARGS]) == 0
+    assert "layers quantized now: 3, resumed from an earlier run: 1" in capsys.readouterr().out
+    assert_same_files(part, full)
+    assert ckpt.verify_checkpoint(part).version == 2
+    reference = AutoModelForCausalLM.from_pretrained(src)
+    quantize_(reference, CONFIG, progress=False)
+    loaded = load_quantized(part)
+    assert_same_model(reference, loaded)
+    ids = torch.randint(3, 256, (1, 8), generator=gen)
+    assert torch.equal(logits(loaded, ids), logits(reference, ids))
 
 
 def test_hard_kill_and_resume(tmp_path):

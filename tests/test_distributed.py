@@ -22,7 +22,7 @@ import transformers
 
 from milo_tensor import MiLoInt3Tensor
 from milo_tensor.integrations import distributed as D
-from milo_tensor.quant.packing import pack_int3
+from milo_tensor.quant.packing import pack_int3, pack_int3_v1, unpack_int3
 from test_tensor import random_parts
 
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
@@ -124,6 +124,58 @@ def test_fsdp_padding_ops_keep_ranks(gen):
     assert padded.view(-1).shape == (2 * 64 * 64,)
     with pytest.raises(ValueError, match="metadata mismatch"):
         padded.copy_(w)
+
+
+class _OldFormatCheckpointable(D.MiLoCheckpointable):
+    """Saves ``format_version`` ``version``; for 1 what a format-1 milo_tensor saved: int3 words in the
+    format-1 layout (``qdata``, and ``ut`` / ``v`` of an int3 compensator)."""
+
+    def __init__(self, model, version=1):
+        super().__init__(model)
+        self.version = version
+
+    def state_dict(self):
+        sd = super().state_dict()
+        for key in [k for k in sd if k.endswith("._milo")]:
+            fqn = key.removesuffix("._milo")
+            sd[key] = {**sd[key], "format_version": self.version}
+            for leaf in ("qdata", "ut", "v") if sd[key]["comp_bits"] == 3 else ("qdata",):
+                if self.version == 1:
+                    sd[f"{fqn}.{leaf}"] = pack_int3_v1(unpack_int3(sd[f"{fqn}.{leaf}"]))
+        return sd
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+@pytest.mark.parametrize("comp_bits", [None, 3])
+def test_dcp_format_1_checkpoint_is_repacked_at_load(tmp_path, gen, comp_bits):
+    """A single-process DCP checkpoint of format 1 loads (repacked in place) as the weights saved."""
+    import torch.distributed.checkpoint as dcp
+
+    from milo_tensor import CheckpointError, milo_int3, quantize_
+
+    def build(seed):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64, bias=False))
+        extra = dict(compensator_bits=3, compensator_group_size=32) if comp_bits == 3 else {}
+        quantize_(model, milo_int3(8, iters=0, quantizer="rtn", **extra), progress=False)
+        return model
+
+    model = build(0)
+    dcp.save({"model": _OldFormatCheckpointable(model)}, checkpoint_id=tmp_path / "v1")
+    target = build(1)
+    assert not torch.equal(target[0].weight.qdata, model[0].weight.qdata)
+    D.load_sharded(target, tmp_path / "v1")
+    for a, b in ((model[0].weight, target[0].weight), (model[2].weight, target[2].weight)):
+        assert b.comp_bits == comp_bits
+        for name in a.__tensor_flatten__()[0]:
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+    x = torch.randn(5, 64, generator=gen)
+    with torch.no_grad():
+        assert torch.equal(target(x), model(x))
+    # a version this milo_tensor does not know is refused
+    dcp.save({"model": _OldFormatCheckpointable(model, version=3)}, checkpoint_id=tmp_path / "v3")
+    with pytest.raises(CheckpointError, match=r"0.weight: unknown MiLo format version 3 \(this milo_tensor reads \[1, 2\]\)"):
+        D.load_sharded(build(2), tmp_path / "v3")
 
 
 # ---------------------------------------------------------------------- two ranks

@@ -8,10 +8,21 @@ from transformers import AutoModelForCausalLM
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
 import milo_tensor
-from milo_tensor import DenseSparseRank, MiLoHfConfig, MiLoInt3Tensor, load_quantized, milo_int3, quantize_, save_quantized
+import milo_tensor.checkpoint as ckpt
+from milo_tensor import (
+    CheckpointError,
+    DenseSparseRank,
+    MiLoHfConfig,
+    MiLoInt3Tensor,
+    load_quantized,
+    milo_int3,
+    quantize_,
+    save_quantized,
+)
 from milo_tensor.integrations.hf_quantizer import MiLoHfQuantizer
+from milo_tensor.quant.packing import FORMAT_VERSION
 from models import tiny_moe
-from test_serialization import assert_same_model, logits
+from test_serialization import assert_format_1_on_disk, assert_same_model, logits, rewrite_as_format_1
 
 CONFIG = dict(rank_fn=DenseSparseRank(8, 4), iters=1, quantizer="rtn")
 
@@ -107,3 +118,51 @@ def test_every_family_round_trips_through_transformers(family, tmp_path, gen):
     for loaded in (a, AutoModelForCausalLM.from_pretrained(tmp_path / "b"), load_quantized(tmp_path / "b")):
         assert_same_model(model, loaded)
         assert torch.equal(logits(loaded, ids), reference)
+
+
+@pytest.mark.parametrize("comp_bits", [None, 3])
+def test_from_pretrained_of_a_format_1_checkpoint(tmp_path, gen, comp_bits):
+    """config.json format_version 1 and format-1 headers: from_pretrained repacks the int3 words, and
+    the model it returns equals the format-2 checkpoint's; save_pretrained writes format 2."""
+    model = tiny_moe("mixtral")
+    extra = dict(compensator_bits=3, compensator_group_size=32) if comp_bits == 3 else {}
+    quantize_(model, milo_int3(**CONFIG, **extra), progress=False)
+    v2, v1 = tmp_path / "v2", tmp_path / "v1"
+    for directory in (v2, v1):
+        save_quantized(model, directory, max_shard_size="80KB")
+    rewritten = rewrite_as_format_1(v1)
+    assert any(n.endswith(".__milo__.ut") for n in rewritten) == (comp_bits == 3)
+    assert_format_1_on_disk(v1, model, rewritten)
+    assert json.loads((v1 / "config.json").read_text())["quantization_config"]["format_version"] == 1
+
+    old, info = AutoModelForCausalLM.from_pretrained(v1, output_loading_info=True)
+    assert not any(info.values()), info
+    new = AutoModelForCausalLM.from_pretrained(v2)
+    assert_same_model(new, old)
+    assert_same_model(model, old)
+    assert old.model.layers[0].mlp.experts.gate_up_proj.comp_bits == comp_bits
+    ids = torch.randint(3, 256, (2, 9), generator=gen)
+    expected = logits(model, ids)
+    assert torch.equal(logits(old, ids), expected) and torch.equal(logits(new, ids), expected)
+    # the loaded model holds format-2 words, and says so when saved
+    assert old.config.quantization_config.format_version == FORMAT_VERSION == 2
+    old.save_pretrained(tmp_path / "again")
+    cfg = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert cfg["quantization_config"]["format_version"] == 2
+    assert ckpt.verify_checkpoint(tmp_path / "again").version == 2
+    for loaded in (AutoModelForCausalLM.from_pretrained(tmp_path / "again"), load_quantized(tmp_path / "again")):
+        assert_same_model(model, loaded)
+        assert torch.equal(logits(loaded, ids), expected)
+
+
+def test_from_pretrained_refuses_unknown_or_mismatched_format_version(quantized, tmp_path):
+    model, config = quantized
+    save_quantized(model, tmp_path, config=config)
+    path = tmp_path / "config.json"
+    cfg = json.loads(path.read_text())
+    for version, message in ((3, r"config.json: unknown MiLo format version 3 \(this milo_tensor reads \[1, 2\]\)"),
+                             (1, r"config.json: quantization_config.format_version is 1, the weight files' headers say 2")):
+        cfg["quantization_config"]["format_version"] = version
+        path.write_text(json.dumps(cfg))
+        with pytest.raises(CheckpointError, match=message):
+            AutoModelForCausalLM.from_pretrained(tmp_path)

@@ -18,6 +18,7 @@ from milo_tensor import (
     quantize_,
     save_quantized,
 )
+from milo_tensor.quant.packing import pack_int3_v1, unpack_int3, unpack_int3_v1
 from models import tiny_moe
 
 CASES = {
@@ -72,6 +73,63 @@ def snapshot(directory):
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
 
 
+def rewrite_as_format_1(directory, names=None) -> list[str]:
+    """Rewrite the (format-2) weight files ``names`` of a checkpoint (default: all) as format 1 stored
+    them: the int3 words -- ``qdata``, and ``ut`` / ``v`` where ``comp_bits`` is 3 -- in the format-1
+    layout, ``milo_format_version`` "1", the manifests, metadata digests, the index's shard digests
+    and config.json's format_version to match. Returns the tensors rewritten."""
+    paths = [directory / n for n in names] if names else sorted(directory.glob("*.safetensors"))
+    files, rewritten = {}, {}
+    for path in paths:
+        header = ckpt.read_header(path)
+        with open(path, "rb") as fh:
+            tensors = {n: ckpt.read_tensor(fh, header, n) for n in header.entries}
+        params = json.loads(header.metadata[ckpt.META_PARAMS])
+        for name, t in tensors.items():
+            fqn, sep, leaf = name.partition(ckpt.MILO_SEP)
+            if sep and (leaf == "qdata" or (leaf in ("ut", "v") and params[fqn]["comp_bits"] == 3)):
+                tensors[name] = rewritten[name] = pack_int3_v1(unpack_int3(t))
+        files[path] = (header.metadata, tensors)
+    digests = {}
+    for path, (md, tensors) in files.items():
+        manifest = json.loads(md[ckpt.META_MANIFEST])  # save_quantized's shards each list every tensor
+        for name, t in rewritten.items():
+            if name in manifest:
+                manifest[name] = ckpt.manifest_entry(t, ckpt.tensor_digest(t))
+        md = {**md, ckpt.META_MANIFEST: ckpt.canonical_json(manifest), ckpt.META_VERSION: "1"}
+        md[ckpt.META_DIGEST] = ckpt.metadata_digest(md)
+        ckpt.write_safetensors(path, tensors, md)
+        digests[path.name] = md[ckpt.META_DIGEST]
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["metadata"]["milo_shards"].update(digests)
+        if names is None:
+            data["metadata"][ckpt.META_VERSION] = 1
+        index.write_text(json.dumps(data))
+    config = directory / "config.json"
+    if config.exists() and names is None:
+        data = json.loads(config.read_text())
+        data["quantization_config"]["format_version"] = 1
+        config.write_text(json.dumps(data))
+    return sorted(rewritten)
+
+
+def assert_format_1_on_disk(directory, model, rewritten):
+    """The rewritten files are format 1 and their int3 words differ from the model's (so a loader that
+    skipped repacking would load other weights)."""
+    for path in directory.glob("*.safetensors"):
+        header = ckpt.read_header(path)
+        assert header.metadata[ckpt.META_VERSION] == "1"
+        with open(path, "rb") as fh:
+            for name in header.entries:
+                if name in rewritten:
+                    fqn, _, leaf = name.partition(ckpt.MILO_SEP)
+                    stored, held = ckpt.read_tensor(fh, header, name), getattr(model.get_parameter(fqn), leaf)
+                    assert stored.shape == held.shape and not torch.equal(stored, held), name
+                    assert torch.equal(unpack_int3(held), unpack_int3_v1(stored)), name
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_round_trip_bit_exact(case, models, tmp_path, gen):
     model, config = models[case]
@@ -87,7 +145,7 @@ def test_round_trip_bit_exact(case, models, tmp_path, gen):
     # the header records version, config and every quantized tensor's attributes
     header = ckpt.read_header(tmp_path / "model.safetensors")
     md = header.metadata
-    assert md["milo_format_version"] == "1" and md["format"] == "pt"
+    assert md["milo_format_version"] == "2" and md["format"] == "pt"
     assert json.loads(md["milo_config"]) == ser.config_to_dict(config)
     params = json.loads(md["milo_params"])
     stack = "model.layers.0.mlp.experts.gate_up_proj"
@@ -218,9 +276,47 @@ def test_unknown_version_and_missing_dir(models, tmp_path):
     with open(path, "rb") as fh:
         for name in header.entries:
             tensors[name] = ckpt.read_tensor(fh, header, name)
-    ckpt.write_safetensors(path, tensors, {**header.metadata, "milo_format_version": "2"})
-    with pytest.raises(CheckpointError, match=r"unknown MiLo format version 2"):
-        load_quantized(tmp_path)
+    for version in ("3", "0"):
+        md = {**header.metadata, "milo_format_version": version}
+        ckpt.write_safetensors(path, tensors, {**md, ckpt.META_DIGEST: ckpt.metadata_digest(md)})
+        with pytest.raises(CheckpointError, match=rf"unknown MiLo format version {version} \(this milo_tensor reads \[1, 2\]\)"):
+            load_quantized(tmp_path)
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+@pytest.mark.parametrize("case", ["mixtral-hqq", "qwen2_moe-int3comp"])
+def test_format_1_checkpoint_loads_repacked(case, sharded, models, tmp_path, gen):
+    """A format-1 checkpoint (the same codes in the old int3 layout) loads as exactly the weights of
+    the format-2 checkpoint of the same model, and saves again as format 2."""
+    model, config = models[case]
+    v2, v1 = tmp_path / "v2", tmp_path / "v1"
+    for directory in (v2, v1):
+        save_quantized(model, directory, config=config, max_shard_size="60KB" if sharded else "2GB")
+    rewritten = rewrite_as_format_1(v1)
+    int3_comp = config.compensator_bits == 3
+    assert any(n.endswith(".__milo__.qdata") for n in rewritten)
+    assert any(n.endswith(".__milo__.ut") for n in rewritten) == int3_comp
+    assert any(n.endswith(".__milo__.v") for n in rewritten) == int3_comp
+    assert_format_1_on_disk(v1, model, rewritten)
+    assert ckpt.verify_checkpoint(v1).version == 1 and ckpt.verify_checkpoint(v2).version == 2
+
+    old, new = load_quantized(v1), load_quantized(v2)
+    assert_same_model(new, old)
+    assert_same_model(model, old)
+    ids = torch.randint(3, 256, (2, 9), generator=gen)
+    expected = logits(model, ids)
+    assert torch.equal(logits(old, ids), expected) and torch.equal(logits(new, ids), expected)
+    # saved again: format 2, byte for byte the format-2 checkpoint
+    save_quantized(old, tmp_path / "again", config=config, max_shard_size="60KB" if sharded else "2GB")
+    weights = lambda d: {n: b for n, b in snapshot(d).items() if n.endswith((".safetensors", ".index.json"))}  # noqa: E731
+    assert weights(tmp_path / "again") == weights(v2)
+    # (the manifest holds digests of the format-1 bytes: they are checked as stored) a corrupted one is refused
+    path = max(v1.glob("*.safetensors"), key=lambda p: p.stat().st_size)
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0x10
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        load_quantized(v1)
 
 
 def test_save_refuses_what_it_cannot_store(tmp_path):

@@ -3,16 +3,16 @@
 //   y[M, N] = x[M, K] @ deq(Q)[N, K]^T + t[M, R] @ ut[R, N] (+ bias)
 //   deq(Q)[n, k] = (code[n, k] - zeros[n, k / G]) * scales[n, k / G]
 //
-// Q is read directly in the v1 storage layout (milo_tensor/quant/packing.py, docs/format.md):
-// 32 codes of one row = 3 int32 words: w0 = low 2 bits of codes 0..15 (bits 2j), w1 = low 2 bits of
-// codes 16..31, w2 = bit 2 of codes 0..31 (bit j).
+// Q is read directly in the storage layout, format 2 (milo_tensor/quant/packing.py, docs/format.md):
+// 32 codes of one row = 3 int32 words; the neighbours (2p, 2p + 1) form pair p, held in one 3-bit field
+// of one word (low half: code 2p, high half: code 2p + 1); pair 15 sits in the spare bits 15 / 31.
 //
 // Design (docs/kernel.md has the long version):
 // * tensor cores: mma.sync m16n8k16, x is the A operand (row-major), the weight the B operand.
-// * the k order inside a 64-wide slice is permuted (the sum over k does not care): thread t of a
-//   quad owns 4 of the 8 (j, j+8) code pairs of one 16-code word, so its B fragment comes out of
-//   one plane word and one high-bit word with shift + lop3 only; x is staged in shared memory in
-//   the matching order (8-byte cp.async pieces) so the A fragment is one 16-byte ld.shared + prmt.
+// * the k order inside a chunk is the mma's own up to the pairing (the sum over k does not care): a
+//   thread's B register is one code pair, i.e. two neighbouring k, so x is staged in natural order
+//   and its A fragment registers are x words as loaded (16-byte ld.shared, no prmt); the pairs of a
+//   thread come out of two words with the same shifts whichever half of the chunk it owns.
 // * dequantization in registers: (code | magic) is the fp16/bf16 number magic + code exactly
 //   (magic = 1024 for fp16, 128 for bf16). The mma accumulates x . (magic + code) in fp32 per group;
 //   a second mma against a ones-matrix gives the row sums of x per group, and the group's affine
@@ -79,17 +79,55 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&h);
 }
 
-__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
-  uint32_t r;
-  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
-  return r;
-}
-
 // (a & b) | c
 __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
   uint32_t r;
   asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
   return r;
+}
+
+// ---- the format-2 code layout (packing.py): pair p = codes (2p, 2p + 1) of a 32-code chunk ----
+// pairs 0..4 in fields 0..4 of word 0, 5..7 in fields 0..2 of word 1, 8..12 in fields 0..4 of word 2,
+// 13..14 in fields 3..4 of word 1; field i = bits 3i..3i+2 (code 2p) and 16+3i.. (code 2p + 1)
+__host__ __device__ constexpr int pair_word(int p) { return p < 5 ? 0 : (p < 8 ? 1 : (p < 13 ? 2 : 1)); }
+__host__ __device__ constexpr int pair_field(int p) { return p < 5 ? p : (p < 8 ? p - 5 : (p < 13 ? p - 8 : p - 10)); }
+
+// v shifted left by s (right by -s); s is a constant after unrolling
+__device__ __forceinline__ uint32_t shl(uint32_t v, int s) { return s >= 0 ? v << s : v >> (-s); }
+
+// field i of word w as a pair register: the two codes at bit pos of each half, OR-ed into magic
+__device__ __forceinline__ uint32_t field_pair(uint32_t w, int i, int pos, uint32_t magic) {
+  return and_or(shl(w, pos - 3 * i), 0x00070007u << pos, magic);
+}
+// pair 15 (codes 30, 31): bit b of each in bits 15 / 31 of word b
+__device__ __forceinline__ uint32_t spare_pair(uint32_t w0, uint32_t w1, uint32_t w2, int pos, uint32_t magic) {
+  uint32_t r = and_or(shl(w0, pos - 15), 0x00010001u << pos, magic);
+  r = and_or(shl(w1, pos - 14), 0x00020002u << pos, r);
+  return and_or(shl(w2, pos - 13), 0x00040004u << pos, r);
+}
+// pairs 8h .. 8h + 7 of a chunk (k 16h .. 16h + 15) at bit 0, OR-ed into magic, for a runtime half h:
+// X = word 2h, w1 = word 1, O = word 2 - 2h (h = 1: pairs 8..12 from word 2, 13..14 from word 1 >> 9,
+// 15 the spare pair; h = 0: 0..4 from word 0, 5..7 from word 1: the same shifts)
+__device__ __forceinline__ void half_chunk_pairs(uint32_t X, uint32_t w1, uint32_t O, int h, uint32_t magic,
+                                                 uint32_t (&b)[8]) {
+  const uint32_t Y = w1 >> (9 * h);
+#pragma unroll
+  for (int i = 0; i < 5; ++i) b[i] = field_pair(X, i, 0, magic);
+  b[5] = field_pair(Y, 0, 0, magic);
+  b[6] = field_pair(Y, 1, 0, magic);
+  b[7] = h ? spare_pair(O, w1, X, 0, magic) : field_pair(Y, 2, 0, magic);
+}
+// pairs 4q .. 4q + 3 of a chunk (k 8q .. 8q + 7) at bit 0, OR-ed into magic, for a runtime quarter q:
+// X = word 2 (q >> 1), w1 = word 1, O = word 2 - 2 (q >> 1)
+__device__ __forceinline__ void quarter_chunk_pairs(uint32_t X, uint32_t w1, uint32_t O, int q, uint32_t magic,
+                                                    uint32_t (&r)[4]) {
+  const int h = q >> 1, odd = q & 1;
+  const uint32_t Y = w1 >> (9 * h);
+  const uint32_t Z = odd ? Y : X >> 3;  // q odd: pairs 1..3 of the quarter from Y's fields 0..2
+  r[0] = field_pair(X >> (12 * odd), 0, 0, magic);
+  r[1] = field_pair(Z, 0, 0, magic);
+  r[2] = field_pair(Z, 1, 0, magic);
+  r[3] = (odd & h) ? spare_pair(O, w1, X, 0, magic) : field_pair(Z, 2, 0, magic);
 }
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
@@ -107,9 +145,6 @@ __device__ __forceinline__ void cp_async16_pf(uint32_t dst, const void* src) {
 __device__ __forceinline__ void cp_async16_zfill(uint32_t dst, const void* src, bool valid) {
   int n = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
-}
-__device__ __forceinline__ void cp_async8(uint32_t dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(src));
 }
 __device__ __forceinline__ void cp_async4(uint32_t dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src));
@@ -238,8 +273,8 @@ struct Int3Cfg {
   static constexpr int BN = 8 * NT * WN;
   static constexpr int BK = 128;
   static constexpr int KG = G < 64 ? G : 64;        // apply the group affine map every KG k
-  // G >= 64: thread t of a quad owns word (t >> 1) of chunk (t & 1) of a 64-slice (constant shifts,
-  // x staged in natural order); G == 32: thread t owns 4 pairs of each chunk (groups stay pure)
+  // G >= 64: thread t of a quad owns half (t >> 1) of chunk (t & 1) of a 64-slice (8 pairs); G == 32:
+  // thread t owns a quarter (4 pairs) of each chunk (the mma's k stay in one group)
   static constexpr bool NATURAL = G >= 64;
   static constexpr int GS = BK / G > 0 ? BK / G : 1;  // groups per stage (G <= 128)
   static constexpr int GW = GS >= 2 ? GS / 2 : 1;     // 4-byte windows of scales per row per stage
@@ -270,7 +305,7 @@ struct Int3Cfg {
   // per-thread load descriptors
   static constexpr int WU = (BN * 3 + THREADS - 1) / THREADS;            // 16-byte weight pieces
   static constexpr int SU = (2 * BN * GW + THREADS - 1) / THREADS;       // 4-byte scale windows
-  static constexpr int XPR = NATURAL ? 16 : 32;                          // x pieces per row
+  static constexpr int XPR = 16;                                         // 16-byte x pieces per row
   static constexpr int XU = (BM * XPR + THREADS - 1) / THREADS;          // x pieces
   static constexpr int CU = (GS * BN + THREADS - 1) / THREADS;           // scale conversions
 };
@@ -297,7 +332,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MINB) int3_gemm_kernel(cons
   const int lane = tid & 31, warp = tid >> 5;
   const int wk = warp & 1, wn = warp >> 1;
   const int g = lane >> 2, t = lane & 3;
-  const int hw = t >> 1, qq = t & 1;
+  const int hw = t >> 1;
 
   const int N = p.N, K = p.K, R = p.R;
   const int n0 = blockIdx.x * BN;
@@ -369,12 +404,10 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MINB) int3_gemm_kernel(cons
     if (Cfg::NATURAL) {
       x_soff[i] = ok ? static_cast<uint32_t>(row * Cfg::X_ROW + piece * 16) : 0xFFFFFFFFu;
       x_goff[i] = row * K + piece * 8;
-    } else {
-      const int c = piece >> 3, e = piece & 7;
-      const int pos = (e & 4) | ((e & 1) << 1) | ((e >> 1) & 1);
-      const int cs = c ^ (row & 1);
-      x_soff[i] = ok ? static_cast<uint32_t>(row * Cfg::X_ROW + cs * 64 + pos * 8) : 0xFFFFFFFFu;
-      x_goff[i] = row * K + piece * 4;
+    } else {  // 64-byte chunks swapped in pairs on odd rows (bank spread of the A loads)
+      const int cs = (piece >> 2) ^ (row & 1);
+      x_soff[i] = ok ? static_cast<uint32_t>(row * Cfg::X_ROW + cs * 64 + (piece & 3) * 16) : 0xFFFFFFFFu;
+      x_goff[i] = row * K + piece * 8;
     }
   }
   // scale conversion items: (group of the stage, row); parity of the row's first halfword (G=128)
@@ -401,10 +434,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MINB) int3_gemm_kernel(cons
 #pragma unroll
     for (int i = 0; i < XU; ++i) {
       if (x_soff[i] != 0xFFFFFFFFu) {
-        if (Cfg::NATURAL)
-          cp_async16(sb + Cfg::W_BYTES + x_soff[i], xs0 + x_goff[i]);
-        else
-          cp_async8(sb + Cfg::W_BYTES + x_soff[i], xs0 + x_goff[i]);
+        cp_async16(sb + Cfg::W_BYTES + x_soff[i], xs0 + x_goff[i]);
       }
     }
     // windows of 4 bytes; for G = 128 (one group per stage) the aligned window holding the group
@@ -495,9 +525,9 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MINB) int3_gemm_kernel(cons
     const uint8_t* sfs = smem + Cfg::PIPE_BYTES + ((it & 1) * GS * BN) * 8;
 
     if constexpr (Cfg::NATURAL) {
-      // ---- G >= 64: one 64-slice per warp; thread t owns word (t >> 1) of chunk (t & 1) ----
+      // ---- G >= 64: one 64-slice per warp; thread t owns half (t >> 1) of chunk (t & 1): 8 pairs ----
       const int cq = t & 1;  // chunk of the slice
-      const int hq_ = t >> 1;  // plane word (codes 16*hq_ .. 16*hq_ + 15 of the chunk)
+      const int hq_ = t >> 1;  // pairs 8*hq_ .. 8*hq_ + 7 of the chunk (k 16*hq_ .. 16*hq_ + 15)
       uint32_t af[MT][4][4];
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
@@ -507,11 +537,11 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MINB) int3_gemm_kernel(cons
         const uint32_t ra[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
         const uint32_t rb[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
 #pragma unroll
-        for (int s_ = 0; s_ < 4; ++s_) {
-          af[mt][s_][0] = prmt(ra[s_], ra[s_ + 4], 0x5410);
-          af[mt][s_][1] = prmt(rb[s_], rb[s_ + 4], 0x5410);
-          af[mt][s_][2] = prmt(ra[s_], ra[s_ + 4], 0x7632);
-          af[mt][s_][3] = prmt(rb[s_], rb[s_ + 4], 0x7632);
+        for (int s_ = 0; s_ < 4; ++s_) {  // k16 step s_: pairs 2 s_ (k slots 2t, 2t+1) and 2 s_ + 1 (2t+8, 2t+9)
+          af[mt][s_][0] = ra[2 * s_];
+          af[mt][s_][1] = rb[2 * s_];
+          af[mt][s_][2] = ra[2 * s_ + 1];
+          af[mt][s_][3] = rb[2 * s_ + 1];
         }
       }
       float xs[MT][4];
@@ -522,16 +552,12 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MINB) int3_gemm_kernel(cons
         for (int s_ = 1; s_ < 4; ++s_) mma16816<T>(xs[mt], af[mt][s_], ONE2, ONE2, xs[mt]);
       }
       const int gl = (64 * wk) / G;
-      const uint32_t hsel = hq_ ? 0x4342u : 0x4140u;
 #pragma unroll
       for (int i = 0; i < NT; ++i) {
         const int row = (wn * NT + i) * 8 + g;
         const uint8_t* wrow = sw + row * Cfg::W_ROW + (2 * wk + cq) * 12;
-        const uint32_t W = lds32(wrow + hq_ * 4);
-        const uint32_t hb2 = prmt(lds32(wrow + 8), 0u, hsel) << 2;
         uint32_t b[8];
-#pragma unroll
-        for (int j = 0; j < 8; ++j) b[j] = and_or(hb2 >> j, 0x00040004u, and_or(W >> (2 * j), 0x00030003u, MAGIC2));
+        half_chunk_pairs(lds32(wrow + 8 * hq_), lds32(wrow + 4), lds32(wrow + 8 - 8 * hq_), hq_, MAGIC2, b);
         float accg[MT][4];
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
@@ -568,16 +594,17 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MINB) int3_gemm_kernel(cons
       for (int mt = 0; mt < MT; ++mt) {
         const int ra = mt * 16 + g;
         const int cs = c ^ (g & 1);  // (ra & 1) == (ra + 8) & 1 == g & 1
+        // thread t: pairs 4t .. 4t + 3 of the chunk (k 8t .. 8t + 7), step sub: pairs 4t + 2 sub, + 1
         const uint4 va = lds128(sx + ra * Cfg::X_ROW + cs * 64 + t * 16);
         const uint4 vb = lds128(sx + (ra + 8) * Cfg::X_ROW + cs * 64 + t * 16);
-        af[mt][0][0] = prmt(va.x, va.z, 0x5410);
-        af[mt][0][1] = prmt(vb.x, vb.z, 0x5410);
-        af[mt][0][2] = prmt(va.x, va.z, 0x7632);
-        af[mt][0][3] = prmt(vb.x, vb.z, 0x7632);
-        af[mt][1][0] = prmt(va.y, va.w, 0x5410);
-        af[mt][1][1] = prmt(vb.y, vb.w, 0x5410);
-        af[mt][1][2] = prmt(va.y, va.w, 0x7632);
-        af[mt][1][3] = prmt(vb.y, vb.w, 0x7632);
+        af[mt][0][0] = va.x;
+        af[mt][0][1] = vb.x;
+        af[mt][0][2] = va.y;
+        af[mt][0][3] = vb.y;
+        af[mt][1][0] = va.z;
+        af[mt][1][1] = vb.z;
+        af[mt][1][2] = va.w;
+        af[mt][1][3] = vb.w;
       }
       const bool group_start = (KG == 32) || (cc == 0);
       // row sums of x over the group (ones matrix as B)
@@ -594,21 +621,9 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MINB) int3_gemm_kernel(cons
       for (int i = 0; i < NT; ++i) {
         const int row = (wn * NT + i) * 8 + g;
         const uint8_t* wrow = sw + row * Cfg::W_ROW + c * 12;
-        const uint32_t W = lds32(wrow + hw * 4);
-        const uint32_t w2 = lds32(wrow + 8);
-        const uint32_t Wq = W >> (8 * qq);
-        const uint32_t hb = prmt(w2, 0u, hw ? 0x4342u : 0x4140u);
-        const uint32_t hq = (hb << 2) >> (4 * qq);
-        uint32_t b[2][2];
-#pragma unroll
-        for (int sub = 0; sub < 2; ++sub) {
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int jp = 2 * sub + h;
-            const uint32_t lo = and_or(Wq >> (2 * jp), 0x00030003u, MAGIC2);
-            b[sub][h] = and_or(hq >> jp, 0x00040004u, lo);
-          }
-        }
+        uint32_t r4[4];
+        quarter_chunk_pairs(lds32(wrow + 8 * hw), lds32(wrow + 4), lds32(wrow + 8 - 8 * hw), t, MAGIC2, r4);
+        const uint32_t b[2][2] = {{r4[0], r4[1]}, {r4[2], r4[3]}};
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
           if (group_start)

@@ -4,10 +4,8 @@
 // stalls on barriers between small k stages (docs/kernel.md). Here the *weight* is the mma's A operand
 // (16 output columns n per warp) and x the B operand, each warp streams its codes straight from global
 // memory into registers (16-byte loads, no shared-memory ring, no barrier in the main loop). A pair of
-// codes (j, j + 8) of one 16-code plane word becomes the half2 / bf162 (1 + code_j / 8, 1 + code_j+8 / 8)
-// exactly, with two shifts and two lop3: the code's bits go to the top of the mantissa of 1.0. (The
-// GEMM kernel's magic 1024 + code would make each lane's 128-k partial sum ~300x larger than the
-// result, too much cancellation for offset activations; 8 + code is ~2x.)
+// neighbouring codes (one 3-bit field of a format-2 word, int3_gemm.cuh) becomes one half2 / bf162
+// register with one AND or LOP3 (and at most one shift), in one of the encodings of CodeEnc below.
 //
 // Group purity. A lane of a quad owns 128 consecutive k (three 16-byte words per weight row); one
 // m16n8k16 mma takes 4 k from each of the quad's 4 lanes, which may sit in different quantization
@@ -18,12 +16,12 @@
 //     y[n, m] += 8 s * sum_k x_k (1 + q_k / 8)  -  s (8 + z) * sum_k x_k
 //
 // (sum_k x_k per group computed once when x is staged). Two rows of x per mma; four rows take a
-// second mma on the same dequantized A. Cost per code ~2 shifts + 2 lop3 per two codes plus 1/8 of an
-// mma, about half of a CUDA-core dot product's.
+// second mma on the same dequantized A. Cost per code about half an AND / LOP3 (classed) or one shift
+// and one LOP3 per two codes (fixed), plus 1/8 of an mma.
 //
 // Block: 8 warps; WK warps (a power of two chosen from K) split the k of one 16-column tile in 512-k
 // slices, so a block covers 16 * 8 / WK columns. Each warp stages the x of its slice in its own
-// shared memory, permuted so that a lane's B registers are one 16-byte load per 16 codes. Partials of
+// shared memory, in natural order (a lane's B registers are one 16-byte load per 8 pairs). Partials of
 // a tile's warps are summed in a fixed order, the low-rank term t U^T (t = x V^T from the caller) and
 // the bias are added per column, y is written once. Deterministic; no host sync, no allocation. The
 // grouped op's input rows may be gathered and gated on the fly (grouped_input.cuh).
@@ -52,52 +50,74 @@ static_assert(kRChunk * kInt3GemvMaxRows <= kThreads, "one thread per staged t e
 constexpr int kXBlock = 1;  // x of the whole K staged once per block up front (else per warp, per slice)
 constexpr int kUAsync = 2;  // the first kRChunk ranks of U^T's block columns copied to shared memory up front
 
-// How a code pair (j, j + 8) of a 16-code plane word W (code j's low bits at bits 2j, 2j+1, code j+8's
-// at 16+2j) becomes one mma A register: the pair's 3-bit field is placed at bit pos(j) of each half and
-// OR-ed into a magic, giving kMagic + code * 2^pos(j) * unit. Two encodings:
+// How the code pair p (codes 2p, 2p + 1 of a 32-code chunk: neighbouring k, so its B register is one
+// word of x) becomes one mma A register (layout: int3_gemm.cuh, format 2): the pair's 3-bit field is
+// placed at bit pos(p) of each half and OR-ed into a magic, giving kMagic + code * 2^pos(p) * unit.
+// Two encodings:
 //
-// * Classed (the decode path at 1-2 rows of x, g >= 64): pos(j) is where a shift of W *shared by several
-//   pairs* leaves the low bits, so a pair costs one shift (of the high-bit word) and two lop3, not two
-//   shifts and two lop3. The power of two then depends on the pair: pairs are multiplied in mmas of one
-//   class (one pos) each, into an accumulator per class, and the classes are combined in fp32 at the
-//   group end (22% fewer instructions per 512-k slice than the fixed encoding, sm_90 SASS).
+// * Classed (the decode path at 1-2 rows of x, g >= 64): pos(p) is where the field already sits in
+//   its word, or in the word shifted once for several pairs, so most pairs cost one AND (fp16) or one
+//   LOP3 (bf16) and no shift. The power of two then depends on the pair: pairs are multiplied in mmas
+//   of one class (one pos) each, into an accumulator per class, and the classes are combined in fp32 at
+//   the group end.
 //     fp16: fp16 subnormals (magic 0): the field is code << pos times 2^-24 exactly, no offset, so
-//           nothing cancels; pos = 2 (j & 3) from W (j < 4) and W >> 8 (field at most bit 8).
+//           nothing cancels; pos 0, 3, 6 (classes 0, 1, 2) for fields 0-2, word >> 9 for fields 3-4.
 //     bf16: a bf16 subnormal times x would underflow fp32, so the magic 1.0 stays: 1 + (code << pos) /
-//           128 (field at most bit 6 of the 7-bit mantissa), pos = 2 (j & 1) from W >> 4 (j >> 1).
+//           128 (field at most bit 6 of the 7-bit mantissa): pos 0, 3 (classes 0, 1), from the word,
+//           word >> 6 and word >> 12.
 // * Fixed (4 rows of x, or g = 32, where the classed accumulators do not fit in registers): every code
-//   at the top of the mantissa of 1.0, 1 + code / 8, one class. (Magic 1024 + code would make a lane's
-//   128-k partial sum ~300x larger than the result, too much cancellation for offset activations.)
+//   at the top of the mantissa of 1.0, 1 + code / 8, one class, one shift and one LOP3 a pair. (Magic
+//   1024 + code would make a lane's 128-k partial sum ~300x larger than the result, too much
+//   cancellation for offset activations.)
 //
-// The group end subtracts the magic's share, sum_k x_k * kInvUnit / 4^class(k) (staged with x).
+// The group end subtracts the magic's share, sum_k x_k * kInvUnit / 8^class(k) (staged with x). mma i
+// of a chunk multiplies pairs pa(i) and pb(i), both of class mma_cls(i).
 template <typename T, bool kClassed>
 struct CodeEnc;
 template <>
 struct CodeEnc<half, true> {
-  static constexpr int kClasses = 4;
+  static constexpr int kClasses = 3;
   static constexpr uint32_t kMagic2 = 0u;
-  static constexpr float kInvUnit = 16777216.f;  // 2^24: class c counts code * 4^c * 2^-24
-  __host__ __device__ static constexpr int cls(int j) { return j & 3; }
-  __host__ __device__ static constexpr int pos(int j) { return 2 * (j & 3); }
-  // mma i multiplies pairs pa(i) and pb(i), both of class mma_cls(i)
-  __host__ __device__ static constexpr int pa(int i) { return i; }
-  __host__ __device__ static constexpr int pb(int i) { return i + 4; }
-  __host__ __device__ static constexpr int mma_cls(int i) { return i; }
+  static constexpr float kInvUnit = 16777216.f;  // 2^24: class c counts code * 8^c * 2^-24
+  __host__ __device__ static constexpr int pos(int p) {
+    constexpr int t[16] = {0, 3, 6, 0, 3, 0, 3, 6, 0, 3, 6, 0, 3, 0, 3, 6};
+    return t[p];
+  }
+  __host__ __device__ static constexpr int cls(int p) { return pos(p) / 3; }
+  __host__ __device__ static constexpr int pa(int i) {
+    constexpr int t[8] = {0, 5, 11, 1, 6, 12, 2, 10};
+    return t[i];
+  }
+  __host__ __device__ static constexpr int pb(int i) {
+    constexpr int t[8] = {3, 8, 13, 4, 9, 14, 7, 15};
+    return t[i];
+  }
+  __host__ __device__ static constexpr int mma_cls(int i) { return i < 3 ? 0 : (i < 6 ? 1 : 2); }
 };
 template <>
 struct CodeEnc<__nv_bfloat16, true> {
   static constexpr int kClasses = 2;
   static constexpr uint32_t kMagic2 = 0x3F803F80u;  // bf162(1, 1)
-  static constexpr float kInvUnit = 128.f;          // class c counts code * 4^c / 128
-  __host__ __device__ static constexpr int cls(int j) { return j & 1; }
-  __host__ __device__ static constexpr int pos(int j) { return 2 * (j & 1); }
-  __host__ __device__ static constexpr int pa(int i) { return 4 * (i & 1) + (i >> 1); }
-  __host__ __device__ static constexpr int pb(int i) { return 4 * (i & 1) + (i >> 1) + 2; }
-  __host__ __device__ static constexpr int mma_cls(int i) { return i >> 1; }
+  static constexpr float kInvUnit = 128.f;          // class c counts code * 8^c / 128
+  __host__ __device__ static constexpr int pos(int p) {
+    constexpr int t[16] = {0, 3, 0, 3, 0, 0, 3, 0, 0, 3, 0, 3, 0, 3, 0, 0};
+    return t[p];
+  }
+  __host__ __device__ static constexpr int cls(int p) { return pos(p) / 3; }
+  __host__ __device__ static constexpr int pa(int i) {
+    constexpr int t[8] = {0, 4, 7, 10, 14, 1, 6, 11};
+    return t[i];
+  }
+  __host__ __device__ static constexpr int pb(int i) {
+    constexpr int t[8] = {2, 5, 8, 12, 15, 3, 9, 13};
+    return t[i];
+  }
+  __host__ __device__ static constexpr int mma_cls(int i) { return i < 5 ? 0 : 1; }
 };
 struct FixedEnc {
   static constexpr int kClasses = 1;
   static constexpr float kInvUnit = 8.f;  // 1 + code / 8
+  __host__ __device__ static constexpr int cls(int) { return 0; }
   __host__ __device__ static constexpr int pa(int i) { return 2 * i; }
   __host__ __device__ static constexpr int pb(int i) { return 2 * i + 1; }
   __host__ __device__ static constexpr int mma_cls(int) { return 0; }
@@ -123,16 +143,16 @@ __host__ __device__ constexpr int min_blocks(int rows_per_block, int group) {
   return classed(rows_per_block, group) ? 2 : (group == 32 ? 2 : 3);
 }
 
-// v shifted left by s (right by -s); s is a constant after unrolling
-__device__ __forceinline__ uint32_t shl(uint32_t v, int s) { return s >= 0 ? v << s : v >> (-s); }
-
-// pair j of the plane word W as the operand of its class; hb = the word's high bits (code j at bit j,
-// code j + 8 at bit 16 + j)
-template <typename E>
-__device__ __forceinline__ uint32_t code_pair(uint32_t W, uint32_t hb, int j) {
-  const int pos = E::pos(j);
-  const uint32_t lo = and_or(shl(W, pos - 2 * j), 0x00030003u << pos, E::kMagic2);
-  return and_or(shl(hb, pos + 2 - j), 0x00040004u << pos, lo);
+// pairs p0 .. p0 + S - 1 of a chunk (words w0, w1, w2) as the operands of their classes
+template <typename E, int S>
+__device__ __forceinline__ void span_pairs(uint32_t w0, uint32_t w1, uint32_t w2, int p0, uint32_t (&r)[S]) {
+  const uint32_t w[3] = {w0, w1, w2};
+#pragma unroll
+  for (int j = 0; j < S; ++j) {
+    const int p = p0 + j;
+    r[j] = p < 15 ? field_pair(w[pair_word(p)], pair_field(p), E::pos(p), E::kMagic2)
+                  : spare_pair(w0, w1, w2, E::pos(15), E::kMagic2);
+  }
 }
 
 // byte offset of 16-k block b (0..31) in a staged x row: 32 bytes each, 16 bytes of padding after
@@ -186,8 +206,9 @@ template <int MR>
 __device__ __forceinline__ float* staged_xsum(uint8_t* wx) { return reinterpret_cast<float*>(wx + MR * kXRowBytes); }
 
 // Stage the input rows xr[0..MR-1] (input_row(); nullptr: zeros) for k0 .. k0+511 into the buffer wx:
-// 16-k block b = lane holds (x_j, x_j+8) pairs, j = 0..7. Group sums go to xsum[m][k_local/G], and with
-// a magic the sums of x_k * kInvUnit / 4^class(k) (its share, CodeEnc) to xmag[m][k_local/G].
+// 16-k block b = lane in natural order (its words are the B registers of pairs 8 (b & 1) .. +7 of chunk
+// b / 2). Group sums go to xsum[m][k_local/G], and with a magic the sums of x_k * kInvUnit / 8^class(k)
+// (its share, CodeEnc) to xmag[m][k_local/G].
 template <typename E, typename T, int G, int MR, bool kAct>
 __device__ __forceinline__ void stage_x(const T* const* xr, int K, int k0, uint8_t* wx) {
   float* xsum = staged_xsum<MR>(wx);
@@ -195,6 +216,7 @@ __device__ __forceinline__ void stage_x(const T* const* xr, int K, int k0, uint8
   constexpr bool kMagic = E::kMagic2 != 0u && E::kClasses > 1;  // one class: the group end uses sum x
   const int lane = threadIdx.x & 31;
   const int k = k0 + lane * 16;
+  const bool upper = (lane & 1) != 0;  // pairs 8..15 of the chunk
 #pragma unroll
   for (int m = 0; m < MR; ++m) {
     uint4 a = make_uint4(0, 0, 0, 0), b = make_uint4(0, 0, 0, 0);
@@ -208,26 +230,21 @@ __device__ __forceinline__ void stage_x(const T* const* xr, int K, int k0, uint8
         b = silu_mul8<T>(b, ub);
       }
     }
-    const uint32_t av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
-    uint32_t o[8];
+    const uint32_t v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
     float sum = 0.f, mag = 0.f;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {  // k = 2i, 2i + 1 of the block (av) and 8 + 2i, 9 + 2i (bv): pairs 2i, 2i + 1
-      o[2 * i] = prmt(av[i], bv[i], 0x5410);
-      o[2 * i + 1] = prmt(av[i], bv[i], 0x7632);
-      const T* ha = reinterpret_cast<const T*>(&av[i]);
-      const T* hb = reinterpret_cast<const T*>(&bv[i]);
-      const float even = to_float(ha[0]) + to_float(hb[0]), odd = to_float(ha[1]) + to_float(hb[1]);
-      sum += even + odd;
+    for (int i = 0; i < 8; ++i) {  // word i: pair i (+ 8) of the chunk
+      const T* h = reinterpret_cast<const T*>(&v[i]);
+      const float pair_sum = to_float(h[0]) + to_float(h[1]);
+      sum += pair_sum;
       if constexpr (kMagic) {
-        constexpr float w0 = E::kInvUnit, w1 = E::kInvUnit / 4, w2 = E::kInvUnit / 16, w3 = E::kInvUnit / 64;
-        constexpr float wc[4] = {w0, w1, w2, w3};
-        mag = fmaf(wc[E::cls(2 * i)], even, fmaf(wc[E::cls(2 * i + 1)], odd, mag));
+        constexpr float wc[3] = {E::kInvUnit, E::kInvUnit / 8, E::kInvUnit / 64};
+        mag = fmaf(upper ? wc[E::cls(8 + i)] : wc[E::cls(i)], pair_sum, mag);
       }
     }
     uint4* dst = reinterpret_cast<uint4*>(wx + m * kXRowBytes + xblk_off(lane));
-    dst[0] = make_uint4(o[0], o[1], o[2], o[3]);
-    dst[1] = make_uint4(o[4], o[5], o[6], o[7]);
+    dst[0] = a;
+    dst[1] = b;
 #pragma unroll
     for (int off = 1; off < G / 16; off <<= 1) {
       sum += __shfl_xor_sync(0xffffffffu, sum, off);
@@ -341,7 +358,7 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
 #pragma unroll
     for (int b = 0; b < NB; ++b) xb[b] = b_on[b] ? wx + (2 * b + (bcol >> 2)) * kXRowBytes : zrow;
 
-    // d[b][cl]: the current group's sum over k of x * (kMagic + code * 4^cl * unit), class cl (CodeEnc)
+    // d[b][cl]: the current group's sum over k of x * (kMagic + code * 8^cl * unit), class cl (CodeEnc)
     constexpr int NC = E::kClasses;
     float d[NB][NC][4];
 #pragma unroll
@@ -354,24 +371,30 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
 #pragma unroll
             for (int i = 0; i < 4; ++i) d[b][cl][i] = 0.f;
       }
+      // pairs decoded and multiplied in spans: the whole chunk for the classed encoding (a class's pairs
+      // are spread over it), halves for the fixed one (its mmas take neighbouring pairs; fewer live
+      // registers where its 80-register cap would spill)
+      constexpr int kSpan = NC > 1 ? 16 : 8;
 #pragma unroll
-      for (int wd = 0; wd < 2; ++wd) {  // plane word: codes 16wd .. 16wd + 15 of the chunk
-        uint32_t pr[2][8];  // pr[r][j] = code pair (j, j + 8) of the word, row r, as its class's operand
+      for (int p0 = 0; p0 < 16; p0 += kSpan) {
+        uint32_t pr[2][kSpan];  // pr[r][p - p0] = code pair p of the chunk, row r, as its class's operand
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const uint32_t W = w[r][3 * h + wd];
-          const uint32_t hb = prmt(w[r][3 * h + 2], 0u, wd ? 0x4342u : 0x4140u);
-#pragma unroll
-          for (int j = 0; j < 8; ++j) pr[r][j] = code_pair<E>(W, hb, j);
-        }
-        const int xoff = xblk_off(8 * c + 2 * h + wd);
+        for (int r = 0; r < 2; ++r) span_pairs<E, kSpan>(w[r][3 * h], w[r][3 * h + 1], w[r][3 * h + 2], p0, pr[r]);
+        const int xoff = xblk_off(8 * c + 2 * h) + 4 * p0;  // the chunk's two 16-k blocks are contiguous
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
-          const uint4 v0 = lds128(xb[b] + xoff), v1 = lds128(xb[b] + xoff + 16);
-          const uint32_t bv[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+          uint32_t bv[kSpan];  // bv[p - p0] = the x word of pair p
 #pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const int ja = E::pa(i), jb = E::pb(i), cl = E::mma_cls(i);
+          for (int v = 0; v < kSpan / 4; ++v) {
+            const uint4 u = lds128(xb[b] + xoff + 16 * v);
+            bv[4 * v] = u.x;
+            bv[4 * v + 1] = u.y;
+            bv[4 * v + 2] = u.z;
+            bv[4 * v + 3] = u.w;
+          }
+#pragma unroll
+          for (int i = p0 / 2; i < (p0 + kSpan) / 2; ++i) {
+            const int ja = E::pa(i) - p0, jb = E::pb(i) - p0, cl = E::mma_cls(i);
             const uint32_t a[4] = {pr[0][ja], pr[1][ja], pr[0][jb], pr[1][jb]};
             mma16816<T>(d[b][cl], a, bv[ja], bv[jb], d[b][cl]);
           }
@@ -389,10 +412,10 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
             const float sc = u16_to_float<T>(static_cast<uint16_t>(sv[r][hi >> 1] >> (16 * (hi & 1))));
             const float zc = u16_to_float<T>(static_cast<uint16_t>(zv[r][hi >> 1] >> (16 * (hi & 1))));
             const int xi = (m < MR ? m : 0) * kXSumFloats + ((cs0 + cc) * 128) / G + gl;
-            // sum_k x_k code_k: class cl counts code * 4^cl / kInvUnit (+ the magic's share, staged)
+            // sum_k x_k code_k: class cl counts code * 8^cl / kInvUnit (+ the magic's share, staged)
             float xq = d[b][NC - 1][i];
 #pragma unroll
-            for (int cl = NC - 2; cl >= 0; --cl) xq = fmaf(xq, 0.25f, d[b][cl][i]);
+            for (int cl = NC - 2; cl >= 0; --cl) xq = fmaf(xq, 0.125f, d[b][cl][i]);
             // the magic's share: staged for several classes, (magic unit) * sum x for one
             float off;
             if constexpr (NC == 1) off = (zc + E::kInvUnit) * xsum[xi];

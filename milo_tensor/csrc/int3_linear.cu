@@ -98,8 +98,8 @@ __global__ void dequant_int3_kernel(const int32_t* __restrict__ q, const Ts* __r
   const int k0 = 32 * c + 8 * sub;
   for (int n = blockIdx.y; n < N; n += gridDim.y) {
     const int32_t* qp = q + static_cast<int64_t>(n) * (3 * (K / 32)) + 3 * c;
-    const uint32_t word = static_cast<uint32_t>(__ldg(qp + (sub >> 1))) >> (16 * (sub & 1));
-    const uint32_t hbits = static_cast<uint32_t>(__ldg(qp + 2)) >> (8 * sub);
+    uint32_t pairs[4];  // codes k0 + 2j, k0 + 2j + 1 in bits 0..2 and 16..18 of pairs[j]
+    quarter_chunk_pairs(__ldg(qp + 2 * (sub >> 1)), __ldg(qp + 1), __ldg(qp + 2 - 2 * (sub >> 1)), sub, 0u, pairs);
     alignas(16) To out[8];
     if (G % 8 == 0) {
       const int gi = k0 / G;
@@ -107,7 +107,7 @@ __global__ void dequant_int3_kernel(const int32_t* __restrict__ q, const Ts* __r
       const float nzs = -ld_f(zeros + static_cast<int64_t>(n) * groups + gi) * s;
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
-        const uint32_t code = ((word >> (2 * i)) & 3u) | (((hbits >> i) & 1u) << 2);
+        const uint32_t code = (pairs[i >> 1] >> (16 * (i & 1))) & 7u;
         const float cf = __uint_as_float(0x4B000000u | code) - 8388608.0f;
         out[i] = cvt_out<To>(fmaf(cf, s, nzs));
       }
@@ -117,7 +117,7 @@ __global__ void dequant_int3_kernel(const int32_t* __restrict__ q, const Ts* __r
         const int gi = (k0 + i) / G;
         const float s = ld_f(scales + static_cast<int64_t>(n) * groups + gi);
         const float z = ld_f(zeros + static_cast<int64_t>(n) * groups + gi);
-        const uint32_t code = ((word >> (2 * i)) & 3u) | (((hbits >> i) & 1u) << 2);
+        const uint32_t code = (pairs[i >> 1] >> (16 * (i & 1))) & 7u;
         out[i] = cvt_out<To>((static_cast<float>(code) - z) * s);
       }
     }

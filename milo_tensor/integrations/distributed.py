@@ -682,7 +682,8 @@ class MiLoCheckpointable:
     int32 tensor) and ``<fqn>._milo`` (format version, shape, dtype, group sizes). Other parameters
     and buffers are stored as ``model.state_dict()`` has them. ``dcp.load`` into the same wrapper
     writes the stored data into the model's MiLo weights in place (any sharding: single process,
-    FSDP2, TP, EP), after checking that the stored layout matches.
+    FSDP2, TP, EP), after checking that the stored layout matches; the int3 words of a format-1
+    checkpoint are then repacked in place (each rank its own shards: shards hold whole 32-code chunks).
     """
 
     def __init__(self, model: nn.Module):
@@ -700,7 +701,7 @@ class MiLoCheckpointable:
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        from milo_tensor.quant.packing import FORMAT_VERSION
+        from milo_tensor.checkpoint import check_format_version, to_current_layout
 
         milo = _milo_entries(self.model)
         plain = {}
@@ -713,8 +714,7 @@ class MiLoCheckpointable:
             meta = state_dict.get(fqn + _META_SUFFIX)
             if meta is None:
                 raise KeyError(f"the checkpoint has no MiLo entry for {fqn}")
-            if meta["format_version"] != FORMAT_VERSION:
-                raise ValueError(f"{fqn}: checkpoint format version {meta['format_version']} is not {FORMAT_VERSION}")
+            version = check_format_version(fqn, meta.get("format_version"))
             expected = _milo_meta(w, tuple(getattr(module, pname).shape))
             for field in ("shape", "dtype", "group_size", "comp_bits", "comp_group_size", "inner"):
                 if meta[field] != expected[field]:
@@ -727,6 +727,10 @@ class MiLoCheckpointable:
                 dst = getattr(w, tname)
                 if src is not dst and src.data_ptr() != dst.data_ptr():
                     dst.copy_(src)
+            stored = {tname: getattr(w, tname) for tname in _names(w)}
+            for tname, t in to_current_layout(version, w.comp_bits, stored).items():
+                if t is not stored[tname]:
+                    stored[tname].copy_(t)  # a format-1 checkpoint: repacked in place
             w.ranks = tuple(int(r) for r in _local(state_dict[f"{fqn}.ranks"]).tolist())
             # every rank, changed or not (another rank's experts may have changed): FSDP2's unsharded
             # weight re-reads the all-gathered ranks at the next forward

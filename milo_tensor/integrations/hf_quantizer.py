@@ -13,7 +13,8 @@ transformers builds the model on the meta device and hands it to :class:`MiLoHfQ
    before anything loads;
 2. lets transformers' loader read every tensor (device_map, dtype casts of float params, threads),
    routing the inner tensors ``P.__milo__.<inner>`` of each quantized parameter ``P`` through a
-   ``WeightConverter`` whose ``MiLoDeserialize`` op rebuilds the ``MiLoInt3Tensor``;
+   ``WeightConverter`` whose ``MiLoDeserialize`` op rebuilds the ``MiLoInt3Tensor`` (the int3 words
+   of a format-1 checkpoint repacked, ``milo_tensor.checkpoint.to_current_layout``);
 3. checks every quantized parameter arrived, and points quantized experts modules at the "milo"
    experts implementation.
 
@@ -45,11 +46,13 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from milo_tensor.quant.packing import FORMAT_VERSION
 from milo_tensor.checkpoint import (
+    CONFIG_NAME,
     INNER_NAMES,
     MILO_SEP,
     CheckpointError,
     CheckpointInfo,
     build_quantized,
+    check_format_version,
     manifest_entry,
     shard_metadata,
     tensor_digest,
@@ -77,7 +80,9 @@ class MiLoHfConfig(QuantizationConfigMixin):
         milo_config: the MiLo config as a dict (``milo_tensor.serialization.config_to_dict``).
         config: a ``MiLoInt3Config`` (for ``from_pretrained`` of a float model: quantize after loading);
             its dict form is recorded in ``milo_config``.
-        format_version: the storage format version of the checkpoint.
+        format_version: the storage format version of the checkpoint (config.json's; it must match the
+            files' headers). A format-1 checkpoint is repacked while it loads, so a loaded model
+            holds, and saves, the current FORMAT_VERSION.
     """
 
     def __init__(self, milo_config: dict | None = None, format_version: int = FORMAT_VERSION, config=None, **kwargs):
@@ -152,7 +157,7 @@ class MiLoDeserialize(ConversionOps):
             inner[name] = tensors[0]
         device = next(iter(inner.values())).device
         inner = {k: _aligned(t) for k, t in inner.items()}
-        value = build_quantized(full_layer_name, meta, inner, device)
+        value = build_quantized(full_layer_name, meta, inner, device, version=info.version)
         ref = model.get_parameter(full_layer_name) if model is not None else None
         if ref is not None and ref.dtype.is_floating_point and ref.dtype != value.dtype:
             value = value.to(ref.dtype)  # from_pretrained(dtype=...) asked for another float dtype
@@ -197,7 +202,11 @@ class MiLoHfQuantizer(HfQuantizer):
         if not checkpoint_files:
             raise CheckpointError("a MiLo checkpoint needs its safetensors files; none were found")
         directory = Path(checkpoint_files[0]).parent
+        version = check_format_version(directory / CONFIG_NAME, self.quantization_config.format_version)
         info = verify_checkpoint(directory)
+        if version != info.version:
+            raise CheckpointError(f"{directory / CONFIG_NAME}: quantization_config.format_version is {version}, the "
+                                  f"weight files' headers say {info.version} (files of different checkpoints?)")
         state = model.state_dict()
         for fqn, meta in info.params.items():
             ref = state.get(fqn)
@@ -220,6 +229,7 @@ class MiLoHfQuantizer(HfQuantizer):
                 raise CheckpointError(f"{info.directory}: quantized tensors did not load: {missing[:5]}")
             restore_experts_implementation(model, experts_implementation_of(info.config))
             _realign_model(model)
+            self.quantization_config.format_version = FORMAT_VERSION  # repacked while loading (format 1)
         else:
             from milo_tensor.config import quantize_
 
