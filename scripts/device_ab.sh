@@ -4,8 +4,9 @@
 #   here:        bash scripts/device_ab.sh prepare REV     # REV's milo_tensor/ + benchmarks/ into .dev/old
 #   on the GPU:  bash scripts/device_ab.sh                 # carry .dev and .whl; results under $OUT
 # Environment: METH, SHAPES, MS (bench_kernel.py --methods/--shapes/--ms), TEST_SEL / TEST_T (GPU tests
-# of the new tree first), SWEEP (shapes for a warps-per-tile sweep of the new decode kernel), MOE_MS (bench_moe.py
-# --ms of both trees, milo-grouped vs bf16-grouped; the new tree's kernels per call listed too).
+# of the new tree first), SANITIZE=1 (then compute-sanitizer memcheck of its ops, SAN_T seconds each), SWEEP
+# (shapes for a warps-per-tile sweep of the new decode kernel), MOE_MS (bench_moe.py --ms of both trees,
+# milo-grouped vs bf16-grouped; the new tree's kernels per call listed too).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = prepare ]; then
@@ -29,23 +30,37 @@ if [ -n "${TEST_SEL:-tests/test_cuda_kernel.py tests/test_moe_cuda.py}" ]; then
   timeout "${TEST_T:-240}" python3 -m pytest -q -p no:cacheprovider -n 4 ${TEST_SEL:-tests/test_cuda_kernel.py tests/test_moe_cuda.py} -rf > "$OUT/test.log" 2>&1
   echo "tests rc=$? [$(el)s] $(tail -1 "$OUT/test.log")"; grep -E "^FAILED|^ERROR" "$OUT/test.log" | head -20
 fi
+if [ -n "${SANITIZE:-}" ]; then  # compute-sanitizer memcheck of the new tree's ops
+  for t in test_cuda_kernel test_moe_cuda; do
+    timeout "${SAN_T:-150}" compute-sanitizer --tool memcheck --print-limit 10 python3 tests/$t.py --sanitize > "$OUT/san_$t.log" 2>&1
+    echo "memcheck $t rc=$? [$(el)s] $(grep -E 'ERROR SUMMARY|cases OK' "$OUT/san_$t.log" | tr '\n' ' ')"
+  done
+fi
 B="--methods ${METH:-fp16,milo-R0,milo-R32} --shapes ${SHAPES:-14336x4096,4096x14336,4096x4096,1408x2048,768x2048} --ms ${MS:-1,2,4} --no-eager --replays 20"
-(cd .dev/old && TORCH_EXTENSIONS_DIR=/tmp/ext_old PYTHONPATH=$PWD:/tmp/site python3 benchmarks/bench_kernel.py $B) > "$OUT/b_old.log" 2>&1
-python3 benchmarks/bench_kernel.py $B > "$OUT/b_new.log" 2>&1; echo "benches done [$(el)s]"
-if [ -n "${MOE_MS:-}" ]; then  # the MoE layer, old tree then new, same command
+# ROUNDS rounds of old then new (default 2): drift of the machine between runs shows as a difference between rounds
+ROUNDS=${ROUNDS:-2}
+for r in $(seq "$ROUNDS"); do
+  (cd .dev/old && TORCH_EXTENSIONS_DIR=/tmp/ext_old PYTHONPATH=$PWD:/tmp/site python3 benchmarks/bench_kernel.py $B) > "$OUT/b_old$r.log" 2>&1
+  python3 benchmarks/bench_kernel.py $B > "$OUT/b_new$r.log" 2>&1
+done
+echo "benches done [$(el)s]"
+if [ -n "${MOE_MS:-}" ]; then  # the MoE layer, old tree then new, same command, ROUNDS rounds; the kernels per call once
   MB="--methods milo-grouped,bf16-grouped --ms $MOE_MS ${MOE_EXTRA:-}"
-  (cd .dev/old && TORCH_EXTENSIONS_DIR=/tmp/ext_old PYTHONPATH=$PWD:/tmp/site timeout 200 python3 benchmarks/bench_moe.py $MB) > "$OUT/moe_old.log" 2>&1
-  timeout 200 python3 benchmarks/bench_moe.py $MB --profile > "$OUT/moe_new.log" 2>&1
-  echo "moe done [$(el)s]"; grep -E "^==|M=" "$OUT/moe_old.log" | sed 's/^/old /'; grep -E "^==|M=|kernels per|^      " "$OUT/moe_new.log" | sed 's/^/new /'
+  for r in $(seq "$ROUNDS"); do
+    (cd .dev/old && TORCH_EXTENSIONS_DIR=/tmp/ext_old PYTHONPATH=$PWD:/tmp/site timeout 200 python3 benchmarks/bench_moe.py $MB) > "$OUT/moe_old$r.log" 2>&1
+    timeout 200 python3 benchmarks/bench_moe.py $MB $([ "$r" = 1 ] && echo --profile) > "$OUT/moe_new$r.log" 2>&1
+    grep -E "^==|M=" "$OUT/moe_old$r.log" | sed "s/^/old$r /"; grep -E "^==|M=" "$OUT/moe_new$r.log" | sed "s/^/new$r /"
+  done
+  echo "moe done [$(el)s]"; grep -E "^==|kernels per|^      " "$OUT/moe_new1.log"
 fi
 if [ -n "${SWEEP:-}" ]; then
   SWEEP_WK=0,1,2,4,8 timeout 200 python3 benchmarks/bench_kernel.py --sweep --shapes "$SWEEP" --ms "${SWEEP_MS:-1,2}" > "$OUT/sweep.md" 2>&1
   grep "^|" "$OUT/sweep.md"
 fi
-python3 - "$OUT" <<'PY'
+python3 - "$OUT" "$ROUNDS" <<'PY'
 import re, sys
-rows = {}
-for tag in ("old", "new"):
+rows, tags = {}, [f"{t}{r}" for r in range(1, int(sys.argv[2]) + 1) for t in ("old", "new")]
+for tag in tags:
     shape = None
     for line in open(f"{sys.argv[1]}/b_{tag}.log"):
         m = re.match(r"== (\d+) x (\d+) ==", line)
@@ -54,7 +69,9 @@ for tag in ("old", "new"):
         m = re.match(r"\s+(\S+)\s+M=\s*(\d+): graph\s+([\d.]+)", line)
         if m:
             rows.setdefault((shape, int(m.group(2)), m.group(1)), {})[tag] = m.group(3)
-print("| N x K | M | method | old us | new us |\n|---|---|---|---|---|")
+print("| N x K | M | method | " + " | ".join(f"{t} us" for t in tags) + " |\n|---|---|---|" + "---|" * len(tags))
 for (shape, M, meth), v in rows.items():
-    print(f"| {shape} | {M} | {meth} | {v.get('old', '-')} | {v.get('new', '-')} |")
+    print(f"| {shape} | {M} | {meth} | " + " | ".join(v.get(t, "-") for t in tags) + " |")
 PY
+# the logs in one file (what comes back from a device call is limited to a few files)
+(cd "$OUT" && tar czf logs.tgz ./*.log && rm -f ./*.log)

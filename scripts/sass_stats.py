@@ -1,6 +1,6 @@
 """Static instruction counts of the milo kernels, without a GPU: compile one csrc/ file to an sm_90
 cubin (nvcc), disassemble it (cuobjdump) and print, per kernel whose name matches, its registers and
-spills and the instruction mix of its largest innermost loop (the main loop). A change meant to cut
+spills and the instruction mix of its main loop (the smallest loop holding the most mma instructions). A change meant to cut
 instructions per code can be checked here before it spends device time; docs/kernel.md quotes
 such counts.
 
@@ -73,15 +73,28 @@ def kernels(sass: str) -> dict[str, list[tuple[int, str]]]:
     return out
 
 
-def innermost_loops(ins: list[tuple[int, str]]) -> list[tuple[int, int]]:
-    """(first, last) index of each backward branch's range that holds no other backward branch."""
+def loops(ins: list[tuple[int, str]]) -> list[tuple[int, int]]:
+    """(first, last) index of each backward branch's range."""
     index = {a: i for i, (a, _) in enumerate(ins)}
-    loops = []
+    found = []
     for i, (a, t) in enumerate(ins):
         m = re.search(r"BRA (?:\S+, )?0x([0-9a-f]+)", t)
         if m and int(m.group(1), 16) < a and int(m.group(1), 16) in index:
-            loops.append((index[int(m.group(1), 16)], i))
-    return [(s, e) for s, e in loops if not any(s <= s2 and e2 <= e and (s2, e2) != (s, e) for s2, e2 in loops)]
+            found.append((index[int(m.group(1), 16)], i))
+    return found
+
+
+def main_loop(ins: list[tuple[int, str]]) -> tuple[int, int] | None:
+    """The smallest loop holding the most mma instructions (the main loop also where the compiler left a
+    small loop inside it); without mmas, the largest innermost loop."""
+    found = loops(ins)
+    if not found:
+        return None
+    mmas = {se: sum("MMA" in t for _, t in ins[se[0]:se[1] + 1]) for se in found}
+    if max(mmas.values()) > 0:
+        return min(found, key=lambda se: (-mmas[se], se[1] - se[0]))
+    inner = [(s, e) for s, e in found if not any(s <= s2 and e2 <= e and (s2, e2) != (s, e) for s2, e2 in found)]
+    return max(inner, key=lambda se: se[1] - se[0])
 
 
 def opcode(text: str) -> str:
@@ -108,8 +121,7 @@ def main() -> None:
         if args.kernel and not re.search(args.kernel, name):
             continue
         print(f"{name}\n  {info.get(name, '')}; {len(ins)} instructions")
-        loops = sorted(innermost_loops(ins), key=lambda se: se[0] - se[1])[:1]
-        for s, e in loops:
+        for s, e in filter(None, [main_loop(ins)]):
             mix = collections.Counter(opcode(t) for _, t in ins[s:e + 1])
             print(f"  main loop {ins[s][0]:#x}-{ins[e][0]:#x}: {e - s + 1} instructions; "
                   + ", ".join(f"{k} {v}" for k, v in mix.most_common(args.top)))

@@ -223,7 +223,7 @@ __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uin
 
 struct Int3GemmParams {
   const void* x;        // [M, K] row-major, T, 16-byte aligned
-  const int32_t* q;     // [N, 3K/32] v1 layout, 16-byte aligned
+  const int32_t* q;     // [N, 3K/32] packed codes (format 2), 16-byte aligned
   const void* scales;   // [N, K/G] T, 4-byte aligned
   const void* zeros;    // [N, K/G] T, 4-byte aligned
   const float* t;       // [M, R] fp32 (x @ V^T), or nullptr when R == 0

@@ -21,9 +21,10 @@
 //
 // Block: 8 warps; WK warps (a power of two chosen from K) split the k of one 16-column tile in 512-k
 // slices, so a block covers 16 * 8 / WK columns. Each warp stages the x of its slice in its own
-// shared memory, in natural order (a lane's B registers are one 16-byte load per 8 pairs). Partials of
-// a tile's warps are summed in a fixed order, the low-rank term t U^T (t = x V^T from the caller) and
-// the bias are added per column, y is written once. Deterministic; no host sync, no allocation. The
+// shared memory, each chunk's words in the order its mmas take them (a lane's B registers are one
+// 16-byte load per two mmas, no register moves). Partials of a tile's warps are summed in a fixed
+// order, the low-rank term t U^T (t = x V^T from the caller) and the bias are added per column, y is
+// written once. Deterministic; no host sync, no allocation. The
 // grouped op's input rows may be gathered and gated on the fly (grouped_input.cuh).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
@@ -71,7 +72,9 @@ constexpr int kUAsync = 2;  // the first kRChunk ranks of U^T's block columns co
 //   cancellation for offset activations.)
 //
 // The group end subtracts the magic's share, sum_k x_k * kInvUnit / 8^class(k) (staged with x). mma i
-// of a chunk multiplies pairs pa(i) and pb(i), both of class mma_cls(i).
+// of a chunk multiplies pairs pa(i) and pb(i), both of class mma_cls(i); mmas 0-3 take 7 pairs of the
+// chunk's lower half (0-7) and one of the upper, mmas 4-7 the rest, so x can be staged in mma order with
+// one word traded between the two lanes that stage a chunk (x_slot, stage_x).
 template <typename T, bool kClassed>
 struct CodeEnc;
 template <>
@@ -85,14 +88,17 @@ struct CodeEnc<half, true> {
   }
   __host__ __device__ static constexpr int cls(int p) { return pos(p) / 3; }
   __host__ __device__ static constexpr int pa(int i) {
-    constexpr int t[8] = {0, 5, 11, 1, 6, 12, 2, 10};
+    constexpr int t[8] = {0, 1, 2, 5, 6, 8, 9, 10};
     return t[i];
   }
   __host__ __device__ static constexpr int pb(int i) {
-    constexpr int t[8] = {3, 8, 13, 4, 9, 14, 7, 15};
+    constexpr int t[8] = {3, 4, 7, 13, 14, 11, 12, 15};
     return t[i];
   }
-  __host__ __device__ static constexpr int mma_cls(int i) { return i < 3 ? 0 : (i < 6 ? 1 : 2); }
+  __host__ __device__ static constexpr int mma_cls(int i) {
+    constexpr int t[8] = {0, 1, 2, 0, 1, 0, 1, 2};
+    return t[i];
+  }
 };
 template <>
 struct CodeEnc<__nv_bfloat16, true> {
@@ -105,14 +111,17 @@ struct CodeEnc<__nv_bfloat16, true> {
   }
   __host__ __device__ static constexpr int cls(int p) { return pos(p) / 3; }
   __host__ __device__ static constexpr int pa(int i) {
-    constexpr int t[8] = {0, 4, 7, 10, 14, 1, 6, 11};
+    constexpr int t[8] = {0, 4, 1, 7, 6, 8, 12, 9};
     return t[i];
   }
   __host__ __device__ static constexpr int pb(int i) {
-    constexpr int t[8] = {2, 5, 8, 12, 15, 3, 9, 13};
+    constexpr int t[8] = {2, 5, 3, 15, 13, 10, 14, 11};
     return t[i];
   }
-  __host__ __device__ static constexpr int mma_cls(int i) { return i < 5 ? 0 : 1; }
+  __host__ __device__ static constexpr int mma_cls(int i) {
+    constexpr int t[8] = {0, 0, 1, 0, 1, 0, 0, 1};
+    return t[i];
+  }
 };
 struct FixedEnc {
   static constexpr int kClasses = 1;
@@ -142,6 +151,40 @@ __host__ __device__ constexpr bool classed(int rows_per_block, int group) { retu
 __host__ __device__ constexpr int min_blocks(int rows_per_block, int group) {
   return classed(rows_per_block, group) ? 2 : (group == 32 ? 2 : 3);
 }
+
+// Where pair p's x word sits in a staged 32-k chunk (in words): mma i's two pairs pa(i), pb(i) side by side at
+// 2i, 2i + 1, so its B registers are one aligned register pair as loaded (no moves before the mma). The fixed
+// encoding's mmas take neighbouring pairs: natural order.
+template <typename E>
+__host__ __device__ constexpr int x_slot(int p) {
+  for (int i = 0; i < 8; ++i) {
+    if (E::pa(i) == p) return 2 * i;
+    if (E::pb(i) == p) return 2 * i + 1;
+  }
+  return -1;
+}
+// the pair at slot j (x_slot's inverse)
+template <typename E>
+__host__ __device__ constexpr int x_pair(int j) {
+  return (j & 1) ? E::pb(j >> 1) : E::pa(j >> 1);
+}
+template <typename E>
+__host__ __device__ constexpr bool x_natural() {
+  for (int p = 0; p < 16; ++p)
+    if (x_slot<E>(p) != p) return false;
+  return true;
+}
+// the pair of half h (0: pairs 0-7, 1: 8-15) whose slot lies in the other half; exactly one (checked below)
+template <typename E>
+__host__ __device__ constexpr int x_crossing(int h) {
+  int found = -1, count = 0;
+  for (int p = 8 * h; p < 8 * h + 8; ++p)
+    if ((x_slot<E>(p) >= 8) != (h == 1)) found = p, ++count;
+  return count == 1 ? found : -1;
+}
+static_assert(x_crossing<CodeEnc<half, true>>(0) >= 0 && x_crossing<CodeEnc<half, true>>(1) >= 0 &&
+                  x_crossing<CodeEnc<__nv_bfloat16, true>>(0) >= 0 && x_crossing<CodeEnc<__nv_bfloat16, true>>(1) >= 0,
+              "classed mma order: one pair of each half staged by the other lane");
 
 // pairs p0 .. p0 + S - 1 of a chunk (words w0, w1, w2) as the operands of their classes
 template <typename E, int S>
@@ -206,9 +249,9 @@ template <int MR>
 __device__ __forceinline__ float* staged_xsum(uint8_t* wx) { return reinterpret_cast<float*>(wx + MR * kXRowBytes); }
 
 // Stage the input rows xr[0..MR-1] (input_row(); nullptr: zeros) for k0 .. k0+511 into the buffer wx:
-// 16-k block b = lane in natural order (its words are the B registers of pairs 8 (b & 1) .. +7 of chunk
-// b / 2). Group sums go to xsum[m][k_local/G], and with a magic the sums of x_k * kInvUnit / 8^class(k)
-// (its share, CodeEnc) to xmag[m][k_local/G].
+// 16-k block b = lane holds slots 8 (b & 1) .. +7 of chunk b / 2: the chunk's 16 words in x_slot order
+// (natural for the fixed encoding). Group sums go to xsum[m][k_local/G], and with a magic the sums of
+// x_k * kInvUnit / 8^class(k) (its share, CodeEnc) to xmag[m][k_local/G].
 template <typename E, typename T, int G, int MR, bool kAct>
 __device__ __forceinline__ void stage_x(const T* const* xr, int K, int k0, uint8_t* wx) {
   float* xsum = staged_xsum<MR>(wx);
@@ -242,9 +285,23 @@ __device__ __forceinline__ void stage_x(const T* const* xr, int K, int k0, uint8
         mag = fmaf(upper ? wc[E::cls(8 + i)] : wc[E::cls(i)], pair_sum, mag);
       }
     }
-    uint4* dst = reinterpret_cast<uint4*>(wx + m * kXRowBytes + xblk_off(lane));
-    dst[0] = a;
-    dst[1] = b;
+    if constexpr (x_natural<E>()) {
+      uint4* dst = reinterpret_cast<uint4*>(wx + m * kXRowBytes + xblk_off(lane));
+      dst[0] = a;
+      dst[1] = b;
+    } else {  // the chunk's words in mma order (x_slot): this lane's half of the slots, one word from the partner
+      constexpr int c0 = x_crossing<E>(0), c1 = x_crossing<E>(1);
+      const uint32_t recv = __shfl_xor_sync(0xffffffffu, upper ? v[c1 - 8] : v[c0], 1);
+      uint32_t o[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int lo = x_pair<E>(j), hi = x_pair<E>(8 + j);
+        o[j] = upper ? (hi >= 8 ? v[hi - 8] : recv) : (lo < 8 ? v[lo] : recv);
+      }
+      uint4* dst = reinterpret_cast<uint4*>(wx + m * kXRowBytes + xblk_off(lane));
+      dst[0] = make_uint4(o[0], o[1], o[2], o[3]);
+      dst[1] = make_uint4(o[4], o[5], o[6], o[7]);
+    }
 #pragma unroll
     for (int off = 1; off < G / 16; off <<= 1) {
       sum += __shfl_xor_sync(0xffffffffu, sum, off);
@@ -315,14 +372,20 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
   // warp with several slices keeps its next loads in flight while it computes.
   using Codes = uint32_t[2][12];
   using Raw = uint32_t[2][GPL];
+  // the lane's offsets at slice 0 (row n_row[0]; row n_row[1] is 8 rows further), advanced by a slice's
+  // words / groups per slice: the per-slice address work is a few integer adds
+  const int q_off = n_row[0] * words_per_row + c * (128 / 32 * 3);
+  const int s_off = n_row[0] * groups_per_row + (cs0 * 128) / G;
+  const bool row_ok[2] = {n_row[0] < N, n_row[1] < N};
   auto load_slice = [&](int s, Codes& w, Raw& sv, Raw& zv) {
     const int k0 = s * kSliceK;
     const int kc = k0 + c * 128;  // this lane's 128 k
     // codes of the lane's two rows (issued first: their latency overlaps the staging of x)
+    const uint4* src0 = reinterpret_cast<const uint4*>(qe + q_off + s * (kSliceK / 32 * 3));
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const bool ok = kc < K && n_row[r] < N;
-      const uint4* src = reinterpret_cast<const uint4*>(qe + static_cast<long long>(n_row[r]) * words_per_row + kc / 32 * 3);
+      const bool ok = kc < K && row_ok[r];
+      const uint4* src = src0 + r * 2 * words_per_row;  // 8 rows = 8 * words_per_row / 4 vectors
 #pragma unroll
       for (int v = 0; v < 3; ++v) {
         const uint4 u = ok ? __ldg(src + v) : make_uint4(0, 0, 0, 0);
@@ -334,13 +397,14 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
     }
     // raw scales / zeros of the accumulator entries: row r, halves (cc * GPL + j) = group j of source
     // lane cs0 + cc (contiguous in memory: one vector load when aligned)
+    const int kk = k0 + cs0 * 128;
+    const bool second = kk + 128 < K;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int kk = k0 + cs0 * 128;
-      const bool ok = need_scales && kk < K && n_row[r] < N;
-      const long long gi = static_cast<long long>(n_row[r]) * groups_per_row + kk / G;
-      load_halves<GPL>(sv[r], se + gi, ok, vec_scales, k0 + (cs0 + 1) * 128 < K);
-      load_halves<GPL>(zv[r], ze + gi, ok, vec_scales, k0 + (cs0 + 1) * 128 < K);
+      const bool ok = need_scales && kk < K && row_ok[r];
+      const int gi = s_off + r * 8 * groups_per_row + s * (kSliceK / G);
+      load_halves<GPL>(sv[r], se + gi, ok, vec_scales, second);
+      load_halves<GPL>(zv[r], ze + gi, ok, vec_scales, second);
     }
   };
   auto compute_slice = [&](int s, const Codes& w, const Raw& sv, const Raw& zv) {
@@ -383,7 +447,7 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
         const int xoff = xblk_off(8 * c + 2 * h) + 4 * p0;  // the chunk's two 16-k blocks are contiguous
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
-          uint32_t bv[kSpan];  // bv[p - p0] = the x word of pair p
+          uint32_t bv[kSpan];  // bv[x_slot(p) - p0] = the x word of pair p
 #pragma unroll
           for (int v = 0; v < kSpan / 4; ++v) {
             const uint4 u = lds128(xb[b] + xoff + 16 * v);
@@ -395,8 +459,9 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
 #pragma unroll
           for (int i = p0 / 2; i < (p0 + kSpan) / 2; ++i) {
             const int ja = E::pa(i) - p0, jb = E::pb(i) - p0, cl = E::mma_cls(i);
+            const int xa = x_slot<E>(E::pa(i)) - p0, xb2 = x_slot<E>(E::pb(i)) - p0;
             const uint32_t a[4] = {pr[0][ja], pr[1][ja], pr[0][jb], pr[1][jb]};
-            mma16816<T>(d[b][cl], a, bv[ja], bv[jb], d[b][cl]);
+            mma16816<T>(d[b][cl], a, bv[xa], bv[xb2], d[b][cl]);
           }
         }
       }
@@ -579,6 +644,8 @@ void launch_mr(const Int3GemmParams& p, int row_blocks, int wk_log2, const GemvL
   // (else one slice per warp, restaged every slice), and U^T's first rank chunk where rows are 16-byte
   // aligned
   const int n_slices = (p.K + kSliceK - 1) / kSliceK;
+  TORCH_CHECK(static_cast<long long>(p.N) * (p.K / 32 * 3) < (1LL << 31), "int3 gemv: a weight of ", p.N, " x ", p.K,
+              " is past the kernel's 32-bit offsets");
   const bool uasync = p.R > 0 && p.N % 8 == 0 && (p.ut_estride * 2) % 16 == 0 &&
                       reinterpret_cast<uintptr_t>(p.ut) % 16 == 0;
   const int u_bytes = uasync ? std::min(kRChunk, p.R) * br * 2 : 0;
