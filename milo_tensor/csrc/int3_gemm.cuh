@@ -11,8 +11,9 @@
 // * tensor cores: mma.sync m16n8k16, x is the A operand (row-major), the weight the B operand.
 // * the k order inside a chunk is the mma's own up to the pairing (the sum over k does not care): a
 //   thread's B register is one code pair, i.e. two neighbouring k, so x is staged in natural order
-//   and its A fragment registers are x words as loaded (16-byte ld.shared, no prmt); the pairs of a
-//   thread come out of two words with the same shifts whichever half of the chunk it owns.
+//   and its A fragment registers are x words as loaded (16-byte ld.shared of rows g and g + 8, no
+//   prmt; the compiler moves them into the fragment's register order); the pairs of a thread come
+//   out of two words with the same shifts whichever half of the chunk it owns.
 // * dequantization in registers: (code | magic) is the fp16/bf16 number magic + code exactly
 //   (magic = 1024 for fp16, 128 for bf16). The mma accumulates x . (magic + code) in fp32 per group;
 //   a second mma against a ones-matrix gives the row sums of x per group, and the group's affine

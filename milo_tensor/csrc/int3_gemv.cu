@@ -24,8 +24,8 @@
 // shared memory, each chunk's words in the order its mmas take them (a lane's B registers are one
 // 16-byte load per two mmas, no register moves). Partials of a tile's warps are summed in a fixed
 // order, the low-rank term t U^T (t = x V^T from the caller) and the bias are added per column, y is
-// written once. Deterministic; no host sync, no allocation. The
-// grouped op's input rows may be gathered and gated on the fly (grouped_input.cuh).
+// written once. Deterministic; no host sync, no allocation. The grouped op's input rows may be gathered
+// and gated on the fly (grouped_input.cuh).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/util/Exception.h>
@@ -458,10 +458,10 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
           }
 #pragma unroll
           for (int i = p0 / 2; i < (p0 + kSpan) / 2; ++i) {
-            const int ja = E::pa(i) - p0, jb = E::pb(i) - p0, cl = E::mma_cls(i);
-            const int xa = x_slot<E>(E::pa(i)) - p0, xb2 = x_slot<E>(E::pb(i)) - p0;
+            const int ja = E::pa(i) - p0, jb = E::pb(i) - p0, cl = E::mma_cls(i);  // A: decoded pairs
+            const int ba = x_slot<E>(E::pa(i)) - p0, bb = x_slot<E>(E::pb(i)) - p0;  // B: their x words
             const uint32_t a[4] = {pr[0][ja], pr[1][ja], pr[0][jb], pr[1][jb]};
-            mma16816<T>(d[b][cl], a, bv[xa], bv[xb2], d[b][cl]);
+            mma16816<T>(d[b][cl], a, bv[ba], bv[bb], d[b][cl]);
           }
         }
       }
