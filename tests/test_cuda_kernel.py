@@ -188,7 +188,7 @@ def test_random_shapes(M, N, K, R, g, dtype, bias, i):
 @pytest.mark.parametrize("M", [1, 16, 17, 64, 100, 300])
 @pytest.mark.parametrize("path", ["gemv", "fused", "general"])
 def test_every_path(monkeypatch, dtype, M, path):
-    """The decode kernel (any M: blocks of 4 rows), the tensor-core GEMM kernel, dequant + cuBLAS."""
+    """The decode kernel (any M: blocks of 8 rows), the tensor-core GEMM kernel, dequant + cuBLAS."""
     monkeypatch.setenv("MILO_INT3_GEMV_MAX_M", "4096" if path == "gemv" else "0")
     monkeypatch.setenv("MILO_INT3_FUSED_MAX_M", "4096" if path == "fused" else "0")
     gen = torch.Generator(device="cuda").manual_seed(M)
@@ -197,7 +197,7 @@ def test_every_path(monkeypatch, dtype, M, path):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("g", [32, 64, 128])
-@pytest.mark.parametrize("M", [1, 2, 3, 4])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8])
 def test_gemv_offset_activations_and_odd_shapes(dtype, g, M):
     """x with a large common offset (sum x per group far from 0: the decode kernel's
     s*sum x(magic+q) - s(z+magic)*sum x must not cancel away the result), N not a multiple of 16, K
@@ -211,13 +211,14 @@ def test_gemv_offset_activations_and_odd_shapes(dtype, g, M):
 
 @pytest.mark.parametrize("xblock", ["0", "1", "-1"])
 @pytest.mark.parametrize("wk", ["1", "2", "4", "8"])
-@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("M", [1, 3, 7])
 def test_gemv_warps_per_tile(monkeypatch, xblock, wk, M):
     """Every split of a column tile's k over the decode kernel's warps (1 to 8; up to 28 512-k
     slices per warp, odd counts, a partial last slice, scale rows that are and are not one aligned
     vector per lane, warps with no slice); N not a multiple of the block's columns; x staged per warp
     and slice (MILO_INT3_GEMV_XBLOCK=0), once per block where it fits (1), by the default rule (-1;
-    at K=14336 and 4 rows, 136 KB, it does not fit beside 3 blocks: the per-warp path); ranks 0, under one
+    at K=14336 and 4 rows, 136 KB, it does not fit beside 3 blocks: the per-warp path); 1, 3 and 7 rows
+    (the 1-, 4- and 8-row instances); ranks 0, under one
     64-rank chunk of U^T (copied to shared memory up front) and past it (the rest read from global)."""
     monkeypatch.setenv("MILO_INT3_GEMV_WK", wk)
     monkeypatch.setenv("MILO_INT3_GEMV_XBLOCK", xblock)
@@ -233,7 +234,7 @@ def test_gemv_warps_per_tile(monkeypatch, xblock, wk, M):
                                      (8, 4096, 4096, 32), (16, 200, 2048, 100)])
 def test_programmatic_launch_waits_for_t(monkeypatch, pdl, M, N, K, R):
     """The matmul kernel launched programmatically after the t = x V^T kernel (sm_90; the decode kernel
-    at M <= 4, the 16-row tensor-core tile at M 8 and 16) must wait for t: the t kernel is held back
+    at M <= 8, the 16-row tensor-core tile at M 16) must wait for t: the t kernel is held back
     200 us before it writes t (MILO_INT3_TEST_T_DELAY_NS), so a kernel that overlaps it without
     waiting reads a stale t. Eager and CUDA-graph replay, against the float32 reference and bit-equal
     to the serialized launch. With the decode kernel's wait removed (H100, 2026-11-25 08:15 and 10:27
@@ -385,7 +386,8 @@ def _sanitize_main():
     os.environ.pop("MILO_INT3_SPLITS", None)
     # decode kernel with one or two warps per column tile: each warp loops over many 512-k slices
     gemv_cases = [("1", 1, 200, 4096 + 640, 64, torch.float16), ("1", 3, 136, 2560, 32, torch.bfloat16),
-                  ("2", 4, 1000, 14336, 128, torch.float16), ("1", 2, 72, 768, 64, torch.bfloat16)]
+                  ("2", 4, 1000, 14336, 128, torch.float16), ("1", 2, 72, 768, 64, torch.bfloat16),
+                  ("1", 8, 264, 2560, 64, torch.bfloat16), ("2", 7, 200, 4096 + 640, 32, torch.float16)]
     for wk, M, N, K, g, dt in gemv_cases:
         os.environ["MILO_INT3_GEMV_WK"] = wk
         _, err = check(make_inputs(M, N, K, 16, g, dt, bias=True, gen=gen))

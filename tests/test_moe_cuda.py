@@ -176,11 +176,12 @@ def test_grouped_tile_configs(monkeypatch, cfg, splits):
 @pytest.mark.parametrize("gemv_rows,wk,xblock", [("0", "0", "-1"), ("1000", "0", "-1"), ("1000", "0", "0"),
                                                  ("1000", "1", "-1"), ("1000", "8", "0")])
 @pytest.mark.parametrize("rows,g,dtype", [(2, 128, torch.float16), (5, 64, torch.bfloat16), (9, 32, torch.float16),
-                                          (150, 64, torch.bfloat16)])
+                                          (40, 64, torch.float16), (150, 64, torch.bfloat16)])
 def test_grouped_gemv_and_mma_paths(monkeypatch, gemv_rows, wk, xblock, rows, g, dtype):
-    """The decode kernel (tiles of <= 2 rows, 4 past one row per expert) forced on or off, with its
-    warps per column tile chosen or forced to 1 and 8 and x staged per warp or once per block, for
-    decode and prefill routings, K = 4096 + 1024 (ten 512-k slices), x offset from zero."""
+    """The decode kernel (tiles of <= 2 rows, 4 past one row per expert: several tiles per expert at 40
+    and 150 rows) forced on or off, with its warps per column tile chosen or forced to 1 and 8 and x
+    staged per warp or once per block, for decode and prefill routings, K = 4096 + 1024 (ten 512-k
+    slices), x offset from zero."""
     monkeypatch.setenv("MILO_INT3_GROUPED_GEMV_MAX_ROWS", gemv_rows)
     monkeypatch.setenv("MILO_INT3_GEMV_WK", wk)
     monkeypatch.setenv("MILO_INT3_GEMV_XBLOCK", xblock)
@@ -236,7 +237,7 @@ def test_grouped_decode_waits_for_t(monkeypatch, pdl, dtype, kernel):
 
 
 @pytest.mark.parametrize("gemv_rows,lookup", [("1000", "1"), ("1000", "0"), ("0", "-1")])
-@pytest.mark.parametrize("E,K", [(16, 1536), (32, 4608)])
+@pytest.mark.parametrize("E,K", [(4, 1536), (16, 1536), (32, 4608)])
 @pytest.mark.parametrize("activation", ["none", "silu_mul"])
 @pytest.mark.parametrize("rows_dtype", [None, torch.int32, torch.int64])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -245,7 +246,7 @@ def test_grouped_gathered_gated_input(monkeypatch, gemv_rows, lookup, E, K, acti
     with silu(gate) * up of [gate | up] rows, on the decode kernel (which reads them itself, with the
     t kernel before it; the activation materialized first past K = 4096), its blocks finding their
     tiles from the offsets or given a tile list, and on the tensor-core path (a materialized input);
-    tiles of 4 rows (E = 16) and 2 (E = 32); sentinel rows at the end."""
+    tiles of 4 rows (E = 4: two per expert; E = 16) and 2 (E = 32); sentinel rows at the end."""
     monkeypatch.setenv("MILO_INT3_GROUPED_GEMV_MAX_ROWS", gemv_rows)
     monkeypatch.setenv("MILO_INT3_GROUPED_TILE_LOOKUP", lookup)
     seed = zlib.crc32(repr((gemv_rows, lookup, E, K, activation, rows_dtype, dtype)).encode())
@@ -510,6 +511,7 @@ def _sanitize_main():
         (4, 384, 512, 64, 0, 128, torch.bfloat16, "one_expert", "1", "0"),
         (64, 128, 256, 20, 16, 64, torch.float16, "uniform", "0", "5"),
         (8, 512, 4096, 3, 16, 64, torch.bfloat16, "uniform", "0", "0"),  # the decode kernel
+        (8, 512, 2048, 48, 16, 64, torch.float16, "uniform", "1", "0"),  # 16-row tiles, 6 rows per expert
     ]
     for n, (E, N, K, rows, R, g, dt, kind, cfg, splits) in enumerate(cases):
         os.environ["MILO_INT3_GROUPED_CFG"] = cfg

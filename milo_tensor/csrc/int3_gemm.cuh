@@ -14,10 +14,10 @@
 //   and its A fragment registers are x words as loaded (16-byte ld.shared of rows g and g + 8, no
 //   prmt; the compiler moves them into the fragment's register order); the pairs of a thread come
 //   out of two words with the same shifts whichever half of the chunk it owns.
-// * dequantization in registers: (code | magic) is the fp16/bf16 number magic + code exactly
-//   (magic = 1024 for fp16, 128 for bf16). The mma accumulates x . (magic + code) in fp32 per group;
-//   a second mma against a ones-matrix gives the row sums of x per group, and the group's affine
-//   map is applied in fp32: acc += s * acc_g - s * (z + magic) * xsum_g. Scale and zero never pass
+// * dequantization in registers: the code's 3 bits OR-ed into the top of the mantissa of 1.0 are the
+//   fp16/bf16 number 1 + code / 8 exactly (Int3Traits). The mma accumulates x . (1 + code / 8) in fp32
+//   per group; a second mma against a ones-matrix gives the row sums of x per group, and the group's
+//   affine map is applied in fp32: acc += 8 s * acc_g - s * (z + 8) * xsum_g. Scale and zero never pass
 //   through half precision, so bf16 is as accurate as fp16.
 // * 16-byte cp.async.cg for the weights, a STAGES-deep pipeline, split-K over blocks with a
 //   deterministic fixed-order reduction by the last-arriving block (per-tile counter), so all SMs
@@ -40,19 +40,23 @@ namespace milo {
 template <typename T>
 struct Int3Traits;
 
+// The tensor-core kernel's codes: 1 + code / kUnit exactly, the code's 3 bits at the top of the mantissa
+// of 1.0 (bit kPos up), OR-ed into kOne2. (Magic 1024 + code (fp16) or 128 + code (bf16) made a group's
+// sum of x * (magic + code) 100-300x larger than the result for activations offset from zero, and the
+// mma's fp32 accumulation then cost accuracy: bf16, g32, x + 4, M=8 3.05e-3 against a 1.81e-3 rounding
+// floor; fp16 up to 4x its floor, H100 2026-12-06.)
 template <>
 struct Int3Traits<half> {
-  static constexpr uint32_t kMagic2 = 0x64006400u;  // half2(1024, 1024)
-  static constexpr uint32_t kOne2 = 0x3C003C00u;    // half2(1, 1)
-  static constexpr float kMagic = 1024.0f;
+  static constexpr uint32_t kOne2 = 0x3C003C00u;  // half2(1, 1)
+  static constexpr int kPos = 7;                  // 10-bit mantissa: bits 7..9 are 1/8 .. 1/2
 };
 
 template <>
 struct Int3Traits<__nv_bfloat16> {
-  static constexpr uint32_t kMagic2 = 0x43004300u;  // bf162(128, 128)
-  static constexpr uint32_t kOne2 = 0x3F803F80u;    // bf162(1, 1)
-  static constexpr float kMagic = 128.0f;
+  static constexpr uint32_t kOne2 = 0x3F803F80u;  // bf162(1, 1)
+  static constexpr int kPos = 4;                  // 7-bit mantissa: bits 4..6
 };
+constexpr float kInt3Unit = 8.f;  // 1 + code / 8
 
 __device__ __forceinline__ float to_float(half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -106,29 +110,31 @@ __device__ __forceinline__ uint32_t spare_pair(uint32_t w0, uint32_t w1, uint32_
   r = and_or(shl(w1, pos - 14), 0x00020002u << pos, r);
   return and_or(shl(w2, pos - 13), 0x00040004u << pos, r);
 }
-// pairs 8h .. 8h + 7 of a chunk (k 16h .. 16h + 15) at bit 0, OR-ed into magic, for a runtime half h:
+// pairs 8h .. 8h + 7 of a chunk (k 16h .. 16h + 15) at bit POS, OR-ed into magic, for a runtime half h:
 // X = word 2h, w1 = word 1, O = word 2 - 2h (h = 1: pairs 8..12 from word 2, 13..14 from word 1 >> 9,
 // 15 the spare pair; h = 0: 0..4 from word 0, 5..7 from word 1: the same shifts)
+template <int POS>
 __device__ __forceinline__ void half_chunk_pairs(uint32_t X, uint32_t w1, uint32_t O, int h, uint32_t magic,
                                                  uint32_t (&b)[8]) {
   const uint32_t Y = w1 >> (9 * h);
 #pragma unroll
-  for (int i = 0; i < 5; ++i) b[i] = field_pair(X, i, 0, magic);
-  b[5] = field_pair(Y, 0, 0, magic);
-  b[6] = field_pair(Y, 1, 0, magic);
-  b[7] = h ? spare_pair(O, w1, X, 0, magic) : field_pair(Y, 2, 0, magic);
+  for (int i = 0; i < 5; ++i) b[i] = field_pair(X, i, POS, magic);
+  b[5] = field_pair(Y, 0, POS, magic);
+  b[6] = field_pair(Y, 1, POS, magic);
+  b[7] = h ? spare_pair(O, w1, X, POS, magic) : field_pair(Y, 2, POS, magic);
 }
-// pairs 4q .. 4q + 3 of a chunk (k 8q .. 8q + 7) at bit 0, OR-ed into magic, for a runtime quarter q:
+// pairs 4q .. 4q + 3 of a chunk (k 8q .. 8q + 7) at bit POS, OR-ed into magic, for a runtime quarter q:
 // X = word 2 (q >> 1), w1 = word 1, O = word 2 - 2 (q >> 1)
+template <int POS>
 __device__ __forceinline__ void quarter_chunk_pairs(uint32_t X, uint32_t w1, uint32_t O, int q, uint32_t magic,
                                                     uint32_t (&r)[4]) {
   const int h = q >> 1, odd = q & 1;
   const uint32_t Y = w1 >> (9 * h);
   const uint32_t Z = odd ? Y : X >> 3;  // q odd: pairs 1..3 of the quarter from Y's fields 0..2
-  r[0] = field_pair(X >> (12 * odd), 0, 0, magic);
-  r[1] = field_pair(Z, 0, 0, magic);
-  r[2] = field_pair(Z, 1, 0, magic);
-  r[3] = (odd & h) ? spare_pair(O, w1, X, 0, magic) : field_pair(Z, 2, 0, magic);
+  r[0] = field_pair(X >> (12 * odd), 0, POS, magic);
+  r[1] = field_pair(Z, 0, POS, magic);
+  r[2] = field_pair(Z, 1, POS, magic);
+  r[3] = (odd & h) ? spare_pair(O, w1, X, POS, magic) : field_pair(Z, 2, POS, magic);
 }
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
@@ -321,8 +327,8 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MINB) int3_gemm_kernel(cons
   constexpr int MT = Cfg::MT, NT = Cfg::NT, G = Cfg::G, STAGES = Cfg::STAGES;
   constexpr int THREADS = Cfg::THREADS, BN = Cfg::BN, BM = Cfg::BM, GS = Cfg::GS, GW = Cfg::GW;
   constexpr int KG = Cfg::KG;
-  constexpr uint32_t MAGIC2 = Int3Traits<T>::kMagic2;
   constexpr uint32_t ONE2 = Int3Traits<T>::kOne2;
+  constexpr int POS = Int3Traits<T>::kPos;
 
   extern __shared__ __align__(16) uint8_t smem[];
   const uint32_t s_base = smem_u32(smem);
@@ -450,7 +456,8 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MINB) int3_gemm_kernel(cons
     }
   };
 
-  // raw scales of stage st_local (in buffer buf) -> fp32 (s, s * (z + magic)) in fs buffer fbuf
+  // raw scales of stage st_local (in buffer buf) -> fp32 (8 s, s * (z + 8)) in fs buffer fbuf: a group's
+  // sum of x (1 + q / 8) times 8 s, less s (8 + z) sum x, is s sum x (q - z)
   auto convert_scales = [&](int st_local, int buf, int fbuf) {
     const int st = st_begin + st_local;
     const uint8_t* ss = smem + buf * Cfg::STAGE_BYTES + Cfg::W_BYTES + Cfg::X_BYTES;
@@ -464,7 +471,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MINB) int3_gemm_kernel(cons
       const int hoff = (GS == 1) ? (cv_par[i] ^ (st & 1)) : 0;
       const float s = to_float(rs[row * GW * 2 + hoff + gl]);
       const float z = to_float(rz[row * GW * 2 + hoff + gl]);
-      fs[gl * BN + row] = make_float2(s, s * (z + Int3Traits<T>::kMagic));
+      fs[gl * BN + row] = make_float2(s * kInt3Unit, s * (z + kInt3Unit));
     }
   };
 
@@ -558,7 +565,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MINB) int3_gemm_kernel(cons
         const int row = (wn * NT + i) * 8 + g;
         const uint8_t* wrow = sw + row * Cfg::W_ROW + (2 * wk + cq) * 12;
         uint32_t b[8];
-        half_chunk_pairs(lds32(wrow + 8 * hq_), lds32(wrow + 4), lds32(wrow + 8 - 8 * hq_), hq_, MAGIC2, b);
+        half_chunk_pairs<POS>(lds32(wrow + 8 * hq_), lds32(wrow + 4), lds32(wrow + 8 - 8 * hq_), hq_, ONE2, b);
         float accg[MT][4];
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
@@ -623,7 +630,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MINB) int3_gemm_kernel(cons
         const int row = (wn * NT + i) * 8 + g;
         const uint8_t* wrow = sw + row * Cfg::W_ROW + c * 12;
         uint32_t r4[4];
-        quarter_chunk_pairs(lds32(wrow + 8 * hw), lds32(wrow + 4), lds32(wrow + 8 - 8 * hw), t, MAGIC2, r4);
+        quarter_chunk_pairs<POS>(lds32(wrow + 8 * hw), lds32(wrow + 4), lds32(wrow + 8 - 8 * hw), t, ONE2, r4);
         const uint32_t b[2][2] = {{r4[0], r4[1]}, {r4[2], r4[3]}};
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {

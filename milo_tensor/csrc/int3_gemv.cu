@@ -1,6 +1,6 @@
-// Decode path of milo::int3_linear and milo::int3_grouped_linear: at most 4 rows of x per block.
+// Decode path of milo::int3_linear and milo::int3_grouped_linear: at most 8 rows of x per block.
 //
-// Why a separate kernel: at M <= 4 the GEMM kernel's 16-row x tile wastes 15/16 of its mma work and
+// Why a separate kernel: at M <= 8 the GEMM kernel's 16-row x tile wastes half or more of its mma work and
 // stalls on barriers between small k stages (docs/kernel.md). Here the *weight* is the mma's A operand
 // (16 output columns n per warp) and x the B operand, each warp streams its codes straight from global
 // memory into registers (16-byte loads, no shared-memory ring, no barrier in the main loop). A pair of
@@ -15,9 +15,9 @@
 //
 //     y[n, m] += 8 s * sum_k x_k (1 + q_k / 8)  -  s (8 + z) * sum_k x_k
 //
-// (sum_k x_k per group computed once when x is staged). Two rows of x per mma; four rows take a
-// second mma on the same dequantized A. Cost per code about half an AND / LOP3 (classed) or one shift
-// and one LOP3 per two codes (fixed), plus 1/8 of an mma.
+// (sum_k x_k per group computed once when x is staged). Two rows of x per mma; every two rows more take
+// one more mma on the same dequantized A (8 rows: 4 mmas). Cost per code about half an AND / LOP3
+// (classed) or one shift and one LOP3 per two codes (fixed), plus 1/8 of an mma per two rows.
 //
 // Block: 8 warps; WK warps (a power of two chosen from K) split the k of one 16-column tile in 512-k
 // slices, so a block covers 16 * 8 / WK columns. Each warp stages the x of its slice in its own
@@ -46,7 +46,6 @@ constexpr int kXSumFloats = kSliceK / 32;  // group sums per staged row (G >= 32
 // magic sums (CodeEnc)
 __host__ __device__ constexpr int warp_x_bytes(int rows) { return rows * (kXRowBytes + 2 * kXSumFloats * 4); }
 constexpr int kRChunk = 64;             // ranks of t staged in shared memory at a time (epilogue)
-static_assert(kRChunk * kInt3GemvMaxRows <= kThreads, "one thread per staged t entry");
 // kernel flags (host: launch_mr())
 constexpr int kXBlock = 1;  // x of the whole K staged once per block up front (else per warp, per slice)
 constexpr int kUAsync = 2;  // the first kRChunk ranks of U^T's block columns copied to shared memory up front
@@ -66,7 +65,7 @@ constexpr int kUAsync = 2;  // the first kRChunk ranks of U^T's block columns co
 //     bf16: a bf16 subnormal times x would underflow fp32, so the magic 1.0 stays: 1 + (code << pos) /
 //           128 (field at most bit 6 of the 7-bit mantissa): pos 0, 3 (classes 0, 1), from the word,
 //           word >> 6 and word >> 12.
-// * Fixed (4 rows of x, or g = 32, where the classed accumulators do not fit in registers): every code
+// * Fixed (4 or 8 rows of x, or g = 32, where the classed accumulators do not fit in registers): every code
 //   at the top of the mantissa of 1.0, 1 + code / 8, one class, one shift and one LOP3 a pair. (Magic
 //   1024 + code would make a lane's 128-k partial sum ~300x larger than the result, too much
 //   cancellation for offset activations.)
@@ -146,10 +145,10 @@ struct CodeEnc<__nv_bfloat16, false> : FixedEnc {
 __host__ __device__ constexpr bool classed(int rows_per_block, int group) { return rows_per_block <= 2 && group >= 64; }
 
 // resident blocks per SM the decode kernel's register cap allows: the classed encoding with its prefetch
-// needs about 128 registers (2 blocks); the fixed one 80 (3 blocks; a 64-register cap for 4 spilled and
-// was 5-30% slower, H100)
+// needs about 128 registers (2 blocks), and so do 8 rows (twice the accumulators of 4); the fixed one at
+// 4 rows 80 (3 blocks; a 64-register cap for 4 spilled and was 5-30% slower, H100)
 __host__ __device__ constexpr int min_blocks(int rows_per_block, int group) {
-  return classed(rows_per_block, group) ? 2 : (group == 32 ? 2 : 3);
+  return classed(rows_per_block, group) || rows_per_block > 4 || group == 32 ? 2 : 3;
 }
 
 // Where pair p's x word sits in a staged 32-k chunk (in words): mma i's two pairs pa(i), pb(i) side by side at
@@ -314,16 +313,16 @@ __device__ __forceinline__ void stage_x(const T* const* xr, int K, int k0, uint8
   }
 }
 
-// MR: rows of x this block multiplies (1, 2 or 4; rows past `rows` are zeros). kAct: the input rows are
+// MR: rows of x this block multiplies (1, 2, 4 or 8; rows past `rows` are zeros). kAct: the input rows are
 // silu(gate) * up of [gate | up] rows (p.act, the grouped op's down projection).
 template <typename T, int G, int MR, bool kAct>
 __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m0, int rows, int wk_log2, int flags,
-                                           uint8_t* smem, float (*ys)[kInt3GemvMaxRows][16], float* red,
+                                           uint8_t* smem, float (*ys)[MR][16], float* red,
                                            float (*tsm)[kRChunk], uint4* zrow16, const void** xrow) {
   // the classed encoding and a slice of prefetch where their registers fit (CodeEnc)
   constexpr bool kClassed = classed(MR, G);
   using E = CodeEnc<T, kClassed>;
-  constexpr int NB = MR > 2 ? 2 : 1;   // mma sets, two rows of x each
+  constexpr int NB = (MR + 1) / 2;     // mma sets, two rows of x each
   constexpr int GPL = 128 / G;         // groups in a lane's 128 k
   const int K = p.K, N = p.N, R = p.R;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -355,9 +354,9 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
   bool b_on[NB];
 #pragma unroll
   for (int b = 0; b < NB; ++b) b_on[b] = (bcol & 3) == c && 2 * b + (bcol >> 2) < rows;
-  // accumulator columns of this lane: 2c, 2c+1 = row m = c >> 1 (+2 for set 1), source lanes cs0, cs0 + 1
+  // accumulator columns of this lane: 2c, 2c+1 = row m = c >> 1 (+2b for set b), source lanes cs0, cs0 + 1
   const int cs0 = 2 * (c & 1);
-  const bool need_scales = (c >> 1) < rows || (NB > 1 && 2 + (c >> 1) < rows);
+  const bool need_scales = (c >> 1) < rows;  // set 0's row is this lane's first
   // a lane's 2 * GPL scales of a row are one aligned vector when every row and expert start is
   const bool vec_scales = groups_per_row % (2 * GPL) == 0 && reinterpret_cast<uintptr_t>(se) % (4 * GPL) == 0 &&
                           reinterpret_cast<uintptr_t>(ze) % (4 * GPL) == 0;
@@ -616,11 +615,11 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
 template <typename T, int G, int MR, int MINB, bool kAct>
 __global__ void __launch_bounds__(kThreads, MINB) int3_gemv_kernel(const Int3GemmParams p, int wk_log2, int flags) {
   extern __shared__ __align__(16) uint8_t gemv_smem[];
-  __shared__ float ys[kWarps][kInt3GemvMaxRows][16];
-  __shared__ float red[kThreads * kInt3GemvMaxRows];
-  __shared__ float tsm[kInt3GemvMaxRows][kRChunk];
+  __shared__ float ys[kWarps][MR][16];
+  __shared__ float red[kThreads * MR];
+  __shared__ float tsm[MR][kRChunk];
   __shared__ uint4 zrow[kXRowBytes / 16];  // the B operand of lanes whose column is another lane's
-  __shared__ const void* xrow[kInt3GemvMaxRows];  // the input rows (input_row())
+  __shared__ const void* xrow[MR];         // the input rows (input_row())
   int tail0;
   const int4 tl = block_tile<kThreads>(p, blockIdx.y, MR, &tail0);
   if (blockIdx.y == 0 && tail0 < p.M) {  // the grouped op's rows past the last expert: no tile covers them
@@ -711,14 +710,17 @@ template <typename T, int G>
 void launch(const Int3GemmParams& p, int row_blocks, int max_rows, const GemvLaunch& l, cudaStream_t stream) {
   const int wk_log2 = launch_wk_log2(p, row_blocks, max_rows, G, l);
   // the activation only where the grouped op runs it (tiles of 2 or 4 rows): its own instances
-  TORCH_CHECK(p.act == kActNone || (p.act == kActSiluMul && max_rows > 1), "int3 gemv: activation ", p.act,
-              " with ", max_rows, "-row tiles");
+  TORCH_CHECK(p.act == kActNone || (p.act == kActSiluMul && max_rows > 1 && max_rows <= 4), "int3 gemv: activation ",
+              p.act, " with ", max_rows, "-row tiles");
+  TORCH_CHECK(max_rows <= kInt3GemvMaxRows, "int3 gemv: tiles of ", max_rows, " rows, at most ", kInt3GemvMaxRows);
   if (max_rows <= 1) return launch_mr<T, G, 1, false>(p, row_blocks, wk_log2, l, stream);
   if (max_rows <= 2)
     return p.act ? launch_mr<T, G, 2, true>(p, row_blocks, wk_log2, l, stream)
                  : launch_mr<T, G, 2, false>(p, row_blocks, wk_log2, l, stream);
-  return p.act ? launch_mr<T, G, 4, true>(p, row_blocks, wk_log2, l, stream)
-               : launch_mr<T, G, 4, false>(p, row_blocks, wk_log2, l, stream);
+  if (max_rows <= 4)
+    return p.act ? launch_mr<T, G, 4, true>(p, row_blocks, wk_log2, l, stream)
+                 : launch_mr<T, G, 4, false>(p, row_blocks, wk_log2, l, stream);
+  return launch_mr<T, G, 8, false>(p, row_blocks, wk_log2, l, stream);  // the dense op at M 5-8
 }
 
 }  // namespace

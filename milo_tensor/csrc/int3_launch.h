@@ -45,9 +45,9 @@ void launch_int3_gemm(int dtype, int mt, int group, const Int3GemmParams& p, int
 // Decode path (int3_gemv.cu): tensor-core kernel with the weight as the mma A operand, for tiles of
 // at most kInt3GemvMaxRows rows of x; grid (ceil(N / BR), row_blocks), BR = 16..128 columns per block
 // chosen from K. Dense op: p.tiles == nullptr, row block y takes rows MR*y .. MR*y + MR - 1 where MR
-// = 1, 2 or 4 is max_rows rounded up; grouped op: p.tiles lists (expert, row start, row end) tiles of
+// = 1, 2, 4 or 8 is max_rows rounded up; grouped op: p.tiles lists (expert, row start, row end) tiles of
 // at most max_rows rows, one per row block. Needs K % 128 == 0; any N.
-constexpr int kInt3GemvMaxRows = 4;
+constexpr int kInt3GemvMaxRows = 8;
 struct GemvLaunch {
   int wk_force;       // warps per 16-column tile (1, 2, 4, 8), 0 = chosen from N, K, SMs (tuning and tests)
   bool programmatic;  // launched with programmatic stream serialization: the kernel before it in the

@@ -4,7 +4,7 @@
 //               int group_size, Tensor? bias=None) -> Tensor
 //
 // Paths:
-//  * decode: fp16/bf16, K % 128 == 0, group in {32, 64, 128}, M <= 4 -> t = x @ v^T (lowrank_t_rows_kernel,
+//  * decode: fp16/bf16, K % 128 == 0, group in {32, 64, 128}, M <= 8 -> t = x @ v^T (lowrank_t_rows_kernel,
 //    k-split fp32 partials) + int3_gemv_kernel (int3_gemv.cu: weight as the mma A operand, low-rank
 //    term in the epilogue), launched programmatically on sm_90 so its main loop overlaps the t kernel.
 //  * fused: fp16/bf16, K % 128 == 0, N % 8 == 0, group in {32, 64, 128}, M <= fused_max_m
@@ -99,7 +99,8 @@ __global__ void dequant_int3_kernel(const int32_t* __restrict__ q, const Ts* __r
   for (int n = blockIdx.y; n < N; n += gridDim.y) {
     const int32_t* qp = q + static_cast<int64_t>(n) * (3 * (K / 32)) + 3 * c;
     uint32_t pairs[4];  // codes k0 + 2j, k0 + 2j + 1 in bits 0..2 and 16..18 of pairs[j]
-    quarter_chunk_pairs(__ldg(qp + 2 * (sub >> 1)), __ldg(qp + 1), __ldg(qp + 2 - 2 * (sub >> 1)), sub, 0u, pairs);
+    quarter_chunk_pairs<0>(__ldg(qp + 2 * (sub >> 1)), __ldg(qp + 1), __ldg(qp + 2 - 2 * (sub >> 1)), sub, 0u,
+                           pairs);
     alignas(16) To out[8];
     if (G % 8 == 0) {
       const int gi = k0 / G;
@@ -268,8 +269,15 @@ at::Tensor lowrank_t(const at::Tensor& x2d, const at::Tensor& v) {
   return at::mm(x2d.to(at::kFloat), v.to(at::kFloat).t());
 }
 
+// Rows of x per block of the t kernel below, and the grouped op's decode tiles at most: t is indexed by
+// row, so the dense op's 8-row decode blocks read the t of two of its row groups. (The t kernel with 8
+// rows spilled at the 1024-thread blocks' 32-register cap, and fewer row groups filled fewer SMs: H100
+// 2026-12-06, R=32, M=4 and 16 up to +24%; 8-row grouped tiles re-read an expert's weights per tile:
+// Mixtral-shaped M=32, 8 rows per expert, 670 -> 1033 us against the 16-row tensor-core tile.)
+constexpr int kTRows = 4;
+
 // Decode t partials t[split][m, r] = sum over k in the split of x[m, k] v[e, r, k] (fp32) for row
-// groups of at most 4 (blockIdx.y: rows 4y.. of the dense op, e = 0, or the grouped op's tile y with
+// groups of at most kTRows (blockIdx.y: rows 4y.. of the dense op, e = 0, or the grouped op's tile y with
 // its expert e, listed or found from the offsets; input rows gathered and gated as the decode kernel
 // reads them, grouped_input.cuh): one warp per (rank, split), 16-byte loads issued several iterations
 // ahead, a shuffle reduction; no barrier past the tile lookup, so a long K costs a few load round
@@ -287,24 +295,24 @@ __global__ void __launch_bounds__(kThreads, kThreads == 1024 ? 2 : 1)
     lowrank_t_rows_kernel(const Int3GemmParams p, const T* __restrict__ v, float* __restrict__ t, int splits,
                           int k_chunk, unsigned delay_ns) {
   grid_dep_launch_dependents();
-  const int4 tl = block_tile<kThreads>(p, blockIdx.y, kInt3GemvMaxRows);  // every thread (block scans)
+  const int4 tl = block_tile<kThreads>(p, blockIdx.y, kTRows);  // every thread (block scans)
   const int gw = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
   const int K = p.K, R = p.R;
   if (tl.x < 0 || gw >= R * splits) return;  // whole warps
-  const int e = tl.x, m0 = tl.y, rows = min(kInt3GemvMaxRows, tl.z - tl.y);
-  const T* xr[kInt3GemvMaxRows];
+  const int e = tl.x, m0 = tl.y, rows = min(kTRows, tl.z - tl.y);
+  const T* xr[kTRows];
 #pragma unroll
-  for (int m = 0; m < kInt3GemvMaxRows; ++m) xr[m] = m < rows ? input_row<T>(p, m0 + m) : nullptr;
+  for (int m = 0; m < kTRows; ++m) xr[m] = m < rows ? input_row<T>(p, m0 + m) : nullptr;
   const int r = gw / splits, sp = gw % splits;
   const int k_end = min(K, (sp + 1) * k_chunk);
   const T* vr = v + (static_cast<long long>(e) * R + r) * K;
-  float acc[kInt3GemvMaxRows] = {0.f, 0.f, 0.f, 0.f};
+  float acc[kTRows] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll 4
   for (int k = sp * k_chunk + lane * 8; k < k_end; k += 256) {
     const uint4 vv = __ldg(reinterpret_cast<const uint4*>(vr + k));
     const T* vh = reinterpret_cast<const T*>(&vv);
 #pragma unroll
-    for (int m = 0; m < kInt3GemvMaxRows; ++m) {
+    for (int m = 0; m < kTRows; ++m) {
       if (m < rows) {
         const uint4 xv = load_input8<T, kAct>(xr[m], K, k);
         const T* xh = reinterpret_cast<const T*>(&xv);
@@ -315,7 +323,7 @@ __global__ void __launch_bounds__(kThreads, kThreads == 1024 ? 2 : 1)
   }
   if (delay_ns != 0) sleep_ns(delay_ns);
 #pragma unroll
-  for (int m = 0; m < kInt3GemvMaxRows; ++m) {
+  for (int m = 0; m < kTRows; ++m) {
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) acc[m] += __shfl_xor_sync(0xffffffffu, acc[m], off);
     if (lane == 0 && m < rows) t[(static_cast<long long>(sp) * p.M + m0 + m) * R + r] = acc[m];
@@ -340,7 +348,7 @@ std::pair<int, int> lowrank_rows_splits(int K) {
 bool t_rows_wide(int K, long long decode_blocks, int sms) { return K <= 4096 && decode_blocks >= sms; }
 
 // t partials of the rows of p (x, M, K, R, the tiles or offsets and the input-row fields) into t;
-// row_groups: ceil(M / 4) for the dense op, the tile slots for the grouped op; wide: 1024-thread blocks
+// row_groups: ceil(M / kTRows) for the dense op, the tile slots for the grouped op; wide: 1024-thread blocks
 void launch_lowrank_t_rows(at::ScalarType xt, const Int3GemmParams& p, const void* v, int row_groups, float* t,
                            int splits, int k_chunk, cudaStream_t stream, bool wide = false) {
   const int threads = wide ? 1024 : 256;
@@ -450,9 +458,13 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   const bool fused = dtype_ok && dinfo.major >= 8 && K % kInt3BK == 0 && N % 8 == 0 &&
                      (G == 32 || G == 64 || G == 128) && M64 <= fused_max_m && M64 < (1LL << 24);
   // decode: int3_gemv.cu for up to 4 rows (faster than the GEMM kernel at M <= 4 on every benchmark
-  // shape at R = 0, H100 2026-11-25); MILO_INT3_GEMV_MAX_M=0 turns it off
-  const bool use_gemv = dtype_ok && K % 128 == 0 && (G == 32 || G == 64 || G == 128) &&
-                        M64 <= env_int("MILO_INT3_GEMV_MAX_M", 4);
+  // shape at R = 0, H100 2026-11-25), and its 8-row blocks up to 8 where x of the whole K is staged once
+  // per block (K <= 4096; H100 2026-12-06, M=5 / 8: 14336x4096 34.8 / 35.1 -> 28.2 / 30.4 us, 4096x4096
+  // 17.1 / 17.3 -> 12.1 / 13.4; 4096x14336, x restaged per slice, 32.6 / 32.9 -> 33.3 / 36.5) or where
+  // the tensor-core kernel cannot run (N % 8 != 0: else dequant + cuBLAS, with the weight rounded to
+  // the activation dtype). MILO_INT3_GEMV_MAX_M=m: up to m rows whatever K (0 turns it off)
+  const int gemv_max_m = env_int("MILO_INT3_GEMV_MAX_M", K <= 4096 || !fused ? kInt3GemvMaxRows : 4);
+  const bool use_gemv = dtype_ok && K % 128 == 0 && (G == 32 || G == 64 || G == 128) && M64 <= gemv_max_m;
   if (!fused && !use_gemv) {
     return int3_linear_general(x2d, q, scales, zeros, ut, v, G, bias, N, K, R).reshape(out_shape);
   }
@@ -504,7 +516,7 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   p.t_split_stride = M64 * R;
   p.ldx = K;
   auto launch_rows_t = [&](bool wide) {
-    launch_lowrank_t_rows(xt, p, va.data_ptr(), (M + kInt3GemvMaxRows - 1) / kInt3GemvMaxRows, tt.data_ptr<float>(),
+    launch_lowrank_t_rows(xt, p, va.data_ptr(), (M + kTRows - 1) / kTRows, tt.data_ptr<float>(),
                           t_splits, t_k_chunk, stream, wide);
   };
   if (use_gemv) {
@@ -755,12 +767,13 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   if (forced) cfg = forced;
   // decode (up to 2 rows per busy expert): the decode kernel on tiles of at most 2 rows (4 when the mean
   // is above 1). H100, bench_moe.py: Mixtral-shaped M=8 (2 rows per expert) 533 us vs 730 with the mma
-  // tiles; past that a tile re-reads the weights and the mma tiles are expected to win (not measured).
+  // tiles; past that a tile re-reads the weights (8-row tiles measured slower: kTRows).
   // Its kernels read the input rows gathered and gated themselves (and on small grids find their tiles
   // from the offsets, below); the tensor-core path gets a tile list and a materialized input.
   const bool use_gemv = forced == 0 && K % 128 == 0 &&
                         mean_rows <= env_int("MILO_INT3_GROUPED_GEMV_MAX_ROWS", 2);
-  const int bm = use_gemv ? (mean_rows <= 1 ? 2 : kInt3GemvMaxRows) : int3_cfg_bm(cfg), bn = int3_cfg_bn(cfg, G);
+  const int gemv_bm = mean_rows <= 1 ? 2 : kTRows;
+  const int bm = use_gemv ? gemv_bm : int3_cfg_bm(cfg), bn = int3_cfg_bn(cfg, G);
   const int n_slots = (rows + bm - 1) / bm + busy;
   TORCH_CHECK(n_slots < 65536, "int3_grouped_linear: too many row tiles");
   const int n_tiles = (N + bn - 1) / bn;
