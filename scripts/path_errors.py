@@ -16,9 +16,8 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
 
-import test_cuda_kernel as T  # noqa: E402  (its input maker, reference and poisoned call)
+import test_cuda_kernel as T  # noqa: E402  (the offset test's inputs, the reference, the poisoned call)
 
-SHAPES = [(100, 4096 + 640), (36, 384), (1000, 14336), (72, 768), (520, 1408)]
 PATHS = {"decode kernel": "8", "no decode kernel": "0"}  # MILO_INT3_GEMV_MAX_M
 
 
@@ -29,14 +28,12 @@ def main() -> None:
         for dtype in (torch.bfloat16, torch.float16):
             for g in (32, 64):
                 for M in (4, 8):
-                    gen = torch.Generator(device="cuda").manual_seed(g * 10 + M)  # the test's seed
                     cells = []
-                    for N, K in SHAPES:
-                        args = list(T.make_inputs(M, N, K, 24, g, dtype, bias=True, gen=gen))
-                        args[0] = (args[0].float() + 4.0).to(dtype)
+                    for args in T.offset_cases(dtype, g, M):
                         ref = T.reference(*args)
-                        err = ((T.call_poisoned(tuple(args)).float() - ref).norm() / ref.norm()).item()
+                        err = ((T.call_poisoned(args).float() - ref).norm() / ref.norm()).item()
                         floor = ((ref.to(dtype).float() - ref).norm() / ref.norm()).item()
+                        N, K = args[1].shape[0], args[0].shape[-1]
                         cells.append(f"{N}x{K} {err:.2e} / {floor:.2e}")
                     print(f"{path} {str(dtype)[6:]} g{g} M={M}: " + " | ".join(cells), flush=True)
     os.environ.pop("MILO_INT3_GEMV_MAX_M", None)

@@ -202,11 +202,18 @@ def test_gemv_offset_activations_and_odd_shapes(dtype, g, M):
     """x with a large common offset (sum x per group far from 0: the decode kernel's
     s*sum x(magic+q) - s(z+magic)*sum x must not cancel away the result), N not a multiple of 16, K
     with a partial 512-wide slice and 1, 2, 3, 10 and 28 slices (1 to 8 warps per column tile)."""
+    for args in offset_cases(dtype, g, M):
+        check(args)
+
+
+def offset_cases(dtype, g, M):
+    """The inputs of test_gemv_offset_activations_and_odd_shapes, one per shape (scripts/path_errors.py
+    reads them too)."""
     gen = torch.Generator(device="cuda").manual_seed(g * 10 + M)
     for N, K in [(100, 4096 + 640), (36, 384), (1000, 14336), (72, 768), (520, 1408)]:
         args = list(make_inputs(M, N, K, 24, g, dtype, bias=True, gen=gen))
         args[0] = (args[0].float() + 4.0).to(args[0].dtype)
-        check(tuple(args))
+        yield tuple(args)
 
 
 @pytest.mark.parametrize("xblock", ["0", "1", "-1"])

@@ -122,23 +122,17 @@ struct CodeEnc<__nv_bfloat16, true> {
     return t[i];
   }
 };
-struct FixedEnc {
+// the tensor-core kernel's encoding (Int3Traits, int3_gemm.cuh): 1 + code / 8, the code at bit kPos up
+template <typename T>
+struct CodeEnc<T, false> {
   static constexpr int kClasses = 1;
-  static constexpr float kInvUnit = 8.f;  // 1 + code / 8
+  static constexpr float kInvUnit = kInt3Unit;
+  static constexpr uint32_t kMagic2 = Int3Traits<T>::kOne2;
+  __host__ __device__ static constexpr int pos(int) { return Int3Traits<T>::kPos; }
   __host__ __device__ static constexpr int cls(int) { return 0; }
   __host__ __device__ static constexpr int pa(int i) { return 2 * i; }
   __host__ __device__ static constexpr int pb(int i) { return 2 * i + 1; }
   __host__ __device__ static constexpr int mma_cls(int) { return 0; }
-};
-template <>
-struct CodeEnc<half, false> : FixedEnc {
-  static constexpr uint32_t kMagic2 = 0x3C003C00u;  // half2(1, 1)
-  __host__ __device__ static constexpr int pos(int) { return 7; }
-};
-template <>
-struct CodeEnc<__nv_bfloat16, false> : FixedEnc {
-  static constexpr uint32_t kMagic2 = 0x3F803F80u;
-  __host__ __device__ static constexpr int pos(int) { return 4; }
 };
 
 // where the classed encoding (and the slice prefetch) is used: its registers fit
