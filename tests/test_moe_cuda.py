@@ -179,7 +179,7 @@ def test_grouped_tile_configs(monkeypatch, cfg, splits):
                                           (40, 64, torch.float16), (150, 64, torch.bfloat16)])
 def test_grouped_gemv_and_mma_paths(monkeypatch, gemv_rows, wk, xblock, rows, g, dtype):
     """The decode kernel (tiles of <= 2 rows, 4 past one row per expert: several tiles per expert at 40
-    and 150 rows) forced on or off, with its warps per column tile chosen or forced to 1 and 8 and x
+    and 150 rows; the 4-row tiles at g >= 64 load each slice's codes one slice ahead) forced on or off, with its warps per column tile chosen or forced to 1 and 8 and x
     staged per warp or once per block, for decode and prefill routings, K = 4096 + 1024 (ten 512-k
     slices), x offset from zero."""
     monkeypatch.setenv("MILO_INT3_GROUPED_GEMV_MAX_ROWS", gemv_rows)
@@ -512,7 +512,9 @@ def _sanitize_main():
         (64, 128, 256, 20, 16, 64, torch.float16, "uniform", "0", "5"),
         (8, 512, 4096, 3, 16, 64, torch.bfloat16, "uniform", "0", "0"),  # the decode kernel
         (8, 512, 2048, 48, 16, 64, torch.float16, "uniform", "1", "0"),  # 16-row tiles, 6 rows per expert
+        (8, 512, 4608, 20, 16, 128, torch.float16, "uniform", "0", "0"),  # 4-row decode tiles, slices prefetched
     ]
+    os.environ["MILO_INT3_GROUPED_GEMV_MAX_ROWS"] = "4"  # the decode kernel up to 4 rows per busy expert
     for n, (E, N, K, rows, R, g, dt, kind, cfg, splits) in enumerate(cases):
         os.environ["MILO_INT3_GROUPED_CFG"] = cfg
         os.environ["MILO_INT3_SPLITS"] = splits

@@ -135,14 +135,23 @@ struct CodeEnc<T, false> {
   __host__ __device__ static constexpr int mma_cls(int) { return 0; }
 };
 
-// where the classed encoding (and the slice prefetch) is used: its registers fit
+// where the classed encoding is used: its registers fit
 __host__ __device__ constexpr bool classed(int rows_per_block, int group) { return rows_per_block <= 2 && group >= 64; }
+// Whether a slice's codes and scales are loaded one slice ahead of its math (a second register set): always
+// with the classed encoding; with the fixed one at 4 rows (g >= 64) where the launch asks (kPF), the grouped
+// op's warps that stream 8 slices or more (gemv_prefetch()). H100, 2026-12-06, bench_moe.py: Mixtral-shaped
+// M=8 (4-row tiles, one warp per tile, 8 and 28 slices) 433 / 438 -> 388 / 384 us; prefetching every 4-row
+// launch (2 blocks per SM instead of 3) cost Qwen3-shaped M=32 (2-4 slices a warp) 223 -> 249 us and the
+// dense op 4096x14336 M=4 R=32 31.9 -> 37.6 us. 8 rows and g = 32 at 4 rows spill with it.
+__host__ __device__ constexpr bool prefetched(int rows_per_block, int group, bool pf) {
+  return classed(rows_per_block, group) || (pf && rows_per_block <= 4 && group >= 64);
+}
 
-// resident blocks per SM the decode kernel's register cap allows: the classed encoding with its prefetch
-// needs about 128 registers (2 blocks), and so do 8 rows (twice the accumulators of 4); the fixed one at
-// 4 rows 80 (3 blocks; a 64-register cap for 4 spilled and was 5-30% slower, H100)
-__host__ __device__ constexpr int min_blocks(int rows_per_block, int group) {
-  return classed(rows_per_block, group) || rows_per_block > 4 || group == 32 ? 2 : 3;
+// resident blocks per SM the decode kernel's register cap allows: the prefetch needs about 128 registers
+// (2 blocks), and so do 8 rows (twice the accumulators of 4); the fixed one at 4 rows without it 80 (3
+// blocks; a 64-register cap for 4 spilled and was 5-30% slower, H100)
+__host__ __device__ constexpr int min_blocks(int rows_per_block, int group, bool pf) {
+  return prefetched(rows_per_block, group, pf) || rows_per_block > 4 || group == 32 ? 2 : 3;
 }
 
 // Where pair p's x word sits in a staged 32-k chunk (in words): mma i's two pairs pa(i), pb(i) side by side at
@@ -309,7 +318,7 @@ __device__ __forceinline__ void stage_x(const T* const* xr, int K, int k0, uint8
 
 // MR: rows of x this block multiplies (1, 2, 4 or 8; rows past `rows` are zeros). kAct: the input rows are
 // silu(gate) * up of [gate | up] rows (p.act, the grouped op's down projection).
-template <typename T, int G, int MR, bool kAct>
+template <typename T, int G, int MR, bool kAct, bool kPF>
 __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m0, int rows, int wk_log2, int flags,
                                            uint8_t* smem, float (*ys)[MR][16], float* red,
                                            float (*tsm)[kRChunk], uint4* zrow16, const void** xrow) {
@@ -507,7 +516,7 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
     for (int s = warp; s < n_slices; s += kWarps) stage_x<E, T, G, MR, kAct>(xr, K, s * kSliceK, slice_x(s));
   }
   __syncthreads();
-  if constexpr (!kClassed) {
+  if constexpr (!prefetched(MR, G, kPF)) {
     for (int s = wk; s < n_slices; s += WK) {
       if (s != wk) load_slice(s, wa, sa, za);
       compute_slice(s, wa, sa, za);
@@ -606,7 +615,7 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
 // grid (ceil(N / BR), row blocks): the dense op's blockIdx.y covers rows MR*y .. MR*y + MR - 1; the
 // grouped op's is a tile (expert, row start, row end) of at most MR rows, listed or found from the
 // offsets by the block itself (block_tile()).
-template <typename T, int G, int MR, int MINB, bool kAct>
+template <typename T, int G, int MR, int MINB, bool kAct, bool kPF>
 __global__ void __launch_bounds__(kThreads, MINB) int3_gemv_kernel(const Int3GemmParams p, int wk_log2, int flags) {
   extern __shared__ __align__(16) uint8_t gemv_smem[];
   __shared__ float ys[kWarps][MR][16];
@@ -624,13 +633,13 @@ __global__ void __launch_bounds__(kThreads, MINB) int3_gemv_kernel(const Int3Gem
   }
   const int rows = min(tl.z, tl.y + MR) - tl.y;
   if (tl.x < 0 || rows <= 0) return;
-  gemv_block<T, G, MR, kAct>(p, tl.x, tl.y, rows, wk_log2, flags, gemv_smem, ys, red, tsm, zrow, xrow);
+  gemv_block<T, G, MR, kAct, kPF>(p, tl.x, tl.y, rows, wk_log2, flags, gemv_smem, ys, red, tsm, zrow, xrow);
 }
 
-template <typename T, int G, int MR, bool kAct>
+template <typename T, int G, int MR, bool kAct, bool kPF = false>
 void launch_mr(const Int3GemmParams& p, int row_blocks, int wk_log2, const GemvLaunch& l, cudaStream_t stream) {
-  constexpr int kMinBlocks = min_blocks(MR, G);
-  auto kern = int3_gemv_kernel<T, G, MR, kMinBlocks, kAct>;
+  constexpr int kMinBlocks = min_blocks(MR, G, kPF);
+  auto kern = int3_gemv_kernel<T, G, MR, kMinBlocks, kAct, kPF>;
   const int br = 16 * (kWarps >> wk_log2);
   const dim3 grid((p.N + br - 1) / br, row_blocks);
   // shared memory: x of the whole K once per block where it fits beside the other resident blocks
@@ -693,11 +702,21 @@ int gemv_wk_log2(int N, int K, int busy_row_blocks, int sms, int blocks_per_sm, 
   return wk_log2;
 }
 
+// whether a 4-row launch prefetches (prefetched()): the grouped op's, where a warp streams 8 slices or more
+// (it starts at one warp per tile: gemv_wk_log2()) of an input not gated in the kernel (gated in the kernel
+// only up to 8 slices: K = 4096 alone would take the instance)
+bool gemv_prefetch(const Int3GemmParams& p, int max_rows, int group) {
+  const bool grouped = p.tiles != nullptr || p.offsets != nullptr;
+  return grouped && p.act == kActNone && max_rows > 2 && max_rows <= 4 && group >= 64 &&
+         (p.K + kSliceK - 1) / kSliceK >= 8;
+}
+
 // warps per tile (log2) of a launch: row blocks with work are at most the rows for the grouped op
 int launch_wk_log2(const Int3GemmParams& p, int row_blocks, int max_rows, int group, const GemvLaunch& l) {
   const bool grouped = p.tiles != nullptr || p.offsets != nullptr;
   const int busy = grouped ? std::min(row_blocks, std::max(p.M, 1)) : row_blocks;
-  return gemv_wk_log2(p.N, p.K, busy, l.sms, min_blocks(max_rows, group), l.wk_force, grouped);
+  const int bps = min_blocks(max_rows, group, gemv_prefetch(p, max_rows, group));
+  return gemv_wk_log2(p.N, p.K, busy, l.sms, bps, l.wk_force, grouped);
 }
 
 template <typename T, int G>
@@ -712,8 +731,9 @@ void launch(const Int3GemmParams& p, int row_blocks, int max_rows, const GemvLau
     return p.act ? launch_mr<T, G, 2, true>(p, row_blocks, wk_log2, l, stream)
                  : launch_mr<T, G, 2, false>(p, row_blocks, wk_log2, l, stream);
   if (max_rows <= 4)
-    return p.act ? launch_mr<T, G, 4, true>(p, row_blocks, wk_log2, l, stream)
-                 : launch_mr<T, G, 4, false>(p, row_blocks, wk_log2, l, stream);
+    return gemv_prefetch(p, max_rows, G) ? launch_mr<T, G, 4, false, true>(p, row_blocks, wk_log2, l, stream)
+           : p.act                        ? launch_mr<T, G, 4, true>(p, row_blocks, wk_log2, l, stream)
+                                          : launch_mr<T, G, 4, false>(p, row_blocks, wk_log2, l, stream);
   return launch_mr<T, G, 8, false>(p, row_blocks, wk_log2, l, stream);  // the dense op at M 5-8
 }
 
