@@ -765,13 +765,15 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   int cfg = mean_rows <= 16 ? 1 : (mean_rows <= 32 ? 2 : 4);
   const int forced = forced_cfg("MILO_INT3_GROUPED_CFG");
   if (forced) cfg = forced;
-  // decode (up to 2 rows per busy expert): the decode kernel on tiles of at most 2 rows (4 when the mean
-  // is above 1). H100, bench_moe.py: Mixtral-shaped M=8 (2 rows per expert) 533 us vs 730 with the mma
-  // tiles; past that a tile re-reads the weights (8-row tiles measured slower: kTRows).
+  // decode (up to 4 rows per busy expert): the decode kernel on tiles of at most 2 rows (4 when the mean
+  // is above 1; an expert past 4 rows takes several tiles). H100, bench_moe.py: Mixtral-shaped M=8 (2 rows
+  // per expert) 533 us vs 730 with the mma tiles; 2026-12-06, up to 4 rows instead of 2: Mixtral-shaped M=16
+  // (4 rows) 651 -> 587 us, DeepSeek-V2-Lite-shaped M=32 (3) 454 -> 369, the others unchanged. Past that a tile
+  // re-reads the weights too often (8-row tiles measured slower: kTRows).
   // Its kernels read the input rows gathered and gated themselves (and on small grids find their tiles
   // from the offsets, below); the tensor-core path gets a tile list and a materialized input.
   const bool use_gemv = forced == 0 && K % 128 == 0 &&
-                        mean_rows <= env_int("MILO_INT3_GROUPED_GEMV_MAX_ROWS", 2);
+                        mean_rows <= env_int("MILO_INT3_GROUPED_GEMV_MAX_ROWS", 4);
   const int gemv_bm = mean_rows <= 1 ? 2 : kTRows;
   const int bm = use_gemv ? gemv_bm : int3_cfg_bm(cfg), bn = int3_cfg_bn(cfg, G);
   const int n_slots = (rows + bm - 1) / bm + busy;
