@@ -179,9 +179,9 @@ def test_grouped_tile_configs(monkeypatch, cfg, splits):
                                           (40, 64, torch.float16), (150, 64, torch.bfloat16)])
 def test_grouped_gemv_and_mma_paths(monkeypatch, gemv_rows, wk, xblock, rows, g, dtype):
     """The decode kernel (tiles of <= 2 rows, 4 past one row per expert: several tiles per expert at 40
-    and 150 rows; the 4-row tiles at g >= 64 load each slice's codes one slice ahead) forced on or off, with its warps per column tile chosen or forced to 1 and 8 and x
-    staged per warp or once per block, for decode and prefill routings, K = 4096 + 1024 (ten 512-k
-    slices), x offset from zero."""
+    and 150 rows; the 4-row tiles at g >= 64 load each slice's codes one slice ahead) forced on or off,
+    with its warps per column tile chosen or forced to 1 and 8 and x staged per warp or once per block,
+    for decode and prefill routings, K = 4096 + 1024 (ten 512-k slices), x offset from zero."""
     monkeypatch.setenv("MILO_INT3_GROUPED_GEMV_MAX_ROWS", gemv_rows)
     monkeypatch.setenv("MILO_INT3_GEMV_WK", wk)
     monkeypatch.setenv("MILO_INT3_GEMV_XBLOCK", xblock)
