@@ -71,7 +71,7 @@ constexpr int kUAsync = 2;  // the first kRChunk ranks of U^T's block columns co
 //   cancellation for offset activations.)
 //
 // The group end subtracts the magic's share, sum_k x_k * kInvUnit / 8^class(k) (staged with x). mma i
-// of a chunk multiplies pairs pa(i) and pb(i), both of class mma_cls(i); mmas 0-3 take 7 pairs of the
+// of a chunk multiplies pairs pa(i) and pb(i), both of one class (mmas_one_class()); mmas 0-3 take 7 pairs of the
 // chunk's lower half (0-7) and one of the upper, mmas 4-7 the rest, so x can be staged in mma order with
 // one word traded between the two lanes that stage a chunk (x_slot, stage_x).
 template <typename T, bool kClassed>
@@ -85,17 +85,12 @@ struct CodeEnc<half, true> {
     constexpr int t[16] = {0, 3, 6, 0, 3, 0, 3, 6, 0, 3, 6, 0, 3, 0, 3, 6};
     return t[p];
   }
-  __host__ __device__ static constexpr int cls(int p) { return pos(p) / 3; }
   __host__ __device__ static constexpr int pa(int i) {
     constexpr int t[8] = {0, 1, 2, 5, 6, 8, 9, 10};
     return t[i];
   }
   __host__ __device__ static constexpr int pb(int i) {
     constexpr int t[8] = {3, 4, 7, 13, 14, 11, 12, 15};
-    return t[i];
-  }
-  __host__ __device__ static constexpr int mma_cls(int i) {
-    constexpr int t[8] = {0, 1, 2, 0, 1, 0, 1, 2};
     return t[i];
   }
 };
@@ -108,17 +103,12 @@ struct CodeEnc<__nv_bfloat16, true> {
     constexpr int t[16] = {0, 3, 0, 3, 0, 0, 3, 0, 0, 3, 0, 3, 0, 3, 0, 0};
     return t[p];
   }
-  __host__ __device__ static constexpr int cls(int p) { return pos(p) / 3; }
   __host__ __device__ static constexpr int pa(int i) {
     constexpr int t[8] = {0, 4, 1, 7, 6, 8, 12, 9};
     return t[i];
   }
   __host__ __device__ static constexpr int pb(int i) {
     constexpr int t[8] = {2, 5, 3, 15, 13, 10, 14, 11};
-    return t[i];
-  }
-  __host__ __device__ static constexpr int mma_cls(int i) {
-    constexpr int t[8] = {0, 0, 1, 0, 1, 0, 0, 1};
     return t[i];
   }
 };
@@ -129,11 +119,21 @@ struct CodeEnc<T, false> {
   static constexpr float kInvUnit = kInt3Unit;
   static constexpr uint32_t kMagic2 = Int3Traits<T>::kOne2;
   __host__ __device__ static constexpr int pos(int) { return Int3Traits<T>::kPos; }
-  __host__ __device__ static constexpr int cls(int) { return 0; }
   __host__ __device__ static constexpr int pa(int i) { return 2 * i; }
   __host__ __device__ static constexpr int pb(int i) { return 2 * i + 1; }
-  __host__ __device__ static constexpr int mma_cls(int) { return 0; }
 };
+// the class of pair p (its accumulator): its bit position / 3 with several classes, else 0
+template <typename E>
+__host__ __device__ constexpr int enc_cls(int p) { return E::kClasses > 1 ? E::pos(p) / 3 : 0; }
+// both pairs of mma i in one class, that mma's
+template <typename E>
+__host__ __device__ constexpr bool mmas_one_class() {
+  for (int i = 0; i < 8; ++i)
+    if (enc_cls<E>(E::pa(i)) != enc_cls<E>(E::pb(i))) return false;
+  return true;
+}
+static_assert(mmas_one_class<CodeEnc<half, true>>() && mmas_one_class<CodeEnc<__nv_bfloat16, true>>(),
+              "classed mma order: an mma's two pairs in one class");
 
 // where the classed encoding is used: its registers fit
 __host__ __device__ constexpr bool classed(int rows_per_block, int group) { return rows_per_block <= 2 && group >= 64; }
@@ -284,7 +284,7 @@ __device__ __forceinline__ void stage_x(const T* const* xr, int K, int k0, uint8
       sum += pair_sum;
       if constexpr (kMagic) {
         constexpr float wc[3] = {E::kInvUnit, E::kInvUnit / 8, E::kInvUnit / 64};
-        mag = fmaf(upper ? wc[E::cls(8 + i)] : wc[E::cls(i)], pair_sum, mag);
+        mag = fmaf(upper ? wc[enc_cls<E>(8 + i)] : wc[enc_cls<E>(i)], pair_sum, mag);
       }
     }
     if constexpr (x_natural<E>()) {
@@ -460,7 +460,7 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
           }
 #pragma unroll
           for (int i = p0 / 2; i < (p0 + kSpan) / 2; ++i) {
-            const int ja = E::pa(i) - p0, jb = E::pb(i) - p0, cl = E::mma_cls(i);  // A: decoded pairs
+            const int ja = E::pa(i) - p0, jb = E::pb(i) - p0, cl = enc_cls<E>(E::pa(i));  // A: decoded pairs
             const int ba = x_slot<E>(E::pa(i)) - p0, bb = x_slot<E>(E::pb(i)) - p0;  // B: their x words
             const uint32_t a[4] = {pr[0][ja], pr[1][ja], pr[0][jb], pr[1][jb]};
             mma16816<T>(d[b][cl], a, bv[ba], bv[bb], d[b][cl]);
@@ -702,18 +702,20 @@ int gemv_wk_log2(int N, int K, int busy_row_blocks, int sms, int blocks_per_sm, 
   return wk_log2;
 }
 
+// the grouped op's launch (a tile list or offsets), not the dense op's
+bool is_grouped(const Int3GemmParams& p) { return p.tiles != nullptr || p.offsets != nullptr; }
+
 // whether a 4-row launch prefetches (prefetched()): the grouped op's, where a warp streams 8 slices or more
 // (it starts at one warp per tile: gemv_wk_log2()) of an input not gated in the kernel (gated in the kernel
 // only up to 8 slices: K = 4096 alone would take the instance)
 bool gemv_prefetch(const Int3GemmParams& p, int max_rows, int group) {
-  const bool grouped = p.tiles != nullptr || p.offsets != nullptr;
-  return grouped && p.act == kActNone && max_rows > 2 && max_rows <= 4 && group >= 64 &&
+  return is_grouped(p) && p.act == kActNone && max_rows > 2 && max_rows <= 4 && group >= 64 &&
          (p.K + kSliceK - 1) / kSliceK >= 8;
 }
 
 // warps per tile (log2) of a launch: row blocks with work are at most the rows for the grouped op
 int launch_wk_log2(const Int3GemmParams& p, int row_blocks, int max_rows, int group, const GemvLaunch& l) {
-  const bool grouped = p.tiles != nullptr || p.offsets != nullptr;
+  const bool grouped = is_grouped(p);
   const int busy = grouped ? std::min(row_blocks, std::max(p.M, 1)) : row_blocks;
   const int bps = min_blocks(max_rows, group, gemv_prefetch(p, max_rows, group));
   return gemv_wk_log2(p.N, p.K, busy, l.sms, bps, l.wk_force, grouped);
