@@ -199,59 +199,42 @@ def profile_cases(spec):
 
 
 def sweep(args):
-    """Decode kernel tuning: time R=0 over MILO_INT3_GEMV_WK (warps per 16-column tile; 0 = the
-    launcher's choice), each variant first checked against the float32 reference."""
+    """Path and tuning switches: time milo (per rank of --sweep-ranks) over the values of one
+    environment variable (--sweep VAR=v1,v2,...; "-" = unset, the launcher's default), next to fp16
+    cuBLAS; every variant first checked against the float32 reference (worst relative error printed)."""
+    var, _, values = args.sweep.partition("=")
+    values = values.split(",")
     pack_int3, ok, status = _setup_milo()
     print(status, flush=True)
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
     shapes, ms = _shapes_and_ms(args)
-    wks = [int(v) for v in os.environ.get("SWEEP_WK", "0,1,2,4,8").split(",")]
-    print("\n| N x K | M | " + " | ".join(f"WK={w or 'auto'}" for w in wks) + " | max rel err |")
-    print("|---|---|" + "---|" * (len(wks) + 1))
+    print(f"\n| N x K | R | M | fp16 | " + " | ".join(f"{var}={v}" for v in values) + " | max rel err |")
+    print("|---|---|---|---|" + "---|" * (len(values) + 1))
     for N, K in shapes:
-        build, call, nbytes, xdt = m_milo(0, pack_int3)
-        states = [build(N, K, i) for i in range(_n_copies(nbytes(N, K), l2))]
-        q, sc, z, _, _ = states[0]
-        w = ((_unpack(q).view(N, K // GROUP, GROUP) - z.float()[..., None]) * sc.float()[..., None]).view(N, K)
-        for M in ms:
-            if M > 4:
-                continue
-            x = torch.randn(M, K, device="cuda").to(xdt)
-            ref = x.float() @ w.T
-            row, err = [], 0.0
-            for wk in wks:
-                os.environ["MILO_INT3_GEMV_WK"] = str(wk)
-                err = max(err, ((call(states[0], x).float() - ref).norm() / ref.norm()).item())
-                calls = [(lambda st=st: call(st, x)) for st in states]
-                row.append(f"{time_graph(calls, replays=10, min_calls=MIN_CALLS):.1f}")
-            os.environ.pop("MILO_INT3_GEMV_WK", None)
-            print(f"| {N}x{K} | {M} | " + " | ".join(row) + f" | {err:.1e} |", flush=True)
-        del states
-
-
-def paths(args):
-    """Which kernel serves small M best: the decode kernel (int3_gemv.cu) vs the tensor-core GEMM
-    kernel, per shape, M and R (sets the MILO_INT3_GEMV_MAX_M default)."""
-    pack_int3, ok, status = _setup_milo()
-    print(status, flush=True)
-    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
-    shapes, ms = _shapes_and_ms(args)
-    print("\n| N x K | R | M | decode kernel us | tensor-core us |")
-    print("|---|---|---|---|---|")
-    for N, K in shapes:
-        for R in (0, 32):
+        fb, fcall, fbytes, _ = m_cublas(torch.float16)
+        fstates = [fb(N, K, i) for i in range(_n_copies(fbytes(N, K), l2))]
+        for R in (int(r) for r in args.sweep_ranks.split(",")):
             build, call, nbytes, xdt = m_milo(R, pack_int3)
             states = [build(N, K, i) for i in range(_n_copies(nbytes(N, K), l2))]
+            q, sc, z, ut, v = states[0]
+            w = ((_unpack(q).view(N, K // GROUP, GROUP) - z.float()[..., None]) * sc.float()[..., None]).view(N, K)
             for M in ms:
                 x = torch.randn(M, K, device="cuda").to(xdt)
-                row = []
-                for gemv in ("4096", "0"):
-                    os.environ["MILO_INT3_GEMV_MAX_M"] = gemv
+                ref = x.float() @ w.T + (x.float() @ v.float().T) @ ut.float()
+                fp16 = time_graph([(lambda st=st: fcall(st, x)) for st in fstates], replays=10, min_calls=MIN_CALLS)
+                row, err = [], 0.0
+                for val in values:
+                    if val == "-":
+                        os.environ.pop(var, None)
+                    else:
+                        os.environ[var] = val
+                    err = max(err, ((call(states[0], x).float() - ref).norm() / ref.norm()).item())
                     calls = [(lambda st=st: call(st, x)) for st in states]
                     row.append(f"{time_graph(calls, replays=10, min_calls=MIN_CALLS):.1f}")
-                print(f"| {N}x{K} | {R} | {M} | " + " | ".join(row) + " |", flush=True)
-            os.environ.pop("MILO_INT3_GEMV_MAX_M", None)
+                os.environ.pop(var, None)
+                print(f"| {N}x{K} | {R} | {M} | {fp16:.1f} | " + " | ".join(row) + f" | {err:.1e} |", flush=True)
             del states
+        del fstates
 
 
 def _unpack(q):
@@ -323,11 +306,11 @@ def main():
     ap.add_argument("--out", default="")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new shapes after this")
     ap.add_argument("--profile", default="", help="NxKxMxR,...: call milo twice per case (for ncu), no timing")
-    ap.add_argument("--sweep", action="store_true", help="decode kernel: time milo R=0 over MILO_INT3_GEMV_WK values")
-    ap.add_argument("--paths", action="store_true", help="decode kernel vs tensor-core kernel per shape and M")
+    ap.add_argument("--sweep", default="", metavar="VAR=v1,v2,...",
+                    help="time milo over the values of one switch (e.g. MILO_INT3_GEMV_MAX_M=4096,0: decode kernel "
+                         "vs tensor-core kernel); '-' leaves it unset")
+    ap.add_argument("--sweep-ranks", default="0", help="--sweep: ranks to time, comma list")
     args = ap.parse_args()
-    if args.paths:
-        return paths(args)
     if args.profile:
         return profile_cases(args.profile)
     if args.sweep:

@@ -5,7 +5,7 @@
 #   on the GPU:  bash scripts/device_ab.sh                 # carry .dev and .whl; results under $OUT
 # Environment: METH, SHAPES, MS (bench_kernel.py --methods/--shapes/--ms), TEST_SEL / TEST_T (GPU tests
 # of the new tree first), SANITIZE=1 (then compute-sanitizer memcheck of its ops, SAN_T seconds each), SWEEP
-# (shapes for a warps-per-tile sweep of the new decode kernel), MOE_MS (bench_moe.py --ms of both trees,
+# (shapes for a sweep of one switch of the new tree: SWEEP_VAR, default the decode kernel's warps per tile), MOE_MS (bench_moe.py --ms of both trees,
 # milo-grouped vs bf16-grouped; the new tree's kernels per call listed too).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -54,7 +54,8 @@ if [ -n "${MOE_MS:-}" ]; then  # the MoE layer, old tree then new, same command,
   echo "moe done [$(el)s]"; grep -E "^==|kernels per|^      " "$OUT/moe_new1.log"
 fi
 if [ -n "${SWEEP:-}" ]; then
-  SWEEP_WK=0,1,2,4,8 timeout 200 python3 benchmarks/bench_kernel.py --sweep --shapes "$SWEEP" --ms "${SWEEP_MS:-1,2}" > "$OUT/sweep.md" 2>&1
+  timeout 200 python3 benchmarks/bench_kernel.py --sweep "${SWEEP_VAR:-MILO_INT3_GEMV_WK=-,1,2,4,8}" \
+    --sweep-ranks "${SWEEP_RANKS:-0}" --shapes "$SWEEP" --ms "${SWEEP_MS:-1,2}" > "$OUT/sweep.md" 2>&1
   grep "^|" "$OUT/sweep.md"
 fi
 python3 - "$OUT" "$ROUNDS" <<'PY'

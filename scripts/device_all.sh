@@ -4,9 +4,9 @@
 #   STEPS="test sanitize compress kbench" bash scripts/device_all.sh
 # steps: test (tests/test_cuda_kernel.py + tests/test_moe_cuda.py), sanitize (compute-sanitizer
 # memcheck of both ops), compress (benchmarks/compress.py, full), kbench (benchmarks/bench_kernel.py),
-# moe (benchmarks/bench_moe.py), decode (benchmarks/bench_decode.py), paths (decode kernel vs
-# tensor-core kernel at small M: bench_kernel.py --paths), sweep (decode kernel's warps per tile:
-# bench_kernel.py --sweep).
+# moe (benchmarks/bench_moe.py), decode (benchmarks/bench_decode.py), sweep (one path or tuning
+# switch over its values: bench_kernel.py --sweep "$SWEEP_VAR", default the decode kernel's warps per
+# tile; MILO_INT3_GEMV_MAX_M=4096,0 for decode kernel vs tensor-core kernel).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/milo_out}
@@ -65,15 +65,10 @@ if has decode; then
   timeout ${DECODE_TIMEOUT:-150} python3 benchmarks/bench_decode.py --out "$OUT/bench_decode.md" ${DECODE_ARGS:-} > /tmp/bench_decode.log 2>&1
   log "bench_decode rc=$?"; tail -12 /tmp/bench_decode.log
 fi
-if has paths; then
-  echo "== paths [$(el)s]"
-  timeout ${PATHS_TIMEOUT:-150} python3 benchmarks/bench_kernel.py --paths --ms ${PATHS_MS:-1,2,3,4,8,16} \
-    > "$OUT/paths.md" 2>&1
-  log "paths rc=$?"; cat "$OUT/paths.md"
-fi
 if has sweep; then
   echo "== sweep [$(el)s]"
-  timeout ${SWEEP_TIMEOUT:-150} python3 benchmarks/bench_kernel.py --sweep --shapes ${SWEEP_SHAPES:-14336x4096,4096x14336,4096x4096,1408x2048} \
+  timeout ${SWEEP_TIMEOUT:-150} python3 benchmarks/bench_kernel.py --sweep "${SWEEP_VAR:-MILO_INT3_GEMV_WK=-,1,2,4,8}" \
+    --sweep-ranks ${SWEEP_RANKS:-0} --shapes ${SWEEP_SHAPES:-14336x4096,4096x14336,4096x4096,1408x2048} \
     --ms ${SWEEP_MS:-1,4} > "$OUT/sweep.md" 2>&1
   log "sweep rc=$?"; cat "$OUT/sweep.md"
 fi

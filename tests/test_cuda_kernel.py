@@ -195,6 +195,18 @@ def test_every_path(monkeypatch, dtype, M, path):
     check(make_inputs(M, 1408, 2048, 32, 64, dtype, bias=True, gen=gen))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("M,R,g", [(3, 0, 64), (100, 32, 128), (300, 100, 32), (7, 16, 16)])
+def test_general_path(monkeypatch, dtype, M, R, g):
+    """Dequant + cuBLAS with the ranks folded into K (fp16: one copy of U^T, bf16: two) or added after
+    (float32), a bias; K = 1408 leaves the dequant kernel's last 64-chunk block part empty (a warp with
+    12 chunks, one with none); group 16 takes its per-code scales."""
+    monkeypatch.setenv("MILO_INT3_GEMV_MAX_M", "0")
+    monkeypatch.setenv("MILO_INT3_FUSED_MAX_M", "0")
+    gen = torch.Generator(device="cuda").manual_seed(M + R)
+    check(make_inputs(M, 1000, 1408, R, g, dtype, bias=True, gen=gen))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("g", [32, 64, 128])
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8])
@@ -267,11 +279,11 @@ def test_forced_splits(monkeypatch, splits, M):
     check(make_inputs(M, 768, 2048, 100, 64, torch.float16, bias=True, gen=gen))
 
 
-@pytest.mark.parametrize("cfg", ["1", "2", "4"])
+@pytest.mark.parametrize("cfg", ["1", "2", "3", "4"])
 @pytest.mark.parametrize("g", [32, 64, 128])
 @pytest.mark.parametrize("M", [1, 9, 16, 40])
 def test_forced_tile_configs(monkeypatch, cfg, g, M):
-    """Every tensor-core tile (MILO_INT3_CFG: 16x64, 32x128, 64x128) at every group size, on row
+    """Every tensor-core tile (MILO_INT3_CFG: 16x64, 32x128, 32x64, 64x128) at every group size, on row
     counts under, at and past its height (the host picks the tile from M, so a tile otherwise meets
     only its own M range) and N not a multiple of its width."""
     monkeypatch.setenv("MILO_INT3_CFG", cfg)

@@ -158,7 +158,7 @@ def test_grouped_random(E, N, K, rows, R, g, dtype, kind, i):
     check(x, counts, routing_offsets(counts, rows, off_dtype), experts, g)
 
 
-@pytest.mark.parametrize("cfg", ["1", "2", "4"])
+@pytest.mark.parametrize("cfg", ["1", "2", "3", "4"])
 @pytest.mark.parametrize("splits", ["0", "1", "3"])
 def test_grouped_tile_configs(monkeypatch, cfg, splits):
     """Every tile height and split-K setting on one routing (the host picks them from shapes)."""

@@ -36,6 +36,9 @@ void MILO_FN(int mt, const Int3GemmParams& p, int n_tiles, int m_blocks, bool pr
     case 2:
       launch_cfg<Int3Cfg<MILO_T, 2, 8, 2, MILO_G, 4>>(p, n_tiles, m_blocks, programmatic, s);
       break;
+    case 3:  // 32 x 64: the decode tile's warps with two m16 tiles each, 128 registers, 2 blocks per SM
+      launch_cfg<Int3Cfg<MILO_T, 2, 2, 4, MILO_G, 4, 2>>(p, n_tiles, m_blocks, programmatic, s);
+      break;
     case 4:
       launch_cfg<Int3Cfg<MILO_T, 4, 4, 4, MILO_G, 4>>(p, n_tiles, m_blocks, programmatic, s);
       break;

@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <optional>
+#include <type_traits>
 #include <tuple>
 #include <utility>
 
@@ -32,10 +33,12 @@
 
 namespace milo {
 
-int int3_cfg_bm(int cfg) { return cfg == 2 ? 32 : (cfg == 4 ? 64 : 16); }
+// tile configurations (int3_gemm_inst.cuh), rows x columns: 1 = 16 x 64, 2 = 32 x 128, 3 = 32 x 64,
+// 4 = 64 x 128
+int int3_cfg_bm(int cfg) { return cfg == 1 ? 16 : (cfg == 4 ? 64 : 32); }
 int int3_cfg_bn(int cfg, int group) {
   (void)group;
-  return cfg == 1 ? 64 : 128;
+  return cfg == 2 || cfg == 4 ? 128 : 64;
 }
 
 void launch_int3_gemm(int dtype, int mt, int group, const Int3GemmParams& p, int n_tiles, int m_blocks,
@@ -83,55 +86,118 @@ __device__ __forceinline__ __nv_bfloat16 cvt_out<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
 
-// one thread per 8 consecutive outputs of a row (a quarter of a 32-code chunk); grid (K/8 / threads,
-// rows): the four threads of a chunk read the same 12 bytes (L1 broadcast) and each writes 16
-// contiguous bytes (fp16/bf16), so a warp's stores are fully coalesced. code -> float with the
-// 2^23 magic number (no I2F), (code - z) * s as one FMA.
-template <typename To, typename Ts>
-__global__ void dequant_int3_kernel(const int32_t* __restrict__ q, const Ts* __restrict__ scales,
-                                    const Ts* __restrict__ zeros, To* __restrict__ w, int N, int K, int G,
-                                    int64_t ldw, bool vec_ok) {
-  const int e = blockIdx.x * blockDim.x + threadIdx.x;  // 8-output piece of the row
-  if (e >= K / 8) return;
-  const int c = e >> 2, sub = e & 3;
-  const int groups = K / G;
-  const int k0 = 32 * c + 8 * sub;
-  for (int n = blockIdx.y; n < N; n += gridDim.y) {
-    const int32_t* qp = q + static_cast<int64_t>(n) * (3 * (K / 32)) + 3 * c;
-    uint32_t pairs[4];  // codes k0 + 2j, k0 + 2j + 1 in bits 0..2 and 16..18 of pairs[j]
-    quarter_chunk_pairs<0>(__ldg(qp + 2 * (sub >> 1)), __ldg(qp + 1), __ldg(qp + 2 - 2 * (sub >> 1)), sub, 0u,
-                           pairs);
-    alignas(16) To out[8];
-    if (G % 8 == 0) {
-      const int gi = k0 / G;
-      const float s = ld_f(scales + static_cast<int64_t>(n) * groups + gi);
-      const float nzs = -ld_f(zeros + static_cast<int64_t>(n) * groups + gi) * s;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const uint32_t code = (pairs[i >> 1] >> (16 * (i & 1))) & 7u;
-        const float cf = __uint_as_float(0x4B000000u | code) - 8388608.0f;
-        out[i] = cvt_out<To>(fmaf(cf, s, nzs));
-      }
-    } else {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const int gi = (k0 + i) / G;
-        const float s = ld_f(scales + static_cast<int64_t>(n) * groups + gi);
-        const float z = ld_f(zeros + static_cast<int64_t>(n) * groups + gi);
-        const uint32_t code = (pairs[i >> 1] >> (16 * (i & 1))) & 7u;
-        out[i] = cvt_out<To>((static_cast<float>(code) - z) * s);
-      }
-    }
-    To* dst = w + static_cast<int64_t>(n) * ldw + k0;
+// One thread per 32-code chunk of a row (its 3 words), blocks of 64 threads along a row, grid (rows,
+// K / 2048). Every code's word and bit position is compile-time, and the chunk lies in one group for
+// any group size that is a multiple of 32 (GC: 32, 64, 128 compile-time, 0 any such size, -1 any
+// other: per-code scales). A warp's 16-byte stores are 64 bytes apart (each instruction fills half
+// of 16 sectors, the next the other half), which costs nothing here: the first version (a quarter
+// chunk per thread for coalesced stores, the quarter a runtime selection; 8 rows per thread with
+// every address computed) ran ~20 instructions per output at 121 registers and wrote 1 TB/s (H100
+// 2026-12-06, ncu). (code - z) * s in fp32 as one FMA, rounded once to the output type.
+constexpr int kDeqThreads = 64;
+
+// two floats rounded to a half2 / bfloat162 (one F2FP), lo in the low half
+template <typename To>
+__device__ __forceinline__ uint32_t pack2_rn(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2_rn<half>(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2_rn<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+template <typename To>
+__device__ __forceinline__ void store_outputs(To* d, const float (&v)[32], bool vec_ok) {
+  if constexpr (std::is_same<To, float>::value) {
     if (vec_ok) {
-      const uint4* src = reinterpret_cast<const uint4*>(out);
-      uint4* d = reinterpret_cast<uint4*>(dst);
 #pragma unroll
-      for (int i = 0; i < static_cast<int>(8 * sizeof(To) / 16); ++i) d[i] = src[i];
-    } else {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) dst[i] = out[i];
+      for (int i = 0; i < 8; ++i) reinterpret_cast<float4*>(d)[i] = make_float4(v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3]);
+      return;
     }
+  } else {
+    if (vec_ok) {
+      uint32_t h[16];
+#pragma unroll
+      for (int i = 0; i < 16; ++i) h[i] = pack2_rn<To>(v[2 * i], v[2 * i + 1]);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) reinterpret_cast<uint4*>(d)[i] = make_uint4(h[4 * i], h[4 * i + 1], h[4 * i + 2], h[4 * i + 3]);
+      return;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 32; ++i) d[i] = cvt_out<To>(v[i]);
+}
+
+template <typename To, typename Ts, int GC>
+__global__ void __launch_bounds__(kDeqThreads) dequant_int3_kernel(const int32_t* __restrict__ q,
+                                                                   const Ts* __restrict__ scales,
+                                                                   const Ts* __restrict__ zeros,
+                                                                   To* __restrict__ w, int K, int G, int64_t ldw,
+                                                                   bool vec_ok) {
+  const int64_t n = blockIdx.x;
+  const int c = blockIdx.y * kDeqThreads + threadIdx.x;  // chunk of the row
+  if (c >= K / 32) return;
+  const int g = GC > 0 ? GC : G;
+  const int groups = K / g;
+  const int32_t* qp = q + n * (3 * (K / 32)) + 3 * c;
+  const uint32_t wd[3] = {static_cast<uint32_t>(__ldg(qp)), static_cast<uint32_t>(__ldg(qp + 1)),
+                          static_cast<uint32_t>(__ldg(qp + 2))};
+  const Ts* sp = scales + n * groups;
+  const Ts* zp = zeros + n * groups;
+  float s = 0.f, c0 = 0.f;
+  if (GC >= 0) {
+    const int gi = 32 * c / g;
+    s = ld_f(sp + gi);
+    c0 = -ld_f(zp + gi) * s;
+  }
+  float v[32];
+#pragma unroll
+  for (int p = 0; p < 16; ++p) {
+    uint32_t lo, hi;  // codes 2p, 2p + 1 (format 2: pair_word / pair_field; pair 15 spread over bits 15 / 31)
+    if (p < 15) {
+      const uint32_t x = wd[pair_word(p)] >> (3 * pair_field(p));
+      lo = x & 7u;
+      hi = (x >> 16) & 7u;
+    } else {
+      lo = ((wd[0] >> 15) & 1u) | ((wd[1] >> 14) & 2u) | ((wd[2] >> 13) & 4u);
+      hi = (wd[0] >> 31) | ((wd[1] >> 30) & 2u) | ((wd[2] >> 29) & 4u);
+    }
+    if (GC >= 0) {
+      v[2 * p] = fmaf(static_cast<float>(lo), s, c0);
+      v[2 * p + 1] = fmaf(static_cast<float>(hi), s, c0);
+    } else {
+      const int g0 = (32 * c + 2 * p) / g, g1 = (32 * c + 2 * p + 1) / g;
+      v[2 * p] = (static_cast<float>(lo) - ld_f(zp + g0)) * ld_f(sp + g0);
+      v[2 * p + 1] = (static_cast<float>(hi) - ld_f(zp + g1)) * ld_f(sp + g1);
+    }
+  }
+  store_outputs<To>(w + n * ldw + 32 * c, v, vec_ok);
+}
+
+template <typename To, typename Ts>
+void launch_dequant_group(const int32_t* q, const Ts* s, const Ts* z, To* w, int N, int K, int G, int64_t ldw,
+                          bool vec_ok, cudaStream_t stream) {
+  const dim3 blocks(N, (K / 32 + kDeqThreads - 1) / kDeqThreads);
+  switch (G % 32 != 0 ? -1 : G) {
+    case 32:
+      dequant_int3_kernel<To, Ts, 32><<<blocks, kDeqThreads, 0, stream>>>(q, s, z, w, K, G, ldw, vec_ok);
+      break;
+    case 64:
+      dequant_int3_kernel<To, Ts, 64><<<blocks, kDeqThreads, 0, stream>>>(q, s, z, w, K, G, ldw, vec_ok);
+      break;
+    case 128:
+      dequant_int3_kernel<To, Ts, 128><<<blocks, kDeqThreads, 0, stream>>>(q, s, z, w, K, G, ldw, vec_ok);
+      break;
+    case -1:
+      dequant_int3_kernel<To, Ts, -1><<<blocks, kDeqThreads, 0, stream>>>(q, s, z, w, K, G, ldw, vec_ok);
+      break;
+    default:
+      dequant_int3_kernel<To, Ts, 0><<<blocks, kDeqThreads, 0, stream>>>(q, s, z, w, K, G, ldw, vec_ok);
+      break;
   }
 }
 
@@ -139,26 +205,23 @@ template <typename To>
 void launch_dequant_to(const at::Tensor& q, const at::Tensor& scales, const at::Tensor& zeros, at::Tensor& w,
                        int N, int K, int G, int64_t ldw, cudaStream_t stream) {
   if (static_cast<int64_t>(N) * K == 0) return;
-  const int threads = 128;
-  const dim3 blocks((K / 8 + threads - 1) / threads, std::min(N, 65535));
   To* wp = reinterpret_cast<To*>(w.data_ptr());
   const bool vec_ok = (reinterpret_cast<uintptr_t>(wp) % 16 == 0) && ((ldw * sizeof(To)) % 16 == 0);
   const int32_t* qp = q.data_ptr<int32_t>();
   switch (scales.scalar_type()) {
     case at::kHalf:
-      dequant_int3_kernel<To, at::Half><<<blocks, threads, 0, stream>>>(
-          qp, scales.data_ptr<at::Half>(), zeros.data_ptr<at::Half>(), wp, N, K, G, ldw, vec_ok);
+      launch_dequant_group<To, at::Half>(qp, scales.data_ptr<at::Half>(), zeros.data_ptr<at::Half>(), wp, N, K, G,
+                                         ldw, vec_ok, stream);
       break;
     case at::kBFloat16:
-      dequant_int3_kernel<To, at::BFloat16><<<blocks, threads, 0, stream>>>(
-          qp, scales.data_ptr<at::BFloat16>(), zeros.data_ptr<at::BFloat16>(), wp, N, K, G, ldw, vec_ok);
+      launch_dequant_group<To, at::BFloat16>(qp, scales.data_ptr<at::BFloat16>(), zeros.data_ptr<at::BFloat16>(), wp,
+                                             N, K, G, ldw, vec_ok, stream);
       break;
     default: {
       at::Tensor s32 = scales.to(at::kFloat).contiguous();
       at::Tensor z32 = zeros.to(at::kFloat).contiguous();
-      dequant_int3_kernel<To, float><<<blocks, threads, 0, stream>>>(qp, s32.data_ptr<float>(),
-                                                                     z32.data_ptr<float>(), wp, N, K, G, ldw,
-                                                                     vec_ok);
+      launch_dequant_group<To, float>(qp, s32.data_ptr<float>(), z32.data_ptr<float>(), wp, N, K, G, ldw, vec_ok,
+                                      stream);
       break;
     }
   }
@@ -214,12 +277,12 @@ int env_int(const char* name, int dflt) {
 // blocks per SM the split-K choice aims for (MILO_INT3_CTAS_PER_SM overrides): about what each tile's
 // register cap lets reside
 int int3_cfg_ctas_per_sm(int cfg) {
-  return env_int("MILO_INT3_CTAS_PER_SM", cfg == 1 ? 4 : (cfg == 2 ? 3 : 1));
+  return env_int("MILO_INT3_CTAS_PER_SM", cfg == 1 ? 4 : (cfg == 3 ? 2 : (cfg == 2 ? 3 : 1)));
 }
 // a forced tile configuration (MILO_INT3_CFG for the dense op, MILO_INT3_GROUPED_CFG for the grouped op), 0 if none
 int forced_cfg(const char* var) {
   const int c = env_int(var, 0);
-  return c == 1 || c == 2 || c == 4 ? c : 0;
+  return c >= 1 && c <= 4 ? c : 0;
 }
 
 // whether a matmul kernel (decode or tensor-core) that follows its t kernel in the stream is launched
@@ -387,24 +450,18 @@ at::Tensor int3_linear_general(const at::Tensor& x2d, const at::Tensor& q, const
   // ranks folded into the GEMM's K: [x | t] @ [deq | ut^T]^T; for bf16, t is split into hi + lo
   // bf16 halves ([x | t_hi | t_lo] @ [deq | ut^T | ut^T]^T) so it is not rounded to 8 bits
   const int copies = (half_like && R > 0) ? (cd == at::kBFloat16 ? 2 : 1) : 0;
-  at::Tensor w = at::empty({N, K + copies * R}, x2d.options().dtype(cd));
+  at::Tensor w = at::empty({N, K + static_cast<int64_t>(copies) * R}, x2d.options().dtype(cd));
   dequant_into(q, scales, zeros, w, N, K, G, stream);
-  at::Tensor y;
+  at::Tensor xx = xc;
   if (copies > 0) {
     const at::Tensor utt = ut.to(cd).t();
     for (int c = 0; c < copies; ++c) w.narrow(1, K + c * R, R).copy_(utt);
     const at::Tensor t32 = lowrank_t(xc, v.to(cd));
     const at::Tensor t_hi = t32.to(cd);
-    const at::Tensor xx = copies == 2 ? at::cat({xc, t_hi, (t32 - t_hi.to(at::kFloat)).to(cd)}, 1)
-                                      : at::cat({xc, t_hi}, 1);
-    y = bias.has_value() ? at::addmm(bias->to(cd), xx, w.t()) : at::mm(xx, w.t());
-  } else {
-    y = bias.has_value() ? at::addmm(bias->to(cd), xc, w.t()) : at::mm(xc, w.t());
-    if (R > 0) {
-      const at::Tensor tx = at::mm(xc, v.to(cd).t());
-      y.addmm_(tx, ut.to(cd));
-    }
+    xx = copies == 2 ? at::cat({xc, t_hi, (t32 - t_hi.to(at::kFloat)).to(cd)}, 1) : at::cat({xc, t_hi}, 1);
   }
+  at::Tensor y = bias.has_value() ? at::addmm(bias->reshape({N}).to(cd), xx, w.t()) : at::mm(xx, w.t());
+  if (copies == 0 && R > 0) y.addmm_(at::mm(xc, v.to(cd).t()), ut.to(cd));
   return y.to(xt);
 }
 
@@ -453,7 +510,10 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   const bool dtype_ok = (xt == at::kHalf || xt == at::kBFloat16) && scales.scalar_type() == xt &&
                         zeros.scalar_type() == xt && ut.scalar_type() == xt && v.scalar_type() == xt &&
                         (!bias.has_value() || bias->scalar_type() == xt);
-  const int fused_max_m = env_int("MILO_INT3_FUSED_MAX_M", 64);
+  // the tensor-core kernel up to 64 rows, up to 32 for weights under 4096 x 4096 (dequant + cuBLAS is
+  // faster there: H100 2026-12-06, bench_kernel.py --sweep MILO_INT3_FUSED_MAX_M, M = 64: 1408x2048 16.5
+  // vs 11.6 us, 768x2048 11.1 vs 9.5; 14336x4096 83.4 vs 135.5)
+  const int fused_max_m = env_int("MILO_INT3_FUSED_MAX_M", N64 * K64 >= 4096 * 4096 ? 64 : 32);
   const DevInfo dinfo = dev_info();
   const bool fused = dtype_ok && dinfo.major >= 8 && K % kInt3BK == 0 && N % 8 == 0 &&
                      (G == 32 || G == 64 || G == 128) && M64 <= fused_max_m && M64 < (1LL << 24);
@@ -527,7 +587,12 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
     return y.reshape(out_shape);
   }
 
-  int cfg = M <= 16 ? 1 : (M <= 32 ? 2 : 4);
+  // the 16 x 64 tile up to 16 rows, and past that where N is small (more blocks); else 32 x 64 (2 blocks
+  // per SM). H100 2026-12-06, bench_kernel.py --sweep MILO_INT3_CFG, us at M = 32 / 64 (32 x 128 and 64 x
+  // 128, one block per SM, the earlier choice): 14336x4096 53.9 / 84.3 (76.4 / 97.9), 4096x14336 58.0 / 84.9
+  // (89.6 / 129.8), 4096x4096 26.1 / 36.9 (56.3 / 60.6); 1408x2048 with the 16 x 64 tile 11.2 / 16.4 (35.0 /
+  // 35.4; 32 x 64: 13.3 / 17.7)
+  int cfg = M <= 16 || N < 4096 ? 1 : 3;
   if (const int f = forced_cfg("MILO_INT3_CFG")) cfg = f;
   const int bm = int3_cfg_bm(cfg), bn = int3_cfg_bn(cfg, G);
   const int m_blocks = (M + bm - 1) / bm;
