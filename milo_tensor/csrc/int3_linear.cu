@@ -86,16 +86,6 @@ __device__ __forceinline__ __nv_bfloat16 cvt_out<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
 
-// One thread per 32-code chunk of a row (its 3 words), blocks of 64 threads along a row, grid (rows,
-// K / 2048). Every code's word and bit position is compile-time, and the chunk lies in one group for
-// any group size that is a multiple of 32 (GC: 32, 64, 128 compile-time, 0 any such size, -1 any
-// other: per-code scales). A warp's 16-byte stores are 64 bytes apart (each instruction fills half
-// of 16 sectors, the next the other half), which costs nothing here: the first version (a quarter
-// chunk per thread for coalesced stores, the quarter a runtime selection; 8 rows per thread with
-// every address computed) ran ~20 instructions per output at 121 registers and wrote 1 TB/s (H100
-// 2026-12-06, ncu). (code - z) * s in fp32 as one FMA, rounded once to the output type.
-constexpr int kDeqThreads = 64;
-
 // two floats rounded to a half2 / bfloat162 (one F2FP), lo in the low half
 template <typename To>
 __device__ __forceinline__ uint32_t pack2_rn(float lo, float hi);
@@ -110,27 +100,15 @@ __device__ __forceinline__ uint32_t pack2_rn<__nv_bfloat16>(float lo, float hi) 
   return *reinterpret_cast<const uint32_t*>(&h);
 }
 
-template <typename To>
-__device__ __forceinline__ void store_outputs(To* d, const float (&v)[32], bool vec_ok) {
-  if constexpr (std::is_same<To, float>::value) {
-    if (vec_ok) {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) reinterpret_cast<float4*>(d)[i] = make_float4(v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3]);
-      return;
-    }
-  } else {
-    if (vec_ok) {
-      uint32_t h[16];
-#pragma unroll
-      for (int i = 0; i < 16; ++i) h[i] = pack2_rn<To>(v[2 * i], v[2 * i + 1]);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) reinterpret_cast<uint4*>(d)[i] = make_uint4(h[4 * i], h[4 * i + 1], h[4 * i + 2], h[4 * i + 3]);
-      return;
-    }
-  }
-#pragma unroll
-  for (int i = 0; i < 32; ++i) d[i] = cvt_out<To>(v[i]);
-}
+// One thread per 32-code chunk of a row (its 3 words), blocks of 64 threads along a row, grid (rows,
+// K / 2048). Every code's word and bit position is compile-time, and the chunk lies in one group for
+// any group size that is a multiple of 32 (GC: 32, 64, 128 compile-time, 0 any such size, -1 any
+// other: per-code scales). (code - z) * s in fp32 as one FMA, rounded once to the output type. Each
+// warp's outputs go through shared memory so its global stores are 512 contiguous bytes per
+// instruction. H100 2026-12-06, ncu, 14336x4096: a quarter chunk per thread (coalesced stores, the
+// quarter a runtime selection) ran ~20 instructions per output; a chunk per thread storing its own
+// 64 bytes, ~6, but its 16-byte stores 64 bytes apart held L2 at 88% of its throughput: both ~87 us.
+constexpr int kDeqThreads = 64;
 
 template <typename To, typename Ts, int GC>
 __global__ void __launch_bounds__(kDeqThreads) dequant_int3_kernel(const int32_t* __restrict__ q,
@@ -138,18 +116,28 @@ __global__ void __launch_bounds__(kDeqThreads) dequant_int3_kernel(const int32_t
                                                                    const Ts* __restrict__ zeros,
                                                                    To* __restrict__ w, int K, int G, int64_t ldw,
                                                                    bool vec_ok) {
+  constexpr int SLOTS = 2 * static_cast<int>(sizeof(To));  // 16-byte pieces of a chunk's outputs
+  __shared__ uint4 stage[kDeqThreads / 32][32 * SLOTS];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t n = blockIdx.x;
-  const int c = blockIdx.y * kDeqThreads + threadIdx.x;  // chunk of the row
-  if (c >= K / 32) return;
+  const int c_first = blockIdx.y * kDeqThreads + warp * 32;  // the warp's first chunk
+  const int chunks = min(32, K / 32 - c_first);               // warp-uniform
+  if (chunks <= 0) return;
+  const bool valid = lane < chunks;
+  const int c = c_first + lane;
   const int g = GC > 0 ? GC : G;
   const int groups = K / g;
   const int32_t* qp = q + n * (3 * (K / 32)) + 3 * c;
-  const uint32_t wd[3] = {static_cast<uint32_t>(__ldg(qp)), static_cast<uint32_t>(__ldg(qp + 1)),
-                          static_cast<uint32_t>(__ldg(qp + 2))};
+  uint32_t wd[3] = {0u, 0u, 0u};
+  if (valid) {
+    wd[0] = static_cast<uint32_t>(__ldg(qp));
+    wd[1] = static_cast<uint32_t>(__ldg(qp + 1));
+    wd[2] = static_cast<uint32_t>(__ldg(qp + 2));
+  }
   const Ts* sp = scales + n * groups;
   const Ts* zp = zeros + n * groups;
   float s = 0.f, c0 = 0.f;
-  if (GC >= 0) {
+  if (GC >= 0 && valid) {
     const int gi = 32 * c / g;
     s = ld_f(sp + gi);
     c0 = -ld_f(zp + gi) * s;
@@ -170,12 +158,44 @@ __global__ void __launch_bounds__(kDeqThreads) dequant_int3_kernel(const int32_t
       v[2 * p] = fmaf(static_cast<float>(lo), s, c0);
       v[2 * p + 1] = fmaf(static_cast<float>(hi), s, c0);
     } else {
-      const int g0 = (32 * c + 2 * p) / g, g1 = (32 * c + 2 * p + 1) / g;
+      const int g0 = min(32 * c + 2 * p, K - 1) / g, g1 = min(32 * c + 2 * p + 1, K - 1) / g;
       v[2 * p] = (static_cast<float>(lo) - ld_f(zp + g0)) * ld_f(sp + g0);
       v[2 * p + 1] = (static_cast<float>(hi) - ld_f(zp + g1)) * ld_f(sp + g1);
     }
   }
-  store_outputs<To>(w + n * ldw + 32 * c, v, vec_ok);
+  To* row = w + n * ldw;
+  if (!vec_ok) {  // an unaligned destination: element stores
+    if (valid) {
+#pragma unroll
+      for (int i = 0; i < 32; ++i) row[32 * c + i] = cvt_out<To>(v[i]);
+    }
+    return;
+  }
+  // piece j of lane l's chunk at slot l * SLOTS + (j ^ (l % SLOTS)): the swizzle keeps the per-lane
+  // writes to 2-way bank conflicts and the reads of consecutive slots after them conflict-free
+  uint4 piece[SLOTS];
+  if constexpr (std::is_same<To, float>::value) {
+#pragma unroll
+    for (int j = 0; j < SLOTS; ++j)
+      piece[j] = make_uint4(__float_as_uint(v[4 * j]), __float_as_uint(v[4 * j + 1]), __float_as_uint(v[4 * j + 2]),
+                            __float_as_uint(v[4 * j + 3]));
+  } else {
+#pragma unroll
+    for (int j = 0; j < SLOTS; ++j)
+      piece[j] = make_uint4(pack2_rn<To>(v[8 * j], v[8 * j + 1]), pack2_rn<To>(v[8 * j + 2], v[8 * j + 3]),
+                            pack2_rn<To>(v[8 * j + 4], v[8 * j + 5]), pack2_rn<To>(v[8 * j + 6], v[8 * j + 7]));
+  }
+  if (valid) {
+#pragma unroll
+    for (int j = 0; j < SLOTS; ++j) stage[warp][lane * SLOTS + (j ^ (lane % SLOTS))] = piece[j];
+  }
+  __syncwarp();
+  uint4* dst = reinterpret_cast<uint4*>(row + 32 * c_first);
+#pragma unroll
+  for (int i = 0; i < SLOTS; ++i) {
+    const int slot = lane + 32 * i, ch = slot / SLOTS, j = slot % SLOTS;
+    if (ch < chunks) dst[slot] = stage[warp][ch * SLOTS + (j ^ (ch % SLOTS))];
+  }
 }
 
 template <typename To, typename Ts>
