@@ -530,10 +530,13 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   const bool dtype_ok = (xt == at::kHalf || xt == at::kBFloat16) && scales.scalar_type() == xt &&
                         zeros.scalar_type() == xt && ut.scalar_type() == xt && v.scalar_type() == xt &&
                         (!bias.has_value() || bias->scalar_type() == xt);
-  // the tensor-core kernel up to 64 rows, up to 32 for weights under 4096 x 4096 (dequant + cuBLAS is
-  // faster there: H100 2026-12-06, bench_kernel.py --sweep MILO_INT3_FUSED_MAX_M, M = 64: 1408x2048 16.5
-  // vs 11.6 us, 768x2048 11.1 vs 9.5; 14336x4096 83.4 vs 135.5)
-  const int fused_max_m = env_int("MILO_INT3_FUSED_MAX_M", N64 * K64 >= 4096 * 4096 ? 64 : 32);
+  // the tensor-core kernel up to 64 rows for weights of 32M+ codes, 32 from 16M, 16 below; past that
+  // dequant + cuBLAS, whose cost is set by the weight's size (H100 2026-12-06, bench_kernel.py --sweep
+  // MILO_INT3_FUSED_MAX_M=4096,0, us: 14336x4096 M=64 82.3 vs 101.0; 4096x4096 M=32 25.6 vs 24.2, M=48
+  // 34.7 vs 24.4; 1408x2048 M=17 10.5 vs 8.9, 768x2048 9.8 vs 8.1)
+  const int64_t codes = N64 * K64;
+  const int fused_max_m =
+      env_int("MILO_INT3_FUSED_MAX_M", codes >= (int64_t{32} << 20) ? 64 : (codes >= (int64_t{16} << 20) ? 32 : 16));
   const DevInfo dinfo = dev_info();
   const bool fused = dtype_ok && dinfo.major >= 8 && K % kInt3BK == 0 && N % 8 == 0 &&
                      (G == 32 || G == 64 || G == 128) && M64 <= fused_max_m && M64 < (1LL << 24);
