@@ -31,7 +31,8 @@ void launch_programmatic_if(void (*kern)(KArgs...), dim3 grid, dim3 block, size_
 constexpr int kInt3BK = 128;
 
 // Tile configurations (cfg ids): 1 = M <= 16 (MT 1, NT 2, WN 4 -> BN 64, 256 threads, 4 stages,
-// register cap for 3 blocks/SM); 2 = MT 2 (NT 8, WN 2, BN 128); 4 = MT 4 (NT 4, WN 4, BN 128).
+// register cap for 3 blocks/SM); 2 = MT 2 (NT 8, WN 2, BN 128); 3 = MT 2 (NT 2, WN 4, BN 64, register
+// cap for 2 blocks/SM: the dense op at M 17-64); 4 = MT 4 (NT 4, WN 4, BN 128).
 // (A 16x128 tile, MT 1 NT 4 at 2 blocks/SM, was measured slower than cfg 1 at M 8-16: docs/kernel.md.)
 int int3_cfg_bn(int cfg, int group);
 int int3_cfg_bm(int cfg);

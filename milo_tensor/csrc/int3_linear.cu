@@ -105,9 +105,10 @@ __device__ __forceinline__ uint32_t pack2_rn<__nv_bfloat16>(float lo, float hi) 
 // any group size that is a multiple of 32 (GC: 32, 64, 128 compile-time, 0 any such size, -1 any
 // other: per-code scales). (code - z) * s in fp32 as one FMA, rounded once to the output type. Each
 // warp's outputs go through shared memory so its global stores are 512 contiguous bytes per
-// instruction. H100 2026-12-06, ncu, 14336x4096: a quarter chunk per thread (coalesced stores, the
-// quarter a runtime selection) ran ~20 instructions per output; a chunk per thread storing its own
-// 64 bytes, ~6, but its 16-byte stores 64 bytes apart held L2 at 88% of its throughput: both ~87 us.
+// instruction. H100 2026-12-06, 14336x4096: a quarter chunk per thread (coalesced stores, the quarter
+// a runtime selection) ran ~20 instructions per output (ncu) and took 90-100 us; a chunk per thread
+// storing its own 64 bytes, ~6, but its 16-byte stores 64 bytes apart held L2 at 88% of its
+// throughput (ncu: 87 us); staged, ~55-60 us (docs/benchmarks.md).
 constexpr int kDeqThreads = 64;
 
 template <typename To, typename Ts, int GC>
