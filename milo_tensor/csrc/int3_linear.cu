@@ -86,20 +86,6 @@ __device__ __forceinline__ __nv_bfloat16 cvt_out<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
 
-// two floats rounded to a half2 / bfloat162 (one F2FP), lo in the low half
-template <typename To>
-__device__ __forceinline__ uint32_t pack2_rn(float lo, float hi);
-template <>
-__device__ __forceinline__ uint32_t pack2_rn<half>(float lo, float hi) {
-  const __half2 h = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&h);
-}
-template <>
-__device__ __forceinline__ uint32_t pack2_rn<__nv_bfloat16>(float lo, float hi) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&h);
-}
-
 // One thread per 32-code chunk of a row (its 3 words), blocks of 64 threads along a row, grid (rows,
 // K / 2048). Every code's word and bit position is compile-time, and the chunk lies in one group for
 // any group size that is a multiple of 32 (GC: 32, 64, 128 compile-time, 0 any such size, -1 any
@@ -183,8 +169,8 @@ __global__ void __launch_bounds__(kDeqThreads) dequant_int3_kernel(const int32_t
   } else {
 #pragma unroll
     for (int j = 0; j < SLOTS; ++j)
-      piece[j] = make_uint4(pack2_rn<To>(v[8 * j], v[8 * j + 1]), pack2_rn<To>(v[8 * j + 2], v[8 * j + 3]),
-                            pack2_rn<To>(v[8 * j + 4], v[8 * j + 5]), pack2_rn<To>(v[8 * j + 6], v[8 * j + 7]));
+      piece[j] = make_uint4(pack2<To>(v[8 * j], v[8 * j + 1]), pack2<To>(v[8 * j + 2], v[8 * j + 3]),
+                            pack2<To>(v[8 * j + 4], v[8 * j + 5]), pack2<To>(v[8 * j + 6], v[8 * j + 7]));
   }
   if (valid) {
 #pragma unroll
