@@ -275,6 +275,7 @@ def test_programmatic_launch_waits_for_t(monkeypatch, pdl, M, N, K, R):
 def test_forced_splits(monkeypatch, splits, M):
     monkeypatch.setenv("MILO_INT3_SPLITS", str(splits))
     monkeypatch.setenv("MILO_INT3_GEMV_MAX_M", "0")  # split-K is the tensor-core kernel's
+    monkeypatch.setenv("MILO_INT3_FUSED_MAX_M", "4096")  # small weights leave it past 16 rows by default
     gen = torch.Generator(device="cuda").manual_seed(splits * 100 + M)
     check(make_inputs(M, 768, 2048, 100, 64, torch.float16, bias=True, gen=gen))
 
@@ -288,6 +289,7 @@ def test_forced_tile_configs(monkeypatch, cfg, g, M):
     only its own M range) and N not a multiple of its width."""
     monkeypatch.setenv("MILO_INT3_CFG", cfg)
     monkeypatch.setenv("MILO_INT3_GEMV_MAX_M", "0")
+    monkeypatch.setenv("MILO_INT3_FUSED_MAX_M", "4096")  # small weights leave it past 16 rows by default
     gen = torch.Generator(device="cuda").manual_seed(int(cfg) * 1000 + g + M)
     dtype = torch.float16 if (M + g) % 3 else torch.bfloat16
     for N, K, R in [(1000, 2048, 24), (4096, 1024, 0)]:
@@ -361,9 +363,15 @@ def test_compile_fullgraph(M):
     assert torch.equal(out, f(x))
 
 
-def test_cuda_graph_replay():
+def test_cuda_graph_replay(monkeypatch):
+    """The decode kernel (M 1, 8), the tensor-core kernel (M 40, forced: this weight leaves it past 16 rows
+    by default) and dequant + cuBLAS (M 100) under CUDA-graph capture and replay."""
     gen = torch.Generator(device="cuda").manual_seed(7)
-    for M, R in [(1, 32), (8, 0), (40, 512)]:
+    for M, R, fused_max_m in [(1, 32, None), (8, 0, None), (40, 512, "4096"), (100, 16, None)]:
+        if fused_max_m is None:
+            monkeypatch.delenv("MILO_INT3_FUSED_MAX_M", raising=False)
+        else:
+            monkeypatch.setenv("MILO_INT3_FUSED_MAX_M", fused_max_m)
         assert_graph_replay_matches_eager(make_inputs(M, 4096, 2048, R, 64, torch.float16, gen=gen), gen)
 
 
@@ -394,6 +402,7 @@ def _sanitize_main():
         (5, 1408, 2048, 32, 64, torch.float16, 0), (70, 256, 512, 8, 64, torch.float16, 0),
         (3, 100, 256, 8, 64, torch.float16, 0), (2, 128, 384, 8, 128, torch.bfloat16, 2),
         (32, 4096, 4096, 16, 128, torch.bfloat16, 2),  # the 32x64 tile (N >= 4096, M 17-32 at 16M codes), split-K
+        (12, 1000, 4096, 24, 64, torch.float16, 0),  # the 16x64 tile (M 9-16), a partial column tile
     ]
     worst = 0.0
     for M, N, K, R, g, dt, splits in cases:
