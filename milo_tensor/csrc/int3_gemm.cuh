@@ -110,6 +110,10 @@ __device__ __forceinline__ uint32_t spare_pair(uint32_t w0, uint32_t w1, uint32_
   r = and_or(shl(w1, pos - 14), 0x00020002u << pos, r);
   return and_or(shl(w2, pos - 13), 0x00040004u << pos, r);
 }
+// pair p of a chunk from its 3 words, at bit pos of each half, OR-ed into magic (p compile-time after unrolling)
+__device__ __forceinline__ uint32_t chunk_pair(const uint32_t (&wd)[3], int p, int pos, uint32_t magic) {
+  return p < 15 ? field_pair(wd[pair_word(p)], pair_field(p), pos, magic) : spare_pair(wd[0], wd[1], wd[2], pos, magic);
+}
 // pairs 8h .. 8h + 7 of a chunk (k 16h .. 16h + 15) at bit POS, OR-ed into magic, for a runtime half h:
 // X = word 2h, w1 = word 1, O = word 2 - 2h (h = 1: pairs 8..12 from word 2, 13..14 from word 1 >> 9,
 // 15 the spare pair; h = 0: 0..4 from word 0, 5..7 from word 1: the same shifts)

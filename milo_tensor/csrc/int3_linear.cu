@@ -132,15 +132,7 @@ __global__ void __launch_bounds__(kDeqThreads) dequant_int3_kernel(const int32_t
   float v[32];
 #pragma unroll
   for (int p = 0; p < 16; ++p) {
-    uint32_t lo, hi;  // codes 2p, 2p + 1 (format 2: pair_word / pair_field; pair 15 spread over bits 15 / 31)
-    if (p < 15) {
-      const uint32_t x = wd[pair_word(p)] >> (3 * pair_field(p));
-      lo = x & 7u;
-      hi = (x >> 16) & 7u;
-    } else {
-      lo = ((wd[0] >> 15) & 1u) | ((wd[1] >> 14) & 2u) | ((wd[2] >> 13) & 4u);
-      hi = (wd[0] >> 31) | ((wd[1] >> 30) & 2u) | ((wd[2] >> 29) & 4u);
-    }
+    const uint32_t pr = chunk_pair(wd, p, 0, 0u), lo = pr & 0xFFFFu, hi = pr >> 16;  // codes 2p, 2p + 1
     if (GC >= 0) {
       v[2 * p] = fmaf(static_cast<float>(lo), s, c0);
       v[2 * p + 1] = fmaf(static_cast<float>(hi), s, c0);
