@@ -199,12 +199,12 @@ def test_every_path(monkeypatch, dtype, M, path):
 @pytest.mark.parametrize("M,R,g", [(3, 0, 64), (100, 32, 128), (300, 100, 32), (7, 16, 16)])
 def test_general_path(monkeypatch, dtype, M, R, g):
     """Dequant + cuBLAS with the ranks folded into K (fp16: one copy of U^T, bf16: two) or added after
-    (float32), a bias; K = 1408 leaves the dequant kernel's last 64-chunk block part empty (a warp with
-    12 chunks, one with none); group 16 takes its per-code scales."""
+    (float32), a bias; K = 2944 (92 chunks) leaves the dequant kernel's second 64-chunk block a warp with
+    28 chunks and one with none; group 16 takes its per-code scales."""
     monkeypatch.setenv("MILO_INT3_GEMV_MAX_M", "0")
     monkeypatch.setenv("MILO_INT3_FUSED_MAX_M", "0")
     gen = torch.Generator(device="cuda").manual_seed(M + R)
-    check(make_inputs(M, 1000, 1408, R, g, dtype, bias=True, gen=gen))
+    check(make_inputs(M, 1000, 2944, R, g, dtype, bias=True, gen=gen))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
