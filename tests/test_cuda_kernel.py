@@ -270,21 +270,27 @@ def test_programmatic_launch_waits_for_t(monkeypatch, pdl, M, N, K, R):
     assert_graph_replay_matches_eager((x, q, s, z, ut, v, g, b), gen)
 
 
+@pytest.mark.parametrize("cfg", ["-", "7"])
 @pytest.mark.parametrize("splits", [1, 2, 3, 7, 16, 64])
 @pytest.mark.parametrize("M", [1, 24, 64])
-def test_forced_splits(monkeypatch, splits, M):
+def test_forced_splits(monkeypatch, cfg, splits, M):
+    """Split-K by every split count (uneven last splits, one stage a split), in the default tile for M and in
+    tile 7 (the weight as the mma A operand)."""
+    if cfg != "-":
+        monkeypatch.setenv("MILO_INT3_CFG", cfg)
     monkeypatch.setenv("MILO_INT3_SPLITS", str(splits))
     monkeypatch.setenv("MILO_INT3_GEMV_MAX_M", "0")  # split-K is the tensor-core kernel's
     monkeypatch.setenv("MILO_INT3_FUSED_MAX_M", "4096")  # small weights leave it past 16 rows by default
-    gen = torch.Generator(device="cuda").manual_seed(splits * 100 + M)
+    gen = torch.Generator(device="cuda").manual_seed(splits * 100 + M + (cfg == "7"))
     check(make_inputs(M, 768, 2048, 100, 64, torch.float16, bias=True, gen=gen))
 
 
-@pytest.mark.parametrize("cfg", ["1", "2", "3", "4"])
+@pytest.mark.parametrize("cfg", ["1", "2", "3", "4", "7"])
 @pytest.mark.parametrize("g", [32, 64, 128])
 @pytest.mark.parametrize("M", [1, 9, 16, 40])
 def test_forced_tile_configs(monkeypatch, cfg, g, M):
-    """Every tensor-core tile (MILO_INT3_CFG: 16x64, 32x128, 32x64, 64x128) at every group size, on row
+    """Every tensor-core tile (MILO_INT3_CFG: 16x64, 32x128, 32x64, 64x128; 7: the weight as the mma A
+    operand, 128 columns by 16 / 32 / 64 rows) at every group size, on row
     counts under, at and past its height (the host picks the tile from M, so a tile otherwise meets
     only its own M range) and N not a multiple of its width."""
     monkeypatch.setenv("MILO_INT3_CFG", cfg)
@@ -294,6 +300,22 @@ def test_forced_tile_configs(monkeypatch, cfg, g, M):
     dtype = torch.float16 if (M + g) % 3 else torch.bfloat16
     for N, K, R in [(1000, 2048, 24), (4096, 1024, 0)]:
         check(make_inputs(M, N, K, R, g, dtype, bias=M % 2 == 1, gen=gen))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M", [17, 33, 65, 130, 300])
+def test_tile7_row_blocks(monkeypatch, dtype, M):
+    """Tile 7 at 32- and 64-row blocks of x, several of them past 64 rows, the last one partial; x offset
+    from zero; K = 1408 (11 stages, split where the blocks do not fill the GPU) with 16 ranks; K = 512 with
+    100 ranks (two rank chunks, the second partial); N = 520 and 264, not multiples of the 128-column tile."""
+    monkeypatch.setenv("MILO_INT3_CFG", "7")
+    monkeypatch.setenv("MILO_INT3_GEMV_MAX_M", "0")
+    monkeypatch.setenv("MILO_INT3_FUSED_MAX_M", "4096")
+    gen = torch.Generator(device="cuda").manual_seed(M)
+    for N, K, R, g in [(520, 1408, 16, 64), (264, 512, 100, 128)]:
+        args = list(make_inputs(M, N, K, R, g, dtype, bias=True, gen=gen))
+        args[0] = (args[0].float() + 2.0).to(dtype)
+        check(tuple(args))
 
 
 def test_deterministic():
@@ -365,14 +387,16 @@ def test_compile_fullgraph(M):
 
 def test_cuda_graph_replay(monkeypatch):
     """The decode kernel (M 1, 8), the tensor-core kernel (M 40, forced: this weight leaves it past 16 rows
-    by default) and dequant + cuBLAS (M 100) under CUDA-graph capture and replay."""
+    by default), dequant + cuBLAS (M 100) and tile 7 (N = 8192 at M 24, split-K) under CUDA-graph capture
+    and replay."""
     gen = torch.Generator(device="cuda").manual_seed(7)
-    for M, R, fused_max_m in [(1, 32, None), (8, 0, None), (40, 512, "4096"), (100, 16, None)]:
+    for M, N, R, fused_max_m in [(1, 4096, 32, None), (8, 4096, 0, None), (40, 4096, 512, "4096"),
+                                 (100, 4096, 16, None), (24, 8192, 32, "4096")]:
         if fused_max_m is None:
             monkeypatch.delenv("MILO_INT3_FUSED_MAX_M", raising=False)
         else:
             monkeypatch.setenv("MILO_INT3_FUSED_MAX_M", fused_max_m)
-        assert_graph_replay_matches_eager(make_inputs(M, 4096, 2048, R, 64, torch.float16, gen=gen), gen)
+        assert_graph_replay_matches_eager(make_inputs(M, N, 2048, R, 64, torch.float16, gen=gen), gen)
 
 
 def test_compile_reduce_overhead():
@@ -422,8 +446,18 @@ def _sanitize_main():
         _, err = check(make_inputs(M, N, K, 16, g, dt, bias=True, gen=gen))
         worst = max(worst, err)
     os.environ.pop("MILO_INT3_GEMV_WK", None)
+    # tile 7: split (the last split reduces), unsplit, partial row / column tiles, two rank chunks
+    os.environ.update(MILO_INT3_CFG="7", MILO_INT3_FUSED_MAX_M="4096", MILO_INT3_GEMV_MAX_M="0")
+    tile7_cases = [(40, 1000, 2048, 24, 64, torch.bfloat16), (70, 264, 512, 100, 128, torch.float16),
+                   (5, 4096, 1024, 0, 32, torch.float16)]
+    for M, N, K, R, g, dt in tile7_cases:
+        _, err = check(make_inputs(M, N, K, R, g, dt, bias=True, gen=gen))
+        worst = max(worst, err)
+    for var in ("MILO_INT3_CFG", "MILO_INT3_FUSED_MAX_M", "MILO_INT3_GEMV_MAX_M"):
+        os.environ.pop(var, None)
     torch.cuda.synchronize()
-    print(f"sanitize cases OK ({len(cases) + len(gemv_cases)} cases, worst relative error {worst:.2e})")
+    n_cases = len(cases) + len(gemv_cases) + len(tile7_cases)
+    print(f"sanitize cases OK ({n_cases} cases, worst relative error {worst:.2e})")
 
 
 if __name__ == "__main__" and "--sanitize" in sys.argv:

@@ -589,6 +589,47 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
     return y.reshape(out_shape);
   }
 
+  // tile 7 (the weight as the mma A operand, int3_gemm_wa.cu; MILO_INT3_CFG=7 forces it, 1-4 force the
+  // others) where it was measured faster than tiles 1 / 3 (H100 2026-12-06, bench_kernel.py --sweep
+  // MILO_INT3_CFG=-,7 under MILO_INT3_FUSED_MAX_M=4096, us, R=0 / R=32; docs/benchmarks.md): N >= 8192 past
+  // 16 rows (14336x4096 M=32 54.0 -> 46.8 / 62.4 -> 55.4, M=48 82.1 -> 73.6 / 91.9 -> 83.1, M=64 82.9 -> 79.8
+  // / 93.5 -> 89.2), and at 9-16 rows without ranks (M=16 37.9 -> 34.2; with R=32 42.6 against 39.8: tile 1
+  // takes t from the rows kernel launched programmatically, tile 7 from cuBLAS); K >= 8192 at 17-32 rows
+  // (4096x14336 M=32 56.8 -> 51.0 / 69.6 -> 61.2; at M=64 it lost, 84.5 -> 96.4); not 4096x4096 (M=32 26.4
+  // -> 31.3) nor the expert shapes (1408x2048 M=32 11.1 -> 17.4).
+  const int dense_cfg = env_int("MILO_INT3_CFG", 0);
+  const bool tile7 = dense_cfg == 7 || (dense_cfg == 0 && ((N >= 8192 && (M > 16 || R == 0)) ||
+                                                           (K >= 8192 && M > 16 && M <= 32)));
+  if (tile7) {
+    Int3WaParams wp{};
+    wp.x = xa.data_ptr();
+    wp.q = qa.data_ptr<int32_t>();
+    wp.scales = sa.data_ptr();
+    wp.zeros = za.data_ptr();
+    at::Tensor t32;
+    if (R > 0) {
+      t32 = rows_t ? lowrank_t(xa, v).contiguous() : tt;
+      wp.t = t32.data_ptr<float>();
+      wp.ut = uta.data_ptr();
+    }
+    wp.bias = bias.has_value() ? ba.data_ptr() : nullptr;
+    wp.y = y.data_ptr();
+    wp.M = M;
+    wp.N = N;
+    wp.K = K;
+    wp.R = R;
+    std::tie(wp.splits, wp.stages_per_split) = int3_gemm_wa_splits(M, N, K, dinfo.sms, env_int("MILO_INT3_SPLITS", 0));
+    at::Tensor ws;
+    if (wp.splits > 1) {
+      const int64_t part_floats = static_cast<int64_t>(wp.splits) * M64 * N64;
+      ws = at::empty({part_floats + int3_gemm_wa_tiles(M, N)}, x.options().dtype(at::kFloat));
+      wp.ws = ws.data_ptr<float>();
+      wp.counters = reinterpret_cast<int*>(wp.ws + part_floats);
+      C10_CUDA_CHECK(cudaMemsetAsync(wp.counters, 0, int3_gemm_wa_tiles(M, N) * sizeof(int), stream));
+    }
+    launch_int3_gemm_wa(xt == at::kHalf ? 0 : 1, G, wp, stream);
+    return y.reshape(out_shape);
+  }
   // the 16 x 64 tile up to 16 rows, and past that where N is small (more blocks); else 32 x 64 (2 blocks
   // per SM). H100 2026-12-06, bench_kernel.py --sweep MILO_INT3_CFG, us at M = 32 / 64 (32 x 128 and 64 x
   // 128, one block per SM, the earlier choice): 14336x4096 53.9 / 84.3 (76.4 / 97.9), 4096x14336 58.0 / 84.9

@@ -1,0 +1,380 @@
+// Tensor-core GEMM with the weight as the mma A operand, dequantized in registers (the dense op's tile 7,
+// forced with MILO_INT3_CFG=7 while it is measured):
+//
+//   y[M, N] = x[M, K] @ deq(Q)[N, K]^T + t[M, R] @ ut[R, N] (+ bias),
+//   deq(Q)[n, k] = (code - zeros[n, k / G]) * scales[n, k / G],  t = x @ V^T (fp32, computed before)
+//
+// Why: int3_gemm_kernel takes x as A and applies each group's affine map in fp32 after the mma (two
+// accumulator sets, the sums of x per group), so every further 16 rows of x cost a whole group-end pass;
+// the decode kernel's mmas take two rows of x each (group purity through B's columns). Here the mma
+// computes y^T = deq(Q) x^T: each warp owns 16 weight rows (output features) and dequantizes them into
+// its A registers, w = (q - z) * s in fp32 rounded once to the activation dtype (bit for bit what the
+// dequant + cuBLAS path computes), and one A fragment serves BT / 8 mmas, one per 8 rows of x (BT = 16,
+// 32 or 64 rows of x per block). No per-group pass, no second accumulator set.
+//
+// The k order inside a 128-k stage is permuted so that a lane's A registers are code pairs at compile-time
+// positions: lane (g, t) of a warp takes, in k16 step s (0..7), pairs 2s and 2s + 1 of storage chunk t (32
+// codes = 3 words, format 2) of its rows g and g + 8. The mma's k slots 2t, 2t + 1 / 2t + 8, 2t + 9 then
+// stand for k 32t + 4s + {0, 1} / {2, 3}, and the lane's B registers are x[row][32t + 4s .. + 3]: one 8-byte
+// shared load from x in natural order (rows of 256 bytes, 16-byte units XOR-swizzled by row & 7: a warp's
+// loads take the minimum two wavefronts). The mma sums over k in any order, so no x is permuted.
+//
+// Block: 8 warps = 128 output features, BT rows of x, a 4-stage cp.async ring of 128-k stages (x: BT x 256
+// bytes, codes: 128 x 48 bytes). Scales and zeros: a lane's two rows and chunk, read from global memory a
+// stage ahead. Split-K over blockIdx.z where the blocks do not fill the GPU, reduced by the last split to
+// arrive at a tile (fixed order); the low-rank term by mma in the epilogue (U^T chunk as A by transposed
+// ldmatrix, t as B in hi + lo halves), y staged in shared memory and written in 16-byte rows.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/util/Exception.h>
+
+#include "int3_gemm.cuh"
+#include "int3_launch.h"
+
+#include <algorithm>
+
+namespace milo {
+namespace {
+
+constexpr int kWaBN = 128, kWaBK = 128, kWaStages = 4, kWaThreads = 256;
+constexpr int kWaQRow = kWaBK * 3 / 8;  // 48 bytes of codes per weight row and stage
+constexpr int kWaMinStagesPerSplit = 4;  // 512 k
+
+template <int BT>
+struct WaTile {
+  static_assert(BT % 16 == 0 && BT * 16 % kWaThreads == 0, "x rows per block: 16, 32 or 64");
+  static constexpr int NJ = BT / 8;                          // n8 tiles (8 rows of x each)
+  static constexpr int XBytes = BT * kWaBK * 2;              // x of a stage: BT rows of 256 bytes
+  static constexpr int StageBytes = XBytes + kWaBN * kWaQRow;  // + 6 KB of codes
+  static constexpr int Smem = kWaStages * StageBytes;        // 88 KB at BT = 64
+};
+
+int wa_bt(int M) { return M <= 16 ? 16 : (M <= 32 ? 32 : 64); }
+
+// byte offset of 16-byte unit `unit` of row `row` in a tile of 256-byte rows (16 units)
+__device__ __forceinline__ uint32_t swz256(int row, int unit) {
+  return static_cast<uint32_t>(row * 256 + ((unit ^ (row & 7)) << 4));
+}
+// the same in a tile of 128-byte rows (8 units)
+__device__ __forceinline__ uint32_t swz128(int row, int unit) {
+  return static_cast<uint32_t>(row * 128 + ((unit ^ (row & 7)) << 4));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+
+__device__ __forceinline__ uint2 lds64(uint32_t addr) {
+  uint2 v;
+  asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(addr) : "memory");
+  return v;
+}
+
+// code (0..7, alone in byte B of pr) as a float: the byte is the low mantissa byte of 2^23 + code
+template <int B>
+__device__ __forceinline__ float code_float(uint32_t pr) {
+  return __uint_as_float(__byte_perm(pr, 0x4B000000u, 0x7540 + B)) - 8388608.f;
+}
+
+// A register of two dequantized weights (codes 2p, 2p + 1 of a chunk) from a row's scale s and c0 = -z s.
+// bf16: in fp32, rounded once (what the dequant + cuBLAS path computes). fp16: the pair as the half2 1024 +
+// code (one AND-OR of the word with the exponent of 1024), minus 1024 (exact), times s plus c0 in half2: 3
+// instructions a pair instead of 8; c0 rounded to fp16 adds at most half an fp16 ulp of z s to a weight.
+template <typename T>
+struct WaDequant {
+  float s, c0;
+  __device__ __forceinline__ WaDequant(float s_, float c0_) : s(s_), c0(c0_) {}
+  __device__ __forceinline__ uint32_t pair(const uint32_t (&wd)[3], int p) const {
+    const uint32_t pr = chunk_pair(wd, p, 0, 0u);  // the codes in bytes 0 and 2
+    return pack2<T>(fmaf(code_float<0>(pr), s, c0), fmaf(code_float<2>(pr), s, c0));
+  }
+};
+template <>
+struct WaDequant<half> {
+  __half2 s2, c2;
+  __device__ __forceinline__ WaDequant(float s, float c0) : s2(__float2half2_rn(s)), c2(__float2half2_rn(c0)) {}
+  __device__ __forceinline__ uint32_t pair(const uint32_t (&wd)[3], int p) const {
+    const uint32_t h = chunk_pair(wd, p, 0, 0x64006400u);  // (1024 + code 2p, 1024 + code 2p + 1)
+    const __half2 q2 = __hsub2(*reinterpret_cast<const __half2*>(&h), __float2half2_rn(1024.f));
+    const __half2 w2 = __hfma2(q2, s2, c2);
+    return *reinterpret_cast<const uint32_t*>(&w2);
+  }
+};
+
+template <typename T, int G, int BT>
+__global__ void __launch_bounds__(kWaThreads, 2) int3_gemm_wa_kernel(const Int3WaParams p) {
+  using Tile = WaTile<BT>;
+  constexpr int NJ = Tile::NJ;
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  const uint8_t* __restrict__ q = reinterpret_cast<const uint8_t*>(p.q);
+  const T* __restrict__ scales = static_cast<const T*>(p.scales);
+  const T* __restrict__ zeros = static_cast<const T*>(p.zeros);
+  const int M = p.M, N = p.N, K = p.K;
+  extern __shared__ __align__(16) uint8_t smem[];
+  const uint32_t s_base = smem_u32(smem);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const int m0 = blockIdx.x * BT, n0 = blockIdx.y * kWaBN;
+  const int st0 = blockIdx.z * p.stages_per_split;  // split z: stages st0 .. st0 + stages - 1
+  const int stages = min(K / kWaBK - st0, p.stages_per_split);
+  const int64_t q_row_bytes = K * 3 / 8;
+  const int groups = K / G;
+  const int r_lo = warp * 16 + g;  // the lane's weight rows in the tile: r_lo, r_lo + 8
+
+  auto load_stage = [&](int st, int buf) {
+    const uint32_t sb = s_base + buf * Tile::StageBytes;
+#pragma unroll
+    for (int i = 0; i < BT * 16 / kWaThreads; ++i) {
+      const int u = tid + i * kWaThreads, row = u >> 4, unit = u & 15;
+      const bool ok = m0 + row < M;
+      const T* src = ok ? x + static_cast<int64_t>(m0 + row) * K + (st0 + st) * kWaBK + unit * 8 : x;
+      cp_async16_zfill(sb + swz256(row, unit), src, ok);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {  // 128 rows x 3 pieces of 16 bytes
+      const int u = tid + i * kWaThreads;
+      if (u < kWaBN * 3) {
+        const int row = u / 3, part = u - row * 3;
+        const bool ok = n0 + row < N;
+        const uint8_t* src = ok ? q + (n0 + row) * q_row_bytes + (st0 + st) * kWaQRow + part * 16 : q;
+        cp_async16_zfill(sb + Tile::XBytes + row * kWaQRow + part * 16, src, ok);
+      }
+    }
+  };
+
+  // scale and zero of the lane's rows and chunk for a stage (clamped to the split's last stage: the loop
+  // reads one stage ahead without a branch)
+  float sc[2], zc[2];
+  auto load_scales = [&](int st) {
+    const int k = (st0 + min(st, stages - 1)) * kWaBK + 32 * t;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int n = n0 + r_lo + 8 * h;
+      const int64_t gi = static_cast<int64_t>(n) * groups + k / G;
+      sc[h] = n < N ? to_float(scales[gi]) : 0.f;
+      zc[h] = n < N ? to_float(zeros[gi]) : 0.f;
+    }
+  };
+
+  float acc[NJ][4];
+#pragma unroll
+  for (int j = 0; j < NJ; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+
+  load_scales(0);
+#pragma unroll
+  for (int s = 0; s < kWaStages - 1; ++s) {
+    if (s < stages) load_stage(s, s);
+    cp_async_commit();
+  }
+  for (int st = 0; st < stages; ++st) {
+    cp_async_wait<kWaStages - 2>();  // stage st landed
+    __syncthreads();                 // every warp done with step st - 1: its buffer is free
+    const int nx = st + kWaStages - 1;
+    if (nx < stages) load_stage(nx, nx % kWaStages);
+    cp_async_commit();
+    const uint8_t* qs = smem + (st % kWaStages) * Tile::StageBytes + Tile::XBytes + r_lo * kWaQRow + t * 12;
+    const uint32_t w0[3] = {lds32(qs), lds32(qs + 4), lds32(qs + 8)};
+    const uint32_t w1[3] = {lds32(qs + 8 * kWaQRow), lds32(qs + 8 * kWaQRow + 4), lds32(qs + 8 * kWaQRow + 8)};
+    const WaDequant<T> d0(sc[0], -zc[0] * sc[0]), d1(sc[1], -zc[1] * sc[1]);
+    load_scales(st + 1);
+    const uint32_t xb = s_base + (st % kWaStages) * Tile::StageBytes;
+#pragma unroll
+    for (int s = 0; s < 8; ++s) {
+      uint32_t a[4];
+      a[0] = d0.pair(w0, 2 * s);
+      a[1] = d1.pair(w1, 2 * s);
+      a[2] = d0.pair(w0, 2 * s + 1);
+      a[3] = d1.pair(w1, 2 * s + 1);
+#pragma unroll
+      for (int j = 0; j < NJ; ++j) {  // rows 8j .. 8j + 7 of x: k 32t + 4s .. + 3 of row 8j + g
+        const uint2 b = lds64(xb + swz256(8 * j + g, 4 * t + (s >> 1)) + 8 * (s & 1));
+        mma16816<T>(acc[j], a, b.x, b.y, acc[j]);
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  // acc[j][2h + e] is y[m0 + 8j + 2t + e][n0 + r_lo + 8h]; f(j, h, e, row, col) for those inside y
+  auto for_each_acc = [&](auto&& f) {
+#pragma unroll
+    for (int j = 0; j < NJ; ++j)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int row = m0 + 8 * j + 2 * t + e, col = n0 + r_lo + 8 * h;
+          if (row < M && col < N) f(j, h, e, row, col);
+        }
+  };
+
+  // split-K: partial tile to the workspace; the last split to arrive sums all of them in split order
+  if (p.splits > 1) {
+    float* ws = p.ws + static_cast<int64_t>(blockIdx.z) * M * N;
+    for_each_acc([&](int j, int h, int e, int row, int col) { ws[static_cast<int64_t>(row) * N + col] = acc[j][2 * h + e]; });
+    __threadfence();
+    __syncthreads();
+    __shared__ int last;
+    int* counter = p.counters + blockIdx.y * gridDim.x + blockIdx.x;
+    if (tid == 0) last = atomicAdd(counter, 1) == p.splits - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for_each_acc([&](int j, int h, int e, int row, int col) {
+      float sum = 0.f;
+      for (int z = 0; z < p.splits; ++z) sum += __ldcg(p.ws + (static_cast<int64_t>(z) * M + row) * N + col);
+      acc[j][2 * h + e] = sum;
+    });
+  }
+
+  // low-rank term, per 64-rank chunk: y^T[tile] += U[tile, chunk] t[:, chunk]^T by mma with A = U (from ut's
+  // chunk rows by transposed ldmatrix) and B = t's rows (hi and lo halves), all staged in the freed ring
+  if (p.R > 0) {
+    const T* __restrict__ ut = static_cast<const T*>(p.ut);
+    const uint32_t s_ut = s_base, s_thi = s_base + 64 * 256, s_tlo = s_thi + BT * 128;
+    uint8_t* const thi = smem + 64 * 256;
+    uint8_t* const tlo = thi + BT * 128;
+    for (int r0 = 0; r0 < p.R; r0 += 64) {
+      __syncthreads();  // the buffers are free (main loop, or the previous chunk's mma, done)
+#pragma unroll
+      for (int i = 0; i < 64 * 16 / kWaThreads; ++i) {  // ut[r0 + r, n0 .. n0 + 127]: 64 rows x 16 units
+        const int u = tid + i * kWaThreads, r = u >> 4, unit = u & 15;
+        const bool ok = r0 + r < p.R && n0 + unit * 8 < N;
+        const T* src = ok ? ut + static_cast<int64_t>(r0 + r) * N + n0 + unit * 8 : ut;
+        cp_async16_zfill(s_ut + swz256(r, unit), src, ok);
+      }
+      cp_async_commit();
+      for (int u = tid; u < BT * 8; u += kWaThreads) {  // t[m0 + m, r0 .. r0 + 63] as hi + lo: BT rows x 8 units
+        const int m = u >> 3, unit = u & 7;
+        float v[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const int r = r0 + unit * 8 + e;
+          v[e] = (m0 + m < M && r < p.R) ? p.t[static_cast<int64_t>(m0 + m) * p.R + r] : 0.f;
+        }
+        uint32_t hi[4], lo[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          hi[e] = pack2<T>(v[2 * e], v[2 * e + 1]);
+          const float h0 = to_float(from_float<T>(v[2 * e])), h1 = to_float(from_float<T>(v[2 * e + 1]));
+          lo[e] = pack2<T>(v[2 * e] - h0, v[2 * e + 1] - h1);
+        }
+        *reinterpret_cast<uint4*>(thi + swz128(m, unit)) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+        *reinterpret_cast<uint4*>(tlo + swz128(m, unit)) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+      }
+      cp_async_wait<0>();
+      __syncthreads();
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks) {
+        uint32_t a[4];  // U[r_lo-ish rows, ranks 16ks ..]: matrices (features 0-7 | 8-15) x (ranks 0-7 | 8-15)
+        ldmatrix_x4_trans(a, s_ut + swz256(16 * ks + (lane & 7) + ((lane >> 4) & 1) * 8, 2 * warp + ((lane >> 3) & 1)));
+#pragma unroll
+        for (int jj = 0; jj < NJ / 2; ++jj)
+#pragma unroll
+          for (int half_ = 0; half_ < 2; ++half_) {
+            uint32_t b[4];  // rows 16jj .. 16jj + 15 of t: n8 tiles 2jj, 2jj + 1 at ranks 16ks .. + 15
+            ldmatrix_x4(b, (half_ ? s_tlo : s_thi) + swz128(16 * jj + (lane & 7) + ((lane >> 4) << 3), 2 * ks + ((lane >> 3) & 1)));
+            mma16816<T>(acc[2 * jj], a, b[0], b[1], acc[2 * jj]);
+            mma16816<T>(acc[2 * jj + 1], a, b[2], b[3], acc[2 * jj + 1]);
+          }
+      }
+    }
+  }
+
+  // bias, then y through shared memory (BT rows x 256 bytes) so each row is written in 16-byte pieces
+  const T* __restrict__ bias = static_cast<const T*>(p.bias);
+  float b_lo = 0.f, b_hi = 0.f;
+  if (bias != nullptr) {
+    if (n0 + r_lo < N) b_lo = to_float(bias[n0 + r_lo]);
+    if (n0 + r_lo + 8 < N) b_hi = to_float(bias[n0 + r_lo + 8]);
+  }
+  __syncthreads();  // the ring (or the low-rank chunk) is no longer read
+  T* const sy = reinterpret_cast<T*>(smem);
+#pragma unroll
+  for (int j = 0; j < NJ; ++j)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int row = 8 * j + 2 * t + e, col = r_lo + 8 * h;
+        sy[row * kWaBN + (((col >> 3) ^ (row & 7)) << 3) + (col & 7)] = from_float<T>(acc[j][2 * h + e] + (h ? b_hi : b_lo));
+      }
+  __syncthreads();
+  T* __restrict__ y = static_cast<T*>(p.y);
+  for (int u = tid; u < BT * 16; u += kWaThreads) {
+    const int row = u >> 4, unit = u & 15;
+    if (m0 + row < M && n0 + unit * 8 < N)
+      *reinterpret_cast<uint4*>(y + static_cast<int64_t>(m0 + row) * N + n0 + unit * 8) =
+          *reinterpret_cast<const uint4*>(smem + swz256(row, unit));
+  }
+}
+
+template <typename T, int G, int BT>
+void launch_wa(const Int3WaParams& p, cudaStream_t stream) {
+  static bool attr_done[64] = {false};
+  const int dev = c10::cuda::current_device();
+  auto kern = int3_gemm_wa_kernel<T, G, BT>;
+  if (dev < 64 && !attr_done[dev]) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, WaTile<BT>::Smem));
+    attr_done[dev] = true;
+  }
+  const dim3 grid((p.M + BT - 1) / BT, (p.N + kWaBN - 1) / kWaBN, p.splits);
+  kern<<<grid, kWaThreads, WaTile<BT>::Smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int G>
+void launch_wa_bt(const Int3WaParams& p, cudaStream_t stream) {
+  switch (wa_bt(p.M)) {
+    case 16:
+      return launch_wa<T, G, 16>(p, stream);
+    case 32:
+      return launch_wa<T, G, 32>(p, stream);
+    default:
+      return launch_wa<T, G, 64>(p, stream);
+  }
+}
+
+template <typename T>
+void launch_wa_group(int group, const Int3WaParams& p, cudaStream_t stream) {
+  switch (group) {
+    case 32:
+      return launch_wa_bt<T, 32>(p, stream);
+    case 64:
+      return launch_wa_bt<T, 64>(p, stream);
+    case 128:
+      return launch_wa_bt<T, 128>(p, stream);
+    default:
+      TORCH_CHECK(false, "int3_linear: tile 7 is built for group sizes 32, 64 and 128, not ", group);
+  }
+}
+
+}  // namespace
+
+int int3_gemm_wa_tiles(int M, int N) {
+  const int bt = wa_bt(M);
+  return ((M + bt - 1) / bt) * ((N + kWaBN - 1) / kWaBN);
+}
+
+std::pair<int, int> int3_gemm_wa_splits(int M, int N, int K, int sms, int forced) {
+  const int tiles = int3_gemm_wa_tiles(M, N), stages = K / kWaBK;
+  // the fewest splits that give about 3 of every 4 slots of 2 blocks per SM a block (H100 2026-12-06:
+  // splitting 14336x4096 M=16 seven ways, 784 blocks, ran more split prologues and reductions than it saved)
+  const int want = forced > 0 ? forced : (3 * 2 * sms / 4 + tiles - 1) / tiles;
+  const int splits = std::max(1, std::min(want, forced > 0 ? stages : stages / kWaMinStagesPerSplit));
+  const int sps = (stages + splits - 1) / splits;
+  return {(stages + sps - 1) / sps, sps};
+}
+
+void launch_int3_gemm_wa(int dtype, int group, const Int3WaParams& p, cudaStream_t stream) {
+  TORCH_CHECK(p.K % kWaBK == 0 && p.N % 8 == 0, "int3_linear: tile 7 needs K % 128 == 0 and N % 8 == 0");
+  if (dtype == 0)
+    launch_wa_group<half>(group, p, stream);
+  else
+    launch_wa_group<__nv_bfloat16>(group, p, stream);
+}
+
+}  // namespace milo
