@@ -105,7 +105,7 @@ struct WaDequant<half> {
 };
 
 template <typename T, int G, int BT>
-__global__ void __launch_bounds__(kWaThreads, 2) int3_gemm_wa_kernel(const Int3WaParams p) {
+__global__ void __launch_bounds__(kWaThreads, 2) int3_gemm_wa_kernel(const Int3GemmParams p) {
   using Tile = WaTile<BT>;
   constexpr int NJ = Tile::NJ;
   const T* __restrict__ x = static_cast<const T*>(p.x);
@@ -198,17 +198,20 @@ __global__ void __launch_bounds__(kWaThreads, 2) int3_gemm_wa_kernel(const Int3W
   }
   cp_async_wait<0>();
 
-  // acc[j][2h + e] is y[m0 + 8j + 2t + e][n0 + r_lo + 8h]; f(j, h, e, row, col) for those inside y
-  auto for_each_acc = [&](auto&& f) {
+  // acc[j][2h + e] is y[m0 + 8j + 2t + e][n0 + r_lo + 8h]: f(j, h, e, row, col) for each, row and col in
+  // the tile (for_each_frag) or in y, for those inside it (for_each_acc)
+  auto for_each_frag = [&](auto&& f) {
 #pragma unroll
     for (int j = 0; j < NJ; ++j)
 #pragma unroll
       for (int h = 0; h < 2; ++h)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int row = m0 + 8 * j + 2 * t + e, col = n0 + r_lo + 8 * h;
-          if (row < M && col < N) f(j, h, e, row, col);
-        }
+        for (int e = 0; e < 2; ++e) f(j, h, e, 8 * j + 2 * t + e, r_lo + 8 * h);
+  };
+  auto for_each_acc = [&](auto&& f) {
+    for_each_frag([&](int j, int h, int e, int row, int col) {
+      if (m0 + row < M && n0 + col < N) f(j, h, e, m0 + row, n0 + col);
+    });
   };
 
   // split-K: partial tile to the workspace; the last split to arrive sums all of them in split order
@@ -293,15 +296,9 @@ __global__ void __launch_bounds__(kWaThreads, 2) int3_gemm_wa_kernel(const Int3W
   }
   __syncthreads();  // the ring (or the low-rank chunk) is no longer read
   T* const sy = reinterpret_cast<T*>(smem);
-#pragma unroll
-  for (int j = 0; j < NJ; ++j)
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int row = 8 * j + 2 * t + e, col = r_lo + 8 * h;
-        sy[row * kWaBN + (((col >> 3) ^ (row & 7)) << 3) + (col & 7)] = from_float<T>(acc[j][2 * h + e] + (h ? b_hi : b_lo));
-      }
+  for_each_frag([&](int j, int h, int e, int row, int col) {
+    sy[row * kWaBN + (((col >> 3) ^ (row & 7)) << 3) + (col & 7)] = from_float<T>(acc[j][2 * h + e] + (h ? b_hi : b_lo));
+  });
   __syncthreads();
   T* __restrict__ y = static_cast<T*>(p.y);
   for (int u = tid; u < BT * 16; u += kWaThreads) {
@@ -313,7 +310,7 @@ __global__ void __launch_bounds__(kWaThreads, 2) int3_gemm_wa_kernel(const Int3W
 }
 
 template <typename T, int G, int BT>
-void launch_wa(const Int3WaParams& p, cudaStream_t stream) {
+void launch_wa(const Int3GemmParams& p, cudaStream_t stream) {
   static bool attr_done[64] = {false};
   const int dev = c10::cuda::current_device();
   auto kern = int3_gemm_wa_kernel<T, G, BT>;
@@ -327,7 +324,7 @@ void launch_wa(const Int3WaParams& p, cudaStream_t stream) {
 }
 
 template <typename T, int G>
-void launch_wa_bt(const Int3WaParams& p, cudaStream_t stream) {
+void launch_wa_bt(const Int3GemmParams& p, cudaStream_t stream) {
   switch (wa_bt(p.M)) {
     case 16:
       return launch_wa<T, G, 16>(p, stream);
@@ -339,7 +336,7 @@ void launch_wa_bt(const Int3WaParams& p, cudaStream_t stream) {
 }
 
 template <typename T>
-void launch_wa_group(int group, const Int3WaParams& p, cudaStream_t stream) {
+void launch_wa_group(int group, const Int3GemmParams& p, cudaStream_t stream) {
   switch (group) {
     case 32:
       return launch_wa_bt<T, 32>(p, stream);
@@ -369,7 +366,7 @@ std::pair<int, int> int3_gemm_wa_splits(int M, int N, int K, int sms, int forced
   return {(stages + sps - 1) / sps, sps};
 }
 
-void launch_int3_gemm_wa(int dtype, int group, const Int3WaParams& p, cudaStream_t stream) {
+void launch_int3_gemm_wa(int dtype, int group, const Int3GemmParams& p, cudaStream_t stream) {
   TORCH_CHECK(p.K % kWaBK == 0 && p.N % 8 == 0, "int3_linear: tile 7 needs K % 128 == 0 and N % 8 == 0");
   if (dtype == 0)
     launch_wa_group<half>(group, p, stream);

@@ -45,27 +45,14 @@ int int3_cfg_bm(int cfg);
 void launch_int3_gemm(int dtype, int mt, int group, const Int3GemmParams& p, int n_tiles, int m_blocks,
                       bool programmatic, cudaStream_t stream);
 
-// Tile 7 (int3_gemm_wa.cu): y = x @ deq(Q)^T + t @ ut (+ bias) with the weight dequantized into the mma's A
-// registers, 128 output columns and 16 / 32 / 64 rows of x per block. int3_gemm_wa_splits: (splits, stages
-// per split) for a shape (forced > 0: that many splits); with splits > 1 the kernel needs ws (fp32 [splits,
-// M, N]) and counters (int [int3_gemm_wa_tiles], zeroed before the launch).
-struct Int3WaParams {
-  const void* x;          // [M, K], T, 16-byte aligned
-  const int32_t* q;       // [N, 3K/32], format 2, 16-byte aligned
-  const void* scales;     // [N, K/G], T
-  const void* zeros;      // [N, K/G], T
-  const float* t;         // [M, R] fp32 (R > 0)
-  const void* ut;         // [R, N], T, 16-byte aligned (R > 0)
-  const void* bias;       // [N], T, or null
-  void* y;                // [M, N], T, 16-byte aligned
-  float* ws;              // split-K partials
-  int* counters;          // split-K arrivals per tile
-  int M, N, K, R;
-  int splits, stages_per_split;
-};
+// Tile 7 (int3_gemm_wa.cu): the dense op's y = x @ deq(Q)^T + t @ ut (+ bias) with the weight dequantized
+// into the mma's A registers, 128 output columns and 16 / 32 / 64 rows of x per block (p.tiles == nullptr,
+// p.t one [M, R] array). int3_gemm_wa_splits: (splits, stages per split) for a shape (forced > 0: that
+// many splits); with splits > 1 the kernel needs p.ws (fp32 [splits, M, N]) and p.counters (int
+// [int3_gemm_wa_tiles], zeroed before the launch).
 std::pair<int, int> int3_gemm_wa_splits(int M, int N, int K, int sms, int forced);
 int int3_gemm_wa_tiles(int M, int N);
-void launch_int3_gemm_wa(int dtype, int group, const Int3WaParams& p, cudaStream_t stream);
+void launch_int3_gemm_wa(int dtype, int group, const Int3GemmParams& p, cudaStream_t stream);
 
 // Decode path (int3_gemv.cu): tensor-core kernel with the weight as the mma A operand, for tiles of
 // at most kInt3GemvMaxRows rows of x; grid (ceil(N / BR), row_blocks), BR = 16..128 columns per block

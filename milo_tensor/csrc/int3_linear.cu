@@ -589,6 +589,16 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
     return y.reshape(out_shape);
   }
 
+  // split-K workspace: fp32 partials [splits, M, N] and per-tile arrival counters, zeroed in the stream
+  at::Tensor ws;
+  auto alloc_split_ws = [&](int splits, int64_t n_counters) {
+    if (splits <= 1) return;
+    const int64_t part_floats = static_cast<int64_t>(splits) * M64 * N64;
+    ws = at::empty({part_floats + n_counters}, x.options().dtype(at::kFloat));
+    p.ws = ws.data_ptr<float>();
+    p.counters = reinterpret_cast<int*>(p.ws + part_floats);
+    C10_CUDA_CHECK(cudaMemsetAsync(p.counters, 0, n_counters * sizeof(int), stream));
+  };
   // tile 7 (the weight as the mma A operand, int3_gemm_wa.cu; MILO_INT3_CFG=7 forces it, 1-4 force the
   // others) where it was measured faster than tiles 1 / 3 (H100 2026-12-06, bench_kernel.py --sweep
   // MILO_INT3_CFG=-,7 under MILO_INT3_FUSED_MAX_M=4096, us, R=0 / R=32; docs/benchmarks.md): N >= 8192 past
@@ -601,33 +611,14 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   const bool tile7 = dense_cfg == 7 || (dense_cfg == 0 && ((N >= 8192 && (M > 16 || R == 0)) ||
                                                            (K >= 8192 && M > 16 && M <= 32)));
   if (tile7) {
-    Int3WaParams wp{};
-    wp.x = xa.data_ptr();
-    wp.q = qa.data_ptr<int32_t>();
-    wp.scales = sa.data_ptr();
-    wp.zeros = za.data_ptr();
-    at::Tensor t32;
-    if (R > 0) {
-      t32 = rows_t ? lowrank_t(xa, v).contiguous() : tt;
-      wp.t = t32.data_ptr<float>();
-      wp.ut = uta.data_ptr();
+    at::Tensor t32;  // tile 7 reads t whole: from cuBLAS where the rows kernel would have computed it
+    if (rows_t) {
+      t32 = lowrank_t(xa, v).contiguous();
+      p.t = t32.data_ptr<float>();
     }
-    wp.bias = bias.has_value() ? ba.data_ptr() : nullptr;
-    wp.y = y.data_ptr();
-    wp.M = M;
-    wp.N = N;
-    wp.K = K;
-    wp.R = R;
-    std::tie(wp.splits, wp.stages_per_split) = int3_gemm_wa_splits(M, N, K, dinfo.sms, env_int("MILO_INT3_SPLITS", 0));
-    at::Tensor ws;
-    if (wp.splits > 1) {
-      const int64_t part_floats = static_cast<int64_t>(wp.splits) * M64 * N64;
-      ws = at::empty({part_floats + int3_gemm_wa_tiles(M, N)}, x.options().dtype(at::kFloat));
-      wp.ws = ws.data_ptr<float>();
-      wp.counters = reinterpret_cast<int*>(wp.ws + part_floats);
-      C10_CUDA_CHECK(cudaMemsetAsync(wp.counters, 0, int3_gemm_wa_tiles(M, N) * sizeof(int), stream));
-    }
-    launch_int3_gemm_wa(xt == at::kHalf ? 0 : 1, G, wp, stream);
+    std::tie(p.splits, p.stages_per_split) = int3_gemm_wa_splits(M, N, K, dinfo.sms, env_int("MILO_INT3_SPLITS", 0));
+    alloc_split_ws(p.splits, int3_gemm_wa_tiles(M, N));
+    launch_int3_gemm_wa(xt == at::kHalf ? 0 : 1, G, p, stream);
     return y.reshape(out_shape);
   }
   // the 16 x 64 tile up to 16 rows, and past that where N is small (more blocks); else 32 x 64 (2 blocks
@@ -650,15 +641,7 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   const int sps = (total_stages + splits - 1) / splits;
   splits = (total_stages + sps - 1) / sps;
 
-  at::Tensor ws;
-  if (splits > 1) {
-    const int64_t part_floats = static_cast<int64_t>(splits) * M64 * N64;
-    const int64_t n_counters = static_cast<int64_t>(base);
-    ws = at::empty({part_floats + n_counters}, x.options().dtype(at::kFloat));
-    p.ws = ws.data_ptr<float>();
-    p.counters = reinterpret_cast<int*>(p.ws + part_floats);
-    C10_CUDA_CHECK(cudaMemsetAsync(p.counters, 0, n_counters * sizeof(int), stream));
-  }
+  alloc_split_ws(splits, base);
   p.splits = splits;
   p.stages_per_split = sps;
   if (rows_t) launch_rows_t(false);  // directly before the matmul kernel in the stream (after the memset)
