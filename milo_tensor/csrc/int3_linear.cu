@@ -540,14 +540,26 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   at::Tensor ba;
   if (bias.has_value()) ba = bias->reshape({N64}).contiguous();
   at::Tensor y = at::empty({M64, N64}, x.options());
+  // tile 7 (the weight as the mma A operand, int3_gemm_wa.cu; MILO_INT3_CFG=7 forces it, 1-4 force the
+  // others) where it was measured faster than tiles 1 / 3 (H100 2026-12-06, bench_kernel.py --sweep
+  // MILO_INT3_CFG=-,7 under MILO_INT3_FUSED_MAX_M=4096, us, R=0 / R=32; docs/benchmarks.md): N >= 8192 past
+  // 16 rows (14336x4096 M=32 54.0 -> 46.8 / 62.4 -> 55.4, M=48 82.1 -> 73.6 / 91.9 -> 83.1, M=64 82.9 -> 79.8
+  // / 93.5 -> 89.2), and at 9-16 rows without ranks (M=16 37.9 -> 34.2; with R=32 42.6 against 39.8: tile 1
+  // takes t from the rows kernel launched programmatically, tile 7 from cuBLAS); K >= 8192 at 17-32 rows
+  // (4096x14336 M=32 56.8 -> 51.0 / 69.6 -> 61.2; at M=64 it lost, 84.5 -> 96.4); not 4096x4096 (M=32 26.4
+  // -> 31.3) nor the expert shapes (1408x2048 M=32 11.1 -> 17.4).
+  const int forced_tile = forced_cfg("MILO_INT3_CFG");
+  const bool tile7 = !use_gemv && (env_int("MILO_INT3_CFG", 0) == 7 ||
+                                   (forced_tile == 0 && ((N >= 8192 && (M > 16 || R == 0)) ||
+                                                         (K >= 8192 && M > 16 && M <= 32))));
   // t = x v^T by lowrank_t_rows_kernel in k splits for the decode kernel and the 16-row tensor-core tile
-  // (up to kRowsTMaxR ranks and kRowsTMaxK; otherwise cuBLAS); the matmul kernel is then launched
+  // (up to kRowsTMaxR ranks and kRowsTMaxK; otherwise, and for tile 7, cuBLAS); the matmul kernel is then launched
   // programmatically right after it (sm_90), streams its weights while t is computed and waits for t
   // only in its epilogue. H100, bench_kernel.py M=16 R=32 (2026-11-25): 14336x4096 47.6 -> 43.4 us,
   // 4096x4096 26.4 -> 23.3, 1408x2048 17.6 -> 14.6, but 4096x14336 46.9 -> 49.7 (every warp of the rows
   // kernel re-reads its 4 rows of x over the long K), hence the K limit; R above 128 not measured.
   constexpr int kRowsTMaxR = 128, kRowsTMaxK = 8192;
-  const bool rows_t = R > 0 && (use_gemv || (M <= 16 && R <= kRowsTMaxR && K <= kRowsTMaxK));
+  const bool rows_t = R > 0 && (use_gemv || (!tile7 && M <= 16 && R <= kRowsTMaxR && K <= kRowsTMaxK));
   at::Tensor uta, tt, va;
   int t_splits = 1, t_k_chunk = 0;
   if (R > 0) {
@@ -599,23 +611,7 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
     p.counters = reinterpret_cast<int*>(p.ws + part_floats);
     C10_CUDA_CHECK(cudaMemsetAsync(p.counters, 0, n_counters * sizeof(int), stream));
   };
-  // tile 7 (the weight as the mma A operand, int3_gemm_wa.cu; MILO_INT3_CFG=7 forces it, 1-4 force the
-  // others) where it was measured faster than tiles 1 / 3 (H100 2026-12-06, bench_kernel.py --sweep
-  // MILO_INT3_CFG=-,7 under MILO_INT3_FUSED_MAX_M=4096, us, R=0 / R=32; docs/benchmarks.md): N >= 8192 past
-  // 16 rows (14336x4096 M=32 54.0 -> 46.8 / 62.4 -> 55.4, M=48 82.1 -> 73.6 / 91.9 -> 83.1, M=64 82.9 -> 79.8
-  // / 93.5 -> 89.2), and at 9-16 rows without ranks (M=16 37.9 -> 34.2; with R=32 42.6 against 39.8: tile 1
-  // takes t from the rows kernel launched programmatically, tile 7 from cuBLAS); K >= 8192 at 17-32 rows
-  // (4096x14336 M=32 56.8 -> 51.0 / 69.6 -> 61.2; at M=64 it lost, 84.5 -> 96.4); not 4096x4096 (M=32 26.4
-  // -> 31.3) nor the expert shapes (1408x2048 M=32 11.1 -> 17.4).
-  const int dense_cfg = env_int("MILO_INT3_CFG", 0);
-  const bool tile7 = dense_cfg == 7 || (dense_cfg == 0 && ((N >= 8192 && (M > 16 || R == 0)) ||
-                                                           (K >= 8192 && M > 16 && M <= 32)));
   if (tile7) {
-    at::Tensor t32;  // tile 7 reads t whole: from cuBLAS where the rows kernel would have computed it
-    if (rows_t) {
-      t32 = lowrank_t(xa, v).contiguous();
-      p.t = t32.data_ptr<float>();
-    }
     std::tie(p.splits, p.stages_per_split) = int3_gemm_wa_splits(M, N, K, dinfo.sms, env_int("MILO_INT3_SPLITS", 0));
     alloc_split_ws(p.splits, int3_gemm_wa_tiles(M, N));
     launch_int3_gemm_wa(xt == at::kHalf ? 0 : 1, G, p, stream);
@@ -627,7 +623,7 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   // (89.6 / 129.8), 4096x4096 26.1 / 36.9 (56.3 / 60.6); 1408x2048 with the 16 x 64 tile 11.2 / 16.4 (35.0 /
   // 35.4; 32 x 64: 13.3 / 17.7)
   int cfg = M <= 16 || N < 4096 ? 1 : 3;
-  if (const int f = forced_cfg("MILO_INT3_CFG")) cfg = f;
+  if (forced_tile) cfg = forced_tile;
   const int bm = int3_cfg_bm(cfg), bn = int3_cfg_bn(cfg, G);
   const int m_blocks = (M + bm - 1) / bm;
   const int n_tiles = (N + bn - 1) / bn;
