@@ -15,20 +15,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from milo_tensor.quant.packing import pack_int3  # noqa: E402
+from milo_tensor.quant.packing import pack_int3, unpack_int3  # noqa: E402
 
 BN, BK, THREADS, WARPS = 128, 128, 256, 8
-
-
-def pair_word(p): return 0 if p < 5 else (1 if p < 8 else (2 if p < 13 else 1))
-def pair_field(p): return p if p < 5 else (p - 5 if p < 8 else (p - 8 if p < 13 else p - 10))
-
-
-def chunk_code(wd, p, h):  # code 2p + h: chunk_pair(wd, p, 0, 0) >> 16h & 7 in int3_gemm.cuh
-    if p < 15:
-        return (int(wd[pair_word(p)]) >> (3 * pair_field(p) + 16 * h)) & 7
-    return (((int(wd[0]) >> (15 + 16 * h)) & 1) | ((int(wd[1]) >> (14 + 16 * h)) & 2)
-            | ((int(wd[2]) >> (13 + 16 * h)) & 4))
 
 
 def swz(row, unit): return row, unit ^ (row & 7)  # (row, physical 16-byte unit), 128- and 256-byte rows alike
@@ -101,7 +90,10 @@ def run(M, N, K, G, dt=np.float16, seed=0, R=0):
                         g, t = lane >> 2, lane & 3
                         for h in range(2):
                             r = warp * 16 + g + 8 * h; n = n0 + r
-                            wd[lane, h] = Q[r, t*12: t*12 + 12].view(np.uint32)
+                            # the lane's chunk as the kernel's words hold it (smem Q), decoded by the packing's own
+                            # unpacker: code 2p + e is what chunk_pair(wd, p) gives in half e
+                            wd[lane, h] = unpack_int3(torch.from_numpy(Q[r, t*12: t*12 + 12].view(np.int32).copy())
+                                                      .view(1, 3))[0].numpy()
                             gi = (st * BK + 32 * t) // G
                             sc[lane, h] = np.float32(s[n, gi] if n < N else 0.0)
                             c0[lane, h] = np.float32(-(z[n, gi] if n < N else 0.0) * sc[lane, h])
@@ -112,7 +104,7 @@ def run(M, N, K, G, dt=np.float16, seed=0, R=0):
                         for lane in range(32):
                             for reg, (h, p) in enumerate([(0, 2*ss), (1, 2*ss), (0, 2*ss+1), (1, 2*ss+1)]):
                                 for e in range(2):
-                                    q_ = np.float32(chunk_code(wd[lane, h], p, e))
+                                    q_ = np.float32(wd[lane, h][2 * p + e])
                                     a[lane, reg, e] = (q_ * sc[lane, h] + c0[lane, h]).astype(dt)
                         for j in range(NJ):
                             b0 = np.zeros((32, 2), dt); b1 = np.zeros((32, 2), dt)
