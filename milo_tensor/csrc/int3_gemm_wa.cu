@@ -23,7 +23,9 @@
 // bytes, codes: 128 x 48 bytes). Scales and zeros: a lane's two rows and chunk, read from global memory a
 // stage ahead. Split-K over blockIdx.z where the blocks do not fill the GPU, reduced by the last split to
 // arrive at a tile (fixed order); the low-rank term by mma in the epilogue (U^T chunk as A by transposed
-// ldmatrix, t as B in hi + lo halves), y staged in shared memory and written in 16-byte rows.
+// ldmatrix, t as B in hi + lo halves; t's split partials from the rows kernel summed there, after
+// griddepcontrol.wait when launched programmatically behind it), y staged in shared memory and written
+// in 16-byte rows.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/util/Exception.h>
@@ -236,6 +238,9 @@ __global__ void __launch_bounds__(kWaThreads, 2) int3_gemm_wa_kernel(const Int3G
   // low-rank term, per 64-rank chunk: y^T[tile] += U[tile, chunk] t[:, chunk]^T by mma with A = U (from ut's
   // chunk rows by transposed ldmatrix) and B = t's rows (hi and lo halves), all staged in the freed ring
   if (p.R > 0) {
+    // launched programmatically after the kernel computing t (sm_90), this block may have streamed its
+    // weights while t was in flight: wait for it here (returns at once after a normal launch)
+    grid_dep_wait();
     const T* __restrict__ ut = static_cast<const T*>(p.ut);
     const uint32_t s_ut = s_base, s_thi = s_base + 64 * 256, s_tlo = s_thi + BT * 128;
     uint8_t* const thi = smem + 64 * 256;
@@ -254,9 +259,13 @@ __global__ void __launch_bounds__(kWaThreads, 2) int3_gemm_wa_kernel(const Int3G
         const int m = u >> 3, unit = u & 7;
         float v[8];
 #pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          const int r = r0 + unit * 8 + e;
-          v[e] = (m0 + m < M && r < p.R) ? p.t[static_cast<int64_t>(m0 + m) * p.R + r] : 0.f;
+        for (int e = 0; e < 8; ++e) v[e] = 0.f;
+        if (m0 + m < M) {  // t's split partials summed in a fixed order
+          const float* tp = p.t + static_cast<int64_t>(m0 + m) * p.R;
+          for (int ts = 0; ts < p.t_splits; ++ts, tp += p.t_split_stride)
+#pragma unroll
+            for (int e = 0; e < 8; ++e)
+              if (r0 + unit * 8 + e < p.R) v[e] += tp[r0 + unit * 8 + e];
         }
         uint32_t hi[4], lo[4];
 #pragma unroll
@@ -310,7 +319,7 @@ __global__ void __launch_bounds__(kWaThreads, 2) int3_gemm_wa_kernel(const Int3G
 }
 
 template <typename T, int G, int BT>
-void launch_wa(const Int3GemmParams& p, cudaStream_t stream) {
+void launch_wa(const Int3GemmParams& p, bool programmatic, cudaStream_t stream) {
   static bool attr_done[64] = {false};
   const int dev = c10::cuda::current_device();
   auto kern = int3_gemm_wa_kernel<T, G, BT>;
@@ -319,31 +328,30 @@ void launch_wa(const Int3GemmParams& p, cudaStream_t stream) {
     attr_done[dev] = true;
   }
   const dim3 grid((p.M + BT - 1) / BT, (p.N + kWaBN - 1) / kWaBN, p.splits);
-  kern<<<grid, kWaThreads, WaTile<BT>::Smem, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_programmatic_if(kern, grid, dim3(kWaThreads), WaTile<BT>::Smem, programmatic, stream, p);
 }
 
 template <typename T, int G>
-void launch_wa_bt(const Int3GemmParams& p, cudaStream_t stream) {
+void launch_wa_bt(const Int3GemmParams& p, bool programmatic, cudaStream_t stream) {
   switch (wa_bt(p.M)) {
     case 16:
-      return launch_wa<T, G, 16>(p, stream);
+      return launch_wa<T, G, 16>(p, programmatic, stream);
     case 32:
-      return launch_wa<T, G, 32>(p, stream);
+      return launch_wa<T, G, 32>(p, programmatic, stream);
     default:
-      return launch_wa<T, G, 64>(p, stream);
+      return launch_wa<T, G, 64>(p, programmatic, stream);
   }
 }
 
 template <typename T>
-void launch_wa_group(int group, const Int3GemmParams& p, cudaStream_t stream) {
+void launch_wa_group(int group, const Int3GemmParams& p, bool programmatic, cudaStream_t stream) {
   switch (group) {
     case 32:
-      return launch_wa_bt<T, 32>(p, stream);
+      return launch_wa_bt<T, 32>(p, programmatic, stream);
     case 64:
-      return launch_wa_bt<T, 64>(p, stream);
+      return launch_wa_bt<T, 64>(p, programmatic, stream);
     case 128:
-      return launch_wa_bt<T, 128>(p, stream);
+      return launch_wa_bt<T, 128>(p, programmatic, stream);
     default:
       TORCH_CHECK(false, "int3_linear: tile 7 is built for group sizes 32, 64 and 128, not ", group);
   }
@@ -366,12 +374,12 @@ std::pair<int, int> int3_gemm_wa_splits(int M, int N, int K, int sms, int forced
   return {(stages + sps - 1) / sps, sps};
 }
 
-void launch_int3_gemm_wa(int dtype, int group, const Int3GemmParams& p, cudaStream_t stream) {
+void launch_int3_gemm_wa(int dtype, int group, const Int3GemmParams& p, bool programmatic, cudaStream_t stream) {
   TORCH_CHECK(p.K % kWaBK == 0 && p.N % 8 == 0, "int3_linear: tile 7 needs K % 128 == 0 and N % 8 == 0");
   if (dtype == 0)
-    launch_wa_group<half>(group, p, stream);
+    launch_wa_group<half>(group, p, programmatic, stream);
   else
-    launch_wa_group<__nv_bfloat16>(group, p, stream);
+    launch_wa_group<__nv_bfloat16>(group, p, programmatic, stream);
 }
 
 }  // namespace milo

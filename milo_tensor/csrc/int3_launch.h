@@ -46,13 +46,14 @@ void launch_int3_gemm(int dtype, int mt, int group, const Int3GemmParams& p, int
                       bool programmatic, cudaStream_t stream);
 
 // Tile 7 (int3_gemm_wa.cu): the dense op's y = x @ deq(Q)^T + t @ ut (+ bias) with the weight dequantized
-// into the mma's A registers, 128 output columns and 16 / 32 / 64 rows of x per block (p.tiles == nullptr,
-// p.t one [M, R] array). int3_gemm_wa_splits: (splits, stages per split) for a shape (forced > 0: that
+// into the mma's A registers, 128 output columns and 16 / 32 / 64 rows of x per block (p.tiles == nullptr;
+// t the sum of p.t_splits partials). programmatic: launched with programmatic stream serialization after
+// the kernel computing p.t (it waits for t before its low-rank epilogue). int3_gemm_wa_splits: (splits, stages per split) for a shape (forced > 0: that
 // many splits); with splits > 1 the kernel needs p.ws (fp32 [splits, M, N]) and p.counters (int
 // [int3_gemm_wa_tiles], zeroed before the launch).
 std::pair<int, int> int3_gemm_wa_splits(int M, int N, int K, int sms, int forced);
 int int3_gemm_wa_tiles(int M, int N);
-void launch_int3_gemm_wa(int dtype, int group, const Int3GemmParams& p, cudaStream_t stream);
+void launch_int3_gemm_wa(int dtype, int group, const Int3GemmParams& p, bool programmatic, cudaStream_t stream);
 
 // Decode path (int3_gemv.cu): tensor-core kernel with the weight as the mma A operand, for tiles of
 // at most kInt3GemvMaxRows rows of x; grid (ceil(N / BR), row_blocks), BR = 16..128 columns per block

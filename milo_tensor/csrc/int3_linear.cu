@@ -614,7 +614,8 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   if (tile7) {
     std::tie(p.splits, p.stages_per_split) = int3_gemm_wa_splits(M, N, K, dinfo.sms, env_int("MILO_INT3_SPLITS", 0));
     alloc_split_ws(p.splits, int3_gemm_wa_tiles(M, N));
-    launch_int3_gemm_wa(xt == at::kHalf ? 0 : 1, G, p, stream);
+    if (rows_t) launch_rows_t(false);  // directly before the matmul kernel in the stream (after the memset)
+    launch_int3_gemm_wa(xt == at::kHalf ? 0 : 1, G, p, rows_t && programmatic_after_t(R, dinfo), stream);
     return y.reshape(out_shape);
   }
   // the 16 x 64 tile up to 16 rows, and past that where N is small (more blocks); else 32 x 64 (2 blocks
