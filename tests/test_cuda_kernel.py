@@ -260,7 +260,8 @@ def test_programmatic_launch_waits_for_t(monkeypatch, cfg, pdl, M, N, K, R):
     to the serialized launch. With the decode kernel's wait removed (H100, 2026-11-25 08:15 and 10:27
     UTC) the two small-t decode cases failed; the K=14336, R=512 case (448 t blocks) passed: there the
     decode kernel did not start before t finished, so it checks correctness, not the wait. cfg 7: tile 7
-    at every M (the decode kernel off), t from the rows kernel up to 16 rows and 128 ranks."""
+    at every M (the decode kernel off; its t comes from cuBLAS, launched normally: the rows kernel with
+    the programmatic launch made it slower, H100 2026-12-06); its wait is tested in the grouped op."""
     if cfg == "7":
         monkeypatch.setenv("MILO_INT3_CFG", "7")
         monkeypatch.setenv("MILO_INT3_GEMV_MAX_M", "0")
