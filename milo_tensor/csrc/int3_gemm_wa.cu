@@ -1,5 +1,5 @@
-// Tensor-core GEMM with the weight as the mma A operand, dequantized in registers (the dense op's tile 7,
-// forced with MILO_INT3_CFG=7 while it is measured):
+// Tensor-core GEMM with the weight as the mma A operand, dequantized in registers (the dense op's tile 7;
+// int3_linear.cu says where it runs by default, MILO_INT3_CFG=7 forces it):
 //
 //   y[M, N] = x[M, K] @ deq(Q)[N, K]^T + t[M, R] @ ut[R, N] (+ bias),
 //   deq(Q)[n, k] = (code - zeros[n, k / G]) * scales[n, k / G],  t = x @ V^T (fp32, computed before)
@@ -58,13 +58,6 @@ __device__ __forceinline__ uint32_t swz256(int row, int unit) {
 // the same in a tile of 128-byte rows (8 units)
 __device__ __forceinline__ uint32_t swz128(int row, int unit) {
   return static_cast<uint32_t>(row * 128 + ((unit ^ (row & 7)) << 4));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
 }
 
 __device__ __forceinline__ uint2 lds64(uint32_t addr) {
