@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # First GPU run of branch tile7-grouped (one device call, ~6-8 min; carry .whl): build, GPU tests, memcheck,
 # then the grouped op with tile 7 forced against its default tiles, tile 7's split rule against forced
-# splits, and tile 7 against the dense default past 16 rows. Results under $OUT (logs.tgz).
+# splits (2 and 7: what main's rule takes at 14336x4096 / 4096x14336 M=32), and tile 7 against the dense
+# default past 16 rows. Results under $OUT (logs.tgz).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -21,7 +22,7 @@ for c in 0 7; do
   MILO_INT3_GROUPED_CFG=$c timeout 150 python3 benchmarks/bench_moe.py --methods milo-grouped --ms 8,32,128,512 > "$OUT/moe_cfg$c.log" 2>&1
   grep -E "^==|M=" "$OUT/moe_cfg$c.log" | sed "s/^/cfg$c /"; echo "moe cfg $c [$(el)s]"
 done
-MILO_INT3_CFG=7 timeout 100 python3 benchmarks/bench_kernel.py --sweep MILO_INT3_SPLITS=-,1,2,4,8 --sweep-ranks 0 \
+MILO_INT3_CFG=7 timeout 100 python3 benchmarks/bench_kernel.py --sweep MILO_INT3_SPLITS=-,1,2,4,7,8 --sweep-ranks 0 \
   --shapes 14336x4096,4096x14336 --ms 16,32,64 > "$OUT/sw_splits.md" 2>&1; grep "^|" "$OUT/sw_splits.md"
 echo "splits [$(el)s]"
 MILO_INT3_FUSED_MAX_M=4096 timeout 120 python3 benchmarks/bench_kernel.py --sweep MILO_INT3_CFG=-,7 --sweep-ranks 0,32 \
