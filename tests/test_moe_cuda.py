@@ -158,10 +158,11 @@ def test_grouped_random(E, N, K, rows, R, g, dtype, kind, i):
     check(x, counts, routing_offsets(counts, rows, off_dtype), experts, g)
 
 
-@pytest.mark.parametrize("cfg", ["1", "2", "3", "4"])
+@pytest.mark.parametrize("cfg", ["1", "2", "3", "4", "7"])
 @pytest.mark.parametrize("splits", ["0", "1", "3"])
 def test_grouped_tile_configs(monkeypatch, cfg, splits):
-    """Every tile height and split-K setting on one routing (the host picks them from shapes)."""
+    """Every tile height and split-K setting on one routing (the host picks them from shapes); 7: tile 7
+    (the weight as the mma A operand) with 32-row tiles."""
     monkeypatch.setenv("MILO_INT3_GROUPED_CFG", cfg)
     monkeypatch.setenv("MILO_INT3_SPLITS", splits)
     rnd = random.Random(int(cfg) * 10 + int(splits))
@@ -212,7 +213,7 @@ def test_grouped_gemv_spare_warps(monkeypatch, wk, rows, g, dtype):
 
 @pytest.mark.parametrize("pdl", ["0", "1"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("kernel", ["decode", "tensor-core"])
+@pytest.mark.parametrize("kernel", ["decode", "tensor-core", "tile7"])
 def test_grouped_decode_waits_for_t(monkeypatch, pdl, dtype, kernel):
     """Decode routing (about one row per expert): a t kernel (the rows kernel before the decode kernel,
     the tiled one before the tensor-core kernel), then the matmul kernel launched programmatically
@@ -222,8 +223,8 @@ def test_grouped_decode_waits_for_t(monkeypatch, pdl, dtype, kernel):
     reference and bit-equal to the serialized launch."""
     monkeypatch.setenv("MILO_INT3_TEST_T_DELAY_NS", "200000")
     monkeypatch.setenv("MILO_INT3_PDL", pdl)
-    if kernel == "tensor-core":
-        monkeypatch.setenv("MILO_INT3_GROUPED_CFG", "1")
+    if kernel != "decode":
+        monkeypatch.setenv("MILO_INT3_GROUPED_CFG", "1" if kernel == "tensor-core" else "7")
     rnd = random.Random(17)
     gen = torch.Generator(device="cuda").manual_seed(17 + int(pdl))
     E, N, K, rows = 8, 64, 2048, 6
@@ -264,6 +265,43 @@ def test_grouped_gathered_gated_input(monkeypatch, gemv_rows, lookup, E, K, acti
         x_rows[rnd.randrange(rows)], x_rows[rnd.randrange(rows)] = -1, tokens + 3
         kw["x_rows"] = x_rows.to(rows_dtype)
     check(x, counts, routing_offsets(counts, rows), experts, 64, **kw)
+
+
+@pytest.mark.parametrize("rows,kind", [(12, "uniform"), (40, "sentinel"), (200, "uniform"), (200, "one_expert"),
+                                       (700, "uniform"), (700, "sparse")])
+@pytest.mark.parametrize("g,dtype", [(64, torch.float16), (128, torch.bfloat16), (32, torch.bfloat16)])
+@pytest.mark.parametrize("splits", ["0", "5"])
+def test_grouped_tile7(monkeypatch, rows, kind, g, dtype, splits):
+    """Tile 7 in the grouped op (MILO_INT3_GROUPED_CFG=7): 16-row tiles (12 and 40 rows over 8 experts),
+    32-row (200) and 64-row (700; experts of several tiles, the last one partial), one expert taking every
+    row, most experts empty, sentinel rows; ragged ranks (one expert with none), N not a multiple of 128,
+    x offset from zero, split-K by the rule and forced to 5 (uneven)."""
+    monkeypatch.setenv("MILO_INT3_GROUPED_CFG", "7")
+    monkeypatch.setenv("MILO_INT3_SPLITS", splits)
+    seed = zlib.crc32(repr((rows, kind, g, str(dtype), splits)).encode())
+    rnd = random.Random(seed)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    E, N, K = 8, 648, 1536
+    experts = make_experts(E, N, K, [32, 0, 16, 100, 8, 32, 64, 4], g, dtype, gen)
+    counts = random_counts(rnd, E, rows, kind)
+    x = (torch.randn(rows, K, device="cuda", generator=gen) + 1.0).to(dtype)
+    check(x, counts, routing_offsets(counts, rows), experts, g)
+
+
+@pytest.mark.parametrize("activation", ["none", "silu_mul"])
+def test_grouped_tile7_gathered_gated_input(monkeypatch, activation):
+    """Tile 7 takes the materialized input: rows gathered by x_rows (two outside the tokens: zero rows)
+    and gated with silu(gate) * up."""
+    monkeypatch.setenv("MILO_INT3_GROUPED_CFG", "7")
+    gen = torch.Generator(device="cuda").manual_seed(31 + len(activation))
+    rnd = random.Random(31)
+    E, N, K, tokens, rows = 8, 520, 1024, 40, 90
+    experts = make_experts(E, N, K, [16, 0, 32, 16, 8, 32, 0, 4], 64, torch.bfloat16, gen)
+    counts = random_counts(rnd, E, rows - 2, "uniform")
+    x = (torch.randn(tokens, 2 * K if activation == "silu_mul" else K, device="cuda", generator=gen) * 2).to(torch.bfloat16)
+    x_rows = torch.randint(0, tokens, (rows,), device="cuda", generator=gen)
+    x_rows[3], x_rows[50] = -1, tokens + 3
+    check(x, counts, routing_offsets(counts, rows), experts, 64, x_rows=x_rows, activation=activation)
 
 
 def test_grouped_all_empty():
@@ -513,6 +551,8 @@ def _sanitize_main():
         (8, 512, 4096, 3, 16, 64, torch.bfloat16, "uniform", "0", "0"),  # the decode kernel
         (8, 512, 2048, 48, 16, 64, torch.float16, "uniform", "1", "0"),  # 16-row tiles, 6 rows per expert
         (8, 512, 4608, 20, 16, 128, torch.float16, "uniform", "0", "0"),  # 4-row decode tiles, slices prefetched
+        (8, 648, 1024, 200, 32, 64, torch.bfloat16, "sentinel", "7", "3"),  # tile 7, 32-row tiles, split-K
+        (8, 520, 512, 700, 16, 32, torch.float16, "uniform", "7", "0"),  # tile 7, 64-row tiles
     ]
     os.environ["MILO_INT3_GROUPED_GEMV_MAX_ROWS"] = "4"  # the decode kernel up to 4 rows per busy expert
     for n, (E, N, K, rows, R, g, dt, kind, cfg, splits) in enumerate(cases):

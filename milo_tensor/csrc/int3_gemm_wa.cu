@@ -23,7 +23,9 @@
 // bytes, codes: 128 x 48 bytes). Scales and zeros: a lane's two rows and chunk, read from global memory a
 // stage ahead. Split-K over blockIdx.z where the blocks do not fill the GPU, reduced by the last split to
 // arrive at a tile (fixed order); the low-rank term by mma in the epilogue (U^T chunk as A by transposed
-// ldmatrix, t as B in hi + lo halves), y staged in shared memory and written in 16-byte rows.
+// ldmatrix, t as B in hi + lo halves; t's split partials from the rows kernel summed there, after
+// griddepcontrol.wait when launched programmatically behind it), y staged in shared memory and written
+// in 16-byte rows.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/util/Exception.h>
@@ -36,7 +38,7 @@
 namespace milo {
 namespace {
 
-constexpr int kWaBN = 128, kWaBK = 128, kWaStages = 4, kWaThreads = 256;
+constexpr int kWaBN = kInt3WaBN, kWaBK = 128, kWaStages = 4, kWaThreads = 256;
 constexpr int kWaQRow = kWaBK * 3 / 8;  // 48 bytes of codes per weight row and stage
 constexpr int kWaMinStagesPerSplit = 4;  // 512 k
 
@@ -49,7 +51,6 @@ struct WaTile {
   static constexpr int Smem = kWaStages * StageBytes;        // 88 KB at BT = 64
 };
 
-int wa_bt(int M) { return M <= 16 ? 16 : (M <= 32 ? 32 : 64); }
 
 // byte offset of 16-byte unit `unit` of row `row` in a tile of 256-byte rows (16 units)
 __device__ __forceinline__ uint32_t swz256(int row, int unit) {
@@ -105,11 +106,25 @@ __global__ void __launch_bounds__(kWaThreads, 2) int3_gemm_wa_kernel(const Int3G
   const uint8_t* __restrict__ q = reinterpret_cast<const uint8_t*>(p.q);
   const T* __restrict__ scales = static_cast<const T*>(p.scales);
   const T* __restrict__ zeros = static_cast<const T*>(p.zeros);
+  const T* __restrict__ ut = static_cast<const T*>(p.ut);
   const int M = p.M, N = p.N, K = p.K;
+  // rows m0 .. m_end - 1 of x and y: row block blockIdx.x of the dense op, or the grouped op's listed tile
+  // (an expert's rows; its weights at the expert's strides; expert < 0: an unused slot)
+  int m0 = blockIdx.x * BT, m_end = M;
+  if (p.tiles != nullptr) {
+    const int4 tile = p.tiles[blockIdx.x];
+    if (tile.x < 0) return;
+    m0 = tile.y;
+    m_end = tile.z;
+    q += tile.x * p.q_estride * 4;
+    scales += tile.x * p.s_estride;
+    zeros += tile.x * p.s_estride;
+    if (ut != nullptr) ut += tile.x * p.ut_estride;
+  }
   extern __shared__ __align__(16) uint8_t smem[];
   const uint32_t s_base = smem_u32(smem);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-  const int m0 = blockIdx.x * BT, n0 = blockIdx.y * kWaBN;
+  const int n0 = blockIdx.y * kWaBN;
   const int st0 = blockIdx.z * p.stages_per_split;  // split z: stages st0 .. st0 + stages - 1
   const int stages = min(K / kWaBK - st0, p.stages_per_split);
   const int64_t q_row_bytes = K * 3 / 8;
@@ -121,8 +136,8 @@ __global__ void __launch_bounds__(kWaThreads, 2) int3_gemm_wa_kernel(const Int3G
 #pragma unroll
     for (int i = 0; i < BT * 16 / kWaThreads; ++i) {
       const int u = tid + i * kWaThreads, row = u >> 4, unit = u & 15;
-      const bool ok = m0 + row < M;
-      const T* src = ok ? x + static_cast<int64_t>(m0 + row) * K + (st0 + st) * kWaBK + unit * 8 : x;
+      const bool ok = m0 + row < m_end;
+      const T* src = ok ? x + static_cast<int64_t>(m0 + row) * p.ldx + (st0 + st) * kWaBK + unit * 8 : x;
       cp_async16_zfill(sb + swz256(row, unit), src, ok);
     }
 #pragma unroll
@@ -203,7 +218,7 @@ __global__ void __launch_bounds__(kWaThreads, 2) int3_gemm_wa_kernel(const Int3G
   };
   auto for_each_acc = [&](auto&& f) {
     for_each_frag([&](int j, int h, int e, int row, int col) {
-      if (m0 + row < M && n0 + col < N) f(j, h, e, m0 + row, n0 + col);
+      if (m0 + row < m_end && n0 + col < N) f(j, h, e, m0 + row, n0 + col);
     });
   };
 
@@ -229,7 +244,9 @@ __global__ void __launch_bounds__(kWaThreads, 2) int3_gemm_wa_kernel(const Int3G
   // low-rank term, per 64-rank chunk: y^T[tile] += U[tile, chunk] t[:, chunk]^T by mma with A = U (from ut's
   // chunk rows by transposed ldmatrix) and B = t's rows (hi and lo halves), all staged in the freed ring
   if (p.R > 0) {
-    const T* __restrict__ ut = static_cast<const T*>(p.ut);
+    // launched programmatically after the kernel computing t (sm_90), this block may have streamed its
+    // weights while t was in flight: wait for it here (returns at once after a normal launch)
+    grid_dep_wait();
     const uint32_t s_ut = s_base, s_thi = s_base + 64 * 256, s_tlo = s_thi + BT * 128;
     uint8_t* const thi = smem + 64 * 256;
     uint8_t* const tlo = thi + BT * 128;
@@ -247,9 +264,13 @@ __global__ void __launch_bounds__(kWaThreads, 2) int3_gemm_wa_kernel(const Int3G
         const int m = u >> 3, unit = u & 7;
         float v[8];
 #pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          const int r = r0 + unit * 8 + e;
-          v[e] = (m0 + m < M && r < p.R) ? p.t[static_cast<int64_t>(m0 + m) * p.R + r] : 0.f;
+        for (int e = 0; e < 8; ++e) v[e] = 0.f;
+        if (m0 + m < m_end) {  // t's split partials summed in a fixed order
+          const float* tp = p.t + static_cast<int64_t>(m0 + m) * p.R;
+          for (int ts = 0; ts < p.t_splits; ++ts, tp += p.t_split_stride)
+#pragma unroll
+            for (int e = 0; e < 8; ++e)
+              if (r0 + unit * 8 + e < p.R) v[e] += tp[r0 + unit * 8 + e];
         }
         uint32_t hi[4], lo[4];
 #pragma unroll
@@ -296,14 +317,14 @@ __global__ void __launch_bounds__(kWaThreads, 2) int3_gemm_wa_kernel(const Int3G
   T* __restrict__ y = static_cast<T*>(p.y);
   for (int u = tid; u < BT * 16; u += kWaThreads) {
     const int row = u >> 4, unit = u & 15;
-    if (m0 + row < M && n0 + unit * 8 < N)
+    if (m0 + row < m_end && n0 + unit * 8 < N)
       *reinterpret_cast<uint4*>(y + static_cast<int64_t>(m0 + row) * N + n0 + unit * 8) =
           *reinterpret_cast<const uint4*>(smem + swz256(row, unit));
   }
 }
 
 template <typename T, int G, int BT>
-void launch_wa(const Int3GemmParams& p, cudaStream_t stream) {
+void launch_wa(const Int3GemmParams& p, int row_blocks, bool programmatic, cudaStream_t stream) {
   static bool attr_done[64] = {false};
   const int dev = c10::cuda::current_device();
   auto kern = int3_gemm_wa_kernel<T, G, BT>;
@@ -311,32 +332,34 @@ void launch_wa(const Int3GemmParams& p, cudaStream_t stream) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, WaTile<BT>::Smem));
     attr_done[dev] = true;
   }
-  const dim3 grid((p.M + BT - 1) / BT, (p.N + kWaBN - 1) / kWaBN, p.splits);
-  kern<<<grid, kWaThreads, WaTile<BT>::Smem, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const dim3 grid(row_blocks, (p.N + kWaBN - 1) / kWaBN, p.splits);
+  launch_programmatic_if(kern, grid, dim3(kWaThreads), WaTile<BT>::Smem, programmatic, stream, p);
 }
 
 template <typename T, int G>
-void launch_wa_bt(const Int3GemmParams& p, cudaStream_t stream) {
-  switch (wa_bt(p.M)) {
+void launch_wa_bt(int bt, int row_blocks, const Int3GemmParams& p, bool programmatic, cudaStream_t stream) {
+  switch (bt) {
     case 16:
-      return launch_wa<T, G, 16>(p, stream);
+      return launch_wa<T, G, 16>(p, row_blocks, programmatic, stream);
     case 32:
-      return launch_wa<T, G, 32>(p, stream);
+      return launch_wa<T, G, 32>(p, row_blocks, programmatic, stream);
+    case 64:
+      return launch_wa<T, G, 64>(p, row_blocks, programmatic, stream);
     default:
-      return launch_wa<T, G, 64>(p, stream);
+      TORCH_CHECK(false, "int3_linear: tile 7 takes 16, 32 or 64 rows of x a block, not ", bt);
   }
 }
 
 template <typename T>
-void launch_wa_group(int group, const Int3GemmParams& p, cudaStream_t stream) {
+void launch_wa_group(int group, int bt, int row_blocks, const Int3GemmParams& p, bool programmatic,
+                     cudaStream_t stream) {
   switch (group) {
     case 32:
-      return launch_wa_bt<T, 32>(p, stream);
+      return launch_wa_bt<T, 32>(bt, row_blocks, p, programmatic, stream);
     case 64:
-      return launch_wa_bt<T, 64>(p, stream);
+      return launch_wa_bt<T, 64>(bt, row_blocks, p, programmatic, stream);
     case 128:
-      return launch_wa_bt<T, 128>(p, stream);
+      return launch_wa_bt<T, 128>(bt, row_blocks, p, programmatic, stream);
     default:
       TORCH_CHECK(false, "int3_linear: tile 7 is built for group sizes 32, 64 and 128, not ", group);
   }
@@ -344,27 +367,38 @@ void launch_wa_group(int group, const Int3GemmParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-int int3_gemm_wa_tiles(int M, int N) {
-  const int bt = wa_bt(M);
-  return ((M + bt - 1) / bt) * ((N + kWaBN - 1) / kWaBN);
-}
+int int3_gemm_wa_bt(int rows) { return rows <= 16 ? 16 : (rows <= 32 ? 32 : 64); }
 
-std::pair<int, int> int3_gemm_wa_splits(int M, int N, int K, int sms, int forced) {
-  const int tiles = int3_gemm_wa_tiles(M, N), stages = K / kWaBK;
-  // the fewest splits that give about 3 of every 4 slots of 2 blocks per SM a block (H100 2026-12-06:
-  // splitting 14336x4096 M=16 seven ways, 784 blocks, ran more split prologues and reductions than it saved)
-  const int want = forced > 0 ? forced : (3 * 2 * sms / 4 + tiles - 1) / tiles;
-  const int splits = std::max(1, std::min(want, forced > 0 ? stages : stages / kWaMinStagesPerSplit));
+std::pair<int, int> int3_gemm_wa_splits(int tiles, int K, int sms, int forced) {
+  const int stages = K / kWaBK;
+  // the splits that minimize the stages the busiest SM runs, ceil(blocks / SMs) x stages per split, with at
+  // most 2 blocks per SM (one wave) and ties to the fewest (each split writes and re-reads M x N fp32
+  // partials). A second co-resident block does not add throughput: H100 2026-12-06, bench_kernel.py
+  // --sweep MILO_INT3_SPLITS under MILO_INT3_CFG=7, us at M = 32 / 64: 14336x4096 (112 tiles, 32 stages)
+  // 1 split 42.4 / 67.7, 2 splits 47.5 / 81.9, 8 splits 56.1 / 99.7; 4096x14336 (32 tiles, 112 stages) 4
+  // splits 46.8 / 80.4, 8 splits 43.3 / 85.3, 6 splits 55.3 / 102.3. The earlier rule (about 3 of 4 slots
+  // of 2 per SM) took 2 and 7 splits there: 47.4 / 80.7 and 52.4 / 95.9.
+  int splits = 1;
+  if (forced > 0) {
+    splits = std::min(forced, stages);
+  } else {
+    int64_t best = -1;
+    for (int s = 1; s <= std::max(1, stages / kWaMinStagesPerSplit) && int64_t{tiles} * s <= 2LL * sms; ++s) {
+      const int64_t cost = ((int64_t{tiles} * s + sms - 1) / sms) * ((stages + s - 1) / s);
+      if (best < 0 || cost < best) best = cost, splits = s;
+    }
+  }
   const int sps = (stages + splits - 1) / splits;
   return {(stages + sps - 1) / sps, sps};
 }
 
-void launch_int3_gemm_wa(int dtype, int group, const Int3GemmParams& p, cudaStream_t stream) {
+void launch_int3_gemm_wa(int dtype, int group, int bt, int row_blocks, const Int3GemmParams& p, bool programmatic,
+                         cudaStream_t stream) {
   TORCH_CHECK(p.K % kWaBK == 0 && p.N % 8 == 0, "int3_linear: tile 7 needs K % 128 == 0 and N % 8 == 0");
   if (dtype == 0)
-    launch_wa_group<half>(group, p, stream);
+    launch_wa_group<half>(group, bt, row_blocks, p, programmatic, stream);
   else
-    launch_wa_group<__nv_bfloat16>(group, p, stream);
+    launch_wa_group<__nv_bfloat16>(group, bt, row_blocks, p, programmatic, stream);
 }
 
 }  // namespace milo

@@ -45,14 +45,19 @@ int int3_cfg_bm(int cfg);
 void launch_int3_gemm(int dtype, int mt, int group, const Int3GemmParams& p, int n_tiles, int m_blocks,
                       bool programmatic, cudaStream_t stream);
 
-// Tile 7 (int3_gemm_wa.cu): the dense op's y = x @ deq(Q)^T + t @ ut (+ bias) with the weight dequantized
-// into the mma's A registers, 128 output columns and 16 / 32 / 64 rows of x per block (p.tiles == nullptr,
-// p.t one [M, R] array). int3_gemm_wa_splits: (splits, stages per split) for a shape (forced > 0: that
-// many splits); with splits > 1 the kernel needs p.ws (fp32 [splits, M, N]) and p.counters (int
-// [int3_gemm_wa_tiles], zeroed before the launch).
-std::pair<int, int> int3_gemm_wa_splits(int M, int N, int K, int sms, int forced);
-int int3_gemm_wa_tiles(int M, int N);
-void launch_int3_gemm_wa(int dtype, int group, const Int3GemmParams& p, cudaStream_t stream);
+// Tile 7 (int3_gemm_wa.cu): y = x @ deq(Q)^T + t @ ut (+ bias) with the weight dequantized into the mma's
+// A registers, 128 output columns and 16 / 32 / 64 rows of x per block: the dense op's row blocks, or the
+// grouped op's listed tiles (p.tiles, per-expert strides; x rows p.ldx apart). t is the sum of p.t_splits
+// partials. programmatic: launched with programmatic stream serialization after the kernel computing p.t
+// (it waits for t before its low-rank epilogue). With splits > 1 the kernel needs p.ws (fp32 [splits, M,
+// N]) and p.counters (int [row_blocks x column tiles], zeroed before the launch).
+int int3_gemm_wa_bt(int rows);      // rows of x a block: 16, 32 or 64, for `rows` rows (per expert)
+constexpr int kInt3WaBN = 128;     // output columns a block
+// (splits, stages per split) for `tiles` blocks of K (forced > 0: that many splits)
+std::pair<int, int> int3_gemm_wa_splits(int tiles, int K, int sms, int forced);
+// grid (row_blocks, column tiles, p.splits); p.tiles != nullptr: row block i is the listed tile i
+void launch_int3_gemm_wa(int dtype, int group, int bt, int row_blocks, const Int3GemmParams& p, bool programmatic,
+                         cudaStream_t stream);
 
 // Decode path (int3_gemv.cu): tensor-core kernel with the weight as the mma A operand, for tiles of
 // at most kInt3GemvMaxRows rows of x; grid (ceil(N / BR), row_blocks), BR = 16..128 columns per block

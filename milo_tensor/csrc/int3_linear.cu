@@ -557,7 +557,9 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   // programmatically right after it (sm_90), streams its weights while t is computed and waits for t
   // only in its epilogue. H100, bench_kernel.py M=16 R=32 (2026-11-25): 14336x4096 47.6 -> 43.4 us,
   // 4096x4096 26.4 -> 23.3, 1408x2048 17.6 -> 14.6, but 4096x14336 46.9 -> 49.7 (every warp of the rows
-  // kernel re-reads its 4 rows of x over the long K), hence the K limit; R above 128 not measured.
+  // kernel re-reads its 4 rows of x over the long K), hence the K limit; R above 128 not measured. Tile 7
+  // behind the rows kernel (programmatic) was slower than with cuBLAS's t (H100 2026-12-06, 14336x4096 R=32
+  // M=9 / 16: 44.6 / 52.8 us against tile 1's 39.3 / 40.3).
   constexpr int kRowsTMaxR = 128, kRowsTMaxK = 8192;
   const bool rows_t = R > 0 && (use_gemv || (!tile7 && M <= 16 && R <= kRowsTMaxR && K <= kRowsTMaxK));
   at::Tensor uta, tt, va;
@@ -612,9 +614,13 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
     C10_CUDA_CHECK(cudaMemsetAsync(p.counters, 0, n_counters * sizeof(int), stream));
   };
   if (tile7) {
-    std::tie(p.splits, p.stages_per_split) = int3_gemm_wa_splits(M, N, K, dinfo.sms, env_int("MILO_INT3_SPLITS", 0));
-    alloc_split_ws(p.splits, int3_gemm_wa_tiles(M, N));
-    launch_int3_gemm_wa(xt == at::kHalf ? 0 : 1, G, p, stream);
+    const int bt = int3_gemm_wa_bt(M), row_blocks = (M + bt - 1) / bt;
+    const int wa_tiles = row_blocks * ((N + kInt3WaBN - 1) / kInt3WaBN);
+    std::tie(p.splits, p.stages_per_split) = int3_gemm_wa_splits(wa_tiles, K, dinfo.sms, env_int("MILO_INT3_SPLITS", 0));
+    alloc_split_ws(p.splits, wa_tiles);
+    if (rows_t) launch_rows_t(false);  // directly before the matmul kernel in the stream (after the memset)
+    launch_int3_gemm_wa(xt == at::kHalf ? 0 : 1, G, bt, row_blocks, p, rows_t && programmatic_after_t(R, dinfo),
+                        stream);
     return y.reshape(out_shape);
   }
   // the 16 x 64 tile up to 16 rows, and past that where N is small (more blocks); else 32 x 64 (2 blocks
@@ -850,8 +856,8 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   const int busy = std::max(1, std::min(E, rows));
   const int mean_rows = (rows + busy - 1) / busy;
   int cfg = mean_rows <= 16 ? 1 : (mean_rows <= 32 ? 2 : 4);
-  const int forced = forced_cfg("MILO_INT3_GROUPED_CFG");
-  if (forced) cfg = forced;
+  const int forced = env_int("MILO_INT3_GROUPED_CFG", 0) == 7 ? 7 : forced_cfg("MILO_INT3_GROUPED_CFG");
+  if (forced && forced != 7) cfg = forced;
   // decode (up to 4 rows per busy expert): the decode kernel on tiles of at most 2 rows (4 when the mean
   // is above 1; an expert past 4 rows takes several tiles). H100, bench_moe.py: Mixtral-shaped M=8 (2 rows
   // per expert) 533 us vs 730 with the mma tiles; 2026-12-06, up to 4 rows instead of 2: Mixtral-shaped M=16
@@ -862,7 +868,10 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   const bool use_gemv = forced == 0 && K % 128 == 0 &&
                         mean_rows <= env_int("MILO_INT3_GROUPED_GEMV_MAX_ROWS", 4);
   const int gemv_bm = mean_rows <= 1 ? 2 : kTRows;
-  const int bm = use_gemv ? gemv_bm : int3_cfg_bm(cfg), bn = int3_cfg_bn(cfg, G);
+  // tile 7 (the weight as the mma A operand, int3_gemm_wa.cu) on the tensor-core path: MILO_INT3_GROUPED_CFG=7
+  const bool tile7 = !use_gemv && forced == 7;
+  const int bm = use_gemv ? gemv_bm : (tile7 ? int3_gemm_wa_bt(mean_rows) : int3_cfg_bm(cfg));
+  const int bn = tile7 ? kInt3WaBN : int3_cfg_bn(cfg, G);
   const int n_slots = (rows + bm - 1) / bm + busy;
   TORCH_CHECK(n_slots < 65536, "int3_grouped_linear: too many row tiles");
   const int n_tiles = (N + bn - 1) / bn;
@@ -876,8 +885,9 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   if (forced_splits > 0) splits = forced_splits;
   if (use_gemv) splits = 1;
   splits = std::max(1, std::min(splits, total_stages));
-  const int sps = (total_stages + splits - 1) / splits;
+  int sps = (total_stages + splits - 1) / splits;
   splits = (total_stages + sps - 1) / sps;
+  if (tile7) std::tie(splits, sps) = int3_gemm_wa_splits(n_tiles * est, K, dinfo.sms, forced_splits);
 
   const int64_t part_floats = splits > 1 ? static_cast<int64_t>(splits) * rows64 * N64 : 0;
   const int64_t n_counters = splits > 1 ? static_cast<int64_t>(n_slots) * n_tiles : 0;
@@ -994,6 +1004,8 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   }
   if (use_gemv) {
     launch_int3_gemv(xt == at::kHalf ? 0 : 1, G, p, n_slots, bm, glaunch, stream);
+  } else if (tile7) {
+    launch_int3_gemm_wa(xt == at::kHalf ? 0 : 1, G, bm, n_slots, p, programmatic_after_t(R, dinfo), stream);
   } else {
     launch_int3_gemm(xt == at::kHalf ? 0 : 1, cfg, G, p, n_tiles, n_slots, programmatic_after_t(R, dinfo), stream);
   }
