@@ -14,6 +14,7 @@ install; to build the kernels ahead of time on a CUDA machine use
 """
 
 import glob
+import importlib.util
 import os
 
 from setuptools import setup
@@ -33,12 +34,11 @@ def _cuda_extension():
     csrc = os.path.join("milo_tensor", "csrc")
     sources = sorted(glob.glob(os.path.join(here, csrc, "*.cu")))
     sources = [os.path.relpath(s, here) for s in sources] + [os.path.join(csrc, "module.cpp")]
-    spec = os.environ.get("MILO_CUDA_ARCHS", "80;90")
-    archs = [a.strip().replace(".", "") for a in spec.replace(",", ";").split(";") if a.strip()]
-    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
-    if archs:
-        newest = max(archs, key=lambda s: int("".join(ch for ch in s if ch.isdigit()) or 0))
-        gencode.append(f"-gencode=arch=compute_{newest},code=compute_{newest}")
+    # the loader's flags, read from its file (importing the package would import torch's ops first)
+    spec = importlib.util.spec_from_file_location("_milo_cuda_loader", os.path.join(here, "milo_tensor", "ops", "cuda.py"))
+    loader = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loader)
+    gencode = loader.arch_flags()
     ext = CUDAExtension(
         name="milo_tensor._C",
         sources=sources,

@@ -3,8 +3,10 @@ swizzle, each lane's code chunk and scale group, the permuted k order (lane t's 
 of chunk t; its B registers x[row][32t + 4s .. + 3] by one 8-byte load), the mma.m16n8k16 fragment layouts, the
 low-rank epilogue's transposed U loads and t (hi + lo) rows, and the swizzled staging of y — replayed in numpy
 for one split and compared with x @ deq(Q)^T + t @ ut in float64. A wrong lane mapping or k order gives a
-relative error near 1; the kernel's arithmetic gives ~2e-4 (fp16). Run it after changing the kernel's layout,
-before spending device time:
+relative error near 1; the kernel's arithmetic gives ~2e-4 (fp16). Tile 8 (the same kernel with warpgroup MMAs) is
+emulated with run(..., wg=True): x stored in the wgmma's K-major core-matrix layout by its store_x, and B read
+back through the descriptors the kernel builds. Run it after changing the kernel's layout, before spending
+device time:
 
     python scripts/emulate_tile7.py
 """
@@ -52,7 +54,33 @@ def mma(acc, a, b0, b1):
         acc[t] += [C[g, 2*tq], C[g, 2*tq+1], C[g+8, 2*tq], C[g+8, 2*tq+1]]
 
 
-def run(M, N, K, G, dt=np.float16, seed=0, R=0):
+def wgmma_b(XS, start, lbo, sbo, BT):
+    """B (16 k slots x BT) as a wgmma reads a K-major operand without swizzle from the byte-addressed values
+    XS: core matrix (k half e, 8-row group) at start + e lbo + group sbo, row n % 8 at + 16 bytes, slot i at + 2 i."""
+    B = np.zeros((16, BT), XS.dtype)
+    for kap in range(16):
+        for n in range(BT):
+            B[kap, n] = XS[(start + (kap // 8) * lbo + (n // 8) * sbo + (n % 8) * 16 + (kap % 8) * 2) // 2]
+    return B
+
+
+def stage_x_tile8(x, m0, M, st, BT, dt):
+    """Tile 8's store_x: task (row n = task % BT, j = task / BT) loads k 8j + 32u .. + 7 (u = 0..3) and stores,
+    for each word w, words w of the four pieces as one 16-byte core-matrix row at ((4j + w) BT/8 + n/8) 128 + (n%8) 16."""
+    XS = np.zeros(BT * 128, dt)  # BT rows x 256 bytes, as values
+    for task in range(BT * 4):
+        n, j = task % BT, task // BT
+        if m0 + n >= M:
+            continue
+        pieces = [x[m0 + n, st * BK + j * 8 + 32 * u: st * BK + j * 8 + 32 * u + 8] for u in range(4)]
+        for w in range(4):
+            off = (((4 * j + w) * (BT // 8) + (n >> 3)) * 128 + (n & 7) * 16) // 2
+            XS[off: off + 8] = np.concatenate([pc[2 * w: 2 * w + 2] for pc in pieces])
+    return XS
+
+
+def run(M, N, K, G, dt=np.float16, seed=0, R=0, wg=False):
+    """wg: tile 8 (x stored in the wgmma's B layout, B read through the descriptors the kernel builds)."""
     rng = np.random.default_rng(seed)
     codes = torch.from_numpy(rng.integers(0, 8, (N, K))).to(torch.int32)
     qbytes = pack_int3(codes).numpy().view(np.uint8).reshape(N, -1)  # [N, 3K/8]
@@ -61,7 +89,7 @@ def run(M, N, K, G, dt=np.float16, seed=0, R=0):
     x = rng.standard_normal((M, K)).astype(dt)
     ut = (rng.standard_normal((R, N)) * 0.05).astype(dt)
     t32 = (rng.standard_normal((M, R)) * 0.5).astype(np.float32)
-    BT = 16 if M <= 16 else (32 if M <= 32 else 64)
+    BT = (64 if M <= 64 else 128) if wg else (16 if M <= 16 else (32 if M <= 32 else 64))
     NJ = BT // 8
     y = np.zeros((M, N), np.float64)
     for bx in range((M + BT - 1) // BT):
@@ -84,6 +112,7 @@ def run(M, N, K, G, dt=np.float16, seed=0, R=0):
                             if n0 + row < N:
                                 Q[row, part*16:part*16+16] = qbytes[n0+row, st*48 + part*16: st*48 + part*16 + 16]
                 Xflat = X.reshape(BT, 128)
+                XS = stage_x_tile8(x, m0, M, st, BT, dt) if wg else None
                 for warp in range(WARPS):
                     wd, sc, c0 = {}, {}, {}
                     for lane in range(32):
@@ -106,6 +135,14 @@ def run(M, N, K, G, dt=np.float16, seed=0, R=0):
                                 for e in range(2):
                                     q_ = np.float32(wd[lane, h][2 * p + e])
                                     a[lane, reg, e] = (q_ * sc[lane, h] + c0[lane, h]).astype(dt)
+                        if wg:  # one m64nBTk16 per warpgroup: this warp's 16 rows of it, B from the descriptor
+                            B = wgmma_b(XS, 2 * ss * (BT // 8) * 128, (BT // 8) * 128, 128, BT)
+                            for j in range(NJ):
+                                lanes = range(32)
+                                b0 = np.array([B[2 * (l & 3): 2 * (l & 3) + 2, 8 * j + (l >> 2)] for l in lanes])
+                                b1 = np.array([B[2 * (l & 3) + 8: 2 * (l & 3) + 10, 8 * j + (l >> 2)] for l in lanes])
+                                mma(acc[warp, j], a, b0, b1)
+                            continue
                         for j in range(NJ):
                             b0 = np.zeros((32, 2), dt); b1 = np.zeros((32, 2), dt)
                             for lane in range(32):
@@ -153,7 +190,7 @@ def run(M, N, K, G, dt=np.float16, seed=0, R=0):
     wref = (codes.numpy().reshape(N, K // G, G) - z[..., None]) * s[..., None]
     ref = x.astype(np.float64) @ wref.reshape(N, K).T + t32.astype(np.float64) @ ut.astype(np.float64)
     err = np.linalg.norm(y - ref) / np.linalg.norm(ref)
-    print(M, N, K, G, R, dt.__name__, f"rel err {err:.2e}")
+    print(M, N, K, G, R, dt.__name__, "tile 8" if wg else "tile 7", f"rel err {err:.2e}")
     return err
 
 
@@ -162,3 +199,5 @@ if __name__ == "__main__":
     assert run(9, 128, 256, 32) < 3e-3             # BT = 16, two stages, g = 32
     assert run(70, 136, 128, 128) < 3e-3           # BT = 64, two row blocks
     assert run(12, 136, 128, 64, R=100) < 3e-3     # two rank chunks, the second partial
+    assert run(40, 136, 256, 64, wg=True) < 3e-3   # tile 8, BT = 64, a partial row block, two stages
+    assert run(70, 128, 128, 32, R=20, wg=True) < 3e-3  # tile 8, BT = 128

@@ -26,12 +26,25 @@
 // ldmatrix, t as B in hi + lo halves; t's split partials from the rows kernel summed there, after
 // griddepcontrol.wait when launched programmatically behind it), y staged in shared memory and written
 // in 16-byte rows.
+//
+// Tile 8 (WG = true, sm_90a): the same blocks, codes, dequantization, k order and epilogue, with the mmas
+// issued as warpgroup MMAs (wgmma, A from registers, B from shared memory): warps 0-3 and 4-7 are two
+// warpgroups of 64 weight rows, and one m64nBTk16 per k16 step and warpgroup replaces BT / 8 mma.sync per
+// warp. Why: with mma.sync every warp reads all BT rows of x from shared memory for its own 16 weight
+// rows (128 KB a stage at BT = 64, the SM's shared-memory bandwidth for ~1000 cycles), and 8 warps per
+// block leave the mma chain's latency exposed; a wgmma reads B once per warpgroup and runs
+// asynchronously beside the next stage's copies. B must be in the wgmma's canonical layout (core matrices
+// of 8 rows x 8 k), so x takes the k order above on its way into shared memory: each thread loads four
+// 16-byte pieces of a row (k 8j + 32t' .. + 7 for t' = 0..3) into registers a stage ahead and stores,
+// for each of their 4 words w, the words of equal w as one 16-byte core-matrix row (core matrix 4j + w
+// holds k pairs 16t' + 4j + w, i.e. the mma's k slots of step s = 2j + (w >> 1), half w & 1). BT = 64 or 128.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/util/Exception.h>
 
 #include "int3_gemm.cuh"
 #include "int3_launch.h"
+#include "wgmma.cuh"
 
 #include <algorithm>
 
@@ -44,7 +57,7 @@ constexpr int kWaMinStagesPerSplit = 4;  // 512 k
 
 template <int BT>
 struct WaTile {
-  static_assert(BT % 16 == 0 && BT * 16 % kWaThreads == 0, "x rows per block: 16, 32 or 64");
+  static_assert(BT % 16 == 0 && BT * 16 % kWaThreads == 0, "x rows per block: 16, 32, 64 or 128");
   static constexpr int NJ = BT / 8;                          // n8 tiles (8 rows of x each)
   static constexpr int XBytes = BT * kWaBK * 2;              // x of a stage: BT rows of 256 bytes
   static constexpr int StageBytes = XBytes + kWaBN * kWaQRow;  // + 6 KB of codes
@@ -98,10 +111,20 @@ struct WaDequant<half> {
   }
 };
 
-template <typename T, int G, int BT>
-__global__ void __launch_bounds__(kWaThreads, 2) int3_gemm_wa_kernel(const Int3GemmParams p) {
+__device__ __forceinline__ uint4 ldg128(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+template <typename T, int G, int BT, bool WG>
+__global__ void __launch_bounds__(kWaThreads, BT >= 128 ? 1 : 2) int3_gemm_wa_kernel(const Int3GemmParams p) {
   using Tile = WaTile<BT>;
   constexpr int NJ = Tile::NJ;
+  static_assert(!WG || BT == 64 || BT == 128, "tile 8 takes 64 or 128 rows of x a block");
+  if constexpr (WG) {
+    if (!MILO_WGMMA) __trap();  // built without sm_90a: the host launches tile 8 on sm_90 only
+  }
   const T* __restrict__ x = static_cast<const T*>(p.x);
   const uint8_t* __restrict__ q = reinterpret_cast<const uint8_t*>(p.q);
   const T* __restrict__ scales = static_cast<const T*>(p.scales);
@@ -134,7 +157,7 @@ __global__ void __launch_bounds__(kWaThreads, 2) int3_gemm_wa_kernel(const Int3G
   auto load_stage = [&](int st, int buf) {
     const uint32_t sb = s_base + buf * Tile::StageBytes;
 #pragma unroll
-    for (int i = 0; i < BT * 16 / kWaThreads; ++i) {
+    for (int i = 0; i < (WG ? 0 : BT * 16 / kWaThreads); ++i) {
       const int u = tid + i * kWaThreads, row = u >> 4, unit = u & 15;
       const bool ok = m0 + row < m_end;
       const T* src = ok ? x + static_cast<int64_t>(m0 + row) * p.ldx + (st0 + st) * kWaBK + unit * 8 : x;
@@ -172,11 +195,47 @@ __global__ void __launch_bounds__(kWaThreads, 2) int3_gemm_wa_kernel(const Int3G
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
 
+  // tile 8: x of a stage in registers, then stored in the wgmma's B layout (the header): thread task i
+  // is row n = task % BT and j = task / BT (the 8 rows of a quarter warp store one 128-byte core matrix)
+  constexpr int kXTasks = WG ? BT * 4 / kWaThreads : 0;
+  uint4 xr[kXTasks > 0 ? kXTasks : 1][4];
+  auto load_x_regs = [&](int st) {
+#pragma unroll
+    for (int i = 0; i < kXTasks; ++i) {
+      const int task = tid + i * kWaThreads, n = task % BT, j = task / BT;
+      const bool ok = m0 + n < m_end;
+      const T* src = x + static_cast<int64_t>(m0 + n) * p.ldx + (st0 + st) * kWaBK + j * 8;
+#pragma unroll
+      for (int u = 0; u < 4; ++u) xr[i][u] = ok ? ldg128(src + 32 * u) : make_uint4(0u, 0u, 0u, 0u);
+    }
+  };
+  auto store_x = [&](int buf) {
+    uint8_t* const xb = smem + buf * Tile::StageBytes;
+#pragma unroll
+    for (int i = 0; i < kXTasks; ++i) {
+      const int task = tid + i * kWaThreads, n = task % BT, j = task / BT;
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        const auto word = [&](int u) { return reinterpret_cast<const uint32_t*>(&xr[i][u])[w]; };
+        *reinterpret_cast<uint4*>(xb + ((4 * j + w) * (BT / 8) + (n >> 3)) * 128 + (n & 7) * 16) =
+            make_uint4(word(0), word(1), word(2), word(3));
+      }
+    }
+    fence_proxy_async_smem();  // the wgmma reads them through the async proxy (after the next barrier)
+  };
+
   load_scales(0);
 #pragma unroll
   for (int s = 0; s < kWaStages - 1; ++s) {
     if (s < stages) load_stage(s, s);
     cp_async_commit();
+  }
+  if constexpr (WG) {
+    if (stages > 0) {
+      load_x_regs(0);
+      store_x(0);
+    }
+    if (stages > 1) load_x_regs(1);
   }
   for (int st = 0; st < stages; ++st) {
     cp_async_wait<kWaStages - 2>();  // stage st landed
@@ -190,20 +249,42 @@ __global__ void __launch_bounds__(kWaThreads, 2) int3_gemm_wa_kernel(const Int3G
     const WaDequant<T> d0(sc[0], -zc[0] * sc[0]), d1(sc[1], -zc[1] * sc[1]);
     load_scales(st + 1);
     const uint32_t xb = s_base + (st % kWaStages) * Tile::StageBytes;
+    if constexpr (WG) {
+      uint32_t a[8][4];
+      wgmma_wait<0>();  // the previous stage's wgmmas are done with their A registers
 #pragma unroll
-    for (int s = 0; s < 8; ++s) {
-      uint32_t a[4];
-      a[0] = d0.pair(w0, 2 * s);
-      a[1] = d1.pair(w1, 2 * s);
-      a[2] = d0.pair(w0, 2 * s + 1);
-      a[3] = d1.pair(w1, 2 * s + 1);
+      for (int s = 0; s < 8; ++s) {
+        a[s][0] = d0.pair(w0, 2 * s);
+        a[s][1] = d1.pair(w1, 2 * s);
+        a[s][2] = d0.pair(w0, 2 * s + 1);
+        a[s][3] = d1.pair(w1, 2 * s + 1);
+      }
+      wgmma_fence();
 #pragma unroll
-      for (int j = 0; j < NJ; ++j) {  // rows 8j .. 8j + 7 of x: k 32t + 4s .. + 3 of row 8j + g
-        const uint2 b = lds64(xb + swz256(8 * j + g, 4 * t + (s >> 1)) + 8 * (s & 1));
-        mma16816<T>(acc[j], a, b.x, b.y, acc[j]);
+      for (int s = 0; s < 8; ++s)  // k16 step s: core matrices 2s, 2s + 1 of every 8-row group
+        wgmma_rs<T, BT>(acc, a[s], wgmma_desc_k_major(xb + 2 * s * (BT / 8) * 128, (BT / 8) * 128, 128));
+      wgmma_commit();
+      if (st + 1 < stages) {  // its buffer was last read by the wgmmas of stage st + 1 - kWaStages
+        store_x((st + 1) % kWaStages);
+        if (st + 2 < stages) load_x_regs(st + 2);
+      }
+    } else {
+#pragma unroll
+      for (int s = 0; s < 8; ++s) {
+        uint32_t a[4];
+        a[0] = d0.pair(w0, 2 * s);
+        a[1] = d1.pair(w1, 2 * s);
+        a[2] = d0.pair(w0, 2 * s + 1);
+        a[3] = d1.pair(w1, 2 * s + 1);
+#pragma unroll
+        for (int j = 0; j < NJ; ++j) {  // rows 8j .. 8j + 7 of x: k 32t + 4s .. + 3 of row 8j + g
+          const uint2 b = lds64(xb + swz256(8 * j + g, 4 * t + (s >> 1)) + 8 * (s & 1));
+          mma16816<T>(acc[j], a, b.x, b.y, acc[j]);
+        }
       }
     }
   }
+  if constexpr (WG) wgmma_wait<0>();
   cp_async_wait<0>();
 
   // acc[j][2h + e] is y[m0 + 8j + 2t + e][n0 + r_lo + 8h]: f(j, h, e, row, col) for each, row and col in
@@ -323,11 +404,11 @@ __global__ void __launch_bounds__(kWaThreads, 2) int3_gemm_wa_kernel(const Int3G
   }
 }
 
-template <typename T, int G, int BT>
+template <typename T, int G, int BT, bool WG>
 void launch_wa(const Int3GemmParams& p, int row_blocks, bool programmatic, cudaStream_t stream) {
   static bool attr_done[64] = {false};
   const int dev = c10::cuda::current_device();
-  auto kern = int3_gemm_wa_kernel<T, G, BT>;
+  auto kern = int3_gemm_wa_kernel<T, G, BT, WG>;
   if (dev < 64 && !attr_done[dev]) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, WaTile<BT>::Smem));
     attr_done[dev] = true;
@@ -337,29 +418,39 @@ void launch_wa(const Int3GemmParams& p, int row_blocks, bool programmatic, cudaS
 }
 
 template <typename T, int G>
-void launch_wa_bt(int bt, int row_blocks, const Int3GemmParams& p, bool programmatic, cudaStream_t stream) {
+void launch_wa_bt(bool wg, int bt, int row_blocks, const Int3GemmParams& p, bool programmatic, cudaStream_t stream) {
+  if (wg) {
+    switch (bt) {
+      case 64:
+        return launch_wa<T, G, 64, true>(p, row_blocks, programmatic, stream);
+      case 128:
+        return launch_wa<T, G, 128, true>(p, row_blocks, programmatic, stream);
+      default:
+        TORCH_CHECK(false, "int3_linear: tile 8 takes 64 or 128 rows of x a block, not ", bt);
+    }
+  }
   switch (bt) {
     case 16:
-      return launch_wa<T, G, 16>(p, row_blocks, programmatic, stream);
+      return launch_wa<T, G, 16, false>(p, row_blocks, programmatic, stream);
     case 32:
-      return launch_wa<T, G, 32>(p, row_blocks, programmatic, stream);
+      return launch_wa<T, G, 32, false>(p, row_blocks, programmatic, stream);
     case 64:
-      return launch_wa<T, G, 64>(p, row_blocks, programmatic, stream);
+      return launch_wa<T, G, 64, false>(p, row_blocks, programmatic, stream);
     default:
       TORCH_CHECK(false, "int3_linear: tile 7 takes 16, 32 or 64 rows of x a block, not ", bt);
   }
 }
 
 template <typename T>
-void launch_wa_group(int group, int bt, int row_blocks, const Int3GemmParams& p, bool programmatic,
+void launch_wa_group(bool wg, int group, int bt, int row_blocks, const Int3GemmParams& p, bool programmatic,
                      cudaStream_t stream) {
   switch (group) {
     case 32:
-      return launch_wa_bt<T, 32>(bt, row_blocks, p, programmatic, stream);
+      return launch_wa_bt<T, 32>(wg, bt, row_blocks, p, programmatic, stream);
     case 64:
-      return launch_wa_bt<T, 64>(bt, row_blocks, p, programmatic, stream);
+      return launch_wa_bt<T, 64>(wg, bt, row_blocks, p, programmatic, stream);
     case 128:
-      return launch_wa_bt<T, 128>(bt, row_blocks, p, programmatic, stream);
+      return launch_wa_bt<T, 128>(wg, bt, row_blocks, p, programmatic, stream);
     default:
       TORCH_CHECK(false, "int3_linear: tile 7 is built for group sizes 32, 64 and 128, not ", group);
   }
@@ -367,7 +458,10 @@ void launch_wa_group(int group, int bt, int row_blocks, const Int3GemmParams& p,
 
 }  // namespace
 
-int int3_gemm_wa_bt(int rows) { return rows <= 16 ? 16 : (rows <= 32 ? 32 : 64); }
+int int3_gemm_wa_bt(int rows, bool wg) {
+  if (wg) return rows <= 64 ? 64 : 128;
+  return rows <= 16 ? 16 : (rows <= 32 ? 32 : 64);
+}
 
 std::pair<int, int> int3_gemm_wa_splits(int tiles, int K, int sms, int forced) {
   const int stages = K / kWaBK;
@@ -392,13 +486,13 @@ std::pair<int, int> int3_gemm_wa_splits(int tiles, int K, int sms, int forced) {
   return {(stages + sps - 1) / sps, sps};
 }
 
-void launch_int3_gemm_wa(int dtype, int group, int bt, int row_blocks, const Int3GemmParams& p, bool programmatic,
-                         cudaStream_t stream) {
-  TORCH_CHECK(p.K % kWaBK == 0 && p.N % 8 == 0, "int3_linear: tile 7 needs K % 128 == 0 and N % 8 == 0");
+void launch_int3_gemm_wa(bool wg, int dtype, int group, int bt, int row_blocks, const Int3GemmParams& p,
+                         bool programmatic, cudaStream_t stream) {
+  TORCH_CHECK(p.K % kWaBK == 0 && p.N % 8 == 0, "int3_linear: tiles 7 and 8 need K % 128 == 0 and N % 8 == 0");
   if (dtype == 0)
-    launch_wa_group<half>(group, bt, row_blocks, p, programmatic, stream);
+    launch_wa_group<half>(wg, group, bt, row_blocks, p, programmatic, stream);
   else
-    launch_wa_group<__nv_bfloat16>(group, bt, row_blocks, p, programmatic, stream);
+    launch_wa_group<__nv_bfloat16>(wg, group, bt, row_blocks, p, programmatic, stream);
 }
 
 }  // namespace milo

@@ -250,6 +250,7 @@ void dequant_into(const at::Tensor& q, const at::Tensor& scales, const at::Tenso
 
 struct DevInfo {
   int major = 0;
+  int minor = 0;
   int sms = 0;
   int smem_per_sm = 0;
 };
@@ -261,6 +262,7 @@ DevInfo dev_info() {
   if (dev >= 0 && dev < 64 && cache[dev].sms > 0) return cache[dev];
   DevInfo d;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.minor, cudaDevAttrComputeCapabilityMinor, dev));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev));
   if (dev >= 0 && dev < 64) cache[dev] = d;
@@ -282,6 +284,14 @@ int int3_cfg_ctas_per_sm(int cfg) {
 int forced_cfg(const char* var) {
   const int c = env_int(var, 0);
   return c >= 1 && c <= 4 ? c : 0;
+}
+
+// tile 8 (warpgroup MMAs, built for sm_90a only) forced where it cannot run: say so rather than fall back
+bool check_tile8(const DevInfo& d) {
+  TORCH_CHECK(d.major == 9 && d.minor == 0, "int3_linear: tile 8 (MILO_INT3_CFG=8 / MILO_INT3_GROUPED_CFG=8) uses ",
+              "Hopper's wgmma and runs on compute capability 9.0 only, this GPU is ", d.major, ".", d.minor,
+              "; unset the variable");
+  return true;
 }
 
 // whether a matmul kernel (decode or tensor-core) that follows its t kernel in the stream is launched
@@ -549,7 +559,8 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   // (4096x14336 M=32 56.8 -> 51.0 / 69.6 -> 61.2; at M=64 it lost, 84.5 -> 96.4); not 4096x4096 (M=32 26.4
   // -> 31.3) nor the expert shapes (1408x2048 M=32 11.1 -> 17.4).
   const int forced_tile = forced_cfg("MILO_INT3_CFG");
-  const bool tile7 = !use_gemv && (env_int("MILO_INT3_CFG", 0) == 7 ||
+  const bool tile8 = !use_gemv && env_int("MILO_INT3_CFG", 0) == 8 && check_tile8(dinfo);
+  const bool tile7 = !use_gemv && (env_int("MILO_INT3_CFG", 0) == 7 || tile8 ||
                                    (forced_tile == 0 && ((N >= 8192 && (M > 16 || R == 0)) ||
                                                          (K >= 8192 && M > 16 && M <= 32))));
   // t = x v^T by lowrank_t_rows_kernel in k splits for the decode kernel and the 16-row tensor-core tile
@@ -614,13 +625,13 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
     C10_CUDA_CHECK(cudaMemsetAsync(p.counters, 0, n_counters * sizeof(int), stream));
   };
   if (tile7) {
-    const int bt = int3_gemm_wa_bt(M), row_blocks = (M + bt - 1) / bt;
+    const int bt = int3_gemm_wa_bt(M, tile8), row_blocks = (M + bt - 1) / bt;
     const int wa_tiles = row_blocks * ((N + kInt3WaBN - 1) / kInt3WaBN);
     std::tie(p.splits, p.stages_per_split) = int3_gemm_wa_splits(wa_tiles, K, dinfo.sms, env_int("MILO_INT3_SPLITS", 0));
     alloc_split_ws(p.splits, wa_tiles);
     if (rows_t) launch_rows_t(false);  // directly before the matmul kernel in the stream (after the memset)
-    launch_int3_gemm_wa(xt == at::kHalf ? 0 : 1, G, bt, row_blocks, p, rows_t && programmatic_after_t(R, dinfo),
-                        stream);
+    launch_int3_gemm_wa(tile8, xt == at::kHalf ? 0 : 1, G, bt, row_blocks, p,
+                        rows_t && programmatic_after_t(R, dinfo), stream);
     return y.reshape(out_shape);
   }
   // the 16 x 64 tile up to 16 rows, and past that where N is small (more blocks); else 32 x 64 (2 blocks
@@ -856,8 +867,9 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   const int busy = std::max(1, std::min(E, rows));
   const int mean_rows = (rows + busy - 1) / busy;
   int cfg = mean_rows <= 16 ? 1 : (mean_rows <= 32 ? 2 : 4);
-  const int forced = env_int("MILO_INT3_GROUPED_CFG", 0) == 7 ? 7 : forced_cfg("MILO_INT3_GROUPED_CFG");
-  if (forced && forced != 7) cfg = forced;
+  const int forced_wa = env_int("MILO_INT3_GROUPED_CFG", 0);
+  const int forced = forced_wa == 7 || forced_wa == 8 ? forced_wa : forced_cfg("MILO_INT3_GROUPED_CFG");
+  if (forced >= 1 && forced <= 4) cfg = forced;
   // decode (up to 4 rows per busy expert): the decode kernel on tiles of at most 2 rows (4 when the mean
   // is above 1; an expert past 4 rows takes several tiles). H100, bench_moe.py: Mixtral-shaped M=8 (2 rows
   // per expert) 533 us vs 730 with the mma tiles; 2026-12-06, up to 4 rows instead of 2: Mixtral-shaped M=16
@@ -869,8 +881,9 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
                         mean_rows <= env_int("MILO_INT3_GROUPED_GEMV_MAX_ROWS", 4);
   const int gemv_bm = mean_rows <= 1 ? 2 : kTRows;
   // tile 7 (the weight as the mma A operand, int3_gemm_wa.cu) on the tensor-core path: MILO_INT3_GROUPED_CFG=7
-  const bool tile7 = !use_gemv && forced == 7;
-  const int bm = use_gemv ? gemv_bm : (tile7 ? int3_gemm_wa_bt(mean_rows) : int3_cfg_bm(cfg));
+  const bool tile8 = !use_gemv && forced == 8 && check_tile8(dinfo);
+  const bool tile7 = !use_gemv && (forced == 7 || tile8);
+  const int bm = use_gemv ? gemv_bm : (tile7 ? int3_gemm_wa_bt(mean_rows, tile8) : int3_cfg_bm(cfg));
   const int bn = tile7 ? kInt3WaBN : int3_cfg_bn(cfg, G);
   const int n_slots = (rows + bm - 1) / bm + busy;
   TORCH_CHECK(n_slots < 65536, "int3_grouped_linear: too many row tiles");
@@ -1005,7 +1018,7 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   if (use_gemv) {
     launch_int3_gemv(xt == at::kHalf ? 0 : 1, G, p, n_slots, bm, glaunch, stream);
   } else if (tile7) {
-    launch_int3_gemm_wa(xt == at::kHalf ? 0 : 1, G, bm, n_slots, p, programmatic_after_t(R, dinfo), stream);
+    launch_int3_gemm_wa(tile8, xt == at::kHalf ? 0 : 1, G, bm, n_slots, p, programmatic_after_t(R, dinfo), stream);
   } else {
     launch_int3_gemm(xt == at::kHalf ? 0 : 1, cfg, G, p, n_tiles, n_slots, programmatic_after_t(R, dinfo), stream);
   }

@@ -41,12 +41,18 @@ def extension_status() -> tuple[bool | None, str]:
     return _STATE, _REASON
 
 
-def _arch_flags() -> list[str]:
-    spec = os.environ.get("MILO_CUDA_ARCHS", "80;90")
-    archs = [a.strip().replace(".", "") for a in spec.replace(",", ";").split(";") if a.strip()]
+def arch_flags(spec: str | None = None) -> list[str]:
+    """nvcc -gencode flags for MILO_CUDA_ARCHS (also used by setup.py). Compute capability 9.0 is built as
+    sm_90a, the arch-specific target whose wgmma tile 8 needs (an sm_90a binary runs on H100/H200 only,
+    the GPUs of capability 9.0); the PTX of the newest target stays the portable compute_XX, so newer GPUs
+    can JIT it (tile 8 is then compiled out and never launched there)."""
+    if spec is None:
+        spec = os.environ.get("MILO_CUDA_ARCHS", "80;90")
+    archs = [a.strip().replace(".", "").rstrip("a") for a in spec.replace(",", ";").split(";") if a.strip()]
     flags = []
     for a in archs:
-        flags.append(f"-gencode=arch=compute_{a},code=sm_{a}")
+        real = f"{a}a" if a == "90" else a
+        flags.append(f"-gencode=arch=compute_{real},code=sm_{real}")
     if archs:
         newest = max(archs, key=lambda s: int("".join(ch for ch in s if ch.isdigit()) or 0))
         flags.append(f"-gencode=arch=compute_{newest},code=compute_{newest}")
@@ -102,7 +108,7 @@ def _load() -> tuple[bool, str]:
             name="milo_tensor_cuda",
             sources=sources,
             extra_cflags=["-O3", "-std=c++17"],
-            extra_cuda_cflags=["-O3", "-std=c++17", "-lineinfo", *_arch_flags()],
+            extra_cuda_cflags=["-O3", "-std=c++17", "-lineinfo", *arch_flags()],
             is_python_module=False,
             verbose=verbose,
         )

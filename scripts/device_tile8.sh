@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# First GPU run of branch tile8-wgmma (one device call, ~8-9 min; carry .whl): build, GPU tests, memcheck, then
+# the dense op's tiles 7 and 8 against its default past 16 rows (with and without ranks), the grouped op with
+# tiles 7 and 8 forced against its default, and tile 7's split rule against forced splits. Results under
+# $OUT (logs.tgz and the tables). PARTS picks steps (default: all).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+PARTS=${PARTS:-"build test sanitize dense moe splits"}
+T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
+has() { [[ " $PARTS " == *" $1 "* ]]; }
+export PYTHONUNBUFFERED=1 MILO_CUDA_ARCHS=90 PYTHONPATH=$PWD:/tmp/site TORCH_EXTENSIONS_DIR=/tmp/ext_new MAX_JOBS=16
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+python3 -c 'from milo_tensor.ops.cuda import load_extension, extension_status; ok=load_extension(); print(extension_status()); raise SystemExit(0 if ok else 1)' > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+echo "build [$(el)s]"
+if has test; then
+  timeout 240 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_cuda_kernel.py tests/test_moe_cuda.py -rf > "$OUT/test.log" 2>&1
+  echo "tests rc=$? [$(el)s] $(tail -1 "$OUT/test.log")"; grep -E "^FAILED|^ERROR" "$OUT/test.log" | head -30
+fi
+if has sanitize; then
+  for t in test_cuda_kernel test_moe_cuda; do
+    timeout 90 compute-sanitizer --tool memcheck --print-limit 10 python3 tests/$t.py --sanitize > "$OUT/san_$t.log" 2>&1
+    echo "memcheck $t rc=$? [$(el)s] $(grep -E 'ERROR SUMMARY|cases OK' "$OUT/san_$t.log" | tr '\n' ' ')"
+  done
+fi
+if has dense; then
+  MILO_INT3_FUSED_MAX_M=4096 timeout 200 python3 benchmarks/bench_kernel.py --sweep MILO_INT3_CFG=-,7,8 --sweep-ranks 0,32 \
+    --shapes 14336x4096,4096x14336,4096x4096,1408x2048 --ms 32,64,128,256,512 > "$OUT/sw_cfg.md" 2>&1; grep "^|" "$OUT/sw_cfg.md"
+  echo "dense cfg sweep [$(el)s]"
+fi
+if has moe; then
+  for c in 0 7 8; do
+    MILO_INT3_GROUPED_CFG=$c timeout 150 python3 benchmarks/bench_moe.py --methods milo-grouped --ms 32,128,512 > "$OUT/moe_cfg$c.log" 2>&1
+    grep -E "^==|M=|^\|" "$OUT/moe_cfg$c.log" | sed "s/^/cfg$c /"; echo "moe cfg $c [$(el)s]"
+  done
+fi
+if has splits; then
+  MILO_INT3_CFG=7 timeout 100 python3 benchmarks/bench_kernel.py --sweep MILO_INT3_SPLITS=-,1,2,4,7,8 --sweep-ranks 0 \
+    --shapes 14336x4096,4096x14336 --ms 16,32,64 > "$OUT/sw_splits.md" 2>&1; grep "^|" "$OUT/sw_splits.md"
+  echo "splits [$(el)s]"
+fi
+(cd "$OUT" && tar czf logs.tgz ./*.log 2>/dev/null; rm -f ./*.log)
