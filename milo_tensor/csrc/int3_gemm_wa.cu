@@ -250,20 +250,17 @@ __global__ void __launch_bounds__(kWaThreads, BT >= 128 ? 1 : 2) int3_gemm_wa_ke
     load_scales(st + 1);
     const uint32_t xb = s_base + (st % kWaStages) * Tile::StageBytes;
     if constexpr (WG) {
-      uint32_t a[8][4];
-      wgmma_wait<0>();  // the previous stage's wgmmas are done with their A registers
+      // one wgmma per k16 step (core matrices 2s, 2s + 1 of every 8-row group), each dequantized while the
+      // one before it runs: at most two in flight, so A takes two register sets, not eight
+      const uint64_t desc = wgmma_desc_k_major(xb, (BT / 8) * 128, 128);
 #pragma unroll
       for (int s = 0; s < 8; ++s) {
-        a[s][0] = d0.pair(w0, 2 * s);
-        a[s][1] = d1.pair(w1, 2 * s);
-        a[s][2] = d0.pair(w0, 2 * s + 1);
-        a[s][3] = d1.pair(w1, 2 * s + 1);
+        const uint32_t a[4] = {d0.pair(w0, 2 * s), d1.pair(w1, 2 * s), d0.pair(w0, 2 * s + 1), d1.pair(w1, 2 * s + 1)};
+        wgmma_fence();
+        wgmma_rs<T, BT>(acc, a, desc + ((2 * s * (BT / 8) * 128) >> 4));  // the start address field, in 16 bytes
+        wgmma_commit();
+        wgmma_wait<1>();  // the step before is done with its A registers
       }
-      wgmma_fence();
-#pragma unroll
-      for (int s = 0; s < 8; ++s)  // k16 step s: core matrices 2s, 2s + 1 of every 8-row group
-        wgmma_rs<T, BT>(acc, a[s], wgmma_desc_k_major(xb + 2 * s * (BT / 8) * 128, (BT / 8) * 128, 128));
-      wgmma_commit();
       if (st + 1 < stages) {  // its buffer was last read by the wgmmas of stage st + 1 - kWaStages
         store_x((st + 1) % kWaStages);
         if (st + 2 < stages) load_x_regs(st + 2);

@@ -1007,9 +1007,11 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
                                                            reinterpret_cast<const TT*>(va.data_ptr()), tiles, \
                                                            tbuf, K, R, vs_, k_chunk, ss_, delay_ns)
       if (xt == at::kHalf) {
-        if (bm <= 16) MILO_LR_LAUNCH(half, 16); else MILO_LR_LAUNCH(half, 64);
+        if (bm <= 16) MILO_LR_LAUNCH(half, 16); else if (bm <= 64) MILO_LR_LAUNCH(half, 64); else MILO_LR_LAUNCH(half, 128);
       } else {
-        if (bm <= 16) MILO_LR_LAUNCH(__nv_bfloat16, 16); else MILO_LR_LAUNCH(__nv_bfloat16, 64);
+        if (bm <= 16) MILO_LR_LAUNCH(__nv_bfloat16, 16);
+        else if (bm <= 64) MILO_LR_LAUNCH(__nv_bfloat16, 64);
+        else MILO_LR_LAUNCH(__nv_bfloat16, 128);
       }
 #undef MILO_LR_LAUNCH
       C10_CUDA_KERNEL_LAUNCH_CHECK();
