@@ -26,12 +26,12 @@ if has sanitize; then
 fi
 if has dense; then
   MILO_INT3_FUSED_MAX_M=4096 timeout 200 python3 benchmarks/bench_kernel.py --sweep MILO_INT3_CFG=-,7,8 --sweep-ranks 0,32 \
-    --shapes 14336x4096,4096x14336,4096x4096,1408x2048 --ms 64,128,256,512 > "$OUT/sw_cfg.md" 2>&1; grep "^|" "$OUT/sw_cfg.md"
+    --shapes 14336x4096,4096x14336,4096x4096 --ms 32,64,128,256 > "$OUT/sw_cfg.md" 2>&1; grep "^|" "$OUT/sw_cfg.md"
   echo "dense cfg sweep [$(el)s]"
 fi
 if has moe; then
   for c in 0 7 8; do
-    MILO_INT3_GROUPED_CFG=$c timeout 150 python3 benchmarks/bench_moe.py --methods milo-grouped --ms 32,128,512 > "$OUT/moe_cfg$c.log" 2>&1
+    MILO_INT3_GROUPED_CFG=$c timeout 150 python3 benchmarks/bench_moe.py --methods milo-grouped$([ $c = 0 ] && echo ,bf16-grouped) --layers mixtral,qwen3 --ms 32,128,512 > "$OUT/moe_cfg$c.log" 2>&1
     grep -E "^==|M=|^\|" "$OUT/moe_cfg$c.log" | sed "s/^/cfg$c /"; echo "moe cfg $c [$(el)s]"
   done
 fi

@@ -4,7 +4,7 @@ of chunk t; its B registers x[row][32t + 4s .. + 3] by one 8-byte load), the mma
 low-rank epilogue's transposed U loads and t (hi + lo) rows, and the swizzled staging of y — replayed in numpy
 for one split and compared with x @ deq(Q)^T + t @ ut in float64. A wrong lane mapping or k order gives a
 relative error near 1; the kernel's arithmetic gives ~2e-4 (fp16). Tile 8 (the same kernel with warpgroup MMAs) is
-emulated with run(..., wg=True): x stored in the wgmma's K-major core-matrix layout by its store_x, and B read
+emulated with run(..., wg=True): each landed stage of x rewritten in the wgmma's K-major core-matrix layout by its permute_x, and B read
 back through the descriptors the kernel builds. Run it after changing the kernel's layout, before spending
 device time:
 
@@ -64,15 +64,14 @@ def wgmma_b(XS, start, lbo, sbo, BT):
     return B
 
 
-def stage_x_tile8(x, m0, M, st, BT, dt):
-    """Tile 8's store_x: task (row n = task % BT, j = task / BT) loads k 8j + 32u .. + 7 (u = 0..3) and stores,
-    for each word w, words w of the four pieces as one 16-byte core-matrix row at ((4j + w) BT/8 + n/8) 128 + (n%8) 16."""
+def stage_x_tile8(X, BT, dt):
+    """Tile 8's permute_x: task (row n = task % BT, j = task / BT) reads k 8j + 32u .. + 7 (u = 0..3) from the
+    landed stage X (tile 7's swizzled [row][unit] tile) and stores, for each word w, words w of the four pieces
+    as one 16-byte core-matrix row at ((4j + w) BT/8 + n/8) 128 + (n%8) 16 bytes."""
     XS = np.zeros(BT * 128, dt)  # BT rows x 256 bytes, as values
     for task in range(BT * 4):
         n, j = task % BT, task // BT
-        if m0 + n >= M:
-            continue
-        pieces = [x[m0 + n, st * BK + j * 8 + 32 * u: st * BK + j * 8 + 32 * u + 8] for u in range(4)]
+        pieces = [X[swz(n, 4 * u + j)] for u in range(4)]
         for w in range(4):
             off = (((4 * j + w) * (BT // 8) + (n >> 3)) * 128 + (n & 7) * 16) // 2
             XS[off: off + 8] = np.concatenate([pc[2 * w: 2 * w + 2] for pc in pieces])
@@ -112,7 +111,7 @@ def run(M, N, K, G, dt=np.float16, seed=0, R=0, wg=False):
                             if n0 + row < N:
                                 Q[row, part*16:part*16+16] = qbytes[n0+row, st*48 + part*16: st*48 + part*16 + 16]
                 Xflat = X.reshape(BT, 128)
-                XS = stage_x_tile8(x, m0, M, st, BT, dt) if wg else None
+                XS = stage_x_tile8(X, BT, dt) if wg else None
                 for warp in range(WARPS):
                     wd, sc, c0 = {}, {}, {}
                     for lane in range(32):

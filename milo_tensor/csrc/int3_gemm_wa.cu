@@ -34,10 +34,12 @@
 // rows (128 KB a stage at BT = 64, the SM's shared-memory bandwidth for ~1000 cycles), and 8 warps per
 // block leave the mma chain's latency exposed; a wgmma reads B once per warpgroup and runs
 // asynchronously beside the next stage's copies. B must be in the wgmma's canonical layout (core matrices
-// of 8 rows x 8 k), so x takes the k order above on its way into shared memory: each thread loads four
-// 16-byte pieces of a row (k 8j + 32t' .. + 7 for t' = 0..3) into registers a stage ahead and stores,
-// for each of their 4 words w, the words of equal w as one 16-byte core-matrix row (core matrix 4j + w
-// holds k pairs 16t' + 4j + w, i.e. the mma's k slots of step s = 2j + (w >> 1), half w & 1). BT = 64 or 128.
+// of 8 rows x 8 k), so each landed stage of x (tile 7's ring) is rewritten in shared memory in the k order
+// above: a thread reads four 16-byte pieces of a row (k 8j + 32t' .. + 7 for t' = 0..3) and stores, for each
+// of their 4 words w, the words of equal w as one 16-byte core-matrix row (core matrix 4j + w holds k pairs
+// 16t' + 4j + w, i.e. the mma's k slots of step s = 2j + (w >> 1), half w & 1). Loading x into registers a
+// stage ahead instead left the warps waiting on those loads (ncu, H100 2026-12-06: 3.1 of 7.8 cycles per
+// issued instruction on long scoreboard). BT = 64 or 128.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/util/Exception.h>
@@ -62,6 +64,7 @@ struct WaTile {
   static constexpr int XBytes = BT * kWaBK * 2;              // x of a stage: BT rows of 256 bytes
   static constexpr int StageBytes = XBytes + kWaBN * kWaQRow;  // + 6 KB of codes
   static constexpr int Smem = kWaStages * StageBytes;        // 88 KB at BT = 64
+  static constexpr int SmemWG = Smem + 2 * XBytes;           // tile 8: + two stages of x in the wgmma layout
 };
 
 
@@ -111,12 +114,6 @@ struct WaDequant<half> {
   }
 };
 
-__device__ __forceinline__ uint4 ldg128(const void* p) {
-  uint4 v;
-  asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
-}
-
 template <typename T, int G, int BT, bool WG>
 __global__ void __launch_bounds__(kWaThreads, BT >= 128 ? 1 : 2) int3_gemm_wa_kernel(const Int3GemmParams p) {
   using Tile = WaTile<BT>;
@@ -157,7 +154,7 @@ __global__ void __launch_bounds__(kWaThreads, BT >= 128 ? 1 : 2) int3_gemm_wa_ke
   auto load_stage = [&](int st, int buf) {
     const uint32_t sb = s_base + buf * Tile::StageBytes;
 #pragma unroll
-    for (int i = 0; i < (WG ? 0 : BT * 16 / kWaThreads); ++i) {
+    for (int i = 0; i < BT * 16 / kWaThreads; ++i) {
       const int u = tid + i * kWaThreads, row = u >> 4, unit = u & 15;
       const bool ok = m0 + row < m_end;
       const T* src = ok ? x + static_cast<int64_t>(m0 + row) * p.ldx + (st0 + st) * kWaBK + unit * 8 : x;
@@ -195,33 +192,28 @@ __global__ void __launch_bounds__(kWaThreads, BT >= 128 ? 1 : 2) int3_gemm_wa_ke
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
 
-  // tile 8: x of a stage in registers, then stored in the wgmma's B layout (the header): thread task i
-  // is row n = task % BT and j = task / BT (the 8 rows of a quarter warp store one 128-byte core matrix)
+  // tile 8: a landed stage's x (tile 7's layout) rewritten in the wgmma's B layout (the header), one of two
+  // buffers after the ring: thread task i is row n = task % BT and j = task / BT; it reads k 8j + 32u .. + 7
+  // (u = 0..3) and stores, for each word w, the four words w as one 16-byte core-matrix row (the 8 rows of
+  // a quarter warp read 8 distinct bank groups and store one 128-byte core matrix)
   constexpr int kXTasks = WG ? BT * 4 / kWaThreads : 0;
-  uint4 xr[kXTasks > 0 ? kXTasks : 1][4];
-  auto load_x_regs = [&](int st) {
+  auto permute_x = [&](int st) {
+    const uint8_t* const xn = smem + (st % kWaStages) * Tile::StageBytes;
+    uint8_t* const xb = smem + kWaStages * Tile::StageBytes + (st & 1) * Tile::XBytes;
 #pragma unroll
     for (int i = 0; i < kXTasks; ++i) {
       const int task = tid + i * kWaThreads, n = task % BT, j = task / BT;
-      const bool ok = m0 + n < m_end;
-      const T* src = x + static_cast<int64_t>(m0 + n) * p.ldx + (st0 + st) * kWaBK + j * 8;
+      uint4 v[4];
 #pragma unroll
-      for (int u = 0; u < 4; ++u) xr[i][u] = ok ? ldg128(src + 32 * u) : make_uint4(0u, 0u, 0u, 0u);
-    }
-  };
-  auto store_x = [&](int buf) {
-    uint8_t* const xb = smem + buf * Tile::StageBytes;
-#pragma unroll
-    for (int i = 0; i < kXTasks; ++i) {
-      const int task = tid + i * kWaThreads, n = task % BT, j = task / BT;
+      for (int u = 0; u < 4; ++u) v[u] = lds128(xn + swz256(n, 4 * u + j));
 #pragma unroll
       for (int w = 0; w < 4; ++w) {
-        const auto word = [&](int u) { return reinterpret_cast<const uint32_t*>(&xr[i][u])[w]; };
+        const auto word = [&](int u) { return reinterpret_cast<const uint32_t*>(&v[u])[w]; };
         *reinterpret_cast<uint4*>(xb + ((4 * j + w) * (BT / 8) + (n >> 3)) * 128 + (n & 7) * 16) =
             make_uint4(word(0), word(1), word(2), word(3));
       }
     }
-    fence_proxy_async_smem();  // the wgmma reads them through the async proxy (after the next barrier)
+    fence_proxy_async_smem();  // the wgmma reads them through the async proxy (after the barrier)
   };
 
   load_scales(0);
@@ -229,13 +221,6 @@ __global__ void __launch_bounds__(kWaThreads, BT >= 128 ? 1 : 2) int3_gemm_wa_ke
   for (int s = 0; s < kWaStages - 1; ++s) {
     if (s < stages) load_stage(s, s);
     cp_async_commit();
-  }
-  if constexpr (WG) {
-    if (stages > 0) {
-      load_x_regs(0);
-      store_x(0);
-    }
-    if (stages > 1) load_x_regs(1);
   }
   for (int st = 0; st < stages; ++st) {
     cp_async_wait<kWaStages - 2>();  // stage st landed
@@ -250,9 +235,12 @@ __global__ void __launch_bounds__(kWaThreads, BT >= 128 ? 1 : 2) int3_gemm_wa_ke
     load_scales(st + 1);
     const uint32_t xb = s_base + (st % kWaStages) * Tile::StageBytes;
     if constexpr (WG) {
+      permute_x(st);  // into the buffer the wgmmas of stage st - 2 read (done: at most one step in flight)
+      __syncthreads();
       // one wgmma per k16 step (core matrices 2s, 2s + 1 of every 8-row group), each dequantized while the
       // one before it runs: at most two in flight, so A takes two register sets, not eight
-      const uint64_t desc = wgmma_desc_k_major(xb, (BT / 8) * 128, 128);
+      const uint64_t desc =
+          wgmma_desc_k_major(s_base + kWaStages * Tile::StageBytes + (st & 1) * Tile::XBytes, (BT / 8) * 128, 128);
 #pragma unroll
       for (int s = 0; s < 8; ++s) {
         const uint32_t a[4] = {d0.pair(w0, 2 * s), d1.pair(w1, 2 * s), d0.pair(w0, 2 * s + 1), d1.pair(w1, 2 * s + 1)};
@@ -260,10 +248,6 @@ __global__ void __launch_bounds__(kWaThreads, BT >= 128 ? 1 : 2) int3_gemm_wa_ke
         wgmma_rs<T, BT>(acc, a, desc + ((2 * s * (BT / 8) * 128) >> 4));  // the start address field, in 16 bytes
         wgmma_commit();
         wgmma_wait<1>();  // the step before is done with its A registers
-      }
-      if (st + 1 < stages) {  // its buffer was last read by the wgmmas of stage st + 1 - kWaStages
-        store_x((st + 1) % kWaStages);
-        if (st + 2 < stages) load_x_regs(st + 2);
       }
     } else {
 #pragma unroll
@@ -406,12 +390,13 @@ void launch_wa(const Int3GemmParams& p, int row_blocks, bool programmatic, cudaS
   static bool attr_done[64] = {false};
   const int dev = c10::cuda::current_device();
   auto kern = int3_gemm_wa_kernel<T, G, BT, WG>;
+  constexpr int kSmem = WG ? WaTile<BT>::SmemWG : WaTile<BT>::Smem;
   if (dev < 64 && !attr_done[dev]) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, WaTile<BT>::Smem));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
     attr_done[dev] = true;
   }
   const dim3 grid(row_blocks, (p.N + kWaBN - 1) / kWaBN, p.splits);
-  launch_programmatic_if(kern, grid, dim3(kWaThreads), WaTile<BT>::Smem, programmatic, stream, p);
+  launch_programmatic_if(kern, grid, dim3(kWaThreads), kSmem, programmatic, stream, p);
 }
 
 template <typename T, int G>
