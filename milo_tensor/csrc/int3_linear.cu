@@ -286,9 +286,11 @@ int forced_cfg(const char* var) {
   return c >= 1 && c <= 4 ? c : 0;
 }
 
-// tile 8 (warpgroup MMAs, built for sm_90a only) forced where it cannot run: say so rather than fall back
+// tile 8 (warpgroup MMAs) is built for sm_90a, so it runs on GPUs of compute capability 9.0 only
+bool tile8_runs(const DevInfo& d) { return d.major == 9 && d.minor == 0; }
+// tile 8 forced where it cannot run: say so rather than fall back
 bool check_tile8(const DevInfo& d) {
-  TORCH_CHECK(d.major == 9 && d.minor == 0, "int3_linear: tile 8 (MILO_INT3_CFG=8 / MILO_INT3_GROUPED_CFG=8) uses ",
+  TORCH_CHECK(tile8_runs(d), "int3_linear: tile 8 (MILO_INT3_CFG=8 / MILO_INT3_GROUPED_CFG=8) uses ",
               "Hopper's wgmma and runs on compute capability 9.0 only, this GPU is ", d.major, ".", d.minor,
               "; unset the variable");
   return true;
@@ -558,9 +560,18 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   // takes t from the rows kernel launched programmatically, tile 7 from cuBLAS); K >= 8192 at 17-32 rows
   // (4096x14336 M=32 56.8 -> 51.0 / 69.6 -> 61.2; at M=64 it lost, 84.5 -> 96.4); not 4096x4096 (M=32 26.4
   // -> 31.3) nor the expert shapes (1408x2048 M=32 11.1 -> 17.4).
+  // Tile 8 (tile 7 with warpgroup MMAs, capability 9.0 only; MILO_INT3_CFG=8 forces it) at 33-64 rows where N
+  // or K >= 8192 (H100 2026-12-06 14:33 UTC, bench_kernel.py --sweep MILO_INT3_CFG=-,7,8 under
+  // MILO_INT3_FUSED_MAX_M=4096, us, R=0 / R=32: 14336x4096 M=64 66.7 -> 45.7 / 74.8 -> 54.5, 4096x14336 M=64
+  // 83.3 -> 67.7 / 96.2 -> 77.7; at M=32 no gain, 43.4 -> 42.2 / 50.4 -> 50.4 and 48.7 -> 48.5 / 57.8 ->
+  // 60.5; past 64 rows its 128-row blocks run one per SM and lost to tile 7 at K = 14336, e.g. M=128 180.1
+  // against 131.8).
   const int forced_tile = forced_cfg("MILO_INT3_CFG");
-  const bool tile8 = !use_gemv && env_int("MILO_INT3_CFG", 0) == 8 && check_tile8(dinfo);
-  const bool tile7 = !use_gemv && (env_int("MILO_INT3_CFG", 0) == 7 || tile8 ||
+  const int cfg_env = env_int("MILO_INT3_CFG", 0);
+  const bool tile8 = !use_gemv && (cfg_env == 8 ? check_tile8(dinfo)
+                                                : forced_tile == 0 && cfg_env != 7 && tile8_runs(dinfo) && M > 32 &&
+                                                      M <= 64 && (N >= 8192 || K >= 8192));
+  const bool tile7 = !use_gemv && (cfg_env == 7 || tile8 ||
                                    (forced_tile == 0 && ((N >= 8192 && (M > 16 || R == 0)) ||
                                                          (K >= 8192 && M > 16 && M <= 32))));
   // t = x v^T by lowrank_t_rows_kernel in k splits for the decode kernel and the 16-row tensor-core tile
@@ -866,10 +877,9 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   // tile height from the mean rows per busy expert (static: depends only on shapes)
   const int busy = std::max(1, std::min(E, rows));
   const int mean_rows = (rows + busy - 1) / busy;
-  int cfg = mean_rows <= 16 ? 1 : (mean_rows <= 32 ? 2 : 4);
   const int forced_wa = env_int("MILO_INT3_GROUPED_CFG", 0);
   const int forced = forced_wa == 7 || forced_wa == 8 ? forced_wa : forced_cfg("MILO_INT3_GROUPED_CFG");
-  if (forced >= 1 && forced <= 4) cfg = forced;
+  const int cfg = forced >= 1 && forced <= 4 ? forced : 0;  // tiles 1-4 (int3_gemm.cuh) only when forced
   // decode (up to 4 rows per busy expert): the decode kernel on tiles of at most 2 rows (4 when the mean
   // is above 1; an expert past 4 rows takes several tiles). H100, bench_moe.py: Mixtral-shaped M=8 (2 rows
   // per expert) 533 us vs 730 with the mma tiles; 2026-12-06, up to 4 rows instead of 2: Mixtral-shaped M=16
@@ -880,27 +890,32 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   const bool use_gemv = forced == 0 && K % 128 == 0 &&
                         mean_rows <= env_int("MILO_INT3_GROUPED_GEMV_MAX_ROWS", 4);
   const int gemv_bm = mean_rows <= 1 ? 2 : kTRows;
-  // tile 7 (the weight as the mma A operand, int3_gemm_wa.cu) on the tensor-core path: MILO_INT3_GROUPED_CFG=7
-  const bool tile8 = !use_gemv && forced == 8 && check_tile8(dinfo);
-  const bool tile7 = !use_gemv && (forced == 7 || tile8);
+  // Past that, tile 7 (the weight as the mma A operand, int3_gemm_wa.cu), and tile 8 (its warpgroup-MMA form,
+  // capability 9.0) past 64 rows per busy expert; MILO_INT3_GROUPED_CFG=1-4 / 7 / 8 forces a tile. H100
+  // 2026-12-06 14:36 UTC, bench_moe.py milo-grouped under MILO_INT3_GROUPED_CFG=0 (then tiles 1-4: 16 / 32 /
+  // 64 rows) / 7 / 8, us: Mixtral-shaped M=32 (8 rows per busy expert) 671 / 679 / 1224, M=128 (32) 1518 / 1224
+  // / 1323, M=512 (128) 4189 / 3174 / 2934; Qwen3-shaped M=128 (8) 407 / 383 / 679, M=512 (32) 828 / 761 / 770
+  const bool tile8 = !use_gemv && (forced == 8 ? check_tile8(dinfo) : forced == 0 && tile8_runs(dinfo) && mean_rows > 64);
+  const bool tile7 = !use_gemv && (forced == 0 || forced == 7 || tile8);
   const int bm = use_gemv ? gemv_bm : (tile7 ? int3_gemm_wa_bt(mean_rows, tile8) : int3_cfg_bm(cfg));
   const int bn = tile7 ? kInt3WaBN : int3_cfg_bn(cfg, G);
   const int n_slots = (rows + bm - 1) / bm + busy;
   TORCH_CHECK(n_slots < 65536, "int3_grouped_linear: too many row tiles");
   const int n_tiles = (N + bn - 1) / bn;
   const int total_stages = K / kInt3BK;
-  const int per_sm = int3_cfg_ctas_per_sm(cfg);
-  const int target = dinfo.sms * std::max(1, per_sm);
   // expected busy tiles: one per busy expert when tiles are short, else rows / bm
   const int est = std::max(1, std::min(n_slots, std::max(busy, (rows + bm - 1) / bm)));
-  int splits = (target + n_tiles * est - 1) / (n_tiles * est);
   const int forced_splits = env_int("MILO_INT3_SPLITS", 0);
-  if (forced_splits > 0) splits = forced_splits;
-  if (use_gemv) splits = 1;
-  splits = std::max(1, std::min(splits, total_stages));
-  int sps = (total_stages + splits - 1) / splits;
-  splits = (total_stages + sps - 1) / sps;
-  if (tile7) std::tie(splits, sps) = int3_gemm_wa_splits(n_tiles * est, K, dinfo.sms, forced_splits);
+  int splits = 1, sps = total_stages;
+  if (tile7) {
+    std::tie(splits, sps) = int3_gemm_wa_splits(n_tiles * est, K, dinfo.sms, forced_splits);
+  } else if (!use_gemv) {  // tiles 1-4: about their blocks per SM over the expected busy tiles
+    const int target = dinfo.sms * std::max(1, int3_cfg_ctas_per_sm(cfg));
+    splits = forced_splits > 0 ? forced_splits : (target + n_tiles * est - 1) / (n_tiles * est);
+    splits = std::max(1, std::min(splits, total_stages));
+    sps = (total_stages + splits - 1) / splits;
+    splits = (total_stages + sps - 1) / sps;
+  }
 
   const int64_t part_floats = splits > 1 ? static_cast<int64_t>(splits) * rows64 * N64 : 0;
   const int64_t n_counters = splits > 1 ? static_cast<int64_t>(n_slots) * n_tiles : 0;
