@@ -197,9 +197,10 @@ __global__ void __launch_bounds__(kWaThreads, BT >= 128 ? 1 : 2) int3_gemm_wa_ke
   // (u = 0..3) and stores, for each word w, the four words w as one 16-byte core-matrix row (the 8 rows of
   // a quarter warp read 8 distinct bank groups and store one 128-byte core matrix)
   constexpr int kXTasks = WG ? BT * 4 / kWaThreads : 0;
+  auto wg_x_offset = [](int st) { return kWaStages * Tile::StageBytes + (st & 1) * Tile::XBytes; };  // stage st's buffer
   auto permute_x = [&](int st) {
     const uint8_t* const xn = smem + (st % kWaStages) * Tile::StageBytes;
-    uint8_t* const xb = smem + kWaStages * Tile::StageBytes + (st & 1) * Tile::XBytes;
+    uint8_t* const xb = smem + wg_x_offset(st);
 #pragma unroll
     for (int i = 0; i < kXTasks; ++i) {
       const int task = tid + i * kWaThreads, n = task % BT, j = task / BT;
@@ -233,14 +234,12 @@ __global__ void __launch_bounds__(kWaThreads, BT >= 128 ? 1 : 2) int3_gemm_wa_ke
     const uint32_t w1[3] = {lds32(qs + 8 * kWaQRow), lds32(qs + 8 * kWaQRow + 4), lds32(qs + 8 * kWaQRow + 8)};
     const WaDequant<T> d0(sc[0], -zc[0] * sc[0]), d1(sc[1], -zc[1] * sc[1]);
     load_scales(st + 1);
-    const uint32_t xb = s_base + (st % kWaStages) * Tile::StageBytes;
     if constexpr (WG) {
       permute_x(st);  // into the buffer the wgmmas of stage st - 2 read (done: at most one step in flight)
       __syncthreads();
       // one wgmma per k16 step (core matrices 2s, 2s + 1 of every 8-row group), each dequantized while the
       // one before it runs: at most two in flight, so A takes two register sets, not eight
-      const uint64_t desc =
-          wgmma_desc_k_major(s_base + kWaStages * Tile::StageBytes + (st & 1) * Tile::XBytes, (BT / 8) * 128, 128);
+      const uint64_t desc = wgmma_desc_k_major(s_base + wg_x_offset(st), (BT / 8) * 128, 128);
 #pragma unroll
       for (int s = 0; s < 8; ++s) {
         const uint32_t a[4] = {d0.pair(w0, 2 * s), d1.pair(w1, 2 * s), d0.pair(w0, 2 * s + 1), d1.pair(w1, 2 * s + 1)};
@@ -250,6 +249,7 @@ __global__ void __launch_bounds__(kWaThreads, BT >= 128 ? 1 : 2) int3_gemm_wa_ke
         wgmma_wait<1>();  // the step before is done with its A registers
       }
     } else {
+      const uint32_t xb = s_base + (st % kWaStages) * Tile::StageBytes;
 #pragma unroll
       for (int s = 0; s < 8; ++s) {
         uint32_t a[4];

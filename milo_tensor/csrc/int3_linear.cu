@@ -280,10 +280,11 @@ int env_int(const char* name, int dflt) {
 int int3_cfg_ctas_per_sm(int cfg) {
   return env_int("MILO_INT3_CTAS_PER_SM", cfg == 1 ? 4 : (cfg == 3 ? 2 : (cfg == 2 ? 3 : 1)));
 }
-// a forced tile configuration (MILO_INT3_CFG for the dense op, MILO_INT3_GROUPED_CFG for the grouped op), 0 if none
+// a forced tile (MILO_INT3_CFG for the dense op, MILO_INT3_GROUPED_CFG for the grouped op): 1-4 (int3_gemm.cuh),
+// 7 or 8 (int3_gemm_wa.cu); 0 if none
 int forced_cfg(const char* var) {
   const int c = env_int(var, 0);
-  return c >= 1 && c <= 4 ? c : 0;
+  return (c >= 1 && c <= 4) || c == 7 || c == 8 ? c : 0;
 }
 
 // tile 8 (warpgroup MMAs) is built for sm_90a, so it runs on GPUs of compute capability 9.0 only
@@ -567,11 +568,10 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   // 60.5; past 64 rows its 128-row blocks run one per SM and lost to tile 7 at K = 14336, e.g. M=128 180.1
   // against 131.8).
   const int forced_tile = forced_cfg("MILO_INT3_CFG");
-  const int cfg_env = env_int("MILO_INT3_CFG", 0);
-  const bool tile8 = !use_gemv && (cfg_env == 8 ? check_tile8(dinfo)
-                                                : forced_tile == 0 && cfg_env != 7 && tile8_runs(dinfo) && M > 32 &&
-                                                      M <= 64 && (N >= 8192 || K >= 8192));
-  const bool tile7 = !use_gemv && (cfg_env == 7 || tile8 ||
+  const bool tile8 = !use_gemv && (forced_tile == 8 ? check_tile8(dinfo)
+                                                    : forced_tile == 0 && tile8_runs(dinfo) && M > 32 && M <= 64 &&
+                                                          (N >= 8192 || K >= 8192));
+  const bool tile7 = !use_gemv && (forced_tile == 7 || tile8 ||
                                    (forced_tile == 0 && ((N >= 8192 && (M > 16 || R == 0)) ||
                                                          (K >= 8192 && M > 16 && M <= 32))));
   // t = x v^T by lowrank_t_rows_kernel in k splits for the decode kernel and the 16-row tensor-core tile
@@ -651,7 +651,7 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   // (89.6 / 129.8), 4096x4096 26.1 / 36.9 (56.3 / 60.6); 1408x2048 with the 16 x 64 tile 11.2 / 16.4 (35.0 /
   // 35.4; 32 x 64: 13.3 / 17.7)
   int cfg = M <= 16 || N < 4096 ? 1 : 3;
-  if (forced_tile) cfg = forced_tile;
+  if (forced_tile >= 1 && forced_tile <= 4) cfg = forced_tile;
   const int bm = int3_cfg_bm(cfg), bn = int3_cfg_bn(cfg, G);
   const int m_blocks = (M + bm - 1) / bm;
   const int n_tiles = (N + bn - 1) / bn;
@@ -877,9 +877,8 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   // tile height from the mean rows per busy expert (static: depends only on shapes)
   const int busy = std::max(1, std::min(E, rows));
   const int mean_rows = (rows + busy - 1) / busy;
-  const int forced_wa = env_int("MILO_INT3_GROUPED_CFG", 0);
-  const int forced = forced_wa == 7 || forced_wa == 8 ? forced_wa : forced_cfg("MILO_INT3_GROUPED_CFG");
-  const int cfg = forced >= 1 && forced <= 4 ? forced : 0;  // tiles 1-4 (int3_gemm.cuh) only when forced
+  const int forced = forced_cfg("MILO_INT3_GROUPED_CFG");
+  const int cfg = forced <= 4 ? forced : 0;  // tiles 1-4 (int3_gemm.cuh) only when forced
   // decode (up to 4 rows per busy expert): the decode kernel on tiles of at most 2 rows (4 when the mean
   // is above 1; an expert past 4 rows takes several tiles). H100, bench_moe.py: Mixtral-shaped M=8 (2 rows
   // per expert) 533 us vs 730 with the mma tiles; 2026-12-06, up to 4 rows instead of 2: Mixtral-shaped M=16
