@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# First GPU run of branch tile8-wgmma (one device call, ~8-9 min; carry .whl): build, GPU tests, memcheck, then
-# the dense op's tiles 7 and 8 against its default past 16 rows (with and without ranks), tile 8's split
-# count, and the grouped op with tiles 7 and 8 forced against its default. Results under
+# Tile 8's GPU runs (one device call each, ~5-9 min; carry .whl): build, GPU tests, memcheck, then (PARTS) tile 8's
+# 16- and 32-row blocks against the default and tile 7 (small: dense 9-32 rows, grouped M 8-128), the dense op's
+# tiles 7 and 8 past 32 rows (dense), tile 8's split count (split8), the grouped op with tiles 7 and 8 (moe). Results under
 # $OUT (logs.tgz and the tables). PARTS picks steps (default: all).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-PARTS=${PARTS:-"build test sanitize dense split8 moe"}
+PARTS=${PARTS:-"build test sanitize small dense moe"}
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 export PYTHONUNBUFFERED=1 MILO_CUDA_ARCHS=90 PYTHONPATH=$PWD:/tmp/site TORCH_EXTENSIONS_DIR=/tmp/ext_new MAX_JOBS=16
@@ -23,6 +23,15 @@ if has sanitize; then
     timeout 90 compute-sanitizer --tool memcheck --print-limit 10 python3 tests/$t.py --sanitize > "$OUT/san_$t.log" 2>&1
     echo "memcheck $t rc=$? [$(el)s] $(grep -E 'ERROR SUMMARY|cases OK' "$OUT/san_$t.log" | tr '\n' ' ')"
   done
+fi
+if has small; then  # tile 8's 16- and 32-row blocks (branch tile8-small) against the default and tile 7
+  MILO_INT3_FUSED_MAX_M=4096 timeout 150 python3 benchmarks/bench_kernel.py --sweep MILO_INT3_CFG=-,7,8 --sweep-ranks 0,32 \
+    --shapes 14336x4096,4096x14336,4096x4096,1408x2048 --ms 9,16,24,32 > "$OUT/sw_small.md" 2>&1; grep "^|" "$OUT/sw_small.md"
+  for c in 7 8; do
+    MILO_INT3_GROUPED_CFG=$c timeout 120 python3 benchmarks/bench_moe.py --methods milo-grouped --ms 8,32,128 > "$OUT/moe_small$c.log" 2>&1
+    grep -E "^\|" "$OUT/moe_small$c.log" | sed "s/^/cfg$c /"; echo "moe small cfg $c [$(el)s]"
+  done
+  echo "small [$(el)s]"
 fi
 if has dense; then
   MILO_INT3_FUSED_MAX_M=4096 timeout 200 python3 benchmarks/bench_kernel.py --sweep MILO_INT3_CFG=-,7,8 --sweep-ranks 0,32 \

@@ -88,7 +88,7 @@ def run(M, N, K, G, dt=np.float16, seed=0, R=0, wg=False):
     x = rng.standard_normal((M, K)).astype(dt)
     ut = (rng.standard_normal((R, N)) * 0.05).astype(dt)
     t32 = (rng.standard_normal((M, R)) * 0.5).astype(np.float32)
-    BT = (64 if M <= 64 else 128) if wg else (16 if M <= 16 else (32 if M <= 32 else 64))
+    BT = (16 if M <= 16 else (32 if M <= 32 else (64 if M <= 64 else 128))) if wg else (16 if M <= 16 else (32 if M <= 32 else 64))
     NJ = BT // 8
     y = np.zeros((M, N), np.float64)
     for bx in range((M + BT - 1) // BT):
@@ -200,3 +200,5 @@ if __name__ == "__main__":
     assert run(12, 136, 128, 64, R=100) < 3e-3     # two rank chunks, the second partial
     assert run(40, 136, 256, 64, wg=True) < 3e-3   # tile 8, BT = 64, a partial row block, two stages
     assert run(70, 128, 128, 32, R=20, wg=True) < 3e-3  # tile 8, BT = 128
+    assert run(9, 136, 128, 64, R=20, wg=True) < 3e-3   # tile 8, BT = 16
+    assert run(24, 128, 256, 128, wg=True) < 3e-3       # tile 8, BT = 32

@@ -305,7 +305,7 @@ def test_forced_splits(monkeypatch, cfg, splits, M):
 @pytest.mark.parametrize("M", [1, 9, 16, 40])
 def test_forced_tile_configs(monkeypatch, cfg, g, M):
     """Every tensor-core tile (MILO_INT3_CFG: 16x64, 32x128, 32x64, 64x128; 7: the weight as the mma A
-    operand, 128 columns by 16 / 32 / 64 rows; 8: the same with warpgroup MMAs, 64 / 128 rows) at every
+    operand, 128 columns by 16 / 32 / 64 rows; 8: the same with warpgroup MMAs, 16 / 32 / 64 / 128 rows) at every
     group size, on row counts under, at and past its height (the host picks the tile from M, so a tile
     otherwise meets only its own M range) and N not a multiple of its width."""
     skip_unless_tile_runs(cfg)
@@ -472,9 +472,10 @@ def _sanitize_main():
     for M, N, K, R, g, dt in tile7_cases:
         _, err = check(make_inputs(M, N, K, R, g, dt, bias=True, gen=gen))
         worst = max(worst, err)
-    # tile 8 (warpgroup MMAs): split, 64- and 128-row blocks (the last partial), two rank chunks
+    # tile 8 (warpgroup MMAs): split, 16-, 32-, 64- and 128-row blocks (the last partial), two rank chunks
     tile8_cases = [(40, 1000, 2048, 24, 64, torch.bfloat16), (150, 264, 512, 100, 128, torch.float16),
-                   (64, 4096, 1024, 16, 32, torch.float16)] if torch.cuda.get_device_capability() == (9, 0) else []
+                   (64, 4096, 1024, 16, 32, torch.float16), (12, 520, 1024, 100, 64, torch.bfloat16),
+                   (24, 1000, 512, 0, 128, torch.float16)] if torch.cuda.get_device_capability() == (9, 0) else []
     os.environ["MILO_INT3_CFG"] = "8"
     for M, N, K, R, g, dt in tile8_cases:
         _, err = check(make_inputs(M, N, K, R, g, dt, bias=True, gen=gen))

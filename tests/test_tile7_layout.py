@@ -31,6 +31,8 @@ def test_tile7_index_math_matches_float64(gen, M, N, K, G, R):
 @pytest.mark.parametrize("M,N,K,G,R", [
     (40, 136, 256, 64, 0),    # 64 rows of x a block (partial), two stages, a partial column tile
     (70, 128, 128, 32, 20),   # 128 rows, a scale group per chunk, the low-rank epilogue
+    (9, 136, 128, 64, 20),    # 16 rows (m64n16k16)
+    (24, 128, 256, 128, 0),   # 32 rows (m64n32k16), two stages
 ])
 def test_tile8_index_math_matches_float64(gen, M, N, K, G, R):
     """Tile 8: x stored in the wgmma's core-matrix layout and read back through the kernel's descriptors

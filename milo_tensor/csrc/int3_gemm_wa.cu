@@ -39,7 +39,7 @@
 // of their 4 words w, the words of equal w as one 16-byte core-matrix row (core matrix 4j + w holds k pairs
 // 16t' + 4j + w, i.e. the mma's k slots of step s = 2j + (w >> 1), half w & 1). Loading x into registers a
 // stage ahead instead left the warps waiting on those loads (ncu, H100 2026-12-06: 3.1 of 7.8 cycles per
-// issued instruction on long scoreboard). BT = 64 or 128.
+// issued instruction on long scoreboard). BT = 16, 32, 64 or 128 (m64n16k16 .. m64n128k16).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/util/Exception.h>
@@ -118,7 +118,7 @@ template <typename T, int G, int BT, bool WG>
 __global__ void __launch_bounds__(kWaThreads, BT >= 128 ? 1 : 2) int3_gemm_wa_kernel(const Int3GemmParams p) {
   using Tile = WaTile<BT>;
   constexpr int NJ = Tile::NJ;
-  static_assert(!WG || BT == 64 || BT == 128, "tile 8 takes 64 or 128 rows of x a block");
+  static_assert(!WG || BT == 16 || BT == 32 || BT == 64 || BT == 128, "tile 8 takes 16, 32, 64 or 128 rows of x a block");
   if constexpr (WG) {
     if (!MILO_WGMMA) __trap();  // built without sm_90a: the host launches tile 8 on sm_90 only
   }
@@ -196,7 +196,7 @@ __global__ void __launch_bounds__(kWaThreads, BT >= 128 ? 1 : 2) int3_gemm_wa_ke
   // buffers after the ring: thread task i is row n = task % BT and j = task / BT; it reads k 8j + 32u .. + 7
   // (u = 0..3) and stores, for each word w, the four words w as one 16-byte core-matrix row (the 8 rows of
   // a quarter warp read 8 distinct bank groups and store one 128-byte core matrix)
-  constexpr int kXTasks = WG ? BT * 4 / kWaThreads : 0;
+  constexpr int kXTasks = WG ? (BT * 4 + kWaThreads - 1) / kWaThreads : 0;  // BT < 64: threads past BT * 4 idle
   auto wg_x_offset = [](int st) { return kWaStages * Tile::StageBytes + (st & 1) * Tile::XBytes; };  // stage st's buffer
   auto permute_x = [&](int st) {
     const uint8_t* const xn = smem + (st % kWaStages) * Tile::StageBytes;
@@ -204,6 +204,7 @@ __global__ void __launch_bounds__(kWaThreads, BT >= 128 ? 1 : 2) int3_gemm_wa_ke
 #pragma unroll
     for (int i = 0; i < kXTasks; ++i) {
       const int task = tid + i * kWaThreads, n = task % BT, j = task / BT;
+      if (BT * 4 < kWaThreads && task >= BT * 4) break;
       uint4 v[4];
 #pragma unroll
       for (int u = 0; u < 4; ++u) v[u] = lds128(xn + swz256(n, 4 * u + j));
@@ -403,12 +404,16 @@ template <typename T, int G>
 void launch_wa_bt(bool wg, int bt, int row_blocks, const Int3GemmParams& p, bool programmatic, cudaStream_t stream) {
   if (wg) {
     switch (bt) {
+      case 16:
+        return launch_wa<T, G, 16, true>(p, row_blocks, programmatic, stream);
+      case 32:
+        return launch_wa<T, G, 32, true>(p, row_blocks, programmatic, stream);
       case 64:
         return launch_wa<T, G, 64, true>(p, row_blocks, programmatic, stream);
       case 128:
         return launch_wa<T, G, 128, true>(p, row_blocks, programmatic, stream);
       default:
-        TORCH_CHECK(false, "int3_linear: tile 8 takes 64 or 128 rows of x a block, not ", bt);
+        TORCH_CHECK(false, "int3_linear: tile 8 takes 16, 32, 64 or 128 rows of x a block, not ", bt);
     }
   }
   switch (bt) {
@@ -441,7 +446,7 @@ void launch_wa_group(bool wg, int group, int bt, int row_blocks, const Int3GemmP
 }  // namespace
 
 int int3_gemm_wa_bt(int rows, bool wg) {
-  if (wg) return rows <= 64 ? 64 : 128;
+  if (wg) return rows <= 16 ? 16 : (rows <= 32 ? 32 : (rows <= 64 ? 64 : 128));
   return rows <= 16 ? 16 : (rows <= 32 ? 32 : 64);
 }
 

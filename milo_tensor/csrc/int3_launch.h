@@ -52,8 +52,8 @@ void launch_int3_gemm(int dtype, int mt, int group, const Int3GemmParams& p, int
 // (it waits for t before its low-rank epilogue). With splits > 1 the kernel needs p.ws (fp32 [splits, M,
 // N]) and p.counters (int [row_blocks x column tiles], zeroed before the launch).
 // Tile 8 (wg = true; sm_90a, the host launches it on compute capability 9.0 only): the same blocks with
-// the mmas as warpgroup MMAs, 64 or 128 rows of x a block.
-int int3_gemm_wa_bt(int rows, bool wg);  // rows of x a block (tile 7: 16, 32 or 64; tile 8: 64 or 128)
+// the mmas as warpgroup MMAs, 16, 32, 64 or 128 rows of x a block.
+int int3_gemm_wa_bt(int rows, bool wg);  // rows of x a block (tile 7: 16, 32 or 64; tile 8: 16, 32, 64 or 128)
 constexpr int kInt3WaBN = 128;     // output columns a block
 // (splits, stages per split) for `tiles` blocks of K (forced > 0: that many splits)
 std::pair<int, int> int3_gemm_wa_splits(int tiles, int K, int sms, int forced);

@@ -43,6 +43,30 @@ template <typename T, int N>
 __device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t b_desc);
 
 // one specialization per (dtype, N): the macros differ only in N's accumulator list
+#define MILO_WGMMA_RS_N16(T, PTX_TYPE)                                                                   \
+  template <>                                                                                          \
+  __device__ __forceinline__ void wgmma_rs<T, 16>(float(&d)[2][4], const uint32_t(&a)[4], uint64_t b_desc) { \
+    asm volatile(                                                                                      \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"                                                  \
+        "wgmma.mma_async.sync.aligned.m64n16k16.f32." PTX_TYPE "." PTX_TYPE " {%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, %12, p, 1, 1, 0;\n}\n" \
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), \
+        "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]) \
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(1));                            \
+  }
+
+#define MILO_WGMMA_RS_N32(T, PTX_TYPE)                                                                   \
+  template <>                                                                                          \
+  __device__ __forceinline__ void wgmma_rs<T, 32>(float(&d)[4][4], const uint32_t(&a)[4], uint64_t b_desc) { \
+    asm volatile(                                                                                      \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"                                                  \
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32." PTX_TYPE "." PTX_TYPE " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n" \
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), \
+        "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), \
+        "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), \
+        "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]) \
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(1));                            \
+  }
+
 #define MILO_WGMMA_RS_N64(T, PTX_TYPE)                                                                   \
   template <>                                                                                          \
   __device__ __forceinline__ void wgmma_rs<T, 64>(float(&d)[8][4], const uint32_t(&a)[4], uint64_t b_desc) { \
@@ -85,10 +109,16 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(1));                            \
   }
 
+MILO_WGMMA_RS_N16(half, "f16")
+MILO_WGMMA_RS_N16(__nv_bfloat16, "bf16")
+MILO_WGMMA_RS_N32(half, "f16")
+MILO_WGMMA_RS_N32(__nv_bfloat16, "bf16")
 MILO_WGMMA_RS_N64(half, "f16")
 MILO_WGMMA_RS_N64(__nv_bfloat16, "bf16")
 MILO_WGMMA_RS_N128(half, "f16")
 MILO_WGMMA_RS_N128(__nv_bfloat16, "bf16")
+#undef MILO_WGMMA_RS_N16
+#undef MILO_WGMMA_RS_N32
 #undef MILO_WGMMA_RS_N64
 #undef MILO_WGMMA_RS_N128
 #else
