@@ -33,6 +33,15 @@ if has small; then  # tile 8's 16- and 32-row blocks (branch tile8-small) agains
   done
   echo "small [$(el)s]"
 fi
+if has bt32; then  # the dense default with tile 8's 32-row blocks at 17-32 rows, against tiles 7 and 8 forced
+  MILO_INT3_FUSED_MAX_M=4096 timeout 150 python3 benchmarks/bench_kernel.py --sweep MILO_INT3_CFG=-,7,8 --sweep-ranks 0,32 \
+    --shapes 14336x4096,4096x14336,4096x4096,1408x2048 --ms 17,32,48,64 > "$OUT/sw_bt32.md" 2>&1; grep "^|" "$OUT/sw_bt32.md"
+  echo "bt32 [$(el)s]"
+fi
+if has moedef; then  # the grouped op's default rule against bf16
+  timeout 170 python3 benchmarks/bench_moe.py --methods milo-grouped,bf16-grouped --layers mixtral,qwen3,dsv2lite \
+    --ms 32,128,512 > "$OUT/moe_def.log" 2>&1; grep -E "^\|" "$OUT/moe_def.log"; echo "moe default [$(el)s]"
+fi
 if has dense; then
   MILO_INT3_FUSED_MAX_M=4096 timeout 200 python3 benchmarks/bench_kernel.py --sweep MILO_INT3_CFG=-,7,8 --sweep-ranks 0,32 \
     --shapes 14336x4096,4096x14336,4096x4096 --ms 32,64,128,256 > "$OUT/sw_cfg.md" 2>&1; grep "^|" "$OUT/sw_cfg.md"
