@@ -35,7 +35,7 @@ if has small; then  # tile 8's 16- and 32-row blocks (branch tile8-small) agains
 fi
 if has bt32; then  # the dense default with tile 8's 32-row blocks at 17-32 rows, against tiles 7 and 8 forced
   MILO_INT3_FUSED_MAX_M=4096 timeout 150 python3 benchmarks/bench_kernel.py --sweep MILO_INT3_CFG=-,7,8 --sweep-ranks 0,32 \
-    --shapes 14336x4096,4096x14336,4096x4096,1408x2048 --ms 17,32,48,64 > "$OUT/sw_bt32.md" 2>&1; grep "^|" "$OUT/sw_bt32.md"
+    --shapes 14336x4096,4096x14336,4096x4096,1408x2048 --ms 17,32,64,128,256 > "$OUT/sw_bt32.md" 2>&1; grep "^|" "$OUT/sw_bt32.md"
   echo "bt32 [$(el)s]"
 fi
 if has moedef; then  # the grouped op's default rule against bf16

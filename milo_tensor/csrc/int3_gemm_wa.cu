@@ -115,7 +115,7 @@ struct WaDequant<half> {
 };
 
 template <typename T, int G, int BT, bool WG>
-__global__ void __launch_bounds__(kWaThreads, BT >= 128 ? 1 : 2) int3_gemm_wa_kernel(const Int3GemmParams p) {
+__global__ void __launch_bounds__(kWaThreads, BT >= 128 || (WG && BT >= 64) ? 1 : 2) int3_gemm_wa_kernel(const Int3GemmParams p) {
   using Tile = WaTile<BT>;
   constexpr int NJ = Tile::NJ;
   static_assert(!WG || BT == 16 || BT == 32 || BT == 64 || BT == 128, "tile 8 takes 16, 32, 64 or 128 rows of x a block");
@@ -218,6 +218,15 @@ __global__ void __launch_bounds__(kWaThreads, BT >= 128 ? 1 : 2) int3_gemm_wa_ke
     fence_proxy_async_smem();  // the wgmma reads them through the async proxy (after the barrier)
   };
 
+  // tile 8: the wgmmas a warpgroup keeps in flight, each with its own A registers (the wgmma reads them
+  // asynchronously). ptxas computes a stage's 8 A sets ahead of its first wgmma anyway, so with one in flight
+  // (the first version) the 8 wgmmas ran one after the other, each waiting for the last; 7 let a stage's
+  // wgmmas queue and run on through the next stage's barriers and dequantization (1 block per SM at 64+ rows:
+  // the registers are there); 3 at 16-32 rows keep 2 blocks per SM
+  constexpr int kWgPending = BT >= 64 ? 7 : 3;
+  static_assert(8 % (kWgPending + 1) == 0, "the A ring's phase must repeat every stage");
+  uint32_t a_ring[kWgPending + 1][4];
+
   load_scales(0);
 #pragma unroll
   for (int s = 0; s < kWaStages - 1; ++s) {
@@ -239,15 +248,20 @@ __global__ void __launch_bounds__(kWaThreads, BT >= 128 ? 1 : 2) int3_gemm_wa_ke
       permute_x(st);  // into the buffer the wgmmas of stage st - 2 read (done: at most one step in flight)
       __syncthreads();
       // one wgmma per k16 step (core matrices 2s, 2s + 1 of every 8-row group), each dequantized while the
-      // one before it runs: at most two in flight, so A takes two register sets, not eight
+      // ones before it run: up to kWgPending in flight, each holding its own A registers (a ring of
+      // kWgPending + 1 sets, indexed by the step: 8 steps a stage keep the ring's phase across stages)
       const uint64_t desc = wgmma_desc_k_major(s_base + wg_x_offset(st), (BT / 8) * 128, 128);
 #pragma unroll
       for (int s = 0; s < 8; ++s) {
-        const uint32_t a[4] = {d0.pair(w0, 2 * s), d1.pair(w1, 2 * s), d0.pair(w0, 2 * s + 1), d1.pair(w1, 2 * s + 1)};
+        uint32_t(&a)[4] = a_ring[s % (kWgPending + 1)];
+        a[0] = d0.pair(w0, 2 * s);
+        a[1] = d1.pair(w1, 2 * s);
+        a[2] = d0.pair(w0, 2 * s + 1);
+        a[3] = d1.pair(w1, 2 * s + 1);
         wgmma_fence();
         wgmma_rs<T, BT>(acc, a, desc + ((2 * s * (BT / 8) * 128) >> 4));  // the start address field, in 16 bytes
         wgmma_commit();
-        wgmma_wait<1>();  // the step before is done with its A registers
+        wgmma_wait<kWgPending>();  // the step that used the next A set is done
       }
     } else {
       const uint32_t xb = s_base + (st % kWaStages) * Tile::StageBytes;
