@@ -567,9 +567,10 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   // 83.3 -> 67.7 / 96.2 -> 77.7; at M=32 no gain, 43.4 -> 42.2 / 50.4 -> 50.4 and 48.7 -> 48.5 / 57.8 ->
   // 60.5; past 64 rows its 128-row blocks run one per SM and lost to tile 7 at K = 14336, e.g. M=128 180.1
   // against 131.8). With its 32-row blocks (m64n32k16) also at 17-32 rows where N and K >= 4096 (H100 2026-12-06
-  // 15:20 UTC, same sweep, R=0 / R=32: 14336x4096 M=32 42.8 -> 37.5 / 51.1 -> 45.7, 4096x14336 47.7 -> 43.5 /
-  // 56.8 -> 52.7, 4096x4096 26.1 -> 22.4 / 33.0 -> 30.7); not at 9-16 rows (14336x4096 M=16 31.6 against 34.0)
-  // nor the expert shapes (1408x2048 M=32 11.3 against 17.5).
+  // 15:51 UTC, same sweep, tile 7 -> tile 8, R=0 / R=32: 14336x4096 M=17 41.8 -> 35.9 / 49.3 -> 43.3, M=32 43.7
+  // -> 37.5 / 50.9 -> 44.8; 4096x14336 M=17 44.2 -> 39.2 / 53.2 -> 48.6, M=32 47.5 -> 43.0 / 58.1 -> 53.5;
+  // 4096x4096, where tiles 1 / 3 ran, M=32 26.1 -> 22.4 / 33.0 -> 30.7 at 15:20); not at 9-16 rows (14336x4096
+  // M=16 31.6 against 34.0) nor the expert shapes (1408x2048 M=32 11.1 against 17.5).
   const int forced_tile = forced_cfg("MILO_INT3_CFG");
   const bool tile8 = !use_gemv && (forced_tile == 8 ? check_tile8(dinfo)
                                                     : forced_tile == 0 && tile8_runs(dinfo) && M > 16 && M <= 64 &&
