@@ -561,8 +561,8 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   // takes t from the rows kernel launched programmatically, tile 7 from cuBLAS); K >= 8192 at 17-32 rows
   // (4096x14336 M=32 56.8 -> 51.0 / 69.6 -> 61.2; at M=64 it lost, 84.5 -> 96.4); not 4096x4096 (M=32 26.4
   // -> 31.3) nor the expert shapes (1408x2048 M=32 11.1 -> 17.4).
-  // Tile 8 (tile 7 with warpgroup MMAs, capability 9.0 only; MILO_INT3_CFG=8 forces it) at 33-64 rows where N
-  // or K >= 8192 (H100 2026-12-06 14:33 UTC, bench_kernel.py --sweep MILO_INT3_CFG=-,7,8 under
+  // Tile 8 (tile 7 with warpgroup MMAs, capability 9.0 only; MILO_INT3_CFG=8 forces it) at 17-64 rows where N
+  // and K >= 4096. Its 64-row blocks at 33-64 rows (H100 2026-12-06 14:33 UTC, bench_kernel.py --sweep MILO_INT3_CFG=-,7,8 under
   // MILO_INT3_FUSED_MAX_M=4096, us, R=0 / R=32: 14336x4096 M=64 66.7 -> 45.7 / 74.8 -> 54.5, 4096x14336 M=64
   // 83.3 -> 67.7 / 96.2 -> 77.7; at M=32 no gain, 43.4 -> 42.2 / 50.4 -> 50.4 and 48.7 -> 48.5 / 57.8 ->
   // 60.5; past 64 rows its 128-row blocks run one per SM and lost to tile 7 at K = 14336, e.g. M=128 180.1
