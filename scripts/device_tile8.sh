@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Tile 8's GPU runs (one device call each, ~5-9 min; carry .whl): build, GPU tests, memcheck, then (PARTS) tile 8's
 # 16- and 32-row blocks against the default and tile 7 (small: dense 9-32 rows, grouped M 8-128), the dense op's
-# tiles 7 and 8 past 32 rows (dense), tile 8's split count (split8), the grouped op with tiles 7 and 8 (moe). Results under
+# tiles 7 and 8 past 32 rows (dense), tile 8's split count (split8), the grouped op with tiles 7 and 8 (moe), the dense
+# default at 17-256 rows (bt32), the grouped default against bf16 (moedef), tile 8's stalls by SASS line (hot). Results under
 # $OUT (logs.tgz and the tables). PARTS picks steps (default: all).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -57,5 +58,14 @@ if has split8; then
   MILO_INT3_CFG=8 MILO_INT3_FUSED_MAX_M=4096 timeout 100 python3 benchmarks/bench_kernel.py --sweep MILO_INT3_SPLITS=-,1,2,3,4 \
     --sweep-ranks 0 --shapes 14336x4096,4096x14336 --ms 64,128,256 > "$OUT/sw_split8.md" 2>&1; grep "^|" "$OUT/sw_split8.md"
   echo "tile 8 splits [$(el)s]"
+fi
+if has hot; then  # where tile 8's warps stall, by SASS line (ncu source counters), at 14336x4096 M=64 and 128
+  for m in 64 128; do
+    MILO_INT3_CFG=8 MILO_INT3_FUSED_MAX_M=4096 timeout 150 ncu -o "$OUT/rep$m" --kernel-name regex:int3_gemm_wa --launch-count 1 \
+      --section SourceCounters --section WarpStateStats python3 benchmarks/bench_kernel.py --profile 14336x4096x${m}x0 > "$OUT/ncu$m.log" 2>&1
+    python3 scripts/ncu_hotspots.py "$OUT/rep$m.ncu-rep" 30 > "$OUT/hot$m.txt" 2>&1; cut -c1-160 "$OUT/hot$m.txt" | head -32
+    rm -f "$OUT/rep$m.ncu-rep"
+  done
+  echo "hot [$(el)s]"
 fi
 (cd "$OUT" && tar czf logs.tgz ./*.log 2>/dev/null; rm -f ./*.log)
