@@ -84,13 +84,14 @@ def loops(ins: list[tuple[int, str]]) -> list[tuple[int, int]]:
     return found
 
 
-def main_loop(ins: list[tuple[int, str]]) -> tuple[int, int] | None:
-    """The smallest loop holding the most mma instructions (the main loop also where the compiler left a
-    small loop inside it); without mmas, the largest innermost loop."""
+def main_loop(ins: list[tuple[int, str]], mma: str = "MMA") -> tuple[int, int] | None:
+    """The smallest loop holding the most mma instructions (opcodes matching `mma`; the main loop also where the
+    compiler left a small loop inside it); without mmas, the largest innermost loop. Tile 8 wants mma="HGMMA":
+    its epilogue's loop holds more (smaller) HMMAs than its main loop's 8 warpgroup MMAs a stage."""
     found = loops(ins)
     if not found:
         return None
-    mmas = {se: sum("MMA" in t for _, t in ins[se[0]:se[1] + 1]) for se in found}
+    mmas = {se: sum(bool(re.search(mma, t)) for _, t in ins[se[0]:se[1] + 1]) for se in found}
     if max(mmas.values()) > 0:
         return min(found, key=lambda se: (-mmas[se], se[1] - se[0]))
     inner = [(s, e) for s, e in found if not any(s <= s2 and e2 <= e and (s2, e2) != (s, e) for s2, e2 in found)]
@@ -107,6 +108,7 @@ def main() -> None:
     ap.add_argument("--kernel", default="", help="regex on the mangled kernel name (default: all)")
     ap.add_argument("--arch", default="90")
     ap.add_argument("--top", type=int, default=16, help="opcodes listed per loop")
+    ap.add_argument("--mma", default="MMA", help="regex of the opcodes that mark the main loop (tile 8: HGMMA)")
     ap.add_argument("--dump", action="store_true", help="print the main loop's instructions too")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -121,7 +123,7 @@ def main() -> None:
         if args.kernel and not re.search(args.kernel, name):
             continue
         print(f"{name}\n  {info.get(name, '')}; {len(ins)} instructions")
-        for s, e in filter(None, [main_loop(ins)]):
+        for s, e in filter(None, [main_loop(ins, args.mma)]):
             mix = collections.Counter(opcode(t) for _, t in ins[s:e + 1])
             print(f"  main loop {ins[s][0]:#x}-{ins[e][0]:#x}: {e - s + 1} instructions; "
                   + ", ".join(f"{k} {v}" for k, v in mix.most_common(args.top)))
