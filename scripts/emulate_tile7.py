@@ -88,7 +88,7 @@ def run(M, N, K, G, dt=np.float16, seed=0, R=0, wg=False):
     x = rng.standard_normal((M, K)).astype(dt)
     ut = (rng.standard_normal((R, N)) * 0.05).astype(dt)
     t32 = (rng.standard_normal((M, R)) * 0.5).astype(np.float32)
-    BT = (16 if M <= 16 else (32 if M <= 32 else (64 if M <= 64 else 128))) if wg else (16 if M <= 16 else (32 if M <= 32 else 64))
+    BT = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 or not wg else 128  # int3_gemm_wa_bt
     NJ = BT // 8
     y = np.zeros((M, N), np.float64)
     for bx in range((M + BT - 1) // BT):

@@ -18,6 +18,7 @@ import sys
 
 import pytest
 import torch
+from cuda_tiles import skip_unless_tile_runs, tile8_runs
 
 HAS_CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
@@ -77,12 +78,6 @@ def _ext():
 # ------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------
-
-
-def skip_unless_tile_runs(cfg: str) -> None:
-    """Tile 8 (warpgroup MMAs) is built for sm_90a and runs on compute capability 9.0 only."""
-    if cfg == "8" and torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("tile 8 (wgmma) needs compute capability 9.0")
 
 
 def make_inputs(M, N, K, R, g, dtype, bias=False, gen=None, lead=None, xdtype=None):
@@ -475,7 +470,7 @@ def _sanitize_main():
     # tile 8 (warpgroup MMAs): split, 16-, 32-, 64- and 128-row blocks (the last partial), two rank chunks
     tile8_cases = [(40, 1000, 2048, 24, 64, torch.bfloat16), (150, 264, 512, 100, 128, torch.float16),
                    (64, 4096, 1024, 16, 32, torch.float16), (12, 520, 1024, 100, 64, torch.bfloat16),
-                   (24, 1000, 512, 0, 128, torch.float16)] if torch.cuda.get_device_capability() == (9, 0) else []
+                   (24, 1000, 512, 0, 128, torch.float16)] if tile8_runs() else []
     os.environ["MILO_INT3_CFG"] = "8"
     for M, N, K, R, g, dt in tile8_cases:
         _, err = check(make_inputs(M, N, K, R, g, dt, bias=True, gen=gen))

@@ -16,6 +16,7 @@ import zlib
 
 import pytest
 import torch
+from cuda_tiles import skip_unless_tile_runs, tile8_runs
 
 HAS_CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
@@ -35,12 +36,6 @@ def _ext():
         for op in ("int3_grouped_linear", "moe_route", "moe_combine"):
             assert torch._C._dispatch_has_kernel_for_dispatch_key(f"milo::{op}", "CUDA"), op
     yield
-
-
-def skip_unless_tile_runs(cfg: str) -> None:
-    """Tile 8 (warpgroup MMAs) is built for sm_90a and runs on compute capability 9.0 only."""
-    if cfg == "8" and torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("tile 8 (wgmma) needs compute capability 9.0")
 
 
 def make_experts(E, N, K, ranks, g, dtype, gen):
@@ -566,7 +561,7 @@ def _sanitize_main():
         (8, 648, 1024, 200, 32, 64, torch.bfloat16, "sentinel", "7", "3"),  # tile 7, 32-row tiles, split-K
         (8, 520, 512, 700, 16, 32, torch.float16, "uniform", "7", "0"),  # tile 7, 64-row tiles
     ]
-    if torch.cuda.get_device_capability() == (9, 0):  # tile 8 (warpgroup MMAs): 64- and 128-row tiles
+    if tile8_runs():  # tile 8 (warpgroup MMAs): 64- and 128-row tiles
         cases += [(8, 648, 1024, 300, 32, 64, torch.bfloat16, "sentinel", "8", "3"),
                   (8, 520, 512, 900, 16, 32, torch.float16, "uniform", "8", "0")]
     os.environ["MILO_INT3_GROUPED_GEMV_MAX_ROWS"] = "4"  # the decode kernel up to 4 rows per busy expert

@@ -49,6 +49,7 @@
 #include "wgmma.cuh"
 
 #include <algorithm>
+#include <type_traits>
 
 namespace milo {
 namespace {
@@ -244,8 +245,15 @@ __global__ void __launch_bounds__(kWaThreads, BT >= 128 || (WG && BT >= 64) ? 1 
     const uint32_t w1[3] = {lds32(qs + 8 * kWaQRow), lds32(qs + 8 * kWaQRow + 4), lds32(qs + 8 * kWaQRow + 8)};
     const WaDequant<T> d0(sc[0], -zc[0] * sc[0]), d1(sc[1], -zc[1] * sc[1]);
     load_scales(st + 1);
+    // the A fragment of k16 step s: rows r_lo (d0) and r_lo + 8 (d1), the step's two k halves
+    auto dequant_a = [&](uint32_t (&a)[4], int s) {
+      a[0] = d0.pair(w0, 2 * s);
+      a[1] = d1.pair(w1, 2 * s);
+      a[2] = d0.pair(w0, 2 * s + 1);
+      a[3] = d1.pair(w1, 2 * s + 1);
+    };
     if constexpr (WG) {
-      permute_x(st);  // into the buffer the wgmmas of stage st - 2 read (done: at most one step in flight)
+      permute_x(st);  // into the buffer stage st - 2's wgmmas read (done: at most kWgPending steps, all of st - 1, in flight)
       __syncthreads();
       // one wgmma per k16 step (core matrices 2s, 2s + 1 of every 8-row group), each dequantized while the
       // ones before it run: up to kWgPending in flight, each holding its own A registers (a ring of
@@ -254,10 +262,7 @@ __global__ void __launch_bounds__(kWaThreads, BT >= 128 || (WG && BT >= 64) ? 1 
 #pragma unroll
       for (int s = 0; s < 8; ++s) {
         uint32_t(&a)[4] = a_ring[s % (kWgPending + 1)];
-        a[0] = d0.pair(w0, 2 * s);
-        a[1] = d1.pair(w1, 2 * s);
-        a[2] = d0.pair(w0, 2 * s + 1);
-        a[3] = d1.pair(w1, 2 * s + 1);
+        dequant_a(a, s);
         wgmma_fence();
         wgmma_rs<T, BT>(acc, a, desc + ((2 * s * (BT / 8) * 128) >> 4));  // the start address field, in 16 bytes
         wgmma_commit();
@@ -268,10 +273,7 @@ __global__ void __launch_bounds__(kWaThreads, BT >= 128 || (WG && BT >= 64) ? 1 
 #pragma unroll
       for (int s = 0; s < 8; ++s) {
         uint32_t a[4];
-        a[0] = d0.pair(w0, 2 * s);
-        a[1] = d1.pair(w1, 2 * s);
-        a[2] = d0.pair(w0, 2 * s + 1);
-        a[3] = d1.pair(w1, 2 * s + 1);
+        dequant_a(a, s);
 #pragma unroll
         for (int j = 0; j < NJ; ++j) {  // rows 8j .. 8j + 7 of x: k 32t + 4s .. + 3 of row 8j + g
           const uint2 b = lds64(xb + swz256(8 * j + g, 4 * t + (s >> 1)) + 8 * (s & 1));
@@ -414,55 +416,42 @@ void launch_wa(const Int3GemmParams& p, int row_blocks, bool programmatic, cudaS
   launch_programmatic_if(kern, grid, dim3(kWaThreads), kSmem, programmatic, stream, p);
 }
 
-template <typename T, int G>
-void launch_wa_bt(bool wg, int bt, int row_blocks, const Int3GemmParams& p, bool programmatic, cudaStream_t stream) {
-  if (wg) {
-    switch (bt) {
-      case 16:
-        return launch_wa<T, G, 16, true>(p, row_blocks, programmatic, stream);
-      case 32:
-        return launch_wa<T, G, 32, true>(p, row_blocks, programmatic, stream);
-      case 64:
-        return launch_wa<T, G, 64, true>(p, row_blocks, programmatic, stream);
-      case 128:
-        return launch_wa<T, G, 128, true>(p, row_blocks, programmatic, stream);
-      default:
-        TORCH_CHECK(false, "int3_linear: tile 8 takes 16, 32, 64 or 128 rows of x a block, not ", bt);
-    }
-  }
+template <typename T, int G, bool WG>
+void launch_wa_bt(int bt, int row_blocks, const Int3GemmParams& p, bool programmatic, cudaStream_t stream) {
   switch (bt) {
     case 16:
-      return launch_wa<T, G, 16, false>(p, row_blocks, programmatic, stream);
+      return launch_wa<T, G, 16, WG>(p, row_blocks, programmatic, stream);
     case 32:
-      return launch_wa<T, G, 32, false>(p, row_blocks, programmatic, stream);
+      return launch_wa<T, G, 32, WG>(p, row_blocks, programmatic, stream);
     case 64:
-      return launch_wa<T, G, 64, false>(p, row_blocks, programmatic, stream);
+      return launch_wa<T, G, 64, WG>(p, row_blocks, programmatic, stream);
+    case 128:  // tile 8 only
+      if constexpr (WG) return launch_wa<T, G, 128, true>(p, row_blocks, programmatic, stream);
+      [[fallthrough]];
     default:
-      TORCH_CHECK(false, "int3_linear: tile 7 takes 16, 32 or 64 rows of x a block, not ", bt);
+      TORCH_CHECK(false, "int3_linear: tile ", WG ? "8 takes 16, 32, 64 or 128" : "7 takes 16, 32 or 64",
+                  " rows of x a block, not ", bt);
   }
 }
 
-template <typename T>
-void launch_wa_group(bool wg, int group, int bt, int row_blocks, const Int3GemmParams& p, bool programmatic,
+template <typename T, bool WG>
+void launch_wa_group(int group, int bt, int row_blocks, const Int3GemmParams& p, bool programmatic,
                      cudaStream_t stream) {
   switch (group) {
     case 32:
-      return launch_wa_bt<T, 32>(wg, bt, row_blocks, p, programmatic, stream);
+      return launch_wa_bt<T, 32, WG>(bt, row_blocks, p, programmatic, stream);
     case 64:
-      return launch_wa_bt<T, 64>(wg, bt, row_blocks, p, programmatic, stream);
+      return launch_wa_bt<T, 64, WG>(bt, row_blocks, p, programmatic, stream);
     case 128:
-      return launch_wa_bt<T, 128>(wg, bt, row_blocks, p, programmatic, stream);
+      return launch_wa_bt<T, 128, WG>(bt, row_blocks, p, programmatic, stream);
     default:
-      TORCH_CHECK(false, "int3_linear: tile 7 is built for group sizes 32, 64 and 128, not ", group);
+      TORCH_CHECK(false, "int3_linear: tiles 7 and 8 are built for group sizes 32, 64 and 128, not ", group);
   }
 }
 
 }  // namespace
 
-int int3_gemm_wa_bt(int rows, bool wg) {
-  if (wg) return rows <= 16 ? 16 : (rows <= 32 ? 32 : (rows <= 64 ? 64 : 128));
-  return rows <= 16 ? 16 : (rows <= 32 ? 32 : 64);
-}
+int int3_gemm_wa_bt(int rows, bool wg) { return rows <= 16 ? 16 : rows <= 32 ? 32 : rows <= 64 || !wg ? 64 : 128; }
 
 std::pair<int, int> int3_gemm_wa_splits(int tiles, int K, int sms, int forced) {
   const int stages = K / kWaBK;
@@ -490,10 +479,17 @@ std::pair<int, int> int3_gemm_wa_splits(int tiles, int K, int sms, int forced) {
 void launch_int3_gemm_wa(bool wg, int dtype, int group, int bt, int row_blocks, const Int3GemmParams& p,
                          bool programmatic, cudaStream_t stream) {
   TORCH_CHECK(p.K % kWaBK == 0 && p.N % 8 == 0, "int3_linear: tiles 7 and 8 need K % 128 == 0 and N % 8 == 0");
-  if (dtype == 0)
-    launch_wa_group<half>(wg, group, bt, row_blocks, p, programmatic, stream);
+  const auto launch = [&](auto wg_tag) {  // WG as a compile-time constant
+    constexpr bool WG = decltype(wg_tag)::value;
+    if (dtype == 0)
+      launch_wa_group<half, WG>(group, bt, row_blocks, p, programmatic, stream);
+    else
+      launch_wa_group<__nv_bfloat16, WG>(group, bt, row_blocks, p, programmatic, stream);
+  };
+  if (wg)
+    launch(std::true_type{});
   else
-    launch_wa_group<__nv_bfloat16>(wg, group, bt, row_blocks, p, programmatic, stream);
+    launch(std::false_type{});
 }
 
 }  // namespace milo

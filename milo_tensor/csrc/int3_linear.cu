@@ -1027,9 +1027,7 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
       if (xt == at::kHalf) {
         if (bm <= 16) MILO_LR_LAUNCH(half, 16); else if (bm <= 64) MILO_LR_LAUNCH(half, 64); else MILO_LR_LAUNCH(half, 128);
       } else {
-        if (bm <= 16) MILO_LR_LAUNCH(__nv_bfloat16, 16);
-        else if (bm <= 64) MILO_LR_LAUNCH(__nv_bfloat16, 64);
-        else MILO_LR_LAUNCH(__nv_bfloat16, 128);
+        if (bm <= 16) MILO_LR_LAUNCH(__nv_bfloat16, 16); else if (bm <= 64) MILO_LR_LAUNCH(__nv_bfloat16, 64); else MILO_LR_LAUNCH(__nv_bfloat16, 128);
       }
 #undef MILO_LR_LAUNCH
       C10_CUDA_KERNEL_LAUNCH_CHECK();
