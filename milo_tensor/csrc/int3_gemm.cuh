@@ -157,6 +157,13 @@ __device__ __forceinline__ void cp_async16_zfill(uint32_t dst, const void* src, 
   int n = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
 }
+// 4 or 8 bytes, zero-filled when !valid (src is not read then)
+template <int Bytes>
+__device__ __forceinline__ void cp_async_small_zfill(uint32_t dst, const void* src, bool valid) {
+  static_assert(Bytes == 4 || Bytes == 8, "cp.async.ca copies 4, 8 or 16 bytes");
+  int n = valid ? Bytes : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(dst), "l"(src), "n"(Bytes), "r"(n));
+}
 __device__ __forceinline__ void cp_async4(uint32_t dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src));
 }

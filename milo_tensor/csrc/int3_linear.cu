@@ -548,8 +548,8 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor xa = aligned_contig(x2d, 16);
   const at::Tensor qa = aligned(q, 16) ? q : q.clone();
-  const at::Tensor sa = aligned_contig(scales, 4);
-  const at::Tensor za = aligned_contig(zeros, 4);
+  const at::Tensor sa = aligned_contig(scales, 8);
+  const at::Tensor za = aligned_contig(zeros, 8);
   at::Tensor ba;
   if (bias.has_value()) ba = bias->reshape({N64}).contiguous();
   at::Tensor y = at::empty({M64, N64}, x.options());
@@ -958,8 +958,8 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   at::Tensor rows_i32;
   if (in_kernel_input && x_rows.has_value()) rows_i32 = x_rows->to(at::kInt).contiguous();
   const at::Tensor qa = aligned_contig(qdata, 16);
-  const at::Tensor sa = aligned_contig(scales, 4);
-  const at::Tensor za = aligned_contig(zeros, 4);
+  const at::Tensor sa = aligned_contig(scales, 8);
+  const at::Tensor za = aligned_contig(zeros, 8);
   const at::Tensor off = offsets.contiguous();
   if (!lookup) {
     if (xt == at::kHalf)
