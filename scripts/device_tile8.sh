@@ -2,7 +2,7 @@
 # Tile 8's GPU runs (one device call each, ~5-9 min; carry .whl): build, GPU tests, memcheck, then (PARTS) tile 8's
 # 16- and 32-row blocks against the default and tile 7 (small: dense 9-32 rows, grouped M 8-128), the dense op's
 # tiles 7 and 8 past 32 rows (dense), tile 8's split count (split8), the grouped op with tiles 7 and 8 (moe), the dense
-# default at 17-256 rows (bt32), the grouped default against bf16 (moedef), tile 8's stalls by SASS line (hot). Results under
+# default at 17-256 rows (bt32), the grouped default against bf16 (moedef), tile 8's rows of x a block forced (bt), tile 8's stalls by SASS line (hot). Results under
 # $OUT (logs.tgz and the tables). PARTS picks steps (default: all).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -58,6 +58,11 @@ if has split8; then
   MILO_INT3_CFG=8 MILO_INT3_FUSED_MAX_M=4096 timeout 100 python3 benchmarks/bench_kernel.py --sweep MILO_INT3_SPLITS=-,1,2,3,4 \
     --sweep-ranks 0 --shapes 14336x4096,4096x14336 --ms 64,128,256 > "$OUT/sw_split8.md" 2>&1; grep "^|" "$OUT/sw_split8.md"
   echo "tile 8 splits [$(el)s]"
+fi
+if has bt; then  # tile 8's rows of x a block forced (2 blocks per SM at 32 rows: blocks, not barriers, interleave)
+  MILO_INT3_CFG=8 MILO_INT3_FUSED_MAX_M=4096 timeout 150 python3 benchmarks/bench_kernel.py --sweep MILO_INT3_WA_BT=-,32,64 \
+    --sweep-ranks 0 --shapes 14336x4096,4096x14336 --ms 64,128,256 > "$OUT/sw_bt.md" 2>&1; grep "^|" "$OUT/sw_bt.md"
+  echo "bt [$(el)s]"
 fi
 if has hot; then  # where tile 8's warps stall, by SASS line (ncu source counters), at 14336x4096 M=64 and 128
   for m in 64 128; do

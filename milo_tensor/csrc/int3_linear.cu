@@ -640,7 +640,9 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
     C10_CUDA_CHECK(cudaMemsetAsync(p.counters, 0, n_counters * sizeof(int), stream));
   };
   if (tile7) {
-    const int bt = int3_gemm_wa_bt(M, tile8), row_blocks = (M + bt - 1) / bt;
+    // MILO_INT3_WA_BT forces the rows of x a block (measurements): tile 7 takes 16, 32 or 64, tile 8 also 128
+    const int forced_bt = env_int("MILO_INT3_WA_BT", 0);
+    const int bt = forced_bt > 0 ? forced_bt : int3_gemm_wa_bt(M, tile8), row_blocks = (M + bt - 1) / bt;
     const int wa_tiles = row_blocks * ((N + kInt3WaBN - 1) / kInt3WaBN);
     std::tie(p.splits, p.stages_per_split) = int3_gemm_wa_splits(wa_tiles, K, dinfo.sms, env_int("MILO_INT3_SPLITS", 0));
     alloc_split_ws(p.splits, wa_tiles);
