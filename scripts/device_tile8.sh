@@ -2,7 +2,7 @@
 # Tile 8's GPU runs (one device call each, ~5-9 min; carry .whl): build, GPU tests, memcheck, then (PARTS) tile 8's
 # 16- and 32-row blocks against the default and tile 7 (small: dense 9-32 rows, grouped M 8-128), the dense op's
 # tiles 7 and 8 past 32 rows (dense), tile 8's split count (split8), the grouped op with tiles 7 and 8 (moe), the dense
-# default at 17-256 rows (bt32), the grouped default against bf16 (moedef), tile 8's rows of x a block forced (bt), tile 8's stalls by SASS line (hot). Results under
+# default at 17-256 rows (bt32), the grouped default against bf16 (moedef), tile 8's rows of x a block forced (bt), tile 9 against tile 8 (ws), tile 8's stalls by SASS line (hot). Results under
 # $OUT (logs.tgz and the tables). PARTS picks steps (default: all).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +16,7 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c 'from milo_tensor.ops.cuda import load_extension, extension_status; ok=load_extension(); print(extension_status()); raise SystemExit(0 if ok else 1)' > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
 echo "build [$(el)s]"
 if has test; then
-  timeout 240 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_cuda_kernel.py tests/test_moe_cuda.py -rf > "$OUT/test.log" 2>&1
+  timeout 300 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_cuda_kernel.py tests/test_moe_cuda.py -rf > "$OUT/test.log" 2>&1
   echo "tests rc=$? [$(el)s] $(tail -1 "$OUT/test.log")"; grep -E "^FAILED|^ERROR" "$OUT/test.log" | head -30
 fi
 if has sanitize; then
@@ -64,9 +64,18 @@ if has bt; then  # tile 8's rows of x a block forced (2 blocks per SM at 32 rows
     --sweep-ranks 0 --shapes 14336x4096,4096x14336 --ms 64,128,256 > "$OUT/sw_bt.md" 2>&1; grep "^|" "$OUT/sw_bt.md"
   echo "bt [$(el)s]"
 fi
+if has ws; then  # tile 9 (tile 8 with a producer warpgroup and mbarriers) against tile 8, dense and grouped
+  MILO_INT3_FUSED_MAX_M=4096 timeout 200 python3 benchmarks/bench_kernel.py --sweep MILO_INT3_CFG=8,9 --sweep-ranks 0,32 \
+    --shapes 14336x4096,4096x14336,4096x4096 --ms 32,64,128,256 > "$OUT/sw_ws.md" 2>&1; grep "^|" "$OUT/sw_ws.md"
+  for c in 8 9; do
+    MILO_INT3_GROUPED_CFG=$c timeout 120 python3 benchmarks/bench_moe.py --methods milo-grouped --layers mixtral,qwen3 \
+      --ms 128,512 > "$OUT/moe_ws$c.log" 2>&1; grep -E "^\|" "$OUT/moe_ws$c.log" | sed "s/^/cfg$c /"
+  done
+  echo "ws [$(el)s]"
+fi
 if has hot; then  # where tile 8's warps stall, by SASS line (ncu source counters), at 14336x4096 M=64 and 128
   for m in 64 128; do
-    MILO_INT3_CFG=8 MILO_INT3_FUSED_MAX_M=4096 timeout 150 ncu -o "$OUT/rep$m" --kernel-name regex:int3_gemm_wa --launch-count 1 \
+    MILO_INT3_CFG=${HOT_CFG:-8} MILO_INT3_FUSED_MAX_M=4096 timeout 150 ncu -o "$OUT/rep$m" --kernel-name regex:int3_gemm_wa --launch-count 1 \
       --section SourceCounters --section WarpStateStats python3 benchmarks/bench_kernel.py --profile 14336x4096x${m}x0 > "$OUT/ncu$m.log" 2>&1
     python3 scripts/ncu_hotspots.py "$OUT/rep$m.ncu-rep" 30 > "$OUT/hot$m.txt" 2>&1; cut -c1-160 "$OUT/hot$m.txt" | head -32
     rm -f "$OUT/rep$m.ncu-rep"

@@ -6,10 +6,10 @@ import torch
 
 
 def tile8_runs() -> bool:
-    """Tile 8 (warpgroup MMAs) is built for sm_90a and runs on compute capability 9.0 only."""
+    """Tiles 8 and 9 (warpgroup MMAs) are built for sm_90a and run on compute capability 9.0 only."""
     return torch.cuda.get_device_capability() == (9, 0)
 
 
 def skip_unless_tile_runs(cfg: str) -> None:
-    if cfg == "8" and not tile8_runs():
-        pytest.skip("tile 8 (wgmma) needs compute capability 9.0")
+    if cfg in ("8", "9") and not tile8_runs():
+        pytest.skip(f"tile {cfg} (wgmma) needs compute capability 9.0")

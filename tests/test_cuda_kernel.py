@@ -249,7 +249,7 @@ def test_gemv_warps_per_tile(monkeypatch, xblock, wk, M):
         check(make_inputs(M, N, K, R, g, dtype, bias=True, gen=gen))
 
 
-@pytest.mark.parametrize("cfg", ["-", "7", "8"])
+@pytest.mark.parametrize("cfg", ["-", "7", "8", "9"])
 @pytest.mark.parametrize("pdl", ["0", "1"])
 @pytest.mark.parametrize("M,N,K,R", [(1, 64, 14336, 512), (2, 4096, 4096, 32), (4, 200, 2048, 100),
                                      (8, 4096, 4096, 32), (16, 200, 2048, 100)])
@@ -263,7 +263,7 @@ def test_programmatic_launch_waits_for_t(monkeypatch, cfg, pdl, M, N, K, R):
     decode kernel did not start before t finished, so it checks correctness, not the wait. cfg 7: tile 7
     at every M (the decode kernel off; its t comes from cuBLAS, launched normally: the rows kernel with
     the programmatic launch made it slower, H100 2026-12-06); its wait is tested in the grouped op. cfg 8:
-    tile 8 (warpgroup MMAs), the same."""
+    tile 8 (warpgroup MMAs), the same; cfg 9: tile 9 (tile 8 with a producer warpgroup)."""
     skip_unless_tile_runs(cfg)
     if cfg != "-":
         monkeypatch.setenv("MILO_INT3_CFG", cfg)
@@ -279,28 +279,28 @@ def test_programmatic_launch_waits_for_t(monkeypatch, cfg, pdl, M, N, K, R):
     assert_graph_replay_matches_eager((x, q, s, z, ut, v, g, b), gen)
 
 
-@pytest.mark.parametrize("cfg", ["-", "7", "8"])
+@pytest.mark.parametrize("cfg", ["-", "7", "8", "9"])
 @pytest.mark.parametrize("splits", [1, 2, 3, 7, 16, 64])
 @pytest.mark.parametrize("M", [1, 24, 64])
 def test_forced_splits(monkeypatch, cfg, splits, M):
     """Split-K by every split count (uneven last splits, one stage a split), in the default tile for M and in
-    tiles 7 and 8 (the weight as the mma A operand; mma.sync / wgmma)."""
+    tiles 7-9 (the weight as the mma A operand; mma.sync / wgmma / wgmma with a producer warpgroup)."""
     skip_unless_tile_runs(cfg)
     if cfg != "-":
         monkeypatch.setenv("MILO_INT3_CFG", cfg)
     monkeypatch.setenv("MILO_INT3_SPLITS", str(splits))
     monkeypatch.setenv("MILO_INT3_GEMV_MAX_M", "0")  # split-K is the tensor-core kernel's
     monkeypatch.setenv("MILO_INT3_FUSED_MAX_M", "4096")  # small weights leave it past 16 rows by default
-    gen = torch.Generator(device="cuda").manual_seed(splits * 100 + M + (cfg == "7") + 2 * (cfg == "8"))
+    gen = torch.Generator(device="cuda").manual_seed(splits * 100 + M + (0 if cfg == "-" else int(cfg) - 6))
     check(make_inputs(M, 768, 2048, 100, 64, torch.float16, bias=True, gen=gen))
 
 
-@pytest.mark.parametrize("cfg", ["1", "2", "3", "4", "7", "8"])
+@pytest.mark.parametrize("cfg", ["1", "2", "3", "4", "7", "8", "9"])
 @pytest.mark.parametrize("g", [32, 64, 128])
 @pytest.mark.parametrize("M", [1, 9, 16, 40])
 def test_forced_tile_configs(monkeypatch, cfg, g, M):
     """Every tensor-core tile (MILO_INT3_CFG: 16x64, 32x128, 32x64, 64x128; 7: the weight as the mma A
-    operand, 128 columns by 16 / 32 / 64 rows; 8: the same with warpgroup MMAs, 16 / 32 / 64 / 128 rows) at every
+    operand, 128 columns by 16 / 32 / 64 rows; 8: the same with warpgroup MMAs, 16 / 32 / 64 / 128 rows; 9: tile 8 with a producer warpgroup) at every
     group size, on row counts under, at and past its height (the host picks the tile from M, so a tile
     otherwise meets only its own M range) and N not a multiple of its width."""
     skip_unless_tile_runs(cfg)
@@ -313,11 +313,11 @@ def test_forced_tile_configs(monkeypatch, cfg, g, M):
         check(make_inputs(M, N, K, R, g, dtype, bias=M % 2 == 1, gen=gen))
 
 
-@pytest.mark.parametrize("cfg", ["7", "8"])
+@pytest.mark.parametrize("cfg", ["7", "8", "9"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("M", [17, 33, 65, 130, 300])
 def test_tile7_row_blocks(monkeypatch, cfg, dtype, M):
-    """Tiles 7 and 8 at 32-, 64- and 128-row blocks of x, several of them past the first, the last one
+    """Tiles 7-9 at 32-, 64- and 128-row blocks of x, several of them past the first, the last one
     partial; x offset from zero; K = 1408 (11 stages, split where the blocks do not fill the GPU) with 16
     ranks; K = 512 with 100 ranks (two rank chunks, the second partial); N = 520 and 264, not multiples of
     the 128-column tile."""
@@ -471,14 +471,15 @@ def _sanitize_main():
     tile8_cases = [(40, 1000, 2048, 24, 64, torch.bfloat16), (150, 264, 512, 100, 128, torch.float16),
                    (64, 4096, 1024, 16, 32, torch.float16), (12, 520, 1024, 100, 64, torch.bfloat16),
                    (24, 1000, 512, 0, 128, torch.float16)] if tile8_runs() else []
-    os.environ["MILO_INT3_CFG"] = "8"
-    for M, N, K, R, g, dt in tile8_cases:
-        _, err = check(make_inputs(M, N, K, R, g, dt, bias=True, gen=gen))
-        worst = max(worst, err)
+    for cfg in ("8", "9"):  # tile 9: tile 8 with a producer warpgroup
+        os.environ["MILO_INT3_CFG"] = cfg
+        for M, N, K, R, g, dt in tile8_cases:
+            _, err = check(make_inputs(M, N, K, R, g, dt, bias=True, gen=gen))
+            worst = max(worst, err)
     for var in ("MILO_INT3_CFG", "MILO_INT3_FUSED_MAX_M", "MILO_INT3_GEMV_MAX_M"):
         os.environ.pop(var, None)
     torch.cuda.synchronize()
-    n_cases = len(cases) + len(gemv_cases) + len(tile7_cases) + len(tile8_cases)
+    n_cases = len(cases) + len(gemv_cases) + len(tile7_cases) + 2 * len(tile8_cases)
     print(f"sanitize cases OK ({n_cases} cases, worst relative error {worst:.2e})")
 
 

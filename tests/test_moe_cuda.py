@@ -215,7 +215,7 @@ def test_grouped_gemv_spare_warps(monkeypatch, wk, rows, g, dtype):
 
 @pytest.mark.parametrize("pdl", ["0", "1"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("kernel", ["decode", "tensor-core", "tile7", "tile8"])
+@pytest.mark.parametrize("kernel", ["decode", "tensor-core", "tile7", "tile8", "tile9"])
 def test_grouped_decode_waits_for_t(monkeypatch, pdl, dtype, kernel):
     """Decode routing (about one row per expert): a t kernel (the rows kernel before the decode kernel,
     the tiled one before the tensor-core kernel), then the matmul kernel launched programmatically
@@ -223,11 +223,11 @@ def test_grouped_decode_waits_for_t(monkeypatch, pdl, dtype, kernel):
     (MILO_INT3_TEST_T_DELAY_NS). Ragged ranks up to 32 and K = 2048 keep the t grid small. With the
     decode kernel's wait removed (H100, 2026-11-25 10:27 UTC) the decode cases failed. Against the
     reference and bit-equal to the serialized launch."""
-    skip_unless_tile_runs("8" if kernel == "tile8" else "-")
+    skip_unless_tile_runs(kernel[-1] if kernel in ("tile8", "tile9") else "-")
     monkeypatch.setenv("MILO_INT3_TEST_T_DELAY_NS", "200000")
     monkeypatch.setenv("MILO_INT3_PDL", pdl)
     if kernel != "decode":
-        monkeypatch.setenv("MILO_INT3_GROUPED_CFG", {"tensor-core": "1", "tile7": "7", "tile8": "8"}[kernel])
+        monkeypatch.setenv("MILO_INT3_GROUPED_CFG", {"tensor-core": "1", "tile7": "7", "tile8": "8", "tile9": "9"}[kernel])
     rnd = random.Random(17)
     gen = torch.Generator(device="cuda").manual_seed(17 + int(pdl))
     E, N, K, rows = 8, 64, 2048, 6
@@ -274,11 +274,11 @@ def test_grouped_gathered_gated_input(monkeypatch, gemv_rows, lookup, E, K, acti
                                        (700, "uniform"), (700, "sparse")])
 @pytest.mark.parametrize("g,dtype", [(64, torch.float16), (128, torch.bfloat16), (32, torch.bfloat16)])
 @pytest.mark.parametrize("splits", ["0", "5"])
-@pytest.mark.parametrize("cfg", ["7", "8"])
+@pytest.mark.parametrize("cfg", ["7", "8", "9"])
 def test_grouped_tile7(monkeypatch, rows, kind, g, dtype, splits, cfg):
-    """Tiles 7 and 8 in the grouped op (MILO_INT3_GROUPED_CFG=7 / 8): 16-row tiles (12 and 40 rows over 8
+    """Tiles 7-9 in the grouped op (MILO_INT3_GROUPED_CFG=7 / 8 / 9): 16-row tiles (12 and 40 rows over 8
     experts), 32-row (200) and 64-row (700; experts of several tiles, the last one partial; tile 8: 64 and
-    128 rows), one expert taking every row, most experts empty, sentinel rows; ragged ranks (one expert
+    128 rows; tile 9 as tile 8), one expert taking every row, most experts empty, sentinel rows; ragged ranks (one expert
     with none), N not a multiple of 128, x offset from zero, split-K by the rule and forced to 5 (uneven)."""
     skip_unless_tile_runs(cfg)
     monkeypatch.setenv("MILO_INT3_GROUPED_CFG", cfg)
@@ -293,10 +293,10 @@ def test_grouped_tile7(monkeypatch, rows, kind, g, dtype, splits, cfg):
     check(x, counts, routing_offsets(counts, rows), experts, g)
 
 
-@pytest.mark.parametrize("cfg", ["7", "8"])
+@pytest.mark.parametrize("cfg", ["7", "8", "9"])
 @pytest.mark.parametrize("activation", ["none", "silu_mul"])
 def test_grouped_tile7_gathered_gated_input(monkeypatch, cfg, activation):
-    """Tiles 7 and 8 take the materialized input: rows gathered by x_rows (two outside the tokens: zero
+    """Tiles 7-9 take the materialized input: rows gathered by x_rows (two outside the tokens: zero
     rows) and gated with silu(gate) * up."""
     skip_unless_tile_runs(cfg)
     monkeypatch.setenv("MILO_INT3_GROUPED_CFG", cfg)
@@ -561,9 +561,9 @@ def _sanitize_main():
         (8, 648, 1024, 200, 32, 64, torch.bfloat16, "sentinel", "7", "3"),  # tile 7, 32-row tiles, split-K
         (8, 520, 512, 700, 16, 32, torch.float16, "uniform", "7", "0"),  # tile 7, 64-row tiles
     ]
-    if tile8_runs():  # tile 8 (warpgroup MMAs): 64- and 128-row tiles
-        cases += [(8, 648, 1024, 300, 32, 64, torch.bfloat16, "sentinel", "8", "3"),
-                  (8, 520, 512, 900, 16, 32, torch.float16, "uniform", "8", "0")]
+    if tile8_runs():  # tiles 8 and 9 (warpgroup MMAs): 64- and 128-row tiles
+        cases += [(8, 648, 1024, 300, 32, 64, torch.bfloat16, "sentinel", c, "3") for c in ("8", "9")]
+        cases += [(8, 520, 512, 900, 16, 32, torch.float16, "uniform", c, "0") for c in ("8", "9")]
     os.environ["MILO_INT3_GROUPED_GEMV_MAX_ROWS"] = "4"  # the decode kernel up to 4 rows per busy expert
     for n, (E, N, K, rows, R, g, dt, kind, cfg, splits) in enumerate(cases):
         os.environ["MILO_INT3_GROUPED_CFG"] = cfg

@@ -71,6 +71,17 @@ struct WaTile {
   static_assert(SmemWG <= 227 * 1024, "a block's shared memory on sm_90: 227 KB");
 };
 
+// tile 9's ring: slots of [x as loaded | codes | scales, zeros | x in the wgmma layout], as many as fit
+template <int BT>
+struct WsRing {
+  static constexpr int SlotBytes = WaTile<BT>::StageBytes + WaTile<BT>::XBytes;
+  static constexpr int Stages = std::min(8, 220 * 1024 / SlotBytes);  // 8 at BT <= 32, 5 at 64, 3 at 128
+  static constexpr int Ahead = Stages - 2;  // stages the producer's copies run ahead of its permutation
+  static constexpr int Smem = Stages * SlotBytes;
+  static_assert(Ahead >= 1, "tile 9 needs 3 slots");
+};
+constexpr int kWsThreads = kWaThreads + 128;  // tile 9: two consumer warpgroups, then the producer's
+
 
 // byte offset of 16-byte unit `unit` of row `row` in a tile of 256-byte rows (16 units)
 __device__ __forceinline__ uint32_t swz256(int row, int unit) {
@@ -118,11 +129,13 @@ struct WaDequant<half> {
   }
 };
 
-template <typename T, int G, int BT, bool WG>
-__global__ void __launch_bounds__(kWaThreads, BT >= 128 || (WG && BT >= 64) ? 1 : 2) int3_gemm_wa_kernel(const Int3GemmParams p) {
+template <typename T, int G, int BT, bool WG, bool WS>
+__global__ void __launch_bounds__(WS ? kWsThreads : kWaThreads, WS || BT >= 128 || (WG && BT >= 64) ? 1 : 2)
+    int3_gemm_wa_kernel(const Int3GemmParams p) {
   using Tile = WaTile<BT>;
   constexpr int NJ = Tile::NJ;
   static_assert(!WG || BT == 16 || BT == 32 || BT == 64 || BT == 128, "tile 8 takes 16, 32, 64 or 128 rows of x a block");
+  static_assert(!WS || WG, "tile 9 is tile 8 with a producer warpgroup");
   if constexpr (WG) {
     if (!MILO_WGMMA) __trap();  // built without sm_90a: the host launches tile 8 on sm_90 only
   }
@@ -155,18 +168,25 @@ __global__ void __launch_bounds__(kWaThreads, BT >= 128 || (WG && BT >= 64) ? 1 
   const int groups = K / G;
   const int r_lo = warp * 16 + g;  // the lane's weight rows in the tile: r_lo, r_lo + 8
 
-  auto load_stage = [&](int st, int buf) {
-    const uint32_t sb = s_base + buf * Tile::StageBytes;
+  // the ring: kStages slots of kSlotBytes (tiles 7 / 8: x, codes, scales and zeros; tile 9 also its x in the
+  // wgmma layout); the loads are issued by kLoaders threads (all, or tile 9's producer warpgroup), thread lt
+  constexpr int kStages = WS ? WsRing<BT>::Stages : kWaStages;
+  constexpr int kSlotBytes = WS ? WsRing<BT>::SlotBytes : Tile::StageBytes;
+  constexpr int kLoaders = WS ? 128 : kWaThreads;
+  static_assert(BT * 16 % kLoaders == 0, "x's 16-byte units split evenly over the loading threads");
+  auto slot = [&](int st) { return (st % kStages) * kSlotBytes; };  // stage st's slot, bytes from smem
+  auto load_stage = [&](int st, int lt) {
+    const uint32_t sb = s_base + slot(st);
 #pragma unroll
-    for (int i = 0; i < BT * 16 / kWaThreads; ++i) {
-      const int u = tid + i * kWaThreads, row = u >> 4, unit = u & 15;
+    for (int i = 0; i < BT * 16 / kLoaders; ++i) {
+      const int u = lt + i * kLoaders, row = u >> 4, unit = u & 15;
       const bool ok = m0 + row < m_end;
       const T* src = ok ? x + static_cast<int64_t>(m0 + row) * p.ldx + (st0 + st) * kWaBK + unit * 8 : x;
       cp_async16_zfill(sb + swz256(row, unit), src, ok);
     }
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {  // 128 rows x 3 pieces of 16 bytes
-      const int u = tid + i * kWaThreads;
+    for (int i = 0; i < (kWaBN * 3 + kLoaders - 1) / kLoaders; ++i) {  // 128 rows x 3 pieces of 16 bytes
+      const int u = lt + i * kLoaders;
       if (u < kWaBN * 3) {
         const int row = u / 3, part = u - row * 3;
         const bool ok = n0 + row < N;
@@ -174,10 +194,11 @@ __global__ void __launch_bounds__(kWaThreads, BT >= 128 || (WG && BT >= 64) ? 1 
         cp_async16_zfill(sb + Tile::XBytes + row * kWaQRow + part * 16, src, ok);
       }
     }
-    {  // the stage's scales (threads 0-127) or zeros (128-255) of row tid % 128: its 128 / G groups
-      const int row = tid & (kWaBN - 1), n = n0 + row;
-      const T* src = (tid < kWaBN ? scales : zeros) + static_cast<int64_t>(n) * groups + (st0 + st) * (kWaBK / G);
-      const uint32_t dst = sb + Tile::XBytes + Tile::QBytes + (tid >> 7) * (kWaBN * 8) + row * 8;
+#pragma unroll
+    for (int i = 0; i < 2 * kWaBN / kLoaders; ++i) {  // the stage's scales (u < 128) or zeros of row u % 128: its 128 / G groups
+      const int u = lt + i * kLoaders, row = u & (kWaBN - 1), n = n0 + row;
+      const T* src = (u < kWaBN ? scales : zeros) + static_cast<int64_t>(n) * groups + (st0 + st) * (kWaBK / G);
+      const uint32_t dst = sb + Tile::XBytes + Tile::QBytes + (u >> 7) * (kWaBN * 8) + row * 8;
       if constexpr (G == 128)  // one group: the aligned word holding it (the host aligns scales to 8 bytes)
         cp_async_small_zfill<4>(dst, n < N ? reinterpret_cast<const T*>(reinterpret_cast<uintptr_t>(src) & ~uintptr_t{3}) : scales, n < N);
       else  // 4 (G = 64) or 8 (G = 32) bytes at an aligned start: groups is even, a multiple of 4 at G = 32
@@ -189,7 +210,7 @@ __global__ void __launch_bounds__(kWaThreads, BT >= 128 || (WG && BT >= 64) ? 1 
   // and zero come with the stage by cp.async (loaded from global memory a stage ahead, every barrier and proxy
   // fence of the stage waited for them; ncu, H100 2026-12-06: 30-40% of the stall samples at 14336x4096 M=128)
   auto stage_dequant = [&](int st, int h) {
-    const uint8_t* sz = smem + (st % kWaStages) * Tile::StageBytes + Tile::XBytes + Tile::QBytes;
+    const uint8_t* sz = smem + slot(st) + Tile::XBytes + Tile::QBytes;
     // G = 128: the half of the aligned word (rows 8 apart are 8 x groups elements apart: the same half)
     const int slot = G == 128 ? (((st0 + st) + (n0 + r_lo) * groups) & 1) : 32 * t / G;
     const uint8_t* e = sz + (r_lo + 8 * h) * 8 + slot * 2;
@@ -203,19 +224,22 @@ __global__ void __launch_bounds__(kWaThreads, BT >= 128 || (WG && BT >= 64) ? 1 
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
 
-  // tile 8: a landed stage's x (tile 7's layout) rewritten in the wgmma's B layout (the header), one of two
-  // buffers after the ring: thread task i is row n = task % BT and j = task / BT; it reads k 8j + 32u .. + 7
-  // (u = 0..3) and stores, for each word w, the four words w as one 16-byte core-matrix row (the 8 rows of
-  // a quarter warp read 8 distinct bank groups and store one 128-byte core matrix)
-  constexpr int kXTasks = WG ? (BT * 4 + kWaThreads - 1) / kWaThreads : 0;  // BT < 64: threads past BT * 4 idle
-  auto wg_x_offset = [](int st) { return kWaStages * Tile::StageBytes + (st & 1) * Tile::XBytes; };  // stage st's buffer
-  auto permute_x = [&](int st) {
-    const uint8_t* const xn = smem + (st % kWaStages) * Tile::StageBytes;
+  // tiles 8 / 9: a landed stage's x (tile 7's layout) rewritten in the wgmma's B layout (the header), in
+  // one of two buffers after the ring (tile 8) or in its slot (tile 9), by the kLoaders threads: thread task
+  // i is row n = task % BT and j = task / BT; it reads k 8j + 32u .. + 7 (u = 0..3) and stores, for each word
+  // w, the four words w as one 16-byte core-matrix row (the 8 rows of a quarter warp read 8 distinct bank
+  // groups and store one 128-byte core matrix)
+  constexpr int kXTasks = WG ? (BT * 4 + kLoaders - 1) / kLoaders : 0;  // BT * 4 < kLoaders: some threads idle
+  auto wg_x_offset = [&](int st) {  // stage st's x in the wgmma layout, bytes from smem
+    return WS ? slot(st) + Tile::StageBytes : kWaStages * Tile::StageBytes + (st & 1) * Tile::XBytes;
+  };
+  auto permute_x = [&](int st, int lt) {
+    const uint8_t* const xn = smem + slot(st);
     uint8_t* const xb = smem + wg_x_offset(st);
 #pragma unroll
     for (int i = 0; i < kXTasks; ++i) {
-      const int task = tid + i * kWaThreads, n = task % BT, j = task / BT;
-      if (BT * 4 < kWaThreads && task >= BT * 4) break;
+      const int task = lt + i * kLoaders, n = task % BT, j = task / BT;
+      if (BT * 4 < kLoaders && task >= BT * 4) break;
       uint4 v[4];
 #pragma unroll
       for (int u = 0; u < 4; ++u) v[u] = lds128(xn + swz256(n, 4 * u + j));
@@ -238,18 +262,11 @@ __global__ void __launch_bounds__(kWaThreads, BT >= 128 || (WG && BT >= 64) ? 1 
   static_assert(8 % (kWgPending + 1) == 0, "the A ring's phase must repeat every stage");
   uint32_t a_ring[kWgPending + 1][4];
 
-#pragma unroll
-  for (int s = 0; s < kWaStages - 1; ++s) {
-    if (s < stages) load_stage(s, s);
-    cp_async_commit();
-  }
-  for (int st = 0; st < stages; ++st) {
-    cp_async_wait<kWaStages - 2>();  // stage st landed
-    __syncthreads();                 // every warp done with step st - 1: its buffer is free
-    const int nx = st + kWaStages - 1;
-    if (nx < stages) load_stage(nx, nx % kWaStages);
-    cp_async_commit();
-    const uint8_t* qs = smem + (st % kWaStages) * Tile::StageBytes + Tile::XBytes + r_lo * kWaQRow + t * 12;
+  // stage st's work after it landed: the lane's codes and dequantizers, then per k16 step its A fragment and
+  // the mmas (tile 7: mma.sync per 8 rows of x; tiles 8 / 9: one wgmma a warpgroup, from stage st's x in the
+  // wgmma layout)
+  auto compute_stage = [&](int st) {
+    const uint8_t* qs = smem + slot(st) + Tile::XBytes + r_lo * kWaQRow + t * 12;
     const uint32_t w0[3] = {lds32(qs), lds32(qs + 4), lds32(qs + 8)};
     const uint32_t w1[3] = {lds32(qs + 8 * kWaQRow), lds32(qs + 8 * kWaQRow + 4), lds32(qs + 8 * kWaQRow + 8)};
     const WaDequant<T> d0 = stage_dequant(st, 0), d1 = stage_dequant(st, 1);
@@ -261,8 +278,6 @@ __global__ void __launch_bounds__(kWaThreads, BT >= 128 || (WG && BT >= 64) ? 1 
       a[3] = d1.pair(w1, 2 * s + 1);
     };
     if constexpr (WG) {
-      permute_x(st);  // into the buffer stage st - 2's wgmmas read (done: at most kWgPending steps, all of st - 1, in flight)
-      __syncthreads();
       // one wgmma per k16 step (core matrices 2s, 2s + 1 of every 8-row group), each dequantized while the
       // ones before it run: up to kWgPending in flight, each holding its own A registers (a ring of
       // kWgPending + 1 sets, indexed by the step: 8 steps a stage keep the ring's phase across stages)
@@ -277,7 +292,7 @@ __global__ void __launch_bounds__(kWaThreads, BT >= 128 || (WG && BT >= 64) ? 1 
         wgmma_wait<kWgPending>();  // the step that used the next A set is done
       }
     } else {
-      const uint32_t xb = s_base + (st % kWaStages) * Tile::StageBytes;
+      const uint32_t xb = s_base + slot(st);
 #pragma unroll
       for (int s = 0; s < 8; ++s) {
         uint32_t a[4];
@@ -289,9 +304,80 @@ __global__ void __launch_bounds__(kWaThreads, BT >= 128 || (WG && BT >= 64) ? 1 
         }
       }
     }
+  };
+
+  if constexpr (WS) {
+    // tile 9: warpgroup 2 produces (copies a stage, WsRing::Ahead stages later rewrites its x in the wgmma
+    // layout, then marks the slot full), warpgroups 0 and 1 consume (wait for full, compute, and mark the
+    // slot of the stage before empty once its wgmmas are done). Why: in tile 8 every warp passes two block
+    // barriers a stage, so the copies' issue, the permutation and each warp's dequantization wait for the
+    // slowest warp (ncu, H100 2026-12-06: 26-33% of issue slots busy at 14336x4096 M=64); here the
+    // consumer warpgroups only wait for data, and drift out of phase.
+    __shared__ __align__(8) uint64_t ring_bars[2 * kStages];  // full[slot], then empty[slot]
+    const uint32_t full0 = smem_u32(ring_bars), empty0 = full0 + 8 * kStages;
+    if (tid == 0) {
+      for (int b = 0; b < kStages; ++b) {
+        mbar_init(full0 + 8 * b, 128);        // the producer's threads
+        mbar_init(empty0 + 8 * b, kWaThreads);  // the consumers' threads
+      }
+    }
+    __syncthreads();
+    if (tid >= kWaThreads) {
+      const int lt = tid - kWaThreads;
+      constexpr int kAhead = WsRing<BT>::Ahead;
+      auto publish = [&](int st) {  // this thread's copies of stage st landed
+        named_bar_sync(1, 128);  // every producer thread's copies landed
+        permute_x(st, lt);
+        mbar_arrive(full0 + 8 * (st % kStages));
+      };
+      for (int st = 0; st < stages; ++st) {
+        // slot reuse: the consumers freed stage st - kStages once stage st - kStages + 1's wgmmas were done,
+        // which needed stage st - kStages + 1 = st - 1 - kAhead published (below, last iteration)
+        if (st >= kStages) mbar_wait(empty0 + 8 * (st % kStages), (st / kStages - 1) & 1);
+        load_stage(st, lt);
+        cp_async_commit();
+        if (st >= kAhead) {
+          cp_async_wait<kAhead>();
+          publish(st - kAhead);
+        }
+      }
+      cp_async_wait<0>();
+      for (int st = std::max(0, stages - kAhead); st < stages; ++st) publish(st);
+      return;  // the epilogue is the consumers' (named barrier 2)
+    }
+    for (int st = 0; st < stages; ++st) {
+      mbar_wait(full0 + 8 * (st % kStages), (st / kStages) & 1);
+      compute_stage(st);
+      if (st > 0) mbar_arrive(empty0 + 8 * ((st - 1) % kStages));  // stage st - 1's wgmmas are done
+    }
+  } else {
+#pragma unroll
+    for (int s = 0; s < kWaStages - 1; ++s) {
+      if (s < stages) load_stage(s, tid);
+      cp_async_commit();
+    }
+    for (int st = 0; st < stages; ++st) {
+      cp_async_wait<kWaStages - 2>();  // stage st landed
+      __syncthreads();                 // every warp done with step st - 1: its buffer is free
+      const int nx = st + kWaStages - 1;
+      if (nx < stages) load_stage(nx, tid);
+      cp_async_commit();
+      if constexpr (WG) {
+        permute_x(st, tid);  // into the buffer stage st - 2's wgmmas read (done: at most kWgPending steps, all of st - 1, in flight)
+        __syncthreads();
+      }
+      compute_stage(st);
+    }
   }
   if constexpr (WG) wgmma_wait<0>();
   cp_async_wait<0>();
+  // the epilogue's barriers: the block's, or tile 9's consumers' (its producer has returned)
+  auto sync_out = [] {
+    if constexpr (WS)
+      named_bar_sync(2, kWaThreads);
+    else
+      __syncthreads();
+  };
 
   // acc[j][2h + e] is y[m0 + 8j + 2t + e][n0 + r_lo + 8h]: f(j, h, e, row, col) for each, row and col in
   // the tile (for_each_frag) or in y, for those inside it (for_each_acc)
@@ -314,11 +400,11 @@ __global__ void __launch_bounds__(kWaThreads, BT >= 128 || (WG && BT >= 64) ? 1 
     float* ws = p.ws + static_cast<int64_t>(blockIdx.z) * M * N;
     for_each_acc([&](int j, int h, int e, int row, int col) { ws[static_cast<int64_t>(row) * N + col] = acc[j][2 * h + e]; });
     __threadfence();
-    __syncthreads();
+    sync_out();
     __shared__ int last;
     int* counter = p.counters + blockIdx.y * gridDim.x + blockIdx.x;
     if (tid == 0) last = atomicAdd(counter, 1) == p.splits - 1;
-    __syncthreads();
+    sync_out();
     if (!last) return;
     __threadfence();
     for_each_acc([&](int j, int h, int e, int row, int col) {
@@ -338,7 +424,7 @@ __global__ void __launch_bounds__(kWaThreads, BT >= 128 || (WG && BT >= 64) ? 1 
     uint8_t* const thi = smem + 64 * 256;
     uint8_t* const tlo = thi + BT * 128;
     for (int r0 = 0; r0 < p.R; r0 += 64) {
-      __syncthreads();  // the buffers are free (main loop, or the previous chunk's mma, done)
+      sync_out();  // the buffers are free (main loop, or the previous chunk's mma, done)
 #pragma unroll
       for (int i = 0; i < 64 * 16 / kWaThreads; ++i) {  // ut[r0 + r, n0 .. n0 + 127]: 64 rows x 16 units
         const int u = tid + i * kWaThreads, r = u >> 4, unit = u & 15;
@@ -370,7 +456,7 @@ __global__ void __launch_bounds__(kWaThreads, BT >= 128 || (WG && BT >= 64) ? 1 
         *reinterpret_cast<uint4*>(tlo + swz128(m, unit)) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
       }
       cp_async_wait<0>();
-      __syncthreads();
+      sync_out();
 #pragma unroll
       for (int ks = 0; ks < 4; ++ks) {
         uint32_t a[4];  // U[r_lo-ish rows, ranks 16ks ..]: matrices (features 0-7 | 8-15) x (ranks 0-7 | 8-15)
@@ -395,12 +481,12 @@ __global__ void __launch_bounds__(kWaThreads, BT >= 128 || (WG && BT >= 64) ? 1 
     if (n0 + r_lo < N) b_lo = to_float(bias[n0 + r_lo]);
     if (n0 + r_lo + 8 < N) b_hi = to_float(bias[n0 + r_lo + 8]);
   }
-  __syncthreads();  // the ring (or the low-rank chunk) is no longer read
+  sync_out();  // the ring (or the low-rank chunk) is no longer read
   T* const sy = reinterpret_cast<T*>(smem);
   for_each_frag([&](int j, int h, int e, int row, int col) {
     sy[row * kWaBN + (((col >> 3) ^ (row & 7)) << 3) + (col & 7)] = from_float<T>(acc[j][2 * h + e] + (h ? b_hi : b_lo));
   });
-  __syncthreads();
+  sync_out();
   T* __restrict__ y = static_cast<T*>(p.y);
   for (int u = tid; u < BT * 16; u += kWaThreads) {
     const int row = u >> 4, unit = u & 15;
@@ -410,50 +496,51 @@ __global__ void __launch_bounds__(kWaThreads, BT >= 128 || (WG && BT >= 64) ? 1 
   }
 }
 
-template <typename T, int G, int BT, bool WG>
+// TILE: 7, 8 or 9 (the kernel's WG = TILE >= 8, WS = TILE == 9)
+template <typename T, int G, int BT, int TILE>
 void launch_wa(const Int3GemmParams& p, int row_blocks, bool programmatic, cudaStream_t stream) {
   static bool attr_done[64] = {false};
   const int dev = c10::cuda::current_device();
-  auto kern = int3_gemm_wa_kernel<T, G, BT, WG>;
-  constexpr int kSmem = WG ? WaTile<BT>::SmemWG : WaTile<BT>::Smem;
+  auto kern = int3_gemm_wa_kernel<T, G, BT, (TILE >= 8), (TILE == 9)>;
+  constexpr int kSmem = TILE == 9 ? WsRing<BT>::Smem : TILE == 8 ? WaTile<BT>::SmemWG : WaTile<BT>::Smem;
   if (dev < 64 && !attr_done[dev]) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
     attr_done[dev] = true;
   }
   const dim3 grid(row_blocks, (p.N + kWaBN - 1) / kWaBN, p.splits);
-  launch_programmatic_if(kern, grid, dim3(kWaThreads), kSmem, programmatic, stream, p);
+  launch_programmatic_if(kern, grid, dim3(TILE == 9 ? kWsThreads : kWaThreads), kSmem, programmatic, stream, p);
 }
 
-template <typename T, int G, bool WG>
+template <typename T, int G, int TILE>
 void launch_wa_bt(int bt, int row_blocks, const Int3GemmParams& p, bool programmatic, cudaStream_t stream) {
   switch (bt) {
     case 16:
-      return launch_wa<T, G, 16, WG>(p, row_blocks, programmatic, stream);
+      return launch_wa<T, G, 16, TILE>(p, row_blocks, programmatic, stream);
     case 32:
-      return launch_wa<T, G, 32, WG>(p, row_blocks, programmatic, stream);
+      return launch_wa<T, G, 32, TILE>(p, row_blocks, programmatic, stream);
     case 64:
-      return launch_wa<T, G, 64, WG>(p, row_blocks, programmatic, stream);
-    case 128:  // tile 8 only
-      if constexpr (WG) return launch_wa<T, G, 128, true>(p, row_blocks, programmatic, stream);
+      return launch_wa<T, G, 64, TILE>(p, row_blocks, programmatic, stream);
+    case 128:  // tiles 8 and 9 only
+      if constexpr (TILE >= 8) return launch_wa<T, G, 128, TILE>(p, row_blocks, programmatic, stream);
       [[fallthrough]];
     default:
-      TORCH_CHECK(false, "int3_linear: tile ", WG ? "8 takes 16, 32, 64 or 128" : "7 takes 16, 32 or 64",
+      TORCH_CHECK(false, "int3_linear: tile ", TILE, TILE >= 8 ? " takes 16, 32, 64 or 128" : " takes 16, 32 or 64",
                   " rows of x a block, not ", bt);
   }
 }
 
-template <typename T, bool WG>
+template <typename T, int TILE>
 void launch_wa_group(int group, int bt, int row_blocks, const Int3GemmParams& p, bool programmatic,
                      cudaStream_t stream) {
   switch (group) {
     case 32:
-      return launch_wa_bt<T, 32, WG>(bt, row_blocks, p, programmatic, stream);
+      return launch_wa_bt<T, 32, TILE>(bt, row_blocks, p, programmatic, stream);
     case 64:
-      return launch_wa_bt<T, 64, WG>(bt, row_blocks, p, programmatic, stream);
+      return launch_wa_bt<T, 64, TILE>(bt, row_blocks, p, programmatic, stream);
     case 128:
-      return launch_wa_bt<T, 128, WG>(bt, row_blocks, p, programmatic, stream);
+      return launch_wa_bt<T, 128, TILE>(bt, row_blocks, p, programmatic, stream);
     default:
-      TORCH_CHECK(false, "int3_linear: tiles 7 and 8 are built for group sizes 32, 64 and 128, not ", group);
+      TORCH_CHECK(false, "int3_linear: tiles 7-9 are built for group sizes 32, 64 and 128, not ", group);
   }
 }
 
@@ -484,20 +571,26 @@ std::pair<int, int> int3_gemm_wa_splits(int tiles, int K, int sms, int forced) {
   return {(stages + sps - 1) / sps, sps};
 }
 
-void launch_int3_gemm_wa(bool wg, int dtype, int group, int bt, int row_blocks, const Int3GemmParams& p,
+void launch_int3_gemm_wa(int tile, int dtype, int group, int bt, int row_blocks, const Int3GemmParams& p,
                          bool programmatic, cudaStream_t stream) {
-  TORCH_CHECK(p.K % kWaBK == 0 && p.N % 8 == 0, "int3_linear: tiles 7 and 8 need K % 128 == 0 and N % 8 == 0");
-  const auto launch = [&](auto wg_tag) {  // WG as a compile-time constant
-    constexpr bool WG = decltype(wg_tag)::value;
+  TORCH_CHECK(p.K % kWaBK == 0 && p.N % 8 == 0, "int3_linear: tiles 7-9 need K % 128 == 0 and N % 8 == 0");
+  const auto launch = [&](auto tile_tag) {  // the tile as a compile-time constant
+    constexpr int TILE = decltype(tile_tag)::value;
     if (dtype == 0)
-      launch_wa_group<half, WG>(group, bt, row_blocks, p, programmatic, stream);
+      launch_wa_group<half, TILE>(group, bt, row_blocks, p, programmatic, stream);
     else
-      launch_wa_group<__nv_bfloat16, WG>(group, bt, row_blocks, p, programmatic, stream);
+      launch_wa_group<__nv_bfloat16, TILE>(group, bt, row_blocks, p, programmatic, stream);
   };
-  if (wg)
-    launch(std::true_type{});
-  else
-    launch(std::false_type{});
+  switch (tile) {
+    case 7:
+      return launch(std::integral_constant<int, 7>{});
+    case 8:
+      return launch(std::integral_constant<int, 8>{});
+    case 9:
+      return launch(std::integral_constant<int, 9>{});
+    default:
+      TORCH_CHECK(false, "int3_linear: launch_int3_gemm_wa takes tile 7, 8 or 9, not ", tile);
+  }
 }
 
 }  // namespace milo

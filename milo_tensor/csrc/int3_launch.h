@@ -51,14 +51,15 @@ void launch_int3_gemm(int dtype, int mt, int group, const Int3GemmParams& p, int
 // partials. programmatic: launched with programmatic stream serialization after the kernel computing p.t
 // (it waits for t before its low-rank epilogue). With splits > 1 the kernel needs p.ws (fp32 [splits, M,
 // N]) and p.counters (int [row_blocks x column tiles], zeroed before the launch).
-// Tile 8 (wg = true; sm_90a, the host launches it on compute capability 9.0 only): the same blocks with
-// the mmas as warpgroup MMAs, 16, 32, 64 or 128 rows of x a block.
+// Tile 8 (sm_90a, the host launches it on compute capability 9.0 only): the same blocks with the mmas as
+// warpgroup MMAs, 16, 32, 64 or 128 rows of x a block. Tile 9: tile 8 with a producer warpgroup (the
+// copies and x's rewrite) and mbarriers instead of block barriers.
 int int3_gemm_wa_bt(int rows, bool wg);  // rows of x a block (tile 7: 16, 32 or 64; tile 8: 16, 32, 64 or 128)
 constexpr int kInt3WaBN = 128;     // output columns a block
 // (splits, stages per split) for `tiles` blocks of K (forced > 0: that many splits)
 std::pair<int, int> int3_gemm_wa_splits(int tiles, int K, int sms, int forced);
 // grid (row_blocks, column tiles, p.splits); p.tiles != nullptr: row block i is the listed tile i
-void launch_int3_gemm_wa(bool wg, int dtype, int group, int bt, int row_blocks, const Int3GemmParams& p,
+void launch_int3_gemm_wa(int tile, int dtype, int group, int bt, int row_blocks, const Int3GemmParams& p,
                          bool programmatic, cudaStream_t stream);
 
 // Decode path (int3_gemv.cu): tensor-core kernel with the weight as the mma A operand, for tiles of

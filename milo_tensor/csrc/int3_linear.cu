@@ -281,18 +281,18 @@ int int3_cfg_ctas_per_sm(int cfg) {
   return env_int("MILO_INT3_CTAS_PER_SM", cfg == 1 ? 4 : (cfg == 3 ? 2 : (cfg == 2 ? 3 : 1)));
 }
 // a forced tile (MILO_INT3_CFG for the dense op, MILO_INT3_GROUPED_CFG for the grouped op): 1-4 (int3_gemm.cuh),
-// 7 or 8 (int3_gemm_wa.cu); 0 if none
+// 7, 8 or 9 (int3_gemm_wa.cu); 0 if none
 int forced_cfg(const char* var) {
   const int c = env_int(var, 0);
-  return (c >= 1 && c <= 4) || c == 7 || c == 8 ? c : 0;
+  return (c >= 1 && c <= 4) || (c >= 7 && c <= 9) ? c : 0;
 }
 
-// tile 8 (warpgroup MMAs) is built for sm_90a, so it runs on GPUs of compute capability 9.0 only
+// tiles 8 and 9 (warpgroup MMAs) are built for sm_90a, so they run on GPUs of compute capability 9.0 only
 bool tile8_runs(const DevInfo& d) { return d.major == 9 && d.minor == 0; }
-// tile 8 forced where it cannot run: say so rather than fall back
+// tile 8 or 9 forced where it cannot run: say so rather than fall back
 bool check_tile8(const DevInfo& d) {
-  TORCH_CHECK(tile8_runs(d), "int3_linear: tile 8 (MILO_INT3_CFG=8 / MILO_INT3_GROUPED_CFG=8) uses ",
-              "Hopper's wgmma and runs on compute capability 9.0 only, this GPU is ", d.major, ".", d.minor,
+  TORCH_CHECK(tile8_runs(d), "int3_linear: tiles 8 and 9 (MILO_INT3_CFG / MILO_INT3_GROUPED_CFG = 8 or 9) use ",
+              "Hopper's wgmma and run on compute capability 9.0 only, this GPU is ", d.major, ".", d.minor,
               "; unset the variable");
   return true;
 }
@@ -572,7 +572,7 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   // 4096x4096, where tiles 1 / 3 ran, M=32 26.1 -> 22.4 / 33.0 -> 30.7 at 15:20); not at 9-16 rows (14336x4096
   // M=16 31.6 against 34.0) nor the expert shapes (1408x2048 M=32 11.1 against 17.5).
   const int forced_tile = forced_cfg("MILO_INT3_CFG");
-  const bool tile8 = !use_gemv && (forced_tile == 8 ? check_tile8(dinfo)
+  const bool tile8 = !use_gemv && (forced_tile >= 8 ? check_tile8(dinfo)
                                                     : forced_tile == 0 && tile8_runs(dinfo) && M > 16 && M <= 64 &&
                                                           N >= 4096 && K >= 4096);
   const bool tile7 = !use_gemv && (forced_tile == 7 || tile8 ||
@@ -647,7 +647,7 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
     std::tie(p.splits, p.stages_per_split) = int3_gemm_wa_splits(wa_tiles, K, dinfo.sms, env_int("MILO_INT3_SPLITS", 0));
     alloc_split_ws(p.splits, wa_tiles);
     if (rows_t) launch_rows_t(false);  // directly before the matmul kernel in the stream (after the memset)
-    launch_int3_gemm_wa(tile8, xt == at::kHalf ? 0 : 1, G, bt, row_blocks, p,
+    launch_int3_gemm_wa(forced_tile == 9 ? 9 : tile8 ? 8 : 7, xt == at::kHalf ? 0 : 1, G, bt, row_blocks, p,
                         rows_t && programmatic_after_t(R, dinfo), stream);
     return y.reshape(out_shape);
   }
@@ -900,7 +900,7 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   // 2026-12-06 14:36 UTC, bench_moe.py milo-grouped under MILO_INT3_GROUPED_CFG=0 (then tiles 1-4: 16 / 32 /
   // 64 rows) / 7 / 8, us: Mixtral-shaped M=32 (8 rows per busy expert) 671 / 679 / 1224, M=128 (32) 1518 / 1224
   // / 1323, M=512 (128) 4189 / 3174 / 2934; Qwen3-shaped M=128 (8) 407 / 383 / 679, M=512 (32) 828 / 761 / 770
-  const bool tile8 = !use_gemv && (forced == 8 ? check_tile8(dinfo) : forced == 0 && tile8_runs(dinfo) && mean_rows > 64);
+  const bool tile8 = !use_gemv && (forced >= 8 ? check_tile8(dinfo) : forced == 0 && tile8_runs(dinfo) && mean_rows > 64);
   const bool tile7 = !use_gemv && (forced == 0 || forced == 7 || tile8);
   const int bm = use_gemv ? gemv_bm : (tile7 ? int3_gemm_wa_bt(mean_rows, tile8) : int3_cfg_bm(cfg));
   const int bn = tile7 ? kInt3WaBN : int3_cfg_bn(cfg, G);
@@ -1038,7 +1038,8 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   if (use_gemv) {
     launch_int3_gemv(xt == at::kHalf ? 0 : 1, G, p, n_slots, bm, glaunch, stream);
   } else if (tile7) {
-    launch_int3_gemm_wa(tile8, xt == at::kHalf ? 0 : 1, G, bm, n_slots, p, programmatic_after_t(R, dinfo), stream);
+    launch_int3_gemm_wa(forced == 9 ? 9 : tile8 ? 8 : 7, xt == at::kHalf ? 0 : 1, G, bm, n_slots, p,
+                        programmatic_after_t(R, dinfo), stream);
   } else {
     launch_int3_gemm(xt == at::kHalf ? 0 : 1, cfg, G, p, n_tiles, n_slots, programmatic_after_t(R, dinfo), stream);
   }

@@ -1,6 +1,6 @@
 // Hopper warpgroup MMA (wgmma, sm_90a) with the A operand from registers and B from shared memory, for
-// tile 8 (int3_gemm_wa.cu). Each wgmma_rs call is written out for its N because PTX names every
-// accumulator register. Only compiled into code for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); elsewhere the
+// tiles 8 and 9 (int3_gemm_wa.cu), and tile 9's barriers. Each wgmma_rs call is written out for its N
+// because PTX names every accumulator register. Only compiled into code for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); elsewhere the
 // functions are empty and the host never launches the kernels that call them.
 #pragma once
 
@@ -36,6 +36,28 @@ __device__ __forceinline__ void wgmma_wait() {
 }
 // this thread's shared-memory writes made visible to the async proxy (the wgmma's B reads)
 __device__ __forceinline__ void fence_proxy_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// tile 9's shared-memory barriers (mbarrier): `count` arrivals complete a phase; a waiter names the parity
+// of the phase it waits for (0, 1, 0, ... as the ring's slot is reused)
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  while (!done)
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+}
+// barrier `id` (1-15) of `threads` threads (a multiple of 32): a subset of the block synchronizes
+__device__ __forceinline__ void named_bar_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
 
 // d[n8 tile j][e] += A (64 x 16: warp w of the warpgroup rows 16w .. 16w + 15, the m16n8k16 A fragment
 // layout) x B (16 x N from b_desc); d in the m16n8 accumulator layout, one n8 tile per j
@@ -127,6 +149,10 @@ __device__ __forceinline__ void wgmma_commit() {}
 template <int N>
 __device__ __forceinline__ void wgmma_wait() {}
 __device__ __forceinline__ void fence_proxy_async_smem() {}
+__device__ __forceinline__ void mbar_init(uint32_t, uint32_t) {}
+__device__ __forceinline__ void mbar_arrive(uint32_t) {}
+__device__ __forceinline__ void mbar_wait(uint32_t, uint32_t) {}
+__device__ __forceinline__ void named_bar_sync(int, int) {}
 template <typename T, int N>
 __device__ __forceinline__ void wgmma_rs(float (&)[N / 8][4], const uint32_t (&)[4], uint64_t) {}
 #endif
