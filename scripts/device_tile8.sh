@@ -2,7 +2,7 @@
 # Tile 8's GPU runs (one device call each, ~5-9 min; carry .whl): build, GPU tests, memcheck, then (PARTS) tile 8's
 # 16- and 32-row blocks against the default and tile 7 (small: dense 9-32 rows, grouped M 8-128), the dense op's
 # tiles 7 and 8 past 32 rows (dense), tile 8's split count (split8), the grouped op with tiles 7 and 8 (moe), the dense
-# default at 17-256 rows (bt32), the grouped default against bf16 (moedef), tile 8's rows of x a block forced (bt), tile 9 against tile 8 (ws), tile 8's stalls by SASS line (hot). Results under
+# default at 17-256 rows (bt32), the grouped default against bf16 (moedef), tile 8's rows of x a block forced (bt), tile 9 against tile 8 (ws), the dense default past 64 rows (rule), tile 8's stalls by SASS line (hot). Results under
 # $OUT (logs.tgz and the tables). PARTS picks steps (default: all).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -72,6 +72,11 @@ if has ws; then  # tile 9 (tile 8 with a producer warpgroup and mbarriers) again
       --ms 128,512 > "$OUT/moe_ws$c.log" 2>&1; grep -E "^\|" "$OUT/moe_ws$c.log" | sed "s/^/cfg$c /"
   done
   echo "ws [$(el)s]"
+fi
+if has rule; then  # the dense default (tile 8 to 128 rows for 32M+ codes) against the earlier limit of 64 rows
+  timeout 150 python3 benchmarks/bench_kernel.py --sweep MILO_INT3_FUSED_MAX_M=-,64 --sweep-ranks 0,32 \
+    --shapes 14336x4096,4096x14336,28672x4096 --ms 64,80,96,128,160 > "$OUT/sw_rule.md" 2>&1; grep "^|" "$OUT/sw_rule.md"
+  echo "rule [$(el)s]"
 fi
 if has hot; then  # where tile 8's warps stall, by SASS line (ncu source counters), at 14336x4096 M=64 and 128
   for m in 64 128; do

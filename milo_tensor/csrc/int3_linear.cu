@@ -522,14 +522,16 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   const bool dtype_ok = (xt == at::kHalf || xt == at::kBFloat16) && scales.scalar_type() == xt &&
                         zeros.scalar_type() == xt && ut.scalar_type() == xt && v.scalar_type() == xt &&
                         (!bias.has_value() || bias->scalar_type() == xt);
-  // the tensor-core kernel up to 64 rows for weights of 32M+ codes, 32 from 16M, 16 below; past that
-  // dequant + cuBLAS, whose cost is set by the weight's size (H100 2026-12-06, bench_kernel.py --sweep
-  // MILO_INT3_FUSED_MAX_M=4096,0, us: 14336x4096 M=64 82.3 vs 101.0; 4096x4096 M=32 25.6 vs 24.2, M=48
-  // 34.7 vs 24.4; 1408x2048 M=17 10.5 vs 8.9, 768x2048 9.8 vs 8.1)
-  const int64_t codes = N64 * K64;
-  const int fused_max_m =
-      env_int("MILO_INT3_FUSED_MAX_M", codes >= (int64_t{32} << 20) ? 64 : (codes >= (int64_t{16} << 20) ? 32 : 16));
+  // the tensor-core kernel up to 64 rows for weights of 32M+ codes (128 where tile 8 runs), 32 from 16M, 16
+  // below; past that dequant + cuBLAS, whose cost is set by the weight's size (H100 2026-12-06, bench_kernel.py
+  // --sweep MILO_INT3_FUSED_MAX_M=4096,0, us: 14336x4096 M=64 82.3 vs 101.0; 4096x4096 M=32 25.6 vs 24.2, M=48
+  // 34.7 vs 24.4; 1408x2048 M=17 10.5 vs 8.9, 768x2048 9.8 vs 8.1; 17:10 UTC, tile 8 with its scales by
+  // cp.async: M=128 14336x4096 66.4 (128-row blocks), 4096x14336 93.5 (64-row blocks) against dequant +
+  // cuBLAS's 103.4 / 110.8; at M=256 128.6 / 144.2 against 105.9 / ~110)
   const DevInfo dinfo = dev_info();
+  const int64_t codes = N64 * K64;
+  const int fused_max_m = env_int("MILO_INT3_FUSED_MAX_M", codes >= (int64_t{32} << 20) ? (tile8_runs(dinfo) ? 128 : 64)
+                                                           : (codes >= (int64_t{16} << 20) ? 32 : 16));
   const bool fused = dtype_ok && dinfo.major >= 8 && K % kInt3BK == 0 && N % 8 == 0 &&
                      (G == 32 || G == 64 || G == 128) && M64 <= fused_max_m && M64 < (1LL << 24);
   // decode: int3_gemv.cu for up to 4 rows (faster than the GEMM kernel at M <= 4 on every benchmark
@@ -561,8 +563,8 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   // takes t from the rows kernel launched programmatically, tile 7 from cuBLAS); K >= 8192 at 17-32 rows
   // (4096x14336 M=32 56.8 -> 51.0 / 69.6 -> 61.2; at M=64 it lost, 84.5 -> 96.4); not 4096x4096 (M=32 26.4
   // -> 31.3) nor the expert shapes (1408x2048 M=32 11.1 -> 17.4).
-  // Tile 8 (tile 7 with warpgroup MMAs, capability 9.0 only; MILO_INT3_CFG=8 forces it) at 17-64 rows where N
-  // and K >= 4096. Its 64-row blocks at 33-64 rows (H100 2026-12-06 14:33 UTC, bench_kernel.py --sweep MILO_INT3_CFG=-,7,8 under
+  // Tile 8 (tile 7 with warpgroup MMAs, capability 9.0 only; MILO_INT3_CFG=8 forces it) at 17-128 rows where N
+  // and K >= 4096 (past 64 rows only for weights of 32M+ codes: the fused limit above). Its 64-row blocks at 33-64 rows (H100 2026-12-06 14:33 UTC, bench_kernel.py --sweep MILO_INT3_CFG=-,7,8 under
   // MILO_INT3_FUSED_MAX_M=4096, us, R=0 / R=32: 14336x4096 M=64 66.7 -> 45.7 / 74.8 -> 54.5, 4096x14336 M=64
   // 83.3 -> 67.7 / 96.2 -> 77.7; at M=32 no gain, 43.4 -> 42.2 / 50.4 -> 50.4 and 48.7 -> 48.5 / 57.8 ->
   // 60.5; past 64 rows its 128-row blocks run one per SM and lost to tile 7 at K = 14336, e.g. M=128 180.1
@@ -573,7 +575,7 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   // M=16 31.6 against 34.0) nor the expert shapes (1408x2048 M=32 11.1 against 17.5).
   const int forced_tile = forced_cfg("MILO_INT3_CFG");
   const bool tile8 = !use_gemv && (forced_tile >= 8 ? check_tile8(dinfo)
-                                                    : forced_tile == 0 && tile8_runs(dinfo) && M > 16 && M <= 64 &&
+                                                    : forced_tile == 0 && tile8_runs(dinfo) && M > 16 && M <= 128 &&
                                                           N >= 4096 && K >= 4096);
   const bool tile7 = !use_gemv && (forced_tile == 7 || tile8 ||
                                    (forced_tile == 0 && ((N >= 8192 && (M > 16 || R == 0)) ||
@@ -640,10 +642,17 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
     C10_CUDA_CHECK(cudaMemsetAsync(p.counters, 0, n_counters * sizeof(int), stream));
   };
   if (tile7) {
-    // MILO_INT3_WA_BT forces the rows of x a block (measurements): tile 7 takes 16, 32 or 64, tile 8 also 128
+    // MILO_INT3_WA_BT forces the rows of x a block (measurements): tile 7 takes 16, 32 or 64, tile 8 also 128.
+    // Tile 8 past 64 rows: 128-row blocks where the column tiles fill half the SMs, else 64-row blocks (H100
+    // 2026-12-06 17:10 UTC, MILO_INT3_WA_BT=-,32,64 at M=128, us: 14336x4096 (112 column tiles) 67.6 / 104.3 /
+    // 88.4, 4096x14336 (32) 137.1 / 111.4 / 93.5)
+    const int n_tiles = (N + kInt3WaBN - 1) / kInt3WaBN;
     const int forced_bt = env_int("MILO_INT3_WA_BT", 0);
-    const int bt = forced_bt > 0 ? forced_bt : int3_gemm_wa_bt(M, tile8), row_blocks = (M + bt - 1) / bt;
-    const int wa_tiles = row_blocks * ((N + kInt3WaBN - 1) / kInt3WaBN);
+    const int bt = forced_bt > 0 ? forced_bt
+                   : tile8 && M > 64 && 2 * n_tiles < dinfo.sms ? 64
+                                                                : int3_gemm_wa_bt(M, tile8);
+    const int row_blocks = (M + bt - 1) / bt;
+    const int wa_tiles = row_blocks * n_tiles;
     std::tie(p.splits, p.stages_per_split) = int3_gemm_wa_splits(wa_tiles, K, dinfo.sms, env_int("MILO_INT3_SPLITS", 0));
     alloc_split_ws(p.splits, wa_tiles);
     if (rows_t) launch_rows_t(false);  // directly before the matmul kernel in the stream (after the memset)
