@@ -76,9 +76,7 @@ template <int BT>
 struct WsRing {
   static constexpr int SlotBytes = WaTile<BT>::StageBytes + WaTile<BT>::XBytes;
   static constexpr int Stages = std::min(8, 220 * 1024 / SlotBytes);  // 8 at BT <= 32, 5 at 64, 3 at 128
-  static constexpr int Ahead = Stages - 1;  // stages the producer's copies run ahead of its permutation
   static constexpr int Smem = Stages * SlotBytes;
-  static_assert(Ahead >= 2, "tile 9 needs 3 slots");
 };
 constexpr int kWsThreads = kWaThreads + 128;  // tile 9: two consumer warpgroups, then the producer's
 
@@ -169,10 +167,16 @@ __global__ void __launch_bounds__(WS ? kWsThreads : kWaThreads, WS || BT >= 128 
   const int r_lo = warp * 16 + g;  // the lane's weight rows in the tile: r_lo, r_lo + 8
 
   // the ring: kStages slots of kSlotBytes (tiles 7 / 8: x, codes, scales and zeros; tile 9 also its x in the
-  // wgmma layout); the loads are issued by kLoaders threads (all, or tile 9's producer warpgroup), thread lt
+  // wgmma layout). The copies are issued by kLoaders threads (tile 7: all; tile 8: warpgroup 0; tile 9: its
+  // producer's first two warps), thread lt, and x is rewritten in the wgmma layout by kPermuters others
+  // (tile 8: warpgroup 1; tile 9: the producer's last two warps). Why apart: the proxy fence after the
+  // rewrite waits for the fencing warp's copies still in flight (ncu, H100 2026-12-06 17:25 UTC, tile 8 with
+  // both in every warp: the fence and the barrier after it held 11% of the stall samples at 14336x4096 M=64,
+  // on long scoreboard), and tile 9's producer fenced a stage behind its newest copies every stage.
   constexpr int kStages = WS ? WsRing<BT>::Stages : kWaStages;
   constexpr int kSlotBytes = WS ? WsRing<BT>::SlotBytes : Tile::StageBytes;
-  constexpr int kLoaders = WS ? 128 : kWaThreads;
+  constexpr int kLoaders = WS ? 64 : (WG ? 128 : kWaThreads);
+  constexpr int kPermuters = WS ? 64 : 128;
   static_assert(BT * 16 % kLoaders == 0, "x's 16-byte units split evenly over the loading threads");
   auto slot = [&](int st) { return (st % kStages) * kSlotBytes; };  // stage st's slot, bytes from smem
   auto load_stage = [&](int st, int lt) {
@@ -225,11 +229,11 @@ __global__ void __launch_bounds__(WS ? kWsThreads : kWaThreads, WS || BT >= 128 
     for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
 
   // tiles 8 / 9: a landed stage's x (tile 7's layout) rewritten in the wgmma's B layout (the header), in
-  // one of two buffers after the ring (tile 8) or in its slot (tile 9), by the kLoaders threads: thread task
+  // one of two buffers after the ring (tile 8) or in its slot (tile 9), by the kPermuters threads: thread task
   // i is row n = task % BT and j = task / BT; it reads k 8j + 32u .. + 7 (u = 0..3) and stores, for each word
   // w, the four words w as one 16-byte core-matrix row (the 8 rows of a quarter warp read 8 distinct bank
   // groups and store one 128-byte core matrix)
-  constexpr int kXTasks = WG ? (BT * 4 + kLoaders - 1) / kLoaders : 0;  // BT * 4 < kLoaders: some threads idle
+  constexpr int kXTasks = WG ? (BT * 4 + kPermuters - 1) / kPermuters : 0;  // BT * 4 < kPermuters: some idle
   auto wg_x_offset = [&](int st) {  // stage st's x in the wgmma layout, bytes from smem
     return WS ? slot(st) + Tile::StageBytes : kWaStages * Tile::StageBytes + (st & 1) * Tile::XBytes;
   };
@@ -238,8 +242,8 @@ __global__ void __launch_bounds__(WS ? kWsThreads : kWaThreads, WS || BT >= 128 
     uint8_t* const xb = smem + wg_x_offset(st);
 #pragma unroll
     for (int i = 0; i < kXTasks; ++i) {
-      const int task = lt + i * kLoaders, n = task % BT, j = task / BT;
-      if (BT * 4 < kLoaders && task >= BT * 4) break;
+      const int task = lt + i * kPermuters, n = task % BT, j = task / BT;
+      if (BT * 4 < kPermuters && task >= BT * 4) break;
       uint4 v[4];
 #pragma unroll
       for (int u = 0; u < 4; ++u) v[u] = lds128(xn + swz256(n, 4 * u + j));
@@ -307,43 +311,39 @@ __global__ void __launch_bounds__(WS ? kWsThreads : kWaThreads, WS || BT >= 128 
   };
 
   if constexpr (WS) {
-    // tile 9: warpgroup 2 produces (copies a stage, WsRing::Ahead stages later rewrites its x in the wgmma
-    // layout, then marks the slot full), warpgroups 0 and 1 consume (wait for full, compute, and mark the
+    // tile 9: warpgroup 2 produces: its warps 0-1 copy stage after stage into free slots (each copy thread's
+    // landing counted by the slot's `landed` barrier), its warps 2-3 rewrite each landed stage's x in the
+    // wgmma layout and mark the slot full; warpgroups 0 and 1 consume (wait for full, compute, and mark the
     // slot of the stage before empty once its wgmmas are done). Why: in tile 8 every warp passes two block
-    // barriers a stage, so the copies' issue, the permutation and each warp's dequantization wait for the
-    // slowest warp (ncu, H100 2026-12-06: 26-33% of issue slots busy at 14336x4096 M=64); here the
-    // consumer warpgroups only wait for data, and drift out of phase.
-    __shared__ __align__(8) uint64_t ring_bars[2 * kStages];  // full[slot], then empty[slot]
-    const uint32_t full0 = smem_u32(ring_bars), empty0 = full0 + 8 * kStages;
+    // barriers a stage, so the copies' issue, the rewrite and each warp's dequantization wait for the
+    // slowest warp (ncu, H100 2026-12-06: 26-33% of issue slots busy at 14336x4096 M=64); here each role
+    // waits only for its data.
+    __shared__ __align__(8) uint64_t ring_bars[3 * kStages];  // landed[slot], full[slot], empty[slot]
+    const uint32_t landed0 = smem_u32(ring_bars), full0 = landed0 + 8 * kStages, empty0 = full0 + 8 * kStages;
     if (tid == 0) {
       for (int b = 0; b < kStages; ++b) {
-        mbar_init(full0 + 8 * b, 128);        // the producer's threads
+        mbar_init(landed0 + 8 * b, kLoaders);
+        mbar_init(full0 + 8 * b, kPermuters);
         mbar_init(empty0 + 8 * b, kWaThreads);  // the consumers' threads
       }
     }
     __syncthreads();
     if (tid >= kWaThreads) {
-      const int lt = tid - kWaThreads;
-      constexpr int kAhead = WsRing<BT>::Ahead;
-      auto publish = [&](int st) {  // this thread's copies of stage st landed
-        named_bar_sync(1, 128);  // every producer thread's copies landed
-        permute_x(st, lt);
-        mbar_arrive(full0 + 8 * (st % kStages));
-      };
-      // iteration i publishes stage i - kAhead, then copies stage i into its slot once the consumers freed
-      // it (after stage i - kStages + 1 = i - kAhead, just published). Publishing first keeps the next stage
-      // ready while the producer waits for a slot (the other order, first measured, held each stage's
-      // publication until the consumers had finished the stage before it: 3-16% slower than tile 8)
-      for (int st = 0; st < stages + kAhead; ++st) {
-        if (st >= kAhead) {
-          cp_async_wait<kAhead - 1>();  // group st - kAhead landed (one group per iteration, empty past the end)
-          publish(st - kAhead);
-        }
-        if (st < stages) {
+      const int pt = tid - kWaThreads;
+      if (pt < kLoaders) {
+        for (int st = 0; st < stages; ++st) {
+          // slot reuse: the consumers freed stage st - kStages once stage st - kStages + 1's wgmmas were done
           if (st >= kStages) mbar_wait(empty0 + 8 * (st % kStages), (st / kStages - 1) & 1);
-          load_stage(st, lt);
+          load_stage(st, pt);
+          cp_async_mbar_arrive(landed0 + 8 * (st % kStages));
         }
-        cp_async_commit();
+        cp_async_wait<0>();
+      } else {
+        for (int st = 0; st < stages; ++st) {
+          mbar_wait(landed0 + 8 * (st % kStages), (st / kStages) & 1);
+          permute_x(st, pt - kLoaders);
+          mbar_arrive(full0 + 8 * (st % kStages));
+        }
       }
       return;  // the epilogue is the consumers' (named barrier 2)
     }
@@ -355,18 +355,26 @@ __global__ void __launch_bounds__(WS ? kWsThreads : kWaThreads, WS || BT >= 128 
   } else {
 #pragma unroll
     for (int s = 0; s < kWaStages - 1; ++s) {
-      if (s < stages) load_stage(s, tid);
+      if (s < stages && tid < kLoaders) load_stage(s, tid);
       cp_async_commit();
     }
     for (int st = 0; st < stages; ++st) {
       cp_async_wait<kWaStages - 2>();  // stage st landed
       __syncthreads();                 // every warp done with step st - 1: its buffer is free
       const int nx = st + kWaStages - 1;
-      if (nx < stages) load_stage(nx, tid);
-      cp_async_commit();
       if constexpr (WG) {
-        permute_x(st, tid);  // into the buffer stage st - 2's wgmmas read (done: at most kWgPending steps, all of st - 1, in flight)
+        // warpgroup 0 copies stage nx while warpgroup 1 rewrites stage st's x into the buffer stage st - 2's
+        // wgmmas read (done: at most kWgPending steps, all of st - 1, in flight)
+        if (tid < kLoaders) {
+          if (nx < stages) load_stage(nx, tid);
+        } else {
+          permute_x(st, tid - kLoaders);
+        }
+        cp_async_commit();
         __syncthreads();
+      } else {
+        if (nx < stages) load_stage(nx, tid);
+        cp_async_commit();
       }
       compute_stage(st);
     }

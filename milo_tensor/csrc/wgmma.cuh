@@ -54,6 +54,11 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
         : "r"(bar), "r"(parity)
         : "memory");
 }
+// one arrival on `bar` once every cp.async this thread issued so far has landed (counted in the barrier's
+// arrivals: .noinc)
+__device__ __forceinline__ void cp_async_mbar_arrive(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
 // barrier `id` (1-15) of `threads` threads (a multiple of 32): a subset of the block synchronizes
 __device__ __forceinline__ void named_bar_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
@@ -152,6 +157,7 @@ __device__ __forceinline__ void fence_proxy_async_smem() {}
 __device__ __forceinline__ void mbar_init(uint32_t, uint32_t) {}
 __device__ __forceinline__ void mbar_arrive(uint32_t) {}
 __device__ __forceinline__ void mbar_wait(uint32_t, uint32_t) {}
+__device__ __forceinline__ void cp_async_mbar_arrive(uint32_t) {}
 __device__ __forceinline__ void named_bar_sync(int, int) {}
 template <typename T, int N>
 __device__ __forceinline__ void wgmma_rs(float (&)[N / 8][4], const uint32_t (&)[4], uint64_t) {}
