@@ -572,7 +572,11 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   // 15:51 UTC, same sweep, tile 7 -> tile 8, R=0 / R=32: 14336x4096 M=17 41.8 -> 35.9 / 49.3 -> 43.3, M=32 43.7
   // -> 37.5 / 50.9 -> 44.8; 4096x14336 M=17 44.2 -> 39.2 / 53.2 -> 48.6, M=32 47.5 -> 43.0 / 58.1 -> 53.5;
   // 4096x4096, where tiles 1 / 3 ran, M=32 26.1 -> 22.4 / 33.0 -> 30.7 at 15:20); not at 9-16 rows (14336x4096
-  // M=16 31.6 against 34.0) nor the expert shapes (1408x2048 M=32 11.1 against 17.5).
+  // M=16 31.6 against 34.0) nor the expert shapes (1408x2048 M=32 11.1 against 17.5). Where tile 8 runs, tile 9
+  // (its warp-specialized form) takes 17-32 rows (H100 2026-12-06 17:47 UTC, --sweep MILO_INT3_CFG=8,9, us,
+  // R=0 / R=32 at M=32: 14336x4096 32.1 -> 27.1 / 40.0 -> 34.3, 4096x14336 38.6 -> 36.3 / 48.5 -> 45.2, 4096x4096
+  // 20.7 -> 20.2 / 29.9 -> 29.9; at M=64 14336x4096 39.8 -> 41.6, at M=128 54.2 -> 78.0: its 128-row blocks get
+  // 3 ring slots).
   const int forced_tile = forced_cfg("MILO_INT3_CFG");
   const bool tile8 = !use_gemv && (forced_tile >= 8 ? check_tile8(dinfo)
                                                     : forced_tile == 0 && tile8_runs(dinfo) && M > 16 && M <= 128 &&
@@ -656,7 +660,8 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
     std::tie(p.splits, p.stages_per_split) = int3_gemm_wa_splits(wa_tiles, K, dinfo.sms, env_int("MILO_INT3_SPLITS", 0));
     alloc_split_ws(p.splits, wa_tiles);
     if (rows_t) launch_rows_t(false);  // directly before the matmul kernel in the stream (after the memset)
-    launch_int3_gemm_wa(forced_tile == 9 ? 9 : tile8 ? 8 : 7, xt == at::kHalf ? 0 : 1, G, bt, row_blocks, p,
+    const int wa_tile = forced_tile >= 8 ? forced_tile : (tile8 ? (M <= 32 ? 9 : 8) : 7);
+    launch_int3_gemm_wa(wa_tile, xt == at::kHalf ? 0 : 1, G, bt, row_blocks, p,
                         rows_t && programmatic_after_t(R, dinfo), stream);
     return y.reshape(out_shape);
   }
@@ -905,11 +910,14 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
                         mean_rows <= env_int("MILO_INT3_GROUPED_GEMV_MAX_ROWS", 4);
   const int gemv_bm = mean_rows <= 1 ? 2 : kTRows;
   // Past that, tile 7 (the weight as the mma A operand, int3_gemm_wa.cu), and tile 8 (its warpgroup-MMA form,
-  // capability 9.0) past 64 rows per busy expert; MILO_INT3_GROUPED_CFG=1-4 / 7 / 8 forces a tile. H100
+  // capability 9.0) past 16 rows per busy expert (64 before; below); MILO_INT3_GROUPED_CFG=1-4 / 7-9 forces a tile. H100
   // 2026-12-06 14:36 UTC, bench_moe.py milo-grouped under MILO_INT3_GROUPED_CFG=0 (then tiles 1-4: 16 / 32 /
   // 64 rows) / 7 / 8, us: Mixtral-shaped M=32 (8 rows per busy expert) 671 / 679 / 1224, M=128 (32) 1518 / 1224
-  // / 1323, M=512 (128) 4189 / 3174 / 2934; Qwen3-shaped M=128 (8) 407 / 383 / 679, M=512 (32) 828 / 761 / 770
-  const bool tile8 = !use_gemv && (forced >= 8 ? check_tile8(dinfo) : forced == 0 && tile8_runs(dinfo) && mean_rows > 64);
+  // / 1323, M=512 (128) 4189 / 3174 / 2934; Qwen3-shaped M=128 (8) 407 / 383 / 679, M=512 (32) 828 / 761 / 770.
+  // Tile 8 past 16 rows since its copies and x's rewrite went to separate warpgroups (17:47 UTC, the default
+  // then (tile 7 at 32 rows) / MILO_INT3_GROUPED_CFG=8 / 9: Mixtral-shaped M=128 1277 / 1195 / 1290, M=512 2789 /
+  // 2789 / 3251; Qwen3-shaped M=128 (8 rows) 366 / 411 / 452, M=512 (32) 770 / 749 / 831)
+  const bool tile8 = !use_gemv && (forced >= 8 ? check_tile8(dinfo) : forced == 0 && tile8_runs(dinfo) && mean_rows > 16);
   const bool tile7 = !use_gemv && (forced == 0 || forced == 7 || tile8);
   const int bm = use_gemv ? gemv_bm : (tile7 ? int3_gemm_wa_bt(mean_rows, tile8) : int3_cfg_bm(cfg));
   const int bn = tile7 ? kInt3WaBN : int3_cfg_bn(cfg, G);
@@ -1047,7 +1055,7 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   if (use_gemv) {
     launch_int3_gemv(xt == at::kHalf ? 0 : 1, G, p, n_slots, bm, glaunch, stream);
   } else if (tile7) {
-    launch_int3_gemm_wa(forced == 9 ? 9 : tile8 ? 8 : 7, xt == at::kHalf ? 0 : 1, G, bm, n_slots, p,
+    launch_int3_gemm_wa(forced >= 8 ? forced : (tile8 ? 8 : 7), xt == at::kHalf ? 0 : 1, G, bm, n_slots, p,
                         programmatic_after_t(R, dinfo), stream);
   } else {
     launch_int3_gemm(xt == at::kHalf ? 0 : 1, cfg, G, p, n_tiles, n_slots, programmatic_after_t(R, dinfo), stream);
