@@ -20,9 +20,8 @@
 // loads take the minimum two wavefronts). The mma sums over k in any order, so no x is permuted.
 //
 // Block: 8 warps = 128 output features, BT rows of x, a 4-stage cp.async ring of 128-k stages (x: BT x 256
-// bytes, codes: 128 x 48 bytes). Scales and zeros: a lane's two rows and chunk, read from global memory a
-// stage ahead. Split-K over blockIdx.z where the blocks do not fill the GPU, reduced by the last split to
-// arrive at a tile (fixed order); the low-rank term by mma in the epilogue (U^T chunk as A by transposed
+// bytes, codes: 128 x 48 bytes, each row's scales and zeros of the stage: 2 x 128 x 8 bytes). Split-K over
+// blockIdx.z where the blocks do not fill the GPU, reduced by the last split to arrive at a tile (fixed order); the low-rank term by mma in the epilogue (U^T chunk as A by transposed
 // ldmatrix, t as B in hi + lo halves; t's split partials from the rows kernel summed there, after
 // griddepcontrol.wait when launched programmatically behind it), y staged in shared memory and written
 // in 16-byte rows.
@@ -39,7 +38,13 @@
 // of their 4 words w, the words of equal w as one 16-byte core-matrix row (core matrix 4j + w holds k pairs
 // 16t' + 4j + w, i.e. the mma's k slots of step s = 2j + (w >> 1), half w & 1). Loading x into registers a
 // stage ahead instead left the warps waiting on those loads (ncu, H100 2026-12-06: 3.1 of 7.8 cycles per
-// issued instruction on long scoreboard). BT = 16, 32, 64 or 128 (m64n16k16 .. m64n128k16).
+// issued instruction on long scoreboard). BT = 16, 32, 64 or 128 (m64n16k16 .. m64n128k16). Warpgroup 0 issues
+// the copies, warpgroup 1 rewrites x: the proxy fence after the rewrite waits for the fencing warp's copies.
+//
+// Tile 9 (WS = true): tile 8 warp-specialized, 384 threads. Warpgroups 0 and 1 consume as in tile 8;
+// warpgroup 2's warps 0-1 copy stages into a ring of WsRing slots (each slot also holds its stage's x in the
+// wgmma layout) and count their landing on the slot's `landed` mbarrier, its warps 2-3 rewrite x and mark the
+// slot `full`, the consumers mark it `empty` when its wgmmas are done. No block barrier in the main loop.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/util/Exception.h>

@@ -525,9 +525,9 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   // the tensor-core kernel up to 64 rows for weights of 32M+ codes (128 where tile 8 runs), 32 from 16M, 16
   // below; past that dequant + cuBLAS, whose cost is set by the weight's size (H100 2026-12-06, bench_kernel.py
   // --sweep MILO_INT3_FUSED_MAX_M=4096,0, us: 14336x4096 M=64 82.3 vs 101.0; 4096x4096 M=32 25.6 vs 24.2, M=48
-  // 34.7 vs 24.4; 1408x2048 M=17 10.5 vs 8.9, 768x2048 9.8 vs 8.1; 17:10 UTC, tile 8 with its scales by
-  // cp.async: M=128 14336x4096 66.4 (128-row blocks), 4096x14336 93.5 (64-row blocks) against dequant +
-  // cuBLAS's 103.4 / 110.8; at M=256 128.6 / 144.2 against 105.9 / ~110)
+  // 34.7 vs 24.4; 1408x2048 M=17 10.5 vs 8.9, 768x2048 9.8 vs 8.1; 17:47 UTC, --sweep MILO_INT3_FUSED_MAX_M=-,64,
+  // tile 8 against dequant + cuBLAS at M=128: 14336x4096 55.1 / 103.2, 4096x14336 82.7 / 109.9, 28672x4096 111.1 /
+  // 198.0; at M=256 14336x4096 105.0 (CFG=8) against 105.9 (09:31): even, hence 128)
   const DevInfo dinfo = dev_info();
   const int64_t codes = N64 * K64;
   const int fused_max_m = env_int("MILO_INT3_FUSED_MAX_M", codes >= (int64_t{32} << 20) ? (tile8_runs(dinfo) ? 128 : 64)

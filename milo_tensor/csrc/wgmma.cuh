@@ -1,7 +1,8 @@
 // Hopper warpgroup MMA (wgmma, sm_90a) with the A operand from registers and B from shared memory, for
 // tiles 8 and 9 (int3_gemm_wa.cu), and tile 9's barriers. Each wgmma_rs call is written out for its N
-// because PTX names every accumulator register. Only compiled into code for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); elsewhere the
-// functions are empty and the host never launches the kernels that call them.
+// because PTX names every accumulator register. Only compiled into code for sm_90a
+// (__CUDA_ARCH_FEAT_SM90_ALL); elsewhere the functions are empty and the host never launches the kernels
+// that call them.
 #pragma once
 
 #include <cuda_bf16.h>
