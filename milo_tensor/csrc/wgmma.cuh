@@ -70,85 +70,51 @@ __device__ __forceinline__ void named_bar_sync(int id, int threads) {
 template <typename T, int N>
 __device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t b_desc);
 
-// one specialization per (dtype, N): the macros differ only in N's accumulator list
-#define MILO_WGMMA_RS_N16(T, PTX_TYPE)                                                                   \
-  template <>                                                                                          \
-  __device__ __forceinline__ void wgmma_rs<T, 16>(float(&d)[2][4], const uint32_t(&a)[4], uint64_t b_desc) { \
-    asm volatile(                                                                                      \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"                                                  \
-        "wgmma.mma_async.sync.aligned.m64n16k16.f32." PTX_TYPE "." PTX_TYPE " {%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, %12, p, 1, 1, 0;\n}\n" \
-        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), \
-        "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]) \
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(1));                            \
+// one specialization per (dtype, N), all from one macro: PTX names every accumulator register, so N picks
+// its accumulator operands (n8 tiles 0 .. N / 8 - 1, four floats each) and their names %0 .. %(N / 2 - 1),
+// and each N names the operands after them: A's four registers, the descriptor, the scale-d flag
+#define MILO_WGMMA_ACC(j) "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])
+#define MILO_WGMMA_ACC_N16 MILO_WGMMA_ACC(0), MILO_WGMMA_ACC(1)
+#define MILO_WGMMA_ACC_N32 MILO_WGMMA_ACC_N16, MILO_WGMMA_ACC(2), MILO_WGMMA_ACC(3)
+#define MILO_WGMMA_ACC_N64 MILO_WGMMA_ACC_N32, MILO_WGMMA_ACC(4), MILO_WGMMA_ACC(5), MILO_WGMMA_ACC(6), MILO_WGMMA_ACC(7)
+#define MILO_WGMMA_ACC_N128                                                                                   \
+  MILO_WGMMA_ACC_N64, MILO_WGMMA_ACC(8), MILO_WGMMA_ACC(9), MILO_WGMMA_ACC(10), MILO_WGMMA_ACC(11),            \
+      MILO_WGMMA_ACC(12), MILO_WGMMA_ACC(13), MILO_WGMMA_ACC(14), MILO_WGMMA_ACC(15)
+#define MILO_WGMMA_REGS_N16 "%0, %1, %2, %3, %4, %5, %6, %7"
+#define MILO_WGMMA_REGS_N32 MILO_WGMMA_REGS_N16 ", %8, %9, %10, %11, %12, %13, %14, %15"
+#define MILO_WGMMA_REGS_N64                                                                            \
+  MILO_WGMMA_REGS_N32 ", %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+#define MILO_WGMMA_REGS_N128                                                                                  \
+  MILO_WGMMA_REGS_N64 ", %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, " \
+                      "%49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+#define MILO_WGMMA_RS_IMPL(T, PTX_TYPE, N, A_DESC, SCALE_D)                                                 \
+  template <>                                                                                            \
+  __device__ __forceinline__ void wgmma_rs<T, N>(float(&d)[N / 8][4], const uint32_t(&a)[4], uint64_t b_desc) { \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " SCALE_D ", 0;\n"                                       \
+                 "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." PTX_TYPE "." PTX_TYPE                    \
+                 " {" MILO_WGMMA_REGS_N##N "}, " A_DESC ", p, 1, 1, 0;\n}\n"                                \
+                 : MILO_WGMMA_ACC_N##N                                                                      \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(1));                       \
   }
+#define MILO_WGMMA_RS(N, A_DESC, SCALE_D)                    \
+  MILO_WGMMA_RS_IMPL(half, "f16", N, A_DESC, SCALE_D)        \
+  MILO_WGMMA_RS_IMPL(__nv_bfloat16, "bf16", N, A_DESC, SCALE_D)
 
-#define MILO_WGMMA_RS_N32(T, PTX_TYPE)                                                                   \
-  template <>                                                                                          \
-  __device__ __forceinline__ void wgmma_rs<T, 32>(float(&d)[4][4], const uint32_t(&a)[4], uint64_t b_desc) { \
-    asm volatile(                                                                                      \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"                                                  \
-        "wgmma.mma_async.sync.aligned.m64n32k16.f32." PTX_TYPE "." PTX_TYPE " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n" \
-        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), \
-        "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), \
-        "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), \
-        "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]) \
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(1));                            \
-  }
-
-#define MILO_WGMMA_RS_N64(T, PTX_TYPE)                                                                   \
-  template <>                                                                                          \
-  __device__ __forceinline__ void wgmma_rs<T, 64>(float(&d)[8][4], const uint32_t(&a)[4], uint64_t b_desc) { \
-    asm volatile(                                                                                      \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                  \
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTX_TYPE "." PTX_TYPE " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n" \
-        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), \
-        "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), \
-        "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), \
-        "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), \
-        "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), \
-        "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), \
-        "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), \
-        "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]) \
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(1));                            \
-  }
-
-#define MILO_WGMMA_RS_N128(T, PTX_TYPE)                                                                   \
-  template <>                                                                                          \
-  __device__ __forceinline__ void wgmma_rs<T, 128>(float(&d)[16][4], const uint32_t(&a)[4], uint64_t b_desc) { \
-    asm volatile(                                                                                      \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                                  \
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32." PTX_TYPE "." PTX_TYPE " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n" \
-        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), \
-        "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), \
-        "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), \
-        "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), \
-        "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), \
-        "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), \
-        "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), \
-        "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), \
-        "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), \
-        "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), \
-        "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), \
-        "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), \
-        "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), \
-        "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), \
-        "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), \
-        "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3]) \
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(1));                            \
-  }
-
-MILO_WGMMA_RS_N16(half, "f16")
-MILO_WGMMA_RS_N16(__nv_bfloat16, "bf16")
-MILO_WGMMA_RS_N32(half, "f16")
-MILO_WGMMA_RS_N32(__nv_bfloat16, "bf16")
-MILO_WGMMA_RS_N64(half, "f16")
-MILO_WGMMA_RS_N64(__nv_bfloat16, "bf16")
-MILO_WGMMA_RS_N128(half, "f16")
-MILO_WGMMA_RS_N128(__nv_bfloat16, "bf16")
-#undef MILO_WGMMA_RS_N16
-#undef MILO_WGMMA_RS_N32
-#undef MILO_WGMMA_RS_N64
-#undef MILO_WGMMA_RS_N128
+MILO_WGMMA_RS(16, "{%8, %9, %10, %11}, %12", "%13")
+MILO_WGMMA_RS(32, "{%16, %17, %18, %19}, %20", "%21")
+MILO_WGMMA_RS(64, "{%32, %33, %34, %35}, %36", "%37")
+MILO_WGMMA_RS(128, "{%64, %65, %66, %67}, %68", "%69")
+#undef MILO_WGMMA_RS
+#undef MILO_WGMMA_RS_IMPL
+#undef MILO_WGMMA_REGS_N16
+#undef MILO_WGMMA_REGS_N32
+#undef MILO_WGMMA_REGS_N64
+#undef MILO_WGMMA_REGS_N128
+#undef MILO_WGMMA_ACC_N16
+#undef MILO_WGMMA_ACC_N32
+#undef MILO_WGMMA_ACC_N64
+#undef MILO_WGMMA_ACC_N128
+#undef MILO_WGMMA_ACC
 #else
 __device__ __forceinline__ void wgmma_fence() {}
 __device__ __forceinline__ void wgmma_commit() {}
