@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Tile 8's GPU runs (one device call each, ~5-9 min; carry .whl): build, GPU tests, memcheck, then (PARTS) tile 8's
-# 16- and 32-row blocks against the default and tile 7 (small: dense 9-32 rows, grouped M 8-128), the dense op's
-# tiles 7 and 8 past 32 rows (dense), tile 8's split count (split8), the grouped op with tiles 7 and 8 (moe), the dense
-# default at 17-256 rows (bt32), the grouped default against bf16 (moedef), tile 8's rows of x a block forced (bt), tile 9 against tile 8 (ws), the dense default past 64 rows (rule), tile 8's stalls by SASS line (hot). Results under
-# $OUT (logs.tgz and the tables). PARTS picks steps (default: all).
+# Tiles 8 and 9's GPU runs (one device call each, ~5-9 min; carry .whl): build, GPU tests, memcheck, then (PARTS)
+# tile 8's 16- and 32-row blocks against the default and tile 7 (small: dense 9-32 rows, grouped M 8-128), the
+# dense op's tiles 7 and 8 past 32 rows (dense), tile 8's split count (split8), the grouped op with tiles 7 and 8
+# (moe), the dense default at 17-256 rows (bt32), the grouped default against bf16 (moedef), tile 8's rows of x a
+# block forced (bt), tile 9 against tile 8 (ws), the dense default past 64 rows (rule), tile 8's stalls by SASS
+# line (hot; HOT_CFG=9 profiles tile 9). Results under $OUT (logs.tgz and the tables). PARTS picks steps (default:
+# build test sanitize small dense moe).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"

@@ -21,10 +21,10 @@
 //
 // Block: 8 warps = 128 output features, BT rows of x, a 4-stage cp.async ring of 128-k stages (x: BT x 256
 // bytes, codes: 128 x 48 bytes, each row's scales and zeros of the stage: 2 x 128 x 8 bytes). Split-K over
-// blockIdx.z where the blocks do not fill the GPU, reduced by the last split to arrive at a tile (fixed order); the low-rank term by mma in the epilogue (U^T chunk as A by transposed
-// ldmatrix, t as B in hi + lo halves; t's split partials from the rows kernel summed there, after
-// griddepcontrol.wait when launched programmatically behind it), y staged in shared memory and written
-// in 16-byte rows.
+// blockIdx.z where the blocks do not fill the GPU, reduced by the last split to arrive at a tile (fixed
+// order); the low-rank term by mma in the epilogue (U^T chunk as A by transposed ldmatrix, t as B in hi +
+// lo halves; t's split partials from the rows kernel summed there, after griddepcontrol.wait when launched
+// programmatically behind it), y staged in shared memory and written in 16-byte rows.
 //
 // Tile 8 (WG = true, sm_90a): the same blocks, codes, dequantization, k order and epilogue, with the mmas
 // issued as warpgroup MMAs (wgmma, A from registers, B from shared memory): warps 0-3 and 4-7 are two
@@ -38,8 +38,9 @@
 // of their 4 words w, the words of equal w as one 16-byte core-matrix row (core matrix 4j + w holds k pairs
 // 16t' + 4j + w, i.e. the mma's k slots of step s = 2j + (w >> 1), half w & 1). Loading x into registers a
 // stage ahead instead left the warps waiting on those loads (ncu, H100 2026-12-06: 3.1 of 7.8 cycles per
-// issued instruction on long scoreboard). BT = 16, 32, 64 or 128 (m64n16k16 .. m64n128k16). Warpgroup 0 issues
-// the copies, warpgroup 1 rewrites x: the proxy fence after the rewrite waits for the fencing warp's copies.
+// issued instruction on long scoreboard). BT = 16, 32, 64 or 128 (m64n16k16 .. m64n128k16). Warpgroup 0
+// issues the copies, warpgroup 1 rewrites x: the proxy fence after the rewrite waits for the fencing warp's
+// copies.
 //
 // Tile 9 (WS = true): tile 8 warp-specialized, 384 threads. Warpgroups 0 and 1 consume as in tile 8;
 // warpgroup 2's warps 0-1 copy stages into a ring of WsRing slots (each slot also holds its stage's x in the
@@ -220,9 +221,10 @@ __global__ void __launch_bounds__(WS ? kWsThreads : kWaThreads, WS || BT >= 128 
   // fence of the stage waited for them; ncu, H100 2026-12-06: 30-40% of the stall samples at 14336x4096 M=128)
   auto stage_dequant = [&](int st, int h) {
     const uint8_t* sz = smem + slot(st) + Tile::XBytes + Tile::QBytes;
-    // G = 128: the half of the aligned word (rows 8 apart are 8 x groups elements apart: the same half)
-    const int slot = G == 128 ? (((st0 + st) + (n0 + r_lo) * groups) & 1) : 32 * t / G;
-    const uint8_t* e = sz + (r_lo + 8 * h) * 8 + slot * 2;
+    // the lane's group among the row's 8 bytes; G = 128: the half of the aligned word (rows 8 apart are 8 x
+    // groups elements apart: the same half)
+    const int group = G == 128 ? (((st0 + st) + (n0 + r_lo) * groups) & 1) : 32 * t / G;
+    const uint8_t* e = sz + (r_lo + 8 * h) * 8 + group * 2;
     const float sc = to_float(*reinterpret_cast<const T*>(e)), zc = to_float(*reinterpret_cast<const T*>(e + kWaBN * 8));
     return WaDequant<T>(sc, -zc * sc);
   };

@@ -564,7 +564,8 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   // (4096x14336 M=32 56.8 -> 51.0 / 69.6 -> 61.2; at M=64 it lost, 84.5 -> 96.4); not 4096x4096 (M=32 26.4
   // -> 31.3) nor the expert shapes (1408x2048 M=32 11.1 -> 17.4).
   // Tile 8 (tile 7 with warpgroup MMAs, capability 9.0 only; MILO_INT3_CFG=8 forces it) at 17-128 rows where N
-  // and K >= 4096 (past 64 rows only for weights of 32M+ codes: the fused limit above). Its 64-row blocks at 33-64 rows (H100 2026-12-06 14:33 UTC, bench_kernel.py --sweep MILO_INT3_CFG=-,7,8 under
+  // and K >= 4096 (past 64 rows only for weights of 32M+ codes: the fused limit above). Its 64-row blocks at
+  // 33-64 rows (H100 2026-12-06 14:33 UTC, bench_kernel.py --sweep MILO_INT3_CFG=-,7,8 under
   // MILO_INT3_FUSED_MAX_M=4096, us, R=0 / R=32: 14336x4096 M=64 66.7 -> 45.7 / 74.8 -> 54.5, 4096x14336 M=64
   // 83.3 -> 67.7 / 96.2 -> 77.7; at M=32 no gain, 43.4 -> 42.2 / 50.4 -> 50.4 and 48.7 -> 48.5 / 57.8 ->
   // 60.5; past 64 rows its 128-row blocks run one per SM and lost to tile 7 at K = 14336, e.g. M=128 180.1
@@ -910,8 +911,8 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
                         mean_rows <= env_int("MILO_INT3_GROUPED_GEMV_MAX_ROWS", 4);
   const int gemv_bm = mean_rows <= 1 ? 2 : kTRows;
   // Past that, tile 7 (the weight as the mma A operand, int3_gemm_wa.cu), and tile 8 (its warpgroup-MMA form,
-  // capability 9.0) past 16 rows per busy expert (64 before; below); MILO_INT3_GROUPED_CFG=1-4 / 7-9 forces a tile. H100
-  // 2026-12-06 14:36 UTC, bench_moe.py milo-grouped under MILO_INT3_GROUPED_CFG=0 (then tiles 1-4: 16 / 32 /
+  // capability 9.0) past 16 rows per busy expert (64 before; below); MILO_INT3_GROUPED_CFG=1-4 / 7-9 forces a
+  // tile. H100 2026-12-06 14:36 UTC, bench_moe.py milo-grouped under MILO_INT3_GROUPED_CFG=0 (then tiles 1-4: 16 / 32 /
   // 64 rows) / 7 / 8, us: Mixtral-shaped M=32 (8 rows per busy expert) 671 / 679 / 1224, M=128 (32) 1518 / 1224
   // / 1323, M=512 (128) 4189 / 3174 / 2934; Qwen3-shaped M=128 (8) 407 / 383 / 679, M=512 (32) 828 / 761 / 770.
   // Tile 8 past 16 rows since its copies and x's rewrite went to separate warpgroups (17:47 UTC, the default
