@@ -199,13 +199,15 @@ def main():
     ap.add_argument("--copies", type=int, default=2, help="weight copies rotated per layer")
     ap.add_argument("--routes", type=int, default=8, help="random routings rotated per M")
     ap.add_argument("--out", default="")
+    ap.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16",
+                    help="activations and reference weights (the bf16-* methods then run this dtype too)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (any device)")
     ap.add_argument("--profile", action="store_true",
                     help="also list the kernels of one eager milo-grouped call per M (torch.profiler)")
     args = ap.parse_args()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16
+    dtype = getattr(torch, args.dtype)
     import milo_tensor  # noqa: F401
     from milo_tensor.ops.cuda import extension_status
 
@@ -214,7 +216,7 @@ def main():
             LAYERS[k] = dict(LAYERS[k], H=128, I=256)
     gen = torch.Generator(device=device).manual_seed(0)
     bw = copy_bandwidth()
-    header = env_header() + f"; copy bandwidth {bw / 1e12:.2f} TB/s; milo kernels: {extension_status()}"
+    header = env_header() + f"; {args.dtype}; copy bandwidth {bw / 1e12:.2f} TB/s; milo kernels: {extension_status()}"
     print(header, flush=True)
     methods = args.methods.split(",")
     graphs = device == "cuda"
