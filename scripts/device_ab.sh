@@ -51,7 +51,7 @@ if [ -n "${MOE_MS:-}" ]; then  # the MoE layer, old tree then new, same command,
     timeout 200 python3 benchmarks/bench_moe.py $MB $([ "$r" = 1 ] && echo --profile) > "$OUT/moe_new$r.log" 2>&1
     grep -E "^==|M=" "$OUT/moe_old$r.log" | sed "s/^/old$r /"; grep -E "^==|M=" "$OUT/moe_new$r.log" | sed "s/^/new$r /"
   done
-  echo "moe done [$(el)s]"; grep -E "^==|kernels per|^      " "$OUT/moe_new1.log"
+  echo "moe done [$(el)s]"; grep -E "^==|kernels per" "$OUT/moe_new1.log"  # the kernel lists stay in the log
 fi
 if [ -n "${SWEEP:-}" ]; then
   timeout 200 python3 benchmarks/bench_kernel.py --sweep "${SWEEP_VAR:-MILO_INT3_GEMV_WK=-,1,2,4,8}" \
@@ -74,5 +74,10 @@ print("| N x K | M | method | " + " | ".join(f"{t} us" for t in tags) + " |\n|--
 for (shape, M, meth), v in rows.items():
     print(f"| {shape} | {M} | {meth} | " + " | ".join(v.get(t, "-") for t in tags) + " |")
 PY
-# the logs in one file (what comes back from a device call is limited to a few files)
-(cd "$OUT" && tar czf logs.tgz ./*.log && rm -f ./*.log)
+# the verdicts again, last (a device call returns only the tail of the output)
+echo "== summary [$(el)s]"
+[ -f "$OUT/test.log" ] && echo "tests: $(tail -1 "$OUT/test.log")"
+for f in "$OUT"/san_*.log; do [ -f "$f" ] && echo "memcheck $(basename "$f" .log): $(grep -E 'ERROR SUMMARY|cases OK' "$f" | tr '\n' ' ')"; done
+# the logs in one file (what comes back from a device call is limited to a few files); callers that add
+# their own logs should archive them under another name
+(cd "$OUT" && tar czf ab_logs.tgz ./*.log && rm -f ./*.log)
