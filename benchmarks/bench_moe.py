@@ -44,7 +44,7 @@ LAYERS = {
     "dsv2lite": dict(E=64, k=6, H=2048, I=1408, shared=2),
 }
 MS = [1, 8, 32, 128, 512]
-RANK = 32
+RANK = 32  # the compensator rank per expert (--rank)
 
 
 def make_module(spec, dtype, device):
@@ -67,7 +67,7 @@ def set_impl(mod, name):
     mod.config._experts_implementation = name
 
 
-def milo_module(spec, dtype, device, gen):
+def milo_module(spec, dtype, device, gen, rank=RANK):
     import milo_tensor  # noqa: F401  (registers the "milo" experts implementation)
 
     from transformers import MixtralConfig
@@ -78,8 +78,8 @@ def milo_module(spec, dtype, device, gen):
     with torch.device("meta"):
         mod = MixtralExperts(cfg)
     E, H, I = spec["E"], spec["H"], spec["I"]
-    mod.gate_up_proj = torch.nn.Parameter(random_milo((E, 2 * I, H), RANK, dtype, device, gen=gen), requires_grad=False)
-    mod.down_proj = torch.nn.Parameter(random_milo((E, H, I), RANK, dtype, device, gen=gen), requires_grad=False)
+    mod.gate_up_proj = torch.nn.Parameter(random_milo((E, 2 * I, H), rank, dtype, device, gen=gen), requires_grad=False)
+    mod.down_proj = torch.nn.Parameter(random_milo((E, H, I), rank, dtype, device, gen=gen), requires_grad=False)
     mod.config = cfg
     set_impl(mod, "milo")
     return mod
@@ -99,13 +99,13 @@ def shared_mlp_bf16(spec, dtype, device):
     return f
 
 
-def shared_mlp_milo(spec, dtype, device, gen):
+def shared_mlp_milo(spec, dtype, device, gen, rank=RANK):
     if not spec["shared"]:
         return None
     Is = spec["shared"] * spec["I"]
     H = spec["H"]
-    a = random_milo((2 * Is, H), RANK, dtype, device, gen=gen)
-    b = random_milo((H, Is), RANK, dtype, device, gen=gen)
+    a = random_milo((2 * Is, H), rank, dtype, device, gen=gen)
+    b = random_milo((H, Is), rank, dtype, device, gen=gen)
     op = torch.ops.milo.int3_linear
 
     def f(x):
@@ -199,6 +199,8 @@ def main():
     ap.add_argument("--copies", type=int, default=2, help="weight copies rotated per layer")
     ap.add_argument("--routes", type=int, default=8, help="random routings rotated per M")
     ap.add_argument("--out", default="")
+    ap.add_argument("--rank", type=int, default=RANK,
+                    help="milo's compensator rank per expert (0: the 3-bit weights alone, to price the low-rank term)")
     ap.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16",
                     help="activations and reference weights (the bf16-* methods then run this dtype too)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (any device)")
@@ -226,7 +228,7 @@ def main():
         print(f"\n== {lname} {spec} ==", flush=True)
         mods = {}
         if any(m.startswith("milo") for m in methods):
-            mods["milo"] = [(milo_module(spec, dtype, device, gen), shared_mlp_milo(spec, dtype, device, gen))
+            mods["milo"] = [(milo_module(spec, dtype, device, gen, args.rank), shared_mlp_milo(spec, dtype, device, gen, args.rank))
                             for _ in range(args.copies)]
         if any(m.startswith("bf16") for m in methods):
             mods["bf16"] = [(make_module(spec, dtype, device), shared_mlp_bf16(spec, dtype, device))
@@ -234,7 +236,7 @@ def main():
         for M in [int(m) for m in args.ms.split(",")]:
             routes = routings(M, spec, args.routes, device, gen, dtype)
             xs = [torch.randn(M, spec["H"], device=device, generator=gen).to(dtype) for _ in routes]
-            nbytes, n_act = active_bytes(routes, spec, RANK)
+            nbytes, n_act = active_bytes(routes, spec, args.rank)
             row = {"layer": lname, "M": M, "active": n_act, "floor": nbytes / bw * 1e6}
             for meth in methods:
                 fam = "milo" if meth.startswith("milo") else "bf16"
@@ -276,8 +278,8 @@ def main():
 
     cols = ["layer", "M", "active experts", "floor"] + methods + ["grouped x bf16-grouped", "grouped % of floor"]
     lines = ["# MoE layer benchmark\n", header + "\n",
-             f"Microseconds per layer call (routed experts{' + shared' if True else ''}), median; CUDA graph "
-             "except bf16-eager. milo rank 32 per expert. floor = active-expert bytes at 3 bits / copy bandwidth.\n",
+             "Microseconds per layer call (routed experts + shared), median; CUDA graph "
+             f"except bf16-eager. milo rank {args.rank} per expert. floor = active-expert bytes at 3 bits / copy bandwidth.\n",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         g, b = r.get("milo-grouped"), r.get("bf16-grouped")
