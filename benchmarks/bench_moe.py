@@ -44,7 +44,7 @@ LAYERS = {
     "dsv2lite": dict(E=64, k=6, H=2048, I=1408, shared=2),
 }
 MS = [1, 8, 32, 128, 512]
-RANK = 32  # the compensator rank per expert (--rank)
+RANK = 32  # --rank's default: the compensator rank per expert
 
 
 def make_module(spec, dtype, device):
@@ -67,7 +67,7 @@ def set_impl(mod, name):
     mod.config._experts_implementation = name
 
 
-def milo_module(spec, dtype, device, gen, rank=RANK):
+def milo_module(spec, dtype, device, gen, rank):
     import milo_tensor  # noqa: F401  (registers the "milo" experts implementation)
 
     from transformers import MixtralConfig
@@ -99,7 +99,7 @@ def shared_mlp_bf16(spec, dtype, device):
     return f
 
 
-def shared_mlp_milo(spec, dtype, device, gen, rank=RANK):
+def shared_mlp_milo(spec, dtype, device, gen, rank):
     if not spec["shared"]:
         return None
     Is = spec["shared"] * spec["I"]
@@ -228,8 +228,8 @@ def main():
         print(f"\n== {lname} {spec} ==", flush=True)
         mods = {}
         if any(m.startswith("milo") for m in methods):
-            mods["milo"] = [(milo_module(spec, dtype, device, gen, args.rank), shared_mlp_milo(spec, dtype, device, gen, args.rank))
-                            for _ in range(args.copies)]
+            mods["milo"] = [(milo_module(spec, dtype, device, gen, args.rank),
+                             shared_mlp_milo(spec, dtype, device, gen, args.rank)) for _ in range(args.copies)]
         if any(m.startswith("bf16") for m in methods):
             mods["bf16"] = [(make_module(spec, dtype, device), shared_mlp_bf16(spec, dtype, device))
                             for _ in range(args.copies)]
