@@ -43,9 +43,10 @@
 // copies.
 //
 // Tile 9 (WS = true): tile 8 warp-specialized, 384 threads. Warpgroups 0 and 1 consume as in tile 8;
-// warpgroup 2's warps 0-1 copy stages into a ring of WsRing slots (each slot also holds its stage's x in the
-// wgmma layout) and count their landing on the slot's `landed` mbarrier, its warps 2-3 rewrite x and mark the
-// slot `full`, the consumers mark it `empty` when its wgmmas are done. No block barrier in the main loop.
+// warpgroup 2's warps 0-1 copy stages into a ring of copy slots and count their landing on the slot's
+// `landed` mbarrier, its warps 2-3 rewrite x into one of 3 buffers in the wgmma layout and mark it full, the
+// consumers free the copy slot once read and the x buffer once its wgmmas are done. No block barrier in the
+// main loop.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/util/Exception.h>
@@ -77,12 +78,16 @@ struct WaTile {
   static_assert(SmemWG <= 227 * 1024, "a block's shared memory on sm_90: 227 KB");
 };
 
-// tile 9's ring: slots of [x as loaded | codes | scales, zeros | x in the wgmma layout], as many as fit
+// tile 9's rings: copy slots of [x as loaded | codes | scales, zeros] (tile 7's stages), as many as fit
+// beside XBufs buffers of x in the wgmma layout (tile 8 has 4 and 2; a third buffer lets the rewrite of
+// stage st start once stage st - 3's wgmmas are done, a stage before the consumers need it)
 template <int BT>
 struct WsRing {
-  static constexpr int SlotBytes = WaTile<BT>::StageBytes + WaTile<BT>::XBytes;
-  static constexpr int Stages = std::min(8, 220 * 1024 / SlotBytes);  // 8 at BT <= 32, 5 at 64, 3 at 128
-  static constexpr int Smem = Stages * SlotBytes;
+  static constexpr int XBufs = 3;
+  static constexpr int XBufBytes = XBufs * WaTile<BT>::XBytes;
+  static constexpr int Stages = std::min(8, (227 * 1024 - 256 - XBufBytes) / WaTile<BT>::StageBytes);  // 8 at BT <= 32, 7 at 64, 3 at 128
+  static constexpr int Smem = Stages * WaTile<BT>::StageBytes + XBufBytes;
+  static_assert(Stages >= 3, "tile 9 needs 3 copy slots");
 };
 constexpr int kWsThreads = kWaThreads + 128;  // tile 9: two consumer warpgroups, then the producer's
 
@@ -180,7 +185,7 @@ __global__ void __launch_bounds__(WS ? kWsThreads : kWaThreads, WS || BT >= 128 
   // both in every warp: the fence and the barrier after it held 11% of the stall samples at 14336x4096 M=64,
   // on long scoreboard), and tile 9's producer fenced a stage behind its newest copies every stage.
   constexpr int kStages = WS ? WsRing<BT>::Stages : kWaStages;
-  constexpr int kSlotBytes = WS ? WsRing<BT>::SlotBytes : Tile::StageBytes;
+  constexpr int kSlotBytes = Tile::StageBytes;
   constexpr int kLoaders = WS ? 64 : (WG ? 128 : kWaThreads);
   constexpr int kPermuters = WS ? 64 : 128;
   static_assert(BT * 16 % kLoaders == 0, "x's 16-byte units split evenly over the loading threads");
@@ -241,8 +246,9 @@ __global__ void __launch_bounds__(WS ? kWsThreads : kWaThreads, WS || BT >= 128 
   // w, the four words w as one 16-byte core-matrix row (the 8 rows of a quarter warp read 8 distinct bank
   // groups and store one 128-byte core matrix)
   constexpr int kXTasks = WG ? (BT * 4 + kPermuters - 1) / kPermuters : 0;  // BT * 4 < kPermuters: some idle
-  auto wg_x_offset = [&](int st) {  // stage st's x in the wgmma layout, bytes from smem
-    return WS ? slot(st) + Tile::StageBytes : kWaStages * Tile::StageBytes + (st & 1) * Tile::XBytes;
+  constexpr int kXBufs = WS ? WsRing<BT>::XBufs : 2;
+  auto wg_x_offset = [&](int st) {  // stage st's x in the wgmma layout (a buffer after the ring), bytes from smem
+    return kStages * Tile::StageBytes + (st % kXBufs) * Tile::XBytes;
   };
   auto permute_x = [&](int st, int lt) {
     const uint8_t* const xn = smem + slot(st);
@@ -318,29 +324,35 @@ __global__ void __launch_bounds__(WS ? kWsThreads : kWaThreads, WS || BT >= 128 
   };
 
   if constexpr (WS) {
-    // tile 9: warpgroup 2 produces: its warps 0-1 copy stage after stage into free slots (each copy thread's
-    // landing counted by the slot's `landed` barrier), its warps 2-3 rewrite each landed stage's x in the
-    // wgmma layout and mark the slot full; warpgroups 0 and 1 consume (wait for full, compute, and mark the
-    // slot of the stage before empty once its wgmmas are done). Why: in tile 8 every warp passes two block
-    // barriers a stage, so the copies' issue, the rewrite and each warp's dequantization wait for the
-    // slowest warp (ncu, H100 2026-12-06: 26-33% of issue slots busy at 14336x4096 M=64); here each role
-    // waits only for its data.
-    __shared__ __align__(8) uint64_t ring_bars[3 * kStages];  // landed[slot], full[slot], empty[slot]
-    const uint32_t landed0 = smem_u32(ring_bars), full0 = landed0 + 8 * kStages, empty0 = full0 + 8 * kStages;
+    // tile 9: warpgroup 2 produces: its warps 0-1 copy stage after stage into free copy slots (each copy
+    // thread's landing counted by the slot's `landed` barrier), its warps 2-3 rewrite each landed stage's x
+    // into a free x buffer and mark it full; warpgroups 0 and 1 consume (wait for the x buffer, compute, free
+    // the copy slot, and free the x buffer of the stage before once its wgmmas are done). Why: in tile 8 every
+    // warp passes two block barriers a stage, so the copies' issue, the rewrite and each warp's dequantization
+    // wait for the slowest warp (ncu, H100 2026-12-06: 26-33% of issue slots busy at 14336x4096 M=64); here
+    // each role waits only for its data.
+    __shared__ __align__(8) uint64_t ring_bars[2 * kStages + 2 * kXBufs];
+    const uint32_t landed0 = smem_u32(ring_bars);       // copy slot landed: the copy threads, by cp.async
+    const uint32_t slot_free0 = landed0 + 8 * kStages;  // copy slot read: rewrite threads and consumers
+    const uint32_t x_full0 = slot_free0 + 8 * kStages;  // x buffer rewritten: the rewrite threads
+    const uint32_t x_free0 = x_full0 + 8 * kXBufs;      // x buffer's wgmmas done: the consumers
     if (tid == 0) {
       for (int b = 0; b < kStages; ++b) {
         mbar_init(landed0 + 8 * b, kLoaders);
-        mbar_init(full0 + 8 * b, kPermuters);
-        mbar_init(empty0 + 8 * b, kWaThreads);  // the consumers' threads
+        mbar_init(slot_free0 + 8 * b, kPermuters + kWaThreads);
+      }
+      for (int b = 0; b < kXBufs; ++b) {
+        mbar_init(x_full0 + 8 * b, kPermuters);
+        mbar_init(x_free0 + 8 * b, kWaThreads);
       }
     }
     __syncthreads();
+    // the n-th use of a slot or buffer (n = 0, 1, ...) completes its barrier's phase n: waiters name n & 1
     if (tid >= kWaThreads) {
       const int pt = tid - kWaThreads;
       if (pt < kLoaders) {
         for (int st = 0; st < stages; ++st) {
-          // slot reuse: the consumers freed stage st - kStages once stage st - kStages + 1's wgmmas were done
-          if (st >= kStages) mbar_wait(empty0 + 8 * (st % kStages), (st / kStages - 1) & 1);
+          if (st >= kStages) mbar_wait(slot_free0 + 8 * (st % kStages), (st / kStages - 1) & 1);
           load_stage(st, pt);
           cp_async_mbar_arrive(landed0 + 8 * (st % kStages));
         }
@@ -348,16 +360,19 @@ __global__ void __launch_bounds__(WS ? kWsThreads : kWaThreads, WS || BT >= 128 
       } else {
         for (int st = 0; st < stages; ++st) {
           mbar_wait(landed0 + 8 * (st % kStages), (st / kStages) & 1);
+          if (st >= kXBufs) mbar_wait(x_free0 + 8 * (st % kXBufs), (st / kXBufs - 1) & 1);
           permute_x(st, pt - kLoaders);
-          mbar_arrive(full0 + 8 * (st % kStages));
+          mbar_arrive(x_full0 + 8 * (st % kXBufs));
+          mbar_arrive(slot_free0 + 8 * (st % kStages));
         }
       }
       return;  // the epilogue is the consumers' (named barrier 2)
     }
     for (int st = 0; st < stages; ++st) {
-      mbar_wait(full0 + 8 * (st % kStages), (st / kStages) & 1);
+      mbar_wait(x_full0 + 8 * (st % kXBufs), (st / kXBufs) & 1);
       compute_stage(st);
-      if (st > 0) mbar_arrive(empty0 + 8 * ((st - 1) % kStages));  // stage st - 1's wgmmas are done
+      mbar_arrive(slot_free0 + 8 * (st % kStages));                // its codes, scales and zeros are read
+      if (st > 0) mbar_arrive(x_free0 + 8 * ((st - 1) % kXBufs));  // stage st - 1's wgmmas are done
     }
   } else {
 #pragma unroll
