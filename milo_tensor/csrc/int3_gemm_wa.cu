@@ -8,9 +8,9 @@
 // accumulator sets, the sums of x per group), so every further 16 rows of x cost a whole group-end pass;
 // the decode kernel's mmas take two rows of x each (group purity through B's columns). Here the mma
 // computes y^T = deq(Q) x^T: each warp owns 16 weight rows (output features) and dequantizes them into
-// its A registers, w = (q - z) * s in fp32 rounded once to the activation dtype (bit for bit what the
-// dequant + cuBLAS path computes), and one A fragment serves BT / 8 mmas, one per 8 rows of x (BT = 16,
-// 32 or 64 rows of x per block). No per-group pass, no second accumulator set.
+// its A registers, w = (q - z) * s (WaDequant: bf16 in fp32, rounded once; fp16 in half2), and one A
+// fragment serves BT / 8 mmas, one per 8 rows of x (BT = 16, 32 or 64 rows of x per block). No per-group
+// pass, no second accumulator set.
 //
 // The k order inside a 128-k stage is permuted so that a lane's A registers are code pairs at compile-time
 // positions: lane (g, t) of a warp takes, in k16 step s (0..7), pairs 2s and 2s + 1 of storage chunk t (32
@@ -107,23 +107,23 @@ __device__ __forceinline__ uint2 lds64(uint32_t addr) {
   return v;
 }
 
-// code (0..7, alone in byte B of pr) as a float: the byte is the low mantissa byte of 2^23 + code
-template <int B>
-__device__ __forceinline__ float code_float(uint32_t pr) {
-  return __uint_as_float(__byte_perm(pr, 0x4B000000u, 0x7540 + B)) - 8388608.f;
-}
-
 // A register of two dequantized weights (codes 2p, 2p + 1 of a chunk) from a row's scale s and c0 = -z s.
-// bf16: in fp32, rounded once (what the dequant + cuBLAS path computes). fp16: the pair as the half2 1024 +
-// code (one AND-OR of the word with the exponent of 1024), minus 1024 (exact), times s plus c0 in half2: 3
-// instructions a pair instead of 8; c0 rounded to fp16 adds at most half an fp16 ulp of z s to a weight.
+// Both start from the pair as the half2 1024 + code (one AND-OR of the word with the exponent of 1024).
+// bf16: each half widened to fp32 (exact), times s plus c1 = c0 - 1024 s in fp32, rounded once to bf16: 6
+// instructions a pair (the code as a float through a byte permute and a subtraction took 8); c1's fp32
+// rounding moves a weight by at most 2^-24 x 1032 s, under half a bf16 ulp for weights past 0.03 s, so the
+// result is the dequant + cuBLAS path's fmaf(code, s, c0) except where that lies within this distance of a
+// bf16 rounding boundary (one ulp then). fp16: minus 1024
+// (exact), times s plus c0 in half2: 3 instructions a pair; c0 rounded to fp16 adds at most half an fp16 ulp
+// of z s to a weight.
 template <typename T>
 struct WaDequant {
-  float s, c0;
-  __device__ __forceinline__ WaDequant(float s_, float c0_) : s(s_), c0(c0_) {}
+  float s, c1;
+  __device__ __forceinline__ WaDequant(float s_, float c0) : s(s_), c1(fmaf(-1024.f, s_, c0)) {}
   __device__ __forceinline__ uint32_t pair(const uint32_t (&wd)[3], int p) const {
-    const uint32_t pr = chunk_pair(wd, p, 0, 0u);  // the codes in bytes 0 and 2
-    return pack2<T>(fmaf(code_float<0>(pr), s, c0), fmaf(code_float<2>(pr), s, c0));
+    const uint32_t h = chunk_pair(wd, p, 0, 0x64006400u);  // (1024 + code 2p, 1024 + code 2p + 1)
+    const float2 q = __half22float2(*reinterpret_cast<const __half2*>(&h));
+    return pack2<T>(fmaf(q.x, s, c1), fmaf(q.y, s, c1));
   }
 };
 template <>
