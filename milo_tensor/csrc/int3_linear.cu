@@ -722,70 +722,61 @@ __global__ void __launch_bounds__(256) grouped_tiles_kernel(const void* offsets,
 }
 
 // Partial low-rank products t_part[z][m, r] = sum over k in split z of x[m, k] * v[e(m), r, k], fp32,
-// for the rows of every tile; grid (n_slots, ceil(R / 64), k_splits), 256 threads, a TM x 64 output
-// tile per block (TM / 16 x 4 per thread), k steps of 32 through shared memory. Split-K keeps the
-// grid wide at decode (few tiles, long K); the GEMM sums the k_splits partials in a fixed order.
+// for the rows of every tile: grid (n_slots, ceil(R / 64), k_splits), TM / 16 warps a block, warp w the
+// tile's rows 16w .. 16w + 15 against the block's 64 ranks by mma.sync (m16n8k16, fp32 accumulation). Per
+// 32 k a lane loads 16 bytes (k 8t .. 8t + 7) of x for each of its two rows and of v for each of its ranks
+// straight from global memory, and both operands take the mma's k slots in that same permuted order; each
+// x element is read by one warp, each v element by the block's warps (through L1). Its first form (fp32
+// FMAs on 2-byte loads staged through shared memory, 64 x 64 outputs a block whatever the rows and ranks)
+// took 47-126 us a launch where the grouped GEMM beside it took 115-237 (H100 2026-12-06, bench_moe.py
+// --profile: DeepSeek-V2-Lite-shaped M=128, Qwen3-shaped M=512). Split-K keeps the grid wide at decode (few
+// tiles, long K); the GEMM sums the k_splits partials in a fixed order.
 template <typename T, int TM>
-__global__ void __launch_bounds__(256) grouped_lowrank_kernel(const T* __restrict__ x, const T* __restrict__ v,
-                                                             const int4* __restrict__ tiles, float* __restrict__ t,
-                                                             int K, int R, long long v_estride, int k_chunk,
-                                                             long long split_stride, unsigned delay_ns) {
+__global__ void __launch_bounds__(TM * 2) grouped_lowrank_kernel(const T* __restrict__ x, const T* __restrict__ v,
+                                                                const int4* __restrict__ tiles, float* __restrict__ t,
+                                                                int K, int R, long long v_estride, int k_chunk,
+                                                                long long split_stride, unsigned delay_ns) {
   grid_dep_launch_dependents();  // the GEMM launched after this kernel waits for t only in its epilogue
   const int4 tl = tiles[blockIdx.x];
   if (tl.x < 0) return;
-  const int m0 = tl.y, m_end = tl.z, r0 = blockIdx.y * 64;
+  const int lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+  const int m0 = tl.y + 16 * (threadIdx.x >> 5), m_end = tl.z, r0 = blockIdx.y * 64;
+  if (m0 >= m_end) return;  // a warp past the tile's rows
   const int k_begin = blockIdx.z * k_chunk, k_stop = min(K, k_begin + k_chunk);
-  const T* ve = v + tl.x * v_estride;
-  __shared__ float xs[32][TM + 1];
-  __shared__ float vs[32][65];
-  const int tid = threadIdx.x;
-  const int tx = tid & 15, ty = tid >> 4;  // r = r0 + tx + 16 i, m = m0 + ty + 16 j
-  constexpr int TJ = TM / 16;
-  float acc[TJ][4];
+  const int n_tiles = min(8, (R - r0 + 7) / 8);  // n8 tiles of ranks in this chunk (warp-uniform)
+  const bool ok_a = m0 + g < m_end, ok_b = m0 + g + 8 < m_end;
+  const T* xa = x + static_cast<long long>(ok_a ? m0 + g : m0) * K + 8 * t4;
+  const T* xb = x + static_cast<long long>(ok_b ? m0 + g + 8 : m0) * K + 8 * t4;
+  const T* ve = v + tl.x * v_estride + 8 * t4;
+  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+  float acc[8][4];
 #pragma unroll
-  for (int j = 0; j < TJ; ++j)
+  for (int j = 0; j < 8; ++j)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) acc[j][i] = 0.f;
+    for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+#pragma unroll 2
   for (int k0 = k_begin; k0 < k_stop; k0 += 32) {
+    const uint4 pa = ok_a ? __ldg(reinterpret_cast<const uint4*>(xa + k0)) : zero;
+    const uint4 pb = ok_b ? __ldg(reinterpret_cast<const uint4*>(xb + k0)) : zero;
+    const uint32_t a_lo[4] = {pa.x, pb.x, pa.y, pb.y}, a_hi[4] = {pa.z, pb.z, pa.w, pb.w};
 #pragma unroll
-    for (int u = 0; u < TJ * 2; ++u) {  // TM rows x 32 k of x
-      const int idx = tid + u * 256;
-      const int row = idx >> 5, kk = idx & 31;
-      const int k = k0 + kk, m = m0 + row;
-      xs[kk][row] = (m < m_end && k < k_stop) ? to_float(x[static_cast<long long>(m) * K + k]) : 0.f;
+    for (int j = 0; j < 8; ++j) {
+      if (j < n_tiles) {
+        const int r = r0 + 8 * j + g;
+        const uint4 b = r < R ? __ldg(reinterpret_cast<const uint4*>(ve + static_cast<long long>(r) * K + k0)) : zero;
+        mma16816<T>(acc[j], a_lo, b.x, b.y, acc[j]);
+        mma16816<T>(acc[j], a_hi, b.z, b.w, acc[j]);
+      }
     }
-#pragma unroll
-    for (int u = 0; u < 8; ++u) {  // 64 ranks x 32 k of v
-      const int idx = tid + u * 256;
-      const int row = idx >> 5, kk = idx & 31;
-      const int k = k0 + kk, r = r0 + row;
-      vs[kk][row] = (r < R && k < k_stop) ? to_float(ve[static_cast<long long>(r) * K + k]) : 0.f;
-    }
-    __syncthreads();
-#pragma unroll 8
-    for (int kk = 0; kk < 32; ++kk) {
-      float a[TJ], b[4];
-#pragma unroll
-      for (int j = 0; j < TJ; ++j) a[j] = xs[kk][ty + 16 * j];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) b[i] = vs[kk][tx + 16 * i];
-#pragma unroll
-      for (int j = 0; j < TJ; ++j)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[j][i] = fmaf(a[j], b[i], acc[j][i]);
-    }
-    __syncthreads();
   }
   if (delay_ns != 0) sleep_ns(delay_ns);  // tests only (MILO_INT3_TEST_T_DELAY_NS)
   float* tz = t + blockIdx.z * split_stride;
 #pragma unroll
-  for (int j = 0; j < TJ; ++j) {
-    const int m = m0 + ty + 16 * j;
-    if (m >= m_end) continue;
+  for (int j = 0; j < 8; ++j) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int r = r0 + tx + 16 * i;
-      if (r < R) tz[static_cast<long long>(m) * R + r] = acc[j][i];
+    for (int e = 0; e < 4; ++e) {  // acc[j][e]: row m0 + g + 8 (e >> 1), rank r0 + 8j + 2 t4 + (e & 1)
+      const int m = m0 + g + 8 * (e >> 1), r = r0 + 8 * j + 2 * t4 + (e & 1);
+      if (j < n_tiles && m < m_end && r < R) tz[static_cast<long long>(m) * R + r] = acc[j][e];
     }
   }
 }
@@ -1041,7 +1032,7 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
       const long long vs_ = static_cast<long long>(R) * K, ss_ = rows64 * R;
       const unsigned delay_ns = test_t_delay_ns();
 #define MILO_LR_LAUNCH(TT, TM)                                                                              \
-  grouped_lowrank_kernel<TT, TM><<<grid, 256, 0, stream>>>(reinterpret_cast<const TT*>(xa.data_ptr()),     \
+  grouped_lowrank_kernel<TT, TM><<<grid, TM * 2, 0, stream>>>(reinterpret_cast<const TT*>(xa.data_ptr()), \
                                                            reinterpret_cast<const TT*>(va.data_ptr()), tiles, \
                                                            tbuf, K, R, vs_, k_chunk, ss_, delay_ns)
       if (xt == at::kHalf) {
