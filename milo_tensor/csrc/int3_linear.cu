@@ -729,8 +729,9 @@ __global__ void __launch_bounds__(256) grouped_tiles_kernel(const void* offsets,
 // x element is read by one warp, each v element by the block's warps (through L1). Its first form (fp32
 // FMAs on 2-byte loads staged through shared memory, 64 x 64 outputs a block whatever the rows and ranks)
 // took 47-126 us a launch where the grouped GEMM beside it took 115-237 (H100 2026-12-06, bench_moe.py
-// --profile: DeepSeek-V2-Lite-shaped M=128, Qwen3-shaped M=512). Split-K keeps the grid wide at decode (few
-// tiles, long K); the GEMM sums the k_splits partials in a fixed order.
+// --profile, eager: DeepSeek-V2-Lite-shaped M=128, Qwen3-shaped M=512; the two overlap under the
+// programmatic launch). Split-K keeps the grid wide at decode (few tiles, long K); the GEMM sums the
+// k_splits partials in a fixed order.
 template <typename T, int TM>
 __global__ void __launch_bounds__(TM * 2) grouped_lowrank_kernel(const T* __restrict__ x, const T* __restrict__ v,
                                                                 const int4* __restrict__ tiles, float* __restrict__ t,
