@@ -795,12 +795,69 @@ std::pair<int, int> tiled_lowrank_splits(int sms, int busy_tiles, int R, int K) 
   return {(K + k_chunk - 1) / k_chunk, k_chunk};
 }
 
+// grouped_input() for fp16 / bf16 in one pass: a thread writes 8 values of an output row, read through
+// x_rows (int32 or int64; an index outside [0, x_rows_n) gives zeros) and gated with kAct (load_input8, as the
+// decode kernel reads its rows). Its torch form took up to 9 kernels a call (the index widened, two
+// compares and their union, a clamp, the gather, the fill, silu, mul): about 54 us of GPU time at the
+// Qwen3-shaped layer's M=512 (H100 2026-12-06, bench_moe.py --profile).
+template <typename T, bool kAct, typename I>
+__global__ void __launch_bounds__(256) grouped_input_kernel(const T* __restrict__ x, long long ldx,
+                                                           const I* __restrict__ x_rows, long long x_rows_n,
+                                                           long long rows, int K, T* __restrict__ out) {
+  const long long units = rows * (K / 8);
+  for (long long u = blockIdx.x * 256LL + threadIdx.x; u < units; u += gridDim.x * 256LL) {
+    const long long m = u / (K / 8);
+    const int k = static_cast<int>(u - m * (K / 8)) * 8;
+    const long long r = x_rows != nullptr ? static_cast<long long>(x_rows[m]) : m;
+    const T* row = r >= 0 && r < x_rows_n ? x + r * ldx : nullptr;
+    *reinterpret_cast<uint4*>(out + m * K + k) = load_input8<T, kAct>(row, K, k);
+  }
+}
+
 }  // namespace
 
 // The grouped op's input as a plain [rows, K] tensor (for the paths whose kernels read x directly):
 // rows gathered by x_rows (an index outside [0, x.size(0)) gives a zero row), then silu(gate) * up of
 // the [gate | up] halves for kActSiluMul, rounded to x's dtype at each step as the reference does.
 at::Tensor grouped_input(const at::Tensor& x, const std::optional<at::Tensor>& x_rows, int act, int64_t K) {
+  const bool one_pass = (x_rows.has_value() || act == kActSiluMul) && x.is_cuda() &&
+                        (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16) && K % 8 == 0 &&
+                        x.stride(1) == 1 && x.stride(0) % 8 == 0 &&
+                        reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
+  if (one_pass) {
+    const int64_t rows = x_rows.has_value() ? x_rows->numel() : x.size(0);
+    at::Tensor out = at::empty({rows, K}, x.options());
+    if (rows == 0) return out;
+    const at::Tensor idx = x_rows.has_value() ? x_rows->contiguous() : at::Tensor();
+    const long long units = rows * (K / 8);
+    const int blocks = static_cast<int>(std::min<long long>((units + 255) / 256, 8LL * dev_info().sms));
+    cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    const auto launch = [&](auto t_tag, auto act_tag, auto i_tag) {
+      using T = decltype(t_tag);
+      using I = decltype(i_tag);
+      grouped_input_kernel<T, decltype(act_tag)::value, I><<<blocks, 256, 0, stream>>>(
+          reinterpret_cast<const T*>(x.data_ptr()), x.stride(0), idx.defined() ? idx.data_ptr<I>() : nullptr,
+          x.size(0), rows, static_cast<int>(K), reinterpret_cast<T*>(out.data_ptr()));
+    };
+    const auto by_index = [&](auto t_tag, auto act_tag) {
+      if (idx.defined() && idx.scalar_type() == at::kLong)
+        launch(t_tag, act_tag, int64_t{});
+      else
+        launch(t_tag, act_tag, int32_t{});
+    };
+    const auto by_act = [&](auto t_tag) {
+      if (act == kActSiluMul)
+        by_index(t_tag, std::true_type{});
+      else
+        by_index(t_tag, std::false_type{});
+    };
+    if (x.scalar_type() == at::kHalf)
+      by_act(half{});
+    else
+      by_act(__nv_bfloat16{});
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return out;
+  }
   at::Tensor xi = x;
   if (x_rows.has_value()) {
     const at::Tensor idx = x_rows->to(at::kLong);
