@@ -2,7 +2,8 @@
 # Kernel A/B on one GPU: the kernels of an earlier revision ("old") beside the working tree's ("new"),
 # built side by side and timed by the same bench_kernel.py command in one device call.
 #   here:        bash scripts/device_ab.sh prepare REV     # REV's milo_tensor/ + benchmarks/ into .dev/old
-#   on the GPU:  bash scripts/device_ab.sh                 # carry .dev and .whl; results under $OUT
+#   optionally:  python scripts/prebuild_ext.py --torch T [--tree .dev/old]   # the builds done here, not there
+#   on the GPU:  bash scripts/device_ab.sh                 # carry .dev and .whl (and milo_tensor/_C.*); results under $OUT
 # Environment: METH, SHAPES, MS (bench_kernel.py --methods/--shapes/--ms), TEST_SEL / TEST_T (GPU tests
 # of the new tree first), SANITIZE=1 (then compute-sanitizer memcheck of its ops, SAN_T seconds each), SWEEP
 # (shapes for a sweep of one switch of the new tree: SWEEP_VAR, default the decode kernel's warps per tile), MOE_MS (bench_moe.py --ms of both trees,
@@ -21,10 +22,16 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 BUILD='from milo_tensor.ops.cuda import load_extension, extension_status; ok=load_extension(); print(extension_status()); raise SystemExit(0 if ok else 1)'
+# a library prebuilt here by scripts/prebuild_ext.py serves only the sources it was built from
+for t in . .dev/old; do
+  so=$t/milo_tensor/_C.abi3.so; [ -f "$so" ] || continue
+  want=$(PYTHONPATH=scripts python3 -c "import sys; from prebuild_ext import sources_digest; print(sources_digest(sys.argv[1]))" "$t/milo_tensor/csrc")
+  [ "$want" = "$(cat "$t/milo_tensor/_C.sources.sha256" 2>/dev/null)" ] || { echo "$so: built from other sources, removed (JIT)"; rm -f "$so"; }
+done
 (cd .dev/old && MAX_JOBS=8 TORCH_EXTENSIONS_DIR=/tmp/ext_old PYTHONPATH=$PWD:/tmp/site python3 -c "$BUILD") > "$OUT/build_old.log" 2>&1 &
 MAX_JOBS=8 TORCH_EXTENSIONS_DIR=/tmp/ext_new PYTHONPATH=$PWD:/tmp/site python3 -c "$BUILD" > "$OUT/build_new.log" 2>&1 \
   || { echo "new build failed"; tail -40 "$OUT/build_new.log"; exit 1; }
-wait; echo "builds done [$(el)s]"
+wait; echo "builds done [$(el)s]: old $(tail -1 "$OUT/build_old.log"), new $(tail -1 "$OUT/build_new.log")"
 export PYTHONPATH=$PWD:/tmp/site TORCH_EXTENSIONS_DIR=/tmp/ext_new
 if [ -n "${TEST_SEL:-tests/test_cuda_kernel.py tests/test_moe_cuda.py}" ]; then
   timeout "${TEST_T:-240}" python3 -m pytest -q -p no:cacheprovider -n 4 ${TEST_SEL:-tests/test_cuda_kernel.py tests/test_moe_cuda.py} -rf > "$OUT/test.log" 2>&1
