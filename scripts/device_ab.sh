@@ -4,7 +4,7 @@
 #   here:        bash scripts/device_ab.sh prepare REV     # REV's milo_tensor/ + benchmarks/ into .dev/old
 #   optionally:  python scripts/prebuild_ext.py --torch T [--tree .dev/old]   # the builds done here, not there
 #   on the GPU:  bash scripts/device_ab.sh                 # carry .dev and .whl (and milo_tensor/_C.*); results under $OUT
-# Environment: METH, SHAPES, MS (bench_kernel.py --methods/--shapes/--ms), TEST_SEL / TEST_T (GPU tests
+# Environment: METH, SHAPES, MS (bench_kernel.py --methods/--shapes/--ms; DENSE=0 skips it), TEST_SEL / TEST_T (GPU tests
 # of the new tree first), SANITIZE=1 (then compute-sanitizer memcheck of its ops, SAN_T seconds each), SWEEP
 # (shapes for a sweep of one switch of the new tree: SWEEP_VAR, default the decode kernel's warps per tile), MOE_MS (bench_moe.py --ms of both trees,
 # milo-grouped vs bf16-grouped; the new tree's kernels per call listed too).
@@ -47,6 +47,7 @@ B="--methods ${METH:-fp16,milo-R0,milo-R32} --shapes ${SHAPES:-14336x4096,4096x1
 # ROUNDS rounds of old then new (default 2): drift of the machine between runs shows as a difference between rounds
 ROUNDS=${ROUNDS:-2}
 for r in $(seq "$ROUNDS"); do
+  [ "${DENSE:-1}" = 0 ] && break  # DENSE=0: no dense A/B
   (cd .dev/old && TORCH_EXTENSIONS_DIR=/tmp/ext_old PYTHONPATH=$PWD:/tmp/site python3 benchmarks/bench_kernel.py $B) > "$OUT/b_old$r.log" 2>&1
   python3 benchmarks/bench_kernel.py $B > "$OUT/b_new$r.log" 2>&1
 done
@@ -65,7 +66,7 @@ if [ -n "${SWEEP:-}" ]; then
     --sweep-ranks "${SWEEP_RANKS:-0}" --shapes "$SWEEP" --ms "${SWEEP_MS:-1,2}" > "$OUT/sweep.md" 2>&1
   grep "^|" "$OUT/sweep.md"
 fi
-python3 - "$OUT" "$ROUNDS" <<'PY'
+[ "${DENSE:-1}" = 0 ] || python3 - "$OUT" "$ROUNDS" <<'PY'
 import re, sys
 rows, tags = {}, [f"{t}{r}" for r in range(1, int(sys.argv[2]) + 1) for t in ("old", "new")]
 for tag in tags:
