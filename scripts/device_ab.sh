@@ -22,10 +22,11 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 BUILD='from milo_tensor.ops.cuda import load_extension, extension_status; ok=load_extension(); print(extension_status()); raise SystemExit(0 if ok else 1)'
-# a library prebuilt here by scripts/prebuild_ext.py serves only the sources it was built from
+# a library prebuilt here by scripts/prebuild_ext.py serves only the sources it was built from (the loader
+# checks that too, but an old tree's loader may predate the check)
 for t in . .dev/old; do
   so=$t/milo_tensor/_C.abi3.so; [ -f "$so" ] || continue
-  want=$(PYTHONPATH=scripts python3 -c "import sys; from prebuild_ext import sources_digest; print(sources_digest(sys.argv[1]))" "$t/milo_tensor/csrc")
+  want=$(PYTHONPATH=scripts python3 -c "import sys; from prebuild_ext import tree_loader; print(tree_loader('.').sources_digest(sys.argv[1]))" "$t/milo_tensor/csrc")
   [ "$want" = "$(cat "$t/milo_tensor/_C.sources.sha256" 2>/dev/null)" ] || { echo "$so: built from other sources, removed (JIT)"; rm -f "$so"; }
 done
 (cd .dev/old && MAX_JOBS=8 TORCH_EXTENSIONS_DIR=/tmp/ext_old PYTHONPATH=$PWD:/tmp/site python3 -c "$BUILD") > "$OUT/build_old.log" 2>&1 &

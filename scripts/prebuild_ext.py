@@ -6,7 +6,7 @@ flags as the loader's JIT (milo_tensor/ops/cuda.py) against the headers and libr
 wheel, unpacked here, and links them with csrc/module.cpp as ``milo_tensor/_C.abi3.so`` (module.cpp built
 against Python's stable ABI, so this machine's Python 3.11 headers serve the device's 3.12). The loader
 imports a prebuilt ``milo_tensor._C`` before it tries the JIT; ``_C.sources.sha256`` beside it names the
-sources it was built from, and ``scripts/device_ab.sh`` removes a library whose sources have changed.
+sources it was built from, and the loader skips (and JIT-compiles instead of) a library whose sources have changed.
 Builds are incremental (ninja, under build/prebuild/<tree name>, which no device call carries).
 
     pip download --no-deps torch==2.11.0 -d /tmp/t211      # the device's torch (2.11.0+cu130)
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import hashlib
 import importlib.util
 import os
 import shlex
@@ -35,22 +34,13 @@ NVCC_COMMON = [  # torch.utils.cpp_extension.COMMON_NVCC_FLAGS, which the JIT ad
 ]
 
 
-def sources_digest(csrc: str) -> str:
-    """sha256 over the names and contents of csrc/ (what the library was built from)."""
-    h = hashlib.sha256()
-    for path in sorted(glob.glob(os.path.join(csrc, "*"))):
-        h.update(os.path.basename(path).encode() + b"\0")
-        with open(path, "rb") as f:
-            h.update(f.read())
-    return h.hexdigest()
-
-
-def loader_arch_flags(tree: str) -> list[str]:
-    """The tree's own gencode flags (MILO_CUDA_ARCHS), read from its loader file without importing torch ops."""
+def tree_loader(tree: str):
+    """The tree's own loader module (milo_tensor/ops/cuda.py: its gencode flags and sources digest), read
+    from its file without importing the package (which imports torch's ops)."""
     spec = importlib.util.spec_from_file_location("_milo_loader", os.path.join(tree, "milo_tensor", "ops", "cuda.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.arch_flags()
+    return mod
 
 
 def write_ninja(tree: str, torch_root: str, build: str, cuda_home: str) -> str:
@@ -59,7 +49,7 @@ def write_ninja(tree: str, torch_root: str, build: str, cuda_home: str) -> str:
            os.path.join(cuda_home, "include")]
     isys = " ".join(f"-isystem {shlex.quote(p)}" for p in inc)
     nvcc_flags = " ".join([f"-DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H {isys}", *NVCC_COMMON,
-                           *loader_arch_flags(tree), "--compiler-options '-fPIC'", "-O3 -std=c++17 -lineinfo"])
+                           *tree_loader(tree).arch_flags(), "--compiler-options '-fPIC'", "-O3 -std=c++17 -lineinfo"])
     py_inc = sysconfig.get_path("include", scheme="posix_prefix")
     cxx_flags = f"-fPIC -O3 -std=c++17 -DPy_LIMITED_API=0x030B0000 -isystem {shlex.quote(py_inc)}"
     lib = os.path.join(torch_root, "lib")
@@ -108,7 +98,7 @@ def main() -> int:
     if rc:
         return rc
     with open(os.path.join(os.path.dirname(out), "_C.sources.sha256"), "w") as f:
-        f.write(sources_digest(os.path.join(tree, "milo_tensor", "csrc")) + "\n")
+        f.write(tree_loader(REPO).sources_digest(os.path.join(tree, "milo_tensor", "csrc")) + "\n")
     print(f"built {out} ({os.path.getsize(out) / 2**20:.1f} MiB)")
     return 0
 

@@ -7,7 +7,8 @@ loaded; the schemas come from ``milo_tensor/ops/library.py``. Order does not mat
 registered before its schema.
 
 1. a prebuilt ``milo_tensor._C`` (``pip install --no-build-isolation -e .`` on a machine with CUDA,
-   see setup.py) is imported if present;
+   see setup.py, or ``scripts/prebuild_ext.py`` elsewhere) is imported if present, unless a
+   ``_C.sources.sha256`` beside it records other ``csrc/`` sources than the package has;
 2. otherwise the sources are compiled just in time with ``torch.utils.cpp_extension.load`` (ninja,
    cached under the default torch extensions directory, so only the first call pays);
 3. on a CPU-only torch build this is a silent no-op returning False; any other failure (no GPU, no
@@ -24,13 +25,15 @@ Environment:
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import threading
 import warnings
 
-__all__ = ["load_extension", "extension_status"]
+__all__ = ["load_extension", "extension_status", "sources_digest", "prebuilt_mismatch"]
 
-_CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+_PKG = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CSRC = os.path.join(_PKG, "csrc")
 _LOCK = threading.Lock()
 _STATE: bool | None = None
 _REASON: str = "not loaded yet"
@@ -59,6 +62,33 @@ def arch_flags(spec: str | None = None) -> list[str]:
     return flags
 
 
+def sources_digest(csrc: str = _CSRC) -> str:
+    """sha256 over the names and contents of the files in ``csrc``. A library built away from the package
+    (scripts/prebuild_ext.py, for a GPU machine) records it in ``_C.sources.sha256``, so that it serves only
+    the sources it was built from."""
+    h = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(csrc, "*"))):
+        h.update(os.path.basename(path).encode() + b"\0")
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()
+
+
+def prebuilt_mismatch(pkg_dir: str = _PKG) -> str:
+    """Why the prebuilt ``_C`` in ``pkg_dir`` must not be imported, or "" if it may be: a recorded
+    ``_C.sources.sha256`` that differs from ``csrc/``'s digest means the kernels were edited after the build,
+    and importing it would silently run the old ones. setup.py's build records none (it is rebuilt with the
+    package)."""
+    record = os.path.join(pkg_dir, "_C.sources.sha256")
+    if not os.path.exists(record):
+        return ""
+    with open(record) as f:
+        recorded = f.read().strip()
+    if recorded == sources_digest(os.path.join(pkg_dir, "csrc")):
+        return ""
+    return f"prebuilt milo_tensor._C skipped: {record} records other csrc/ sources (rebuild it); "
+
+
 def _summarize(err: BaseException) -> str:
     text = str(err)
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
@@ -77,15 +107,16 @@ def _load() -> tuple[bool, str]:
         return False, "CPU-only torch build"
 
     # 1. ahead-of-time build
-    prebuilt_error = ""
-    try:
-        import milo_tensor._C  # noqa: F401
+    prebuilt_error = prebuilt_mismatch()
+    if not prebuilt_error:
+        try:
+            import milo_tensor._C  # noqa: F401
 
-        return True, "prebuilt milo_tensor._C"
-    except ImportError:
-        pass
-    except Exception as e:  # a stale / ABI-incompatible build: fall through to the JIT
-        prebuilt_error = f"prebuilt milo_tensor._C failed to load ({_summarize(e)}); "
+            return True, "prebuilt milo_tensor._C"
+        except ImportError:
+            pass
+        except Exception as e:  # a stale / ABI-incompatible build: fall through to the JIT
+            prebuilt_error = f"prebuilt milo_tensor._C failed to load ({_summarize(e)}); "
 
     if not torch.cuda.is_available():
         return False, prebuilt_error + "no CUDA GPU is visible (torch.cuda.is_available() is False)"
