@@ -26,8 +26,9 @@ BUILD='from milo_tensor.ops.cuda import load_extension, extension_status; ok=loa
 # checks that too, but an old tree's loader may predate the check)
 for t in . .dev/old; do
   so=$t/milo_tensor/_C.abi3.so; [ -f "$so" ] || continue
-  want=$(PYTHONPATH=scripts python3 -c "import sys; from prebuild_ext import tree_loader; print(tree_loader('.').sources_digest(sys.argv[1]))" "$t/milo_tensor/csrc")
-  [ "$want" = "$(cat "$t/milo_tensor/_C.sources.sha256" 2>/dev/null)" ] || { echo "$so: built from other sources, removed (JIT)"; rm -f "$so"; }
+  why=$(PYTHONPATH=scripts python3 -c "import sys; from prebuild_ext import tree_loader; print(tree_loader('.').prebuilt_mismatch(sys.argv[1]))" "$t/milo_tensor")
+  [ -f "$t/milo_tensor/_C.sources.sha256" ] || why="no _C.sources.sha256 beside it"
+  [ -z "$why" ] || { echo "$so removed (JIT): $why"; rm -f "$so"; }
 done
 (cd .dev/old && MAX_JOBS=8 TORCH_EXTENSIONS_DIR=/tmp/ext_old PYTHONPATH=$PWD:/tmp/site python3 -c "$BUILD") > "$OUT/build_old.log" 2>&1 &
 MAX_JOBS=8 TORCH_EXTENSIONS_DIR=/tmp/ext_new PYTHONPATH=$PWD:/tmp/site python3 -c "$BUILD" > "$OUT/build_new.log" 2>&1 \

@@ -28,10 +28,6 @@ import sys
 import sysconfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NVCC_COMMON = [  # torch.utils.cpp_extension.COMMON_NVCC_FLAGS, which the JIT adds
-    "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr",
-]
 
 
 def tree_loader(tree: str):
@@ -48,7 +44,9 @@ def write_ninja(tree: str, torch_root: str, build: str, cuda_home: str) -> str:
     inc = [os.path.join(torch_root, "include"), os.path.join(torch_root, "include", "torch", "csrc", "api", "include"),
            os.path.join(cuda_home, "include")]
     isys = " ".join(f"-isystem {shlex.quote(p)}" for p in inc)
-    nvcc_flags = " ".join([f"-DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H {isys}", *NVCC_COMMON,
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS  # what the JIT adds to every nvcc command
+
+    nvcc_flags = " ".join([f"-DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H {isys}", *COMMON_NVCC_FLAGS,
                            *tree_loader(tree).arch_flags(), "--compiler-options '-fPIC'", "-O3 -std=c++17 -lineinfo"])
     py_inc = sysconfig.get_path("include", scheme="posix_prefix")
     cxx_flags = f"-fPIC -O3 -std=c++17 -DPy_LIMITED_API=0x030B0000 -isystem {shlex.quote(py_inc)}"
