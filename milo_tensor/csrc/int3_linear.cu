@@ -721,40 +721,22 @@ __global__ void __launch_bounds__(256) grouped_tiles_kernel(const void* offsets,
   for (long long i = threadIdx.x; i < nz; i += 256) yt[i] = from_float<T>(0.f);
 }
 
-// Partial low-rank products t_part[z][m, r] = sum over k in split z of x[m, k] * v[e(m), r, k], fp32,
-// for the rows of every tile: grid (n_slots, ceil(R / 64), k_splits), TM / 16 warps a block, warp w the
-// tile's rows 16w .. 16w + 15 against the block's 64 ranks by mma.sync (m16n8k16, fp32 accumulation). Per
-// 32 k a lane loads 16 bytes (k 8t .. 8t + 7) of x for each of its two rows and of v for each of its ranks
-// straight from global memory, and both operands take the mma's k slots in that same permuted order; each
-// x element is read by one warp, each v element by the block's warps (through L1). Its first form (fp32
-// FMAs on 2-byte loads staged through shared memory, 64 x 64 outputs a block whatever the rows and ranks)
-// took 47-126 us a launch where the grouped GEMM beside it took 115-237 (H100 2026-12-06, bench_moe.py
-// --profile, eager: DeepSeek-V2-Lite-shaped M=128, Qwen3-shaped M=512; the two overlap under the
-// programmatic launch). Split-K keeps the grid wide at decode (few tiles, long K); the GEMM sums the
-// k_splits partials in a fixed order.
-template <typename T, int TM>
-__global__ void __launch_bounds__(TM * 2) grouped_lowrank_kernel(const T* __restrict__ x, const T* __restrict__ v,
-                                                                const int4* __restrict__ tiles, float* __restrict__ t,
-                                                                int K, int R, long long v_estride, int k_chunk,
-                                                                long long split_stride, unsigned delay_ns) {
-  grid_dep_launch_dependents();  // the GEMM launched after this kernel waits for t only in its epilogue
-  const int4 tl = tiles[blockIdx.x];
-  if (tl.x < 0) return;
+// One warp's share of grouped_lowrank_kernel: rows m0 .. min(m0 + 16, m_end) of expert e's tile against
+// ranks r0 .. r0 + 63 over k in [k_begin, k_stop), into acc (m16n8k16 C fragments, n8 tile j = ranks
+// r0 + 8j ..). Per 32 k a lane loads 16 bytes (k 8t .. 8t + 7) of x for each of its two rows and of v for
+// each of its ranks straight from global memory; both operands take the mma's k slots in that same
+// permuted order.
+template <typename T>
+__device__ __forceinline__ void lowrank_tile_warp(const T* __restrict__ x, const T* __restrict__ v, int e, int m0,
+                                                  int m_end, int r0, int K, int R, long long v_estride, int k_begin,
+                                                  int k_stop, float (&acc)[8][4]) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
-  const int m0 = tl.y + 16 * (threadIdx.x >> 5), m_end = tl.z, r0 = blockIdx.y * 64;
-  if (m0 >= m_end) return;  // a warp past the tile's rows
-  const int k_begin = blockIdx.z * k_chunk, k_stop = min(K, k_begin + k_chunk);
   const int n_tiles = min(8, (R - r0 + 7) / 8);  // n8 tiles of ranks in this chunk (warp-uniform)
   const bool ok_a = m0 + g < m_end, ok_b = m0 + g + 8 < m_end;
   const T* xa = x + static_cast<long long>(ok_a ? m0 + g : m0) * K + 8 * t4;
   const T* xb = x + static_cast<long long>(ok_b ? m0 + g + 8 : m0) * K + 8 * t4;
-  const T* ve = v + tl.x * v_estride + 8 * t4;
+  const T* ve = v + e * v_estride + 8 * t4;
   const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
-  float acc[8][4];
-#pragma unroll
-  for (int j = 0; j < 8; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
 #pragma unroll 2
   for (int k0 = k_begin; k0 < k_stop; k0 += 32) {
     const uint4 pa = ok_a ? __ldg(reinterpret_cast<const uint4*>(xa + k0)) : zero;
@@ -770,26 +752,122 @@ __global__ void __launch_bounds__(TM * 2) grouped_lowrank_kernel(const T* __rest
       }
     }
   }
+}
+
+constexpr int kLrThreads = 256;  // grouped_lowrank_kernel's block: 8 warps
+
+// Low-rank products t[m, r] = sum over k of x[m, k] * v[e(m), r, k], fp32, for the rows of every tile.
+// Grid (n_slots, ceil(R / 64), k_splits); a block of 8 warps takes one tile's rows (TM / 16 sub-tiles of 16)
+// against 64 ranks on mma.sync, its warps split between the sub-tiles and 8 / (TM / 16) ways of the block's
+// k range, the ways summed through shared memory in a fixed order. With several k splits the blocks write
+// partials t_part[z] and the last split of a (tile, rank chunk) to finish sums them in split order into
+// t_sum (a counter per tile and rank chunk, zeroed before the launch); with one, t_part[0] is t.
+// History (bench_moe.py, bf16, rank 32): the first form (fp32 FMAs on 2-byte loads staged through shared
+// memory, 64 x 64 outputs a block) took 47-126 us a launch beside 115-237 us GEMMs (H100 2026-12-06 19:27,
+// --profile, eager); on mma.sync with one warp per 16 rows it took 25-54 (H200 20:33), and the GEMM's
+// epilogue still summed up to 32 partials a t element in every column tile: rank 32 cost 14-46% of the
+// layer (rank 0 against 32, same tree). Summed once per tile by the last split, one warp per 16 rows and
+// about 16 warps per SM (H100 20:55 UTC): Mixtral-shaped 5-21% faster at M = 32-512, Qwen3-shaped M=128 11%, but
+// M=512 3% slower, the t kernel alone 56 us (MILO_INT3_PDL=0): the last split's lone 1-2 warps summed
+// 8-32 partials with scalar loads. Hence the 8-warp blocks: fewer k splits, the ways reduced on chip, the
+// last sum by 256 threads in 16-byte loads.
+template <typename T, int TM>
+__global__ void __launch_bounds__(kLrThreads) grouped_lowrank_kernel(
+    const T* __restrict__ x, const T* __restrict__ v, const int4* __restrict__ tiles, float* __restrict__ t,
+    float* __restrict__ t_sum, int* __restrict__ counters, int K, int R, long long v_estride, int k_chunk,
+    long long split_stride, unsigned delay_ns) {
+  constexpr int kSub = TM / 16, kWays = 8 / kSub;
+  static_assert(kSub * kWays == 8, "TM must be 16, 32, 64 or 128");
+  __shared__ float red[kWays > 1 ? 8 * 32 * 32 : 1];  // kWays > 1: each warp's fragments, lane-major
+  __shared__ int last;
+  grid_dep_launch_dependents();  // the GEMM launched after this kernel waits for t only in its epilogue
+  const int4 tl = tiles[blockIdx.x];
+  if (tl.x < 0) return;  // the whole block: an empty slot, whose counter nobody reads
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, sub = warp % kSub, way = warp / kSub;
+  const int m0 = tl.y + 16 * sub, m_end = tl.z, r0 = blockIdx.y * 64;
+  const int k_begin = blockIdx.z * k_chunk, k_stop = min(K, k_begin + k_chunk);
+  const int way_chunk = ((k_stop - k_begin + kWays - 1) / kWays + 31) / 32 * 32;
+  float acc[8][4];
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) acc[j][c] = 0.f;
+  if (m0 < m_end)
+    lowrank_tile_warp<T>(x, v, tl.x, m0, m_end, r0, K, R, v_estride, min(k_stop, k_begin + way * way_chunk),
+                         min(k_stop, k_begin + (way + 1) * way_chunk), acc);
+  if constexpr (kWays > 1) {  // ways 1.. hand their fragments to way 0 of their sub-tile
+    if (way > 0) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) red[(warp * 32 + j * 4 + c) * 32 + lane] = acc[j][c];
+    }
+    __syncthreads();
+    if (way == 0) {
+      for (int w = 1; w < kWays; ++w)
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) acc[j][c] += red[((w * kSub + sub) * 32 + j * 4 + c) * 32 + lane];
+    }
+  }
   if (delay_ns != 0) sleep_ns(delay_ns);  // tests only (MILO_INT3_TEST_T_DELAY_NS)
-  float* tz = t + blockIdx.z * split_stride;
+  if (way == 0 && m0 < m_end) {
+    float* tz = t + blockIdx.z * split_stride;
+    const int g = lane >> 2, t4 = lane & 3;
 #pragma unroll
-  for (int j = 0; j < 8; ++j) {
+    for (int j = 0; j < 8; ++j) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {  // acc[j][e]: row m0 + g + 8 (e >> 1), rank r0 + 8j + 2 t4 + (e & 1)
-      const int m = m0 + g + 8 * (e >> 1), r = r0 + 8 * j + 2 * t4 + (e & 1);
-      if (j < n_tiles && m < m_end && r < R) tz[static_cast<long long>(m) * R + r] = acc[j][e];
+      for (int c = 0; c < 4; ++c) {  // acc[j][c]: row m0 + g + 8 (c >> 1), rank r0 + 8j + 2 t4 + (c & 1)
+        const int m = m0 + g + 8 * (c >> 1), r = r0 + 8 * j + 2 * t4 + (c & 1);
+        if (m < m_end && r < R) tz[static_cast<long long>(m) * R + r] = acc[j][c];
+      }
+    }
+  }
+  if (gridDim.z == 1) return;
+  // the last split of this (tile, rank chunk) to finish sums the partials in split order into t_sum
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(counters + blockIdx.x * gridDim.y + blockIdx.y, 1) == gridDim.z - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const int n_r = min(64, R - r0), rows = m_end - tl.y, splits = gridDim.z;
+  if ((R & 3) == 0) {  // 16-byte units of 4 ranks (t's rows are then 16-byte aligned)
+    const int units = n_r / 4;
+    for (int i = threadIdx.x; i < rows * units; i += kLrThreads) {
+      const long long off = static_cast<long long>(tl.y + i / units) * R + r0 + 4 * (i % units);
+      float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
+      for (int z = 0; z < splits; ++z) {
+        const float4 p = __ldcg(reinterpret_cast<const float4*>(t + z * split_stride + off));
+        sum.x += p.x;
+        sum.y += p.y;
+        sum.z += p.z;
+        sum.w += p.w;
+      }
+      *reinterpret_cast<float4*>(t_sum + off) = sum;
+    }
+  } else {
+    for (int i = threadIdx.x; i < rows * n_r; i += kLrThreads) {
+      const long long off = static_cast<long long>(tl.y + i / n_r) * R + r0 + i % n_r;
+      float sum = 0.f;
+#pragma unroll 8
+      for (int z = 0; z < splits; ++z) sum += __ldcg(t + z * split_stride + off);
+      t_sum[off] = sum;
     }
   }
 }
 
-// k splits of grouped_lowrank_kernel: about 2 blocks per SM over the expected busy row tiles and the
-// 64-rank chunks, each split at least 128 wide, at most 32 splits; returns (splits, k per split)
-std::pair<int, int> tiled_lowrank_splits(int sms, int busy_tiles, int R, int K) {
+// k splits of grouped_lowrank_kernel: about 2 blocks (16 warps) per SM over the expected busy row tiles and
+// the 64-rank chunks, at most 32 splits, each warp's way of a split at least 64 k; returns (splits, k per split)
+std::pair<int, int> tiled_lowrank_splits(int sms, int busy_tiles, int bm, int R, int K) {
   const int r_chunks = (R + 63) / 64;
+  const int ways = 8 / (bm <= 16 ? 1 : bm <= 32 ? 2 : bm <= 64 ? 4 : 8);
   int splits = 1;
   if (R > 0) {
     const int want = (2 * sms + busy_tiles * r_chunks - 1) / (busy_tiles * r_chunks);
-    splits = std::max(1, std::min({want, 32, K / 128}));
+    splits = std::max(1, std::min({want, 32, K / (64 * ways)}));
   }
   const int k_chunk = ((K + splits - 1) / splits + 31) / 32 * 32;
   return {(K + k_chunk - 1) / k_chunk, k_chunk};
@@ -992,8 +1070,12 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   const int64_t part_floats = splits > 1 ? static_cast<int64_t>(splits) * rows64 * N64 : 0;
   const int64_t n_counters = splits > 1 ? static_cast<int64_t>(n_slots) * n_tiles : 0;
   // split-K of the low-rank pre-step: the rows kernel before the decode kernel, else the tiled kernel
-  const auto [t_splits, k_chunk] = use_gemv ? lowrank_rows_splits(K) : tiled_lowrank_splits(dinfo.sms, est, R, K);
-  const int64_t t_floats = R > 0 ? static_cast<int64_t>(t_splits) * rows64 * R : 0;
+  const auto [t_splits, k_chunk] = use_gemv ? lowrank_rows_splits(K) : tiled_lowrank_splits(dinfo.sms, est, bm, R, K);
+  // the tiled t kernel sums its own splits (into t_sum, counters per tile and rank chunk); the decode kernel
+  // sums the rows kernel's
+  const bool t_summed = R > 0 && !use_gemv && t_splits > 1;
+  const int64_t t_floats = R > 0 ? static_cast<int64_t>(t_splits + (t_summed ? 1 : 0)) * rows64 * R : 0;
+  const int64_t n_t_counters = t_summed ? static_cast<int64_t>(n_slots) * ((R + 63) / 64) : 0;
   // The decode kernel's blocks find their own tiles from the offsets (two block scans each, no tile-list
   // kernel) while the grid is a few waves; past that the scans, once per block, cost more than the
   // launch they save (H200 2026-12-03, bench_moe.py Mixtral-shaped M=8, 21504 blocks: 479 -> 538 us).
@@ -1009,14 +1091,18 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
                                                    : int3_gemv_blocks(shape_p, n_slots, bm, G, glaunch) <=
                                                          4LL * 2 * dinfo.sms);
   const int64_t tile_ints = lookup ? 0 : 4LL * n_slots;
-  // one scratch allocation: [tiles (int4) | t (fp32) | partials (fp32) | counters (int)]
-  at::Tensor ws = at::empty({tile_ints + t_floats + part_floats + n_counters}, x.options().dtype(at::kFloat));
+  // one scratch allocation: [tiles (int4) | t partials, t_sum (fp32) | partials (fp32) | counters | t counters (int)]
+  at::Tensor ws = at::empty({tile_ints + t_floats + part_floats + n_counters + n_t_counters},
+                            x.options().dtype(at::kFloat));
   float* wsp = ws.data_ptr<float>();
   int4* tiles = lookup ? nullptr : reinterpret_cast<int4*>(wsp);
   float* tbuf = wsp + tile_ints;
+  float* t_sum = t_summed ? tbuf + static_cast<int64_t>(t_splits) * rows64 * R : nullptr;
   float* parts = tbuf + t_floats;
   int* counters = reinterpret_cast<int*>(parts + part_floats);
-  if (n_counters > 0) C10_CUDA_CHECK(cudaMemsetAsync(counters, 0, n_counters * sizeof(int), stream));
+  int* t_counters = counters + n_counters;
+  if (n_counters + n_t_counters > 0)
+    C10_CUDA_CHECK(cudaMemsetAsync(counters, 0, (n_counters + n_t_counters) * sizeof(int), stream));
 
   // The decode kernel reads the input rows itself (gather, and the activation where it stages x once per
   // block, K <= 8 slices of 512: past that every warp gates its slice again, and a Mixtral-shaped down
@@ -1051,7 +1137,7 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   p.q = qa.data_ptr<int32_t>();
   p.scales = sa.data_ptr();
   p.zeros = za.data_ptr();
-  p.t = R > 0 ? tbuf : nullptr;
+  p.t = R > 0 ? (t_summed ? t_sum : tbuf) : nullptr;
   p.ut = R > 0 ? uta.data_ptr() : nullptr;
   p.bias = nullptr;
   p.y = y.data_ptr();
@@ -1067,7 +1153,7 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   p.q_estride = N64 * (K64 / 32 * 3);
   p.s_estride = N64 * groups;
   p.ut_estride = static_cast<long long>(R) * N64;
-  p.t_splits = t_splits;
+  p.t_splits = t_summed ? 1 : t_splits;
   p.t_split_stride = rows64 * R;
   p.ldx = static_cast<int>(xa.size(1));
   if (lookup) {  // tiles from the offsets
@@ -1090,14 +1176,20 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
       const long long vs_ = static_cast<long long>(R) * K, ss_ = rows64 * R;
       const unsigned delay_ns = test_t_delay_ns();
 #define MILO_LR_LAUNCH(TT, TM)                                                                              \
-  grouped_lowrank_kernel<TT, TM><<<grid, TM * 2, 0, stream>>>(reinterpret_cast<const TT*>(xa.data_ptr()), \
+  grouped_lowrank_kernel<TT, TM><<<grid, kLrThreads, 0, stream>>>(reinterpret_cast<const TT*>(xa.data_ptr()), \
                                                            reinterpret_cast<const TT*>(va.data_ptr()), tiles, \
-                                                           tbuf, K, R, vs_, k_chunk, ss_, delay_ns)
+                                                           tbuf, t_sum, t_counters, K, R, vs_, k_chunk, ss_, delay_ns)
+#define MILO_LR_LAUNCH_BM(TT)                                             \
+  if (bm <= 16) MILO_LR_LAUNCH(TT, 16);                                   \
+  else if (bm <= 32) MILO_LR_LAUNCH(TT, 32);                              \
+  else if (bm <= 64) MILO_LR_LAUNCH(TT, 64);                              \
+  else MILO_LR_LAUNCH(TT, 128)
       if (xt == at::kHalf) {
-        if (bm <= 16) MILO_LR_LAUNCH(half, 16); else if (bm <= 64) MILO_LR_LAUNCH(half, 64); else MILO_LR_LAUNCH(half, 128);
+        MILO_LR_LAUNCH_BM(half);
       } else {
-        if (bm <= 16) MILO_LR_LAUNCH(__nv_bfloat16, 16); else if (bm <= 64) MILO_LR_LAUNCH(__nv_bfloat16, 64); else MILO_LR_LAUNCH(__nv_bfloat16, 128);
+        MILO_LR_LAUNCH_BM(__nv_bfloat16);
       }
+#undef MILO_LR_LAUNCH_BM
 #undef MILO_LR_LAUNCH
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
