@@ -5,7 +5,7 @@
 #   optionally:  python scripts/prebuild_ext.py --torch T [--tree .dev/old]   # the builds done here, not there
 #   on the GPU:  bash scripts/device_ab.sh                 # carry .dev and .whl (and milo_tensor/_C.*); results under $OUT
 # Environment: METH, SHAPES, MS (bench_kernel.py --methods/--shapes/--ms; DENSE=0 skips it), TEST_SEL / TEST_T (GPU tests
-# of the new tree first), SANITIZE=1 (then compute-sanitizer memcheck of its ops, SAN_T seconds each), SWEEP
+# of the new tree first), SANITIZE=1 (then compute-sanitizer memcheck of its ops, SAN_T seconds each, test files SAN_SEL), SWEEP
 # (shapes for a sweep of one switch of the new tree: SWEEP_VAR, default the decode kernel's warps per tile), MOE_MS (bench_moe.py --ms of both trees,
 # milo-grouped vs bf16-grouped; the new tree's kernels per call listed too).
 set -uo pipefail
@@ -40,7 +40,7 @@ if [ -n "${TEST_SEL:-tests/test_cuda_kernel.py tests/test_moe_cuda.py}" ]; then
   echo "tests rc=$? [$(el)s] $(tail -1 "$OUT/test.log")"; grep -E "^FAILED|^ERROR" "$OUT/test.log" | head -20
 fi
 if [ -n "${SANITIZE:-}" ]; then  # compute-sanitizer memcheck of the new tree's ops
-  for t in test_cuda_kernel test_moe_cuda; do
+  for t in ${SAN_SEL:-test_cuda_kernel test_moe_cuda}; do
     timeout "${SAN_T:-150}" compute-sanitizer --tool memcheck --print-limit 10 python3 tests/$t.py --sanitize > "$OUT/san_$t.log" 2>&1
     echo "memcheck $t rc=$? [$(el)s] $(grep -E 'ERROR SUMMARY|cases OK' "$OUT/san_$t.log" | tr '\n' ' ')"
   done
