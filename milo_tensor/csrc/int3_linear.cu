@@ -523,7 +523,11 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
                         zeros.scalar_type() == xt && ut.scalar_type() == xt && v.scalar_type() == xt &&
                         (!bias.has_value() || bias->scalar_type() == xt);
   // the tensor-core kernel up to 64 rows for weights of 32M+ codes (128 where tile 8 runs), 32 from 16M, 16
-  // below; past that dequant + cuBLAS, whose cost is set by the weight's size (H100 2026-12-06, bench_kernel.py
+  // below (32 with a low-rank term: dequant + cuBLAS pays 11-13 us more for R = 32, the tensor-core kernel 6-9;
+  // H100 2026-12-06 22:29 UTC, --sweep MILO_INT3_FUSED_MAX_M=0,4096 --sweep-ranks 0,32, R=32, M=24 / 32 / 64,
+  // us: 5632x2048 27.9 / 28.0 / 28.5 vs 24.8 / 25.9 / 36.2, 2048x2816 26.4 / 26.2 / 26.7 vs 21.2 / 22.2 / 28.7,
+  // 1408x2048 20.5 / 20.3 / 20.4 vs 17.3 / 17.6 / 23.6; R=0 at M=24 15.9 vs 18.2, 13.4 vs 14.6, 9.3 vs 10.5);
+  // past that dequant + cuBLAS, whose cost is set by the weight's size (H100 2026-12-06, bench_kernel.py
   // --sweep MILO_INT3_FUSED_MAX_M=4096,0, us: 14336x4096 M=64 82.3 vs 101.0; 4096x4096 M=32 25.6 vs 24.2, M=48
   // 34.7 vs 24.4; 1408x2048 M=17 10.5 vs 8.9, 768x2048 9.8 vs 8.1; 17:47 UTC, --sweep MILO_INT3_FUSED_MAX_M=-,64,
   // tile 8 against dequant + cuBLAS at M=128: 14336x4096 55.1 / 103.2, 4096x14336 82.7 / 109.9, 28672x4096 111.1 /
@@ -531,7 +535,7 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   const DevInfo dinfo = dev_info();
   const int64_t codes = N64 * K64;
   const int fused_max_m = env_int("MILO_INT3_FUSED_MAX_M", codes >= (int64_t{32} << 20) ? (tile8_runs(dinfo) ? 128 : 64)
-                                                           : (codes >= (int64_t{16} << 20) ? 32 : 16));
+                                                           : (codes >= (int64_t{16} << 20) || R > 0 ? 32 : 16));
   const bool fused = dtype_ok && dinfo.major >= 8 && K % kInt3BK == 0 && N % 8 == 0 &&
                      (G == 32 || G == 64 || G == 128) && M64 <= fused_max_m && M64 < (1LL << 24);
   // decode: int3_gemv.cu for up to 4 rows (faster than the GEMM kernel at M <= 4 on every benchmark
