@@ -215,18 +215,19 @@ def test_grouped_gemv_spare_warps(monkeypatch, wk, rows, g, dtype):
 
 @pytest.mark.parametrize("pdl", ["0", "1"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("kernel", ["decode", "tensor-core", "tile7", "tile8", "tile9"])
+@pytest.mark.parametrize("kernel", ["decode", "decode-rows-t", "tensor-core", "tile7", "tile8", "tile9"])
 def test_grouped_decode_waits_for_t(monkeypatch, pdl, dtype, kernel):
-    """Decode routing (about one row per expert): a t kernel (the rows kernel before the decode kernel,
-    the tiled one before the tensor-core kernel), then the matmul kernel launched programmatically
-    after it (sm_90), which must wait for t: the t kernel is held back 200 us before it writes t
-    (MILO_INT3_TEST_T_DELAY_NS). Ragged ranks up to 32 and K = 2048 keep the t grid small. With the
-    decode kernel's wait removed (H100, 2026-11-25 10:27 UTC) the decode cases failed. Against the
-    reference and bit-equal to the serialized launch."""
+    """Decode routing (about one row per expert): a t kernel (the tile kernel before the decode kernel, or
+    the rows kernel with MILO_INT3_GROUPED_T_TILE=0; the tiled one before the tensor-core kernel), then
+    the matmul kernel launched programmatically after it (sm_90), which must wait for t: the t kernel is
+    held back 200 us before it writes t (MILO_INT3_TEST_T_DELAY_NS). Ragged ranks up to 32 and K = 2048
+    keep the t grid small. With the decode kernel's wait removed (H100, 2026-11-25 10:27 UTC) the decode
+    cases failed. Against the reference and bit-equal to the serialized launch."""
     skip_unless_tile_runs(kernel[-1] if kernel in ("tile8", "tile9") else "-")
     monkeypatch.setenv("MILO_INT3_TEST_T_DELAY_NS", "200000")
     monkeypatch.setenv("MILO_INT3_PDL", pdl)
-    if kernel != "decode":
+    monkeypatch.setenv("MILO_INT3_GROUPED_T_TILE", "0" if kernel == "decode-rows-t" else "1")
+    if not kernel.startswith("decode"):
         monkeypatch.setenv("MILO_INT3_GROUPED_CFG", {"tensor-core": "1", "tile7": "7", "tile8": "8", "tile9": "9"}[kernel])
     rnd = random.Random(17)
     gen = torch.Generator(device="cuda").manual_seed(17 + int(pdl))
@@ -240,20 +241,23 @@ def test_grouped_decode_waits_for_t(monkeypatch, pdl, dtype, kernel):
     assert torch.equal(out, torch.ops.milo.int3_grouped_linear(x, offsets, *experts, 64))
 
 
-@pytest.mark.parametrize("gemv_rows,lookup", [("1000", "1"), ("1000", "0"), ("0", "-1")])
+@pytest.mark.parametrize("gemv_rows,lookup,t_tile", [("1000", "1", "1"), ("1000", "0", "1"), ("1000", "1", "0"),
+                                                      ("1000", "0", "0"), ("0", "-1", "1")])
 @pytest.mark.parametrize("E,K", [(4, 1536), (16, 1536), (32, 4608)])
 @pytest.mark.parametrize("activation", ["none", "silu_mul"])
 @pytest.mark.parametrize("rows_dtype", [None, torch.int32, torch.int64])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_grouped_gathered_gated_input(monkeypatch, gemv_rows, lookup, E, K, activation, rows_dtype, dtype):
+def test_grouped_gathered_gated_input(monkeypatch, gemv_rows, lookup, t_tile, E, K, activation, rows_dtype, dtype):
     """Input rows read through x_rows (token indices, two outside the tokens: zero rows) and/or gated
     with silu(gate) * up of [gate | up] rows, on the decode kernel (which reads them itself, with the
-    t kernel before it; the activation materialized first past K = 4096), its blocks finding their
-    tiles from the offsets or given a tile list, and on the tensor-core path (a materialized input);
-    tiles of 4 rows (E = 4: two per expert; E = 16) and 2 (E = 32); sentinel rows at the end."""
+    t kernel before it, the tile kernel or the rows kernel; the activation materialized first past K =
+    4096), its blocks finding their tiles from the offsets or given a tile list, and on the tensor-core
+    path (a materialized input); tiles of 4 rows (E = 4: two per expert; E = 16) and 2 (E = 32); sentinel
+    rows at the end."""
     monkeypatch.setenv("MILO_INT3_GROUPED_GEMV_MAX_ROWS", gemv_rows)
     monkeypatch.setenv("MILO_INT3_GROUPED_TILE_LOOKUP", lookup)
-    seed = zlib.crc32(repr((gemv_rows, lookup, E, K, activation, rows_dtype, dtype)).encode())
+    monkeypatch.setenv("MILO_INT3_GROUPED_T_TILE", t_tile)
+    seed = zlib.crc32(repr((gemv_rows, lookup, t_tile, E, K, activation, rows_dtype, dtype)).encode())
     rnd = random.Random(seed)
     gen = torch.Generator(device="cuda").manual_seed(seed)
     N, tokens = 520, 9
@@ -579,6 +583,7 @@ def _sanitize_main():
         gen = torch.Generator(device="cuda").manual_seed(100 + n)
         os.environ["MILO_INT3_GROUPED_CFG"] = "0"
         os.environ["MILO_INT3_GROUPED_TILE_LOOKUP"] = str(n)  # a tile list, then the blocks' own lookup
+        os.environ["MILO_INT3_GROUPED_T_TILE"] = str(n)  # the rows t kernel, then the tile t kernel
         experts = make_experts(16, 256, 1024, [16] * 16, 64, dt, gen)
         x = torch.randn(5, 2048 if act == "silu_mul" else 1024, device="cuda", generator=gen).to(dt)
         x_rows = torch.randint(-1, 6, (10,), device="cuda", generator=gen, dtype=torch.int32)

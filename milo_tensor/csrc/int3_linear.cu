@@ -448,6 +448,101 @@ void launch_lowrank_t_rows(at::ScalarType xt, const Int3GemmParams& p, const voi
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The grouped op's decode t partials t[split][m, r] (as lowrank_t_rows_kernel's), one block per (row tile,
+// kTileTRanks ranks, k split): the tile's input rows are read, gathered and gated once into shared memory
+// (lowrank_t_rows_kernel reads and gates them again in each of its R * splits warps: 64 times a row at
+// Qwen3-shaped gate_up, R=32, and finds its tile again in each of its R * splits / 8 blocks), then one warp per
+// rank runs over the split, its first kTileTBatch 16-byte V loads issued before the staging. 16 warps at 64
+// registers, two blocks per SM. Needs K % 8 == 0 and k_chunk <= kTileTMaxChunk, a multiple of 256.
+constexpr int kTileTRanks = 16;
+constexpr int kTileTMaxChunk = 4096;  // kTRows x 4096 values: 32 KB of shared memory (fp16 / bf16)
+constexpr int kTileTBatch = 8;        // V loads in flight per lane: 8 x 256 k per round trip
+
+template <typename T, bool kAct>
+__global__ void __launch_bounds__(kTileTRanks * 32, 2)
+    lowrank_t_tile_kernel(const Int3GemmParams p, const T* __restrict__ v, float* __restrict__ t, int k_chunk,
+                          unsigned delay_ns) {
+  grid_dep_launch_dependents();
+  __shared__ __align__(16) T xs[kTRows * kTileTMaxChunk];
+  const int4 tl = block_tile<kTileTRanks * 32>(p, blockIdx.x, kTRows);  // every thread (block scans)
+  if (tl.x < 0) return;                                                  // whole block
+  const int K = p.K, R = p.R, e = tl.x, m0 = tl.y, rows = min(kTRows, tl.z - tl.y);
+  const int lane = threadIdx.x & 31, r = blockIdx.y * kTileTRanks + (threadIdx.x >> 5), sp = blockIdx.z;
+  const int k0 = sp * k_chunk, k1 = min(K, k0 + k_chunk);
+  const bool has_rank = r < R;  // a warp past R stages x and waits at the barrier, then idles
+  const T* vr = v + (static_cast<long long>(e) * R + (has_rank ? r : 0)) * K;
+  uint4 vb[kTileTBatch];
+  auto load_v = [&](int base) {
+#pragma unroll
+    for (int i = 0; i < kTileTBatch; ++i) {
+      const int k = base + i * 256 + lane * 8;
+      vb[i] = has_rank && k < k1 ? __ldg(reinterpret_cast<const uint4*>(vr + k)) : make_uint4(0, 0, 0, 0);
+    }
+  };
+  load_v(k0);
+  const int c8 = (k1 - k0) / 8;  // 16-byte pieces of a row's split
+  for (int i = threadIdx.x; i < rows * c8; i += kTileTRanks * 32) {
+    const int m = i / c8, c = i - m * c8;
+    reinterpret_cast<uint4*>(xs + m * k_chunk)[c] = load_input8<T, kAct>(input_row<T>(p, m0 + m), K, k0 + c * 8);
+  }
+  __syncthreads();
+  float acc[kTRows] = {0.f, 0.f, 0.f, 0.f};
+  for (int base = k0; base < k1; base += kTileTBatch * 256) {
+#pragma unroll
+    for (int i = 0; i < kTileTBatch; ++i) {
+      const int k = base + i * 256 + lane * 8;
+      if (k < k1) {
+        const T* vh = reinterpret_cast<const T*>(&vb[i]);
+#pragma unroll
+        for (int m = 0; m < kTRows; ++m) {
+          if (m < rows) {
+            const uint4 xv = *reinterpret_cast<const uint4*>(xs + m * k_chunk + (k - k0));
+            const T* xh = reinterpret_cast<const T*>(&xv);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) acc[m] = fmaf(to_float(xh[j]), to_float(vh[j]), acc[m]);
+          }
+        }
+      }
+    }
+    if (base + kTileTBatch * 256 < k1) load_v(base + kTileTBatch * 256);
+  }
+  if (delay_ns != 0) sleep_ns(delay_ns);
+#pragma unroll
+  for (int m = 0; m < kTRows; ++m) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) acc[m] += __shfl_xor_sync(0xffffffffu, acc[m], off);
+    if (lane == 0 && has_rank && m < rows) t[(static_cast<long long>(sp) * p.M + m0 + m) * R + r] = acc[m];
+  }
+}
+
+// k splits of lowrank_t_tile_kernel: enough (at most 8) that the expected busy tiles' rank warps fill the SMs at
+// two 16-warp blocks each, and splits of at most kTileTMaxChunk k; returns (splits, k per split, a multiple of 256)
+std::pair<int, int> tile_t_splits(int sms, int busy_tiles, int R, int K) {
+  const long long rank_warps = static_cast<long long>(busy_tiles) * ((R + kTileTRanks - 1) / kTileTRanks) * kTileTRanks;
+  int want = static_cast<int>(std::max(1LL, std::min<long long>(8, sms * 2LL * kTileTRanks / std::max(1LL, rank_warps))));
+  want = std::max(want, (K + kTileTMaxChunk - 1) / kTileTMaxChunk);
+  const int k_chunk = ((K + want - 1) / want + 255) / 256 * 256;
+  return {(K + k_chunk - 1) / k_chunk, k_chunk};
+}
+
+void launch_lowrank_t_tile(at::ScalarType xt, const Int3GemmParams& p, const void* v, int n_slots, float* t,
+                           int splits, int k_chunk, cudaStream_t stream) {
+  TORCH_CHECK(k_chunk % 256 == 0 && k_chunk <= kTileTMaxChunk, "launch_lowrank_t_tile: bad k_chunk ", k_chunk);
+  const dim3 grid(n_slots, (p.R + kTileTRanks - 1) / kTileTRanks, splits);
+  const unsigned delay_ns = test_t_delay_ns();
+#define MILO_T_TILE_LAUNCH(TT, ACT)                                                                            \
+  lowrank_t_tile_kernel<TT, ACT><<<grid, kTileTRanks * 32, 0, stream>>>(p, reinterpret_cast<const TT*>(v), t, \
+                                                                         k_chunk, delay_ns)
+  const bool act = p.act == kActSiluMul;
+  if (xt == at::kHalf) {
+    if (act) MILO_T_TILE_LAUNCH(half, true); else MILO_T_TILE_LAUNCH(half, false);
+  } else {
+    if (act) MILO_T_TILE_LAUNCH(__nv_bfloat16, true); else MILO_T_TILE_LAUNCH(__nv_bfloat16, false);
+  }
+#undef MILO_T_TILE_LAUNCH
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // ------------------------------------------------------------------------------------------------
 // general path: dequantize + cuBLAS
 // ------------------------------------------------------------------------------------------------
@@ -1074,7 +1169,11 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   const int64_t part_floats = splits > 1 ? static_cast<int64_t>(splits) * rows64 * N64 : 0;
   const int64_t n_counters = splits > 1 ? static_cast<int64_t>(n_slots) * n_tiles : 0;
   // split-K of the low-rank pre-step: the rows kernel before the decode kernel, else the tiled kernel
-  const auto [t_splits, k_chunk] = use_gemv ? lowrank_rows_splits(K) : tiled_lowrank_splits(dinfo.sms, est, bm, R, K);
+  // MILO_INT3_GROUPED_T_TILE=0: the decode path's t by lowrank_t_rows_kernel (the dense op's) instead
+  const bool t_tile = use_gemv && env_int("MILO_INT3_GROUPED_T_TILE", 1) != 0;
+  const auto [t_splits, k_chunk] = t_tile     ? tile_t_splits(dinfo.sms, est, R, K)
+                                   : use_gemv ? lowrank_rows_splits(K)
+                                              : tiled_lowrank_splits(dinfo.sms, est, bm, R, K);
   // the tiled t kernel sums its own splits (into t_sum, counters per tile and rank chunk); the decode kernel
   // sums the rows kernel's
   const bool t_summed = R > 0 && !use_gemv && t_splits > 1;
@@ -1174,7 +1273,10 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
 
   if (R > 0) {
     if (use_gemv) {
-      launch_lowrank_t_rows(xt, p, va.data_ptr(), n_slots, tbuf, t_splits, k_chunk, stream);
+      if (t_tile)
+        launch_lowrank_t_tile(xt, p, va.data_ptr(), n_slots, tbuf, t_splits, k_chunk, stream);
+      else
+        launch_lowrank_t_rows(xt, p, va.data_ptr(), n_slots, tbuf, t_splits, k_chunk, stream);
     } else {
       const dim3 grid(n_slots, (R + 63) / 64, t_splits);
       const long long vs_ = static_cast<long long>(R) * K, ss_ = rows64 * R;
