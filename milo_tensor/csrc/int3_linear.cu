@@ -422,6 +422,21 @@ std::pair<int, int> lowrank_rows_splits(int K) {
 // (1408x2048, 88 blocks, 7.0/7.6/9.8 vs 7.1/7.3/8.7), and for the grouped op (Qwen3-shaped M=1).
 bool t_rows_wide(int K, long long decode_blocks, int sms) { return K <= 4096 && decode_blocks >= sms; }
 
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+// f(TypeTag<T>, std::integral_constant<bool, kAct>) for x's dtype (fp16 / bf16) and the activation flag: the
+// kernels take both as template parameters
+template <typename F>
+void dispatch_dtype_act(at::ScalarType xt, bool act, F&& f) {
+  if (xt == at::kHalf) {
+    if (act) f(TypeTag<half>{}, std::true_type{}); else f(TypeTag<half>{}, std::false_type{});
+  } else {
+    if (act) f(TypeTag<__nv_bfloat16>{}, std::true_type{}); else f(TypeTag<__nv_bfloat16>{}, std::false_type{});
+  }
+}
+
 // t partials of the rows of p (x, M, K, R, the tiles or offsets and the input-row fields) into t;
 // row_groups: ceil(M / kTRows) for the dense op, the tile slots for the grouped op; wide: 1024-thread blocks
 void launch_lowrank_t_rows(at::ScalarType xt, const Int3GemmParams& p, const void* v, int row_groups, float* t,
@@ -429,22 +444,16 @@ void launch_lowrank_t_rows(at::ScalarType xt, const Int3GemmParams& p, const voi
   const int threads = wide ? 1024 : 256;
   const dim3 blocks((p.R * splits * 32 + threads - 1) / threads, row_groups);
   const unsigned delay_ns = test_t_delay_ns();
-#define MILO_T_ROWS_LAUNCH(TT, ACT)                                                                            \
-  do {                                                                                                         \
-    if (wide)                                                                                                  \
-      lowrank_t_rows_kernel<TT, ACT, 1024><<<blocks, 1024, 0, stream>>>(p, reinterpret_cast<const TT*>(v), t, \
-                                                                        splits, k_chunk, delay_ns);            \
-    else                                                                                                       \
-      lowrank_t_rows_kernel<TT, ACT, 256><<<blocks, 256, 0, stream>>>(p, reinterpret_cast<const TT*>(v), t,   \
-                                                                      splits, k_chunk, delay_ns);              \
-  } while (0)
-  const bool act = p.act == kActSiluMul;
-  if (xt == at::kHalf) {
-    if (act) MILO_T_ROWS_LAUNCH(half, true); else MILO_T_ROWS_LAUNCH(half, false);
-  } else {
-    if (act) MILO_T_ROWS_LAUNCH(__nv_bfloat16, true); else MILO_T_ROWS_LAUNCH(__nv_bfloat16, false);
-  }
-#undef MILO_T_ROWS_LAUNCH
+  dispatch_dtype_act(xt, p.act == kActSiluMul, [&](auto dtype, auto act) {
+    using TT = typename decltype(dtype)::type;
+    constexpr bool kAct = decltype(act)::value;
+    if (wide)
+      lowrank_t_rows_kernel<TT, kAct, 1024><<<blocks, 1024, 0, stream>>>(p, reinterpret_cast<const TT*>(v), t, splits,
+                                                                         k_chunk, delay_ns);
+    else
+      lowrank_t_rows_kernel<TT, kAct, 256><<<blocks, 256, 0, stream>>>(p, reinterpret_cast<const TT*>(v), t, splits,
+                                                                       k_chunk, delay_ns);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -530,16 +539,11 @@ void launch_lowrank_t_tile(at::ScalarType xt, const Int3GemmParams& p, const voi
   TORCH_CHECK(k_chunk % 256 == 0 && k_chunk <= kTileTMaxChunk, "launch_lowrank_t_tile: bad k_chunk ", k_chunk);
   const dim3 grid(n_slots, (p.R + kTileTRanks - 1) / kTileTRanks, splits);
   const unsigned delay_ns = test_t_delay_ns();
-#define MILO_T_TILE_LAUNCH(TT, ACT)                                                                            \
-  lowrank_t_tile_kernel<TT, ACT><<<grid, kTileTRanks * 32, 0, stream>>>(p, reinterpret_cast<const TT*>(v), t, \
-                                                                         k_chunk, delay_ns)
-  const bool act = p.act == kActSiluMul;
-  if (xt == at::kHalf) {
-    if (act) MILO_T_TILE_LAUNCH(half, true); else MILO_T_TILE_LAUNCH(half, false);
-  } else {
-    if (act) MILO_T_TILE_LAUNCH(__nv_bfloat16, true); else MILO_T_TILE_LAUNCH(__nv_bfloat16, false);
-  }
-#undef MILO_T_TILE_LAUNCH
+  dispatch_dtype_act(xt, p.act == kActSiluMul, [&](auto dtype, auto act) {
+    using TT = typename decltype(dtype)::type;
+    lowrank_t_tile_kernel<TT, decltype(act)::value><<<grid, kTileTRanks * 32, 0, stream>>>(
+        p, reinterpret_cast<const TT*>(v), t, k_chunk, delay_ns);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
