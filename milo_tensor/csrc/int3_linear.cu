@@ -1013,29 +1013,19 @@ at::Tensor grouped_input(const at::Tensor& x, const std::optional<at::Tensor>& x
     const long long units = rows * (K / 8);
     const int blocks = static_cast<int>(std::min<long long>((units + 255) / 256, 8LL * dev_info().sms));
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    const auto launch = [&](auto t_tag, auto act_tag, auto i_tag) {
-      using T = decltype(t_tag);
-      using I = decltype(i_tag);
-      grouped_input_kernel<T, decltype(act_tag)::value, I><<<blocks, 256, 0, stream>>>(
-          reinterpret_cast<const T*>(x.data_ptr()), x.stride(0), idx.defined() ? idx.data_ptr<I>() : nullptr,
-          x.size(0), rows, static_cast<int>(K), reinterpret_cast<T*>(out.data_ptr()));
-    };
-    const auto by_index = [&](auto t_tag, auto act_tag) {
+    dispatch_dtype_act(x.scalar_type(), act == kActSiluMul, [&](auto dtype, auto act_tag) {
+      using T = typename decltype(dtype)::type;
+      const auto launch = [&](auto i_tag) {
+        using I = decltype(i_tag);
+        grouped_input_kernel<T, decltype(act_tag)::value, I><<<blocks, 256, 0, stream>>>(
+            reinterpret_cast<const T*>(x.data_ptr()), x.stride(0), idx.defined() ? idx.data_ptr<I>() : nullptr,
+            x.size(0), rows, static_cast<int>(K), reinterpret_cast<T*>(out.data_ptr()));
+      };
       if (idx.defined() && idx.scalar_type() == at::kLong)
-        launch(t_tag, act_tag, int64_t{});
+        launch(int64_t{});
       else
-        launch(t_tag, act_tag, int32_t{});
-    };
-    const auto by_act = [&](auto t_tag) {
-      if (act == kActSiluMul)
-        by_index(t_tag, std::true_type{});
-      else
-        by_index(t_tag, std::false_type{});
-    };
-    if (x.scalar_type() == at::kHalf)
-      by_act(half{});
-    else
-      by_act(__nv_bfloat16{});
+        launch(int32_t{});
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return out;
   }
@@ -1172,8 +1162,8 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
 
   const int64_t part_floats = splits > 1 ? static_cast<int64_t>(splits) * rows64 * N64 : 0;
   const int64_t n_counters = splits > 1 ? static_cast<int64_t>(n_slots) * n_tiles : 0;
-  // split-K of the low-rank pre-step: the rows kernel before the decode kernel, else the tiled kernel
-  // MILO_INT3_GROUPED_T_TILE=0: the decode path's t by lowrank_t_rows_kernel (the dense op's) instead
+  // split-K of the low-rank pre-step: the tile kernel before the decode kernel (MILO_INT3_GROUPED_T_TILE=0: the
+  // dense op's rows kernel), else the tiled kernel
   const bool t_tile = use_gemv && env_int("MILO_INT3_GROUPED_T_TILE", 1) != 0;
   const auto [t_splits, k_chunk] = t_tile     ? tile_t_splits(dinfo.sms, est, R, K)
                                    : use_gemv ? lowrank_rows_splits(K)
