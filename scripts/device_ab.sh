@@ -5,7 +5,7 @@
 #   optionally:  python scripts/prebuild_ext.py --torch T [--tree .dev/old]   # the builds done here, not there
 #   on the GPU:  bash scripts/device_ab.sh                 # carry .dev and .whl (and milo_tensor/_C.*); results under $OUT
 #   (two prebuilt libraries and the wheels pass the device tool's 64 MiB carry: `xz -c .dev/old/milo_tensor/_C.abi3.so >
-#   .dev/old.so.xz`, that file removed from .dev/old; it is unpacked there before the builds)
+#   .dev/old.so.xz`, that file removed from .dev/old; every .dev/NAME.so.xz is unpacked into .dev/NAME there first)
 # Environment: METH, SHAPES, MS (bench_kernel.py --methods/--shapes/--ms; DENSE=0 skips it), TEST_SEL / TEST_T (GPU tests
 # of the new tree first), SANITIZE=1 (then compute-sanitizer memcheck of its ops, SAN_T seconds each, test files SAN_SEL), SWEEP
 # (shapes for a sweep of one switch of the new tree: SWEEP_VAR, default the decode kernel's warps per tile), MOE_MS (bench_moe.py --ms of both trees,
@@ -24,10 +24,12 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 BUILD='from milo_tensor.ops.cuda import load_extension, extension_status; ok=load_extension(); print(extension_status()); raise SystemExit(0 if ok else 1)'
-if [ -f .dev/old.so.xz ] && [ ! -f .dev/old/milo_tensor/_C.abi3.so ]; then
-  python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" \
-    .dev/old.so.xz .dev/old/milo_tensor/_C.abi3.so || exit 1
-fi
+for xz in .dev/*.so.xz; do  # .dev/NAME.so.xz: the prebuilt library of the tree .dev/NAME (old, or a third one)
+  [ -f "$xz" ] || continue
+  so=".dev/$(basename "$xz" .so.xz)/milo_tensor/_C.abi3.so"
+  [ -f "$so" ] || python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" \
+    "$xz" "$so" || exit 1
+done
 # a library prebuilt here by scripts/prebuild_ext.py serves only the sources it was built from (the loader
 # checks that too, but an old tree's loader may predate the check)
 for t in . .dev/old; do
