@@ -426,15 +426,17 @@ template <typename T>
 struct TypeTag {
   using type = T;
 };
-// f(TypeTag<T>, std::integral_constant<bool, kAct>) for x's dtype (fp16 / bf16) and the activation flag: the
-// kernels take both as template parameters
+// f(TypeTag<T>) for x's dtype (fp16 / bf16): the kernels take it as a template parameter
+template <typename F>
+void dispatch_dtype(at::ScalarType xt, F&& f) {
+  if (xt == at::kHalf) f(TypeTag<half>{}); else f(TypeTag<__nv_bfloat16>{});
+}
+// f(TypeTag<T>, std::integral_constant<bool, kAct>) for x's dtype and the activation flag
 template <typename F>
 void dispatch_dtype_act(at::ScalarType xt, bool act, F&& f) {
-  if (xt == at::kHalf) {
-    if (act) f(TypeTag<half>{}, std::true_type{}); else f(TypeTag<half>{}, std::false_type{});
-  } else {
-    if (act) f(TypeTag<__nv_bfloat16>{}, std::true_type{}); else f(TypeTag<__nv_bfloat16>{}, std::false_type{});
-  }
+  dispatch_dtype(xt, [&](auto dtype) {
+    if (act) f(dtype, std::true_type{}); else f(dtype, std::false_type{});
+  });
 }
 
 // t partials of the rows of p (x, M, K, R, the tiles or offsets and the input-row fields) into t;
@@ -1214,13 +1216,11 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   const at::Tensor za = aligned_contig(zeros, 8);
   const at::Tensor off = offsets.contiguous();
   if (!lookup) {
-    if (xt == at::kHalf)
-      grouped_tiles_kernel<half><<<1, 256, 0, stream>>>(off.data_ptr(), off.scalar_type() == at::kLong, E, rows, bm,
-                                                        n_slots, tiles, reinterpret_cast<half*>(y.data_ptr()), N);
-    else
-      grouped_tiles_kernel<__nv_bfloat16><<<1, 256, 0, stream>>>(off.data_ptr(), off.scalar_type() == at::kLong, E,
-                                                                 rows, bm, n_slots, tiles,
-                                                                 reinterpret_cast<__nv_bfloat16*>(y.data_ptr()), N);
+    dispatch_dtype(xt, [&](auto dtype) {
+      using TT = typename decltype(dtype)::type;
+      grouped_tiles_kernel<TT><<<1, 256, 0, stream>>>(off.data_ptr(), off.scalar_type() == at::kLong, E, rows, bm,
+                                                      n_slots, tiles, reinterpret_cast<TT*>(y.data_ptr()), N);
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
@@ -1275,22 +1275,18 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
       const dim3 grid(n_slots, (R + 63) / 64, t_splits);
       const long long vs_ = static_cast<long long>(R) * K, ss_ = rows64 * R;
       const unsigned delay_ns = test_t_delay_ns();
-#define MILO_LR_LAUNCH(TT, TM)                                                                              \
-  grouped_lowrank_kernel<TT, TM><<<grid, kLrThreads, 0, stream>>>(reinterpret_cast<const TT*>(xa.data_ptr()), \
-                                                           reinterpret_cast<const TT*>(va.data_ptr()), tiles, \
-                                                           tbuf, t_sum, t_counters, K, R, vs_, k_chunk, ss_, delay_ns)
-#define MILO_LR_LAUNCH_BM(TT)                                             \
-  if (bm <= 16) MILO_LR_LAUNCH(TT, 16);                                   \
-  else if (bm <= 32) MILO_LR_LAUNCH(TT, 32);                              \
-  else if (bm <= 64) MILO_LR_LAUNCH(TT, 64);                              \
-  else MILO_LR_LAUNCH(TT, 128)
-      if (xt == at::kHalf) {
-        MILO_LR_LAUNCH_BM(half);
-      } else {
-        MILO_LR_LAUNCH_BM(__nv_bfloat16);
-      }
-#undef MILO_LR_LAUNCH_BM
-#undef MILO_LR_LAUNCH
+      dispatch_dtype(xt, [&](auto dtype) {
+        using TT = typename decltype(dtype)::type;
+        const auto launch = [&](auto tm) {  // the tile's rows, a template parameter
+          grouped_lowrank_kernel<TT, decltype(tm)::value><<<grid, kLrThreads, 0, stream>>>(
+              reinterpret_cast<const TT*>(xa.data_ptr()), reinterpret_cast<const TT*>(va.data_ptr()), tiles, tbuf,
+              t_sum, t_counters, K, R, vs_, k_chunk, ss_, delay_ns);
+        };
+        if (bm <= 16) launch(std::integral_constant<int, 16>{});
+        else if (bm <= 32) launch(std::integral_constant<int, 32>{});
+        else if (bm <= 64) launch(std::integral_constant<int, 64>{});
+        else launch(std::integral_constant<int, 128>{});
+      });
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   }
