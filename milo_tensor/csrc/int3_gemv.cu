@@ -357,6 +357,9 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
   bool b_on[NB];
 #pragma unroll
   for (int b = 0; b < NB; ++b) b_on[b] = (bcol & 3) == c && 2 * b + (bcol >> 2) < rows;
+  // mma sets past the tile's rows (a grouped tile or the dense op's last row block short of MR rows) are
+  // skipped: their accumulators stay zero and are never written
+  const auto set_on = [rows](int b) { return b == 0 || 2 * b < rows; };
   // accumulator columns of this lane: 2c, 2c+1 = row m = c >> 1 (+2b for set b), source lanes cs0, cs0 + 1
   const int cs0 = 2 * (c & 1);
   const bool need_scales = (c >> 1) < rows;  // set 0's row is this lane's first
@@ -449,6 +452,7 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
         const int xoff = xblk_off(8 * c + 2 * h) + 4 * p0;  // the chunk's two 16-k blocks are contiguous
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
+          if (!set_on(b)) continue;  // the tile's rows end before set b (uniform over the block)
           uint32_t bv[kSpan];  // bv[x_slot(p) - p0] = the x word of pair p
 #pragma unroll
           for (int v = 0; v < kSpan / 4; ++v) {
@@ -471,6 +475,7 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
         const int gl = (32 * h) / G;
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
+          if (!set_on(b)) continue;
           const int m = 2 * b + (c >> 1);
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
