@@ -250,70 +250,74 @@ __device__ __forceinline__ void load_halves(uint32_t (&dst)[NW], const void* src
 template <int MR>
 __device__ __forceinline__ float* staged_xsum(uint8_t* wx) { return reinterpret_cast<float*>(wx + MR * kXRowBytes); }
 
-// Stage the input rows xr[0..MR-1] (input_row(); nullptr: zeros) for k0 .. k0+511 into the buffer wx:
+// Stage input row m (xm = input_row(); nullptr: zeros) for k0 .. k0+511 into the buffer wx of MR rows:
 // 16-k block b = lane holds slots 8 (b & 1) .. +7 of chunk b / 2: the chunk's 16 words in x_slot order
 // (natural for the fixed encoding). Group sums go to xsum[m][k_local/G], and with a magic the sums of
-// x_k * kInvUnit / 8^class(k) (its share, CodeEnc) to xmag[m][k_local/G].
+// x_k * kInvUnit / 8^class(k) (its share, CodeEnc) to xmag[m][k_local/G]. One warp.
 template <typename E, typename T, int G, int MR, bool kAct>
-__device__ __forceinline__ void stage_x(const T* const* xr, int K, int k0, uint8_t* wx) {
+__device__ __forceinline__ void stage_x_row(const T* xm, int m, int K, int k0, uint8_t* wx) {
   float* xsum = staged_xsum<MR>(wx);
   float* xmag = xsum + MR * kXSumFloats;
   constexpr bool kMagic = E::kMagic2 != 0u && E::kClasses > 1;  // one class: the group end uses sum x
   const int lane = threadIdx.x & 31;
   const int k = k0 + lane * 16;
   const bool upper = (lane & 1) != 0;  // pairs 8..15 of the chunk
-#pragma unroll
-  for (int m = 0; m < MR; ++m) {
-    uint4 a = make_uint4(0, 0, 0, 0), b = make_uint4(0, 0, 0, 0);
-    if (k < K && xr[m] != nullptr) {
-      const uint4* src = reinterpret_cast<const uint4*>(xr[m] + k);
-      a = __ldg(src);
-      b = __ldg(src + 1);
-      if constexpr (kAct) {  // the up half, K further on
-        const uint4 ua = __ldg(src + K / 8), ub = __ldg(src + K / 8 + 1);
-        a = silu_mul8<T>(a, ua);
-        b = silu_mul8<T>(b, ub);
-      }
-    }
-    const uint32_t v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-    float sum = 0.f, mag = 0.f;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {  // word i: pair i (+ 8) of the chunk
-      const T* h = reinterpret_cast<const T*>(&v[i]);
-      const float pair_sum = to_float(h[0]) + to_float(h[1]);
-      sum += pair_sum;
-      if constexpr (kMagic) {
-        constexpr float wc[3] = {E::kInvUnit, E::kInvUnit / 8, E::kInvUnit / 64};
-        mag = fmaf(upper ? wc[enc_cls<E>(8 + i)] : wc[enc_cls<E>(i)], pair_sum, mag);
-      }
-    }
-    if constexpr (x_natural<E>()) {
-      uint4* dst = reinterpret_cast<uint4*>(wx + m * kXRowBytes + xblk_off(lane));
-      dst[0] = a;
-      dst[1] = b;
-    } else {  // the chunk's words in mma order (x_slot): this lane's half of the slots, one word from the partner
-      constexpr int c0 = x_crossing<E>(0), c1 = x_crossing<E>(1);
-      const uint32_t recv = __shfl_xor_sync(0xffffffffu, upper ? v[c1 - 8] : v[c0], 1);
-      uint32_t o[8];
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const int lo = x_pair<E>(j), hi = x_pair<E>(8 + j);
-        o[j] = upper ? (hi >= 8 ? v[hi - 8] : recv) : (lo < 8 ? v[lo] : recv);
-      }
-      uint4* dst = reinterpret_cast<uint4*>(wx + m * kXRowBytes + xblk_off(lane));
-      dst[0] = make_uint4(o[0], o[1], o[2], o[3]);
-      dst[1] = make_uint4(o[4], o[5], o[6], o[7]);
-    }
-#pragma unroll
-    for (int off = 1; off < G / 16; off <<= 1) {
-      sum += __shfl_xor_sync(0xffffffffu, sum, off);
-      if constexpr (kMagic) mag += __shfl_xor_sync(0xffffffffu, mag, off);
-    }
-    if (lane % (G / 16) == 0) {
-      xsum[m * kXSumFloats + lane / (G / 16)] = sum;
-      if constexpr (kMagic) xmag[m * kXSumFloats + lane / (G / 16)] = mag;
+  uint4 a = make_uint4(0, 0, 0, 0), b = make_uint4(0, 0, 0, 0);
+  if (k < K && xm != nullptr) {
+    const uint4* src = reinterpret_cast<const uint4*>(xm + k);
+    a = __ldg(src);
+    b = __ldg(src + 1);
+    if constexpr (kAct) {  // the up half, K further on
+      const uint4 ua = __ldg(src + K / 8), ub = __ldg(src + K / 8 + 1);
+      a = silu_mul8<T>(a, ua);
+      b = silu_mul8<T>(b, ub);
     }
   }
+  const uint32_t v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+  float sum = 0.f, mag = 0.f;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {  // word i: pair i (+ 8) of the chunk
+    const T* h = reinterpret_cast<const T*>(&v[i]);
+    const float pair_sum = to_float(h[0]) + to_float(h[1]);
+    sum += pair_sum;
+    if constexpr (kMagic) {
+      constexpr float wc[3] = {E::kInvUnit, E::kInvUnit / 8, E::kInvUnit / 64};
+      mag = fmaf(upper ? wc[enc_cls<E>(8 + i)] : wc[enc_cls<E>(i)], pair_sum, mag);
+    }
+  }
+  if constexpr (x_natural<E>()) {
+    uint4* dst = reinterpret_cast<uint4*>(wx + m * kXRowBytes + xblk_off(lane));
+    dst[0] = a;
+    dst[1] = b;
+  } else {  // the chunk's words in mma order (x_slot): this lane's half of the slots, one word from the partner
+    constexpr int c0 = x_crossing<E>(0), c1 = x_crossing<E>(1);
+    const uint32_t recv = __shfl_xor_sync(0xffffffffu, upper ? v[c1 - 8] : v[c0], 1);
+    uint32_t o[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int lo = x_pair<E>(j), hi = x_pair<E>(8 + j);
+      o[j] = upper ? (hi >= 8 ? v[hi - 8] : recv) : (lo < 8 ? v[lo] : recv);
+    }
+    uint4* dst = reinterpret_cast<uint4*>(wx + m * kXRowBytes + xblk_off(lane));
+    dst[0] = make_uint4(o[0], o[1], o[2], o[3]);
+    dst[1] = make_uint4(o[4], o[5], o[6], o[7]);
+  }
+#pragma unroll
+  for (int off = 1; off < G / 16; off <<= 1) {
+    sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    if constexpr (kMagic) mag += __shfl_xor_sync(0xffffffffu, mag, off);
+  }
+  if (lane % (G / 16) == 0) {
+    xsum[m * kXSumFloats + lane / (G / 16)] = sum;
+    if constexpr (kMagic) xmag[m * kXSumFloats + lane / (G / 16)] = mag;
+  }
+}
+
+// all MR rows xr[0..MR-1] of a slice (one warp)
+template <typename E, typename T, int G, int MR, bool kAct>
+__device__ __forceinline__ void stage_x(const T* const* xr, int K, int k0, uint8_t* wx) {
+#pragma unroll
+  for (int m = 0; m < MR; ++m) stage_x_row<E, T, G, MR, kAct>(xr[m], m, K, k0, wx);
 }
 
 // MR: rows of x this block multiplies (1, 2, 4 or 8; rows past `rows` are zeros). kAct: the input rows are
@@ -357,6 +361,9 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
   bool b_on[NB];
 #pragma unroll
   for (int b = 0; b < NB; ++b) b_on[b] = (bcol & 3) == c && 2 * b + (bcol >> 2) < rows;
+  // mma sets past the tile's rows (a grouped tile or the dense op's last row block short of MR rows) are
+  // skipped: their accumulators stay zero and are never written
+  const auto set_on = [rows](int b) { return b == 0 || 2 * b < rows; };
   // accumulator columns of this lane: 2c, 2c+1 = row m = c >> 1 (+2b for set b), source lanes cs0, cs0 + 1
   const int cs0 = 2 * (c & 1);
   const bool need_scales = (c >> 1) < rows;  // set 0's row is this lane's first
@@ -449,6 +456,7 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
         const int xoff = xblk_off(8 * c + 2 * h) + 4 * p0;  // the chunk's two 16-k blocks are contiguous
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
+          if (!set_on(b)) continue;  // the tile's rows end before set b (uniform over the block)
           uint32_t bv[kSpan];  // bv[x_slot(p) - p0] = the x word of pair p
 #pragma unroll
           for (int v = 0; v < kSpan / 4; ++v) {
@@ -471,6 +479,7 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
         const int gl = (32 * h) / G;
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
+          if (!set_on(b)) continue;
           const int m = 2 * b + (c >> 1);
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
@@ -513,7 +522,12 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
   if (tid < MR) xrow[tid] = tid < rows ? input_row<T>(p, m0 + tid) : nullptr;
   __syncthreads();
   if (xblock) {
-    for (int s = warp; s < n_slices; s += kWarps) stage_x<E, T, G, MR, kAct>(xr, K, s * kSliceK, slice_x(s));
+    // one (slice, row) per warp at a time: all 8 warps stage, not one per slice (a 2-slice K, 4 rows: 8
+    // warps instead of 2 in the chain before the first mma)
+    for (int u = warp; u < n_slices * MR; u += kWarps) {
+      const int s = u / MR, m = u - s * MR;
+      stage_x_row<E, T, G, MR, kAct>(xr[m], m, K, s * kSliceK, slice_x(s));
+    }
   }
   __syncthreads();
   if constexpr (!prefetched(MR, G, kPF)) {
