@@ -32,8 +32,8 @@ for xz in .dev/*.so.xz; do  # .dev/NAME.so.xz: the prebuilt library of the tree 
 done
 # a library prebuilt here by scripts/prebuild_ext.py serves only the sources it was built from (the loader
 # checks that too, but an old tree's loader may predate the check)
-for t in . .dev/old; do
-  so=$t/milo_tensor/_C.abi3.so; [ -f "$so" ] || continue
+for t in . .dev/*/; do  # the working tree, .dev/old and any third tree
+  t=${t%/}; so=$t/milo_tensor/_C.abi3.so; [ -f "$so" ] || continue
   why=$(PYTHONPATH=scripts python3 -c "import sys; from prebuild_ext import tree_loader; print(tree_loader('.').prebuilt_mismatch(sys.argv[1]))" "$t/milo_tensor")
   [ -f "$t/milo_tensor/_C.sources.sha256" ] || why="no _C.sources.sha256 beside it"
   [ -z "$why" ] || { echo "$so removed (JIT): $why"; rm -f "$so"; }
