@@ -197,6 +197,27 @@ def test_grouped_gemv_and_mma_paths(monkeypatch, gemv_rows, wk, xblock, rows, g,
     check(x, counts, routing_offsets(counts, rows), experts, g)
 
 
+@pytest.mark.parametrize("bm", ["2", "4"])
+@pytest.mark.parametrize("activation", ["none", "silu_mul"])
+@pytest.mark.parametrize("rows,kind", [(6, "uniform"), (40, "uniform"), (40, "one_expert")])
+def test_grouped_gemv_tile_height(monkeypatch, bm, activation, rows, kind):
+    """The decode kernel's tile height forced (MILO_INT3_GROUPED_GEMV_BM): 2-row tiles past one row per
+    busy expert (an expert of 40 rows in 20 tiles) and 4-row tiles at under one, on gathered rows (two
+    outside the tokens: zero rows) with and without the activation, K = 1536 (three slices)."""
+    monkeypatch.setenv("MILO_INT3_GROUPED_GEMV_BM", bm)
+    monkeypatch.setenv("MILO_INT3_GROUPED_GEMV_MAX_ROWS", "1000")
+    seed = zlib.crc32(repr((bm, activation, rows, kind)).encode())
+    rnd = random.Random(seed)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    E, N, K, tokens = 8, 520, 1536, 24
+    experts = make_experts(E, N, K, [16, 0, 32, 16, 8, 32, 0, 4], 64, torch.bfloat16, gen)
+    counts = random_counts(rnd, E, rows - 1, kind)
+    x = (torch.randn(tokens, 2 * K if activation == "silu_mul" else K, device="cuda", generator=gen) + 1).to(torch.bfloat16)
+    x_rows = torch.randint(0, tokens, (rows,), device="cuda", generator=gen)
+    x_rows[1], x_rows[rows - 2] = -1, tokens + 3
+    check(x, counts, routing_offsets(counts, rows), experts, 64, x_rows=x_rows, activation=activation)
+
+
 @pytest.mark.parametrize("wk", ["0", "8"])
 @pytest.mark.parametrize("rows,g,dtype", [(1, 64, torch.bfloat16), (3, 128, torch.float16), (6, 32, torch.bfloat16)])
 def test_grouped_gemv_spare_warps(monkeypatch, wk, rows, g, dtype):

@@ -1126,12 +1126,16 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   // is above 1; an expert past 4 rows takes several tiles). H100, bench_moe.py: Mixtral-shaped M=8 (2 rows
   // per expert) 533 us vs 730 with the mma tiles; 2026-12-06, up to 4 rows instead of 2: Mixtral-shaped M=16
   // (4 rows) 651 -> 587 us, DeepSeek-V2-Lite-shaped M=32 (3) 454 -> 369, the others unchanged. Past that a tile
-  // re-reads the weights too often (8-row tiles measured slower: kTRows).
+  // re-reads the weights too often (8-row tiles measured slower: kTRows). H100 2026-12-07, MILO_INT3_GROUPED_GEMV_BM
+  // = 2 / 4 at every M (us): Qwen3-shaped M=1 / 8 / 32 36.1 / 105.8 / 230.6 against 42.3 / 107.2 / 192.8,
+  // DSV2-Lite-shaped 66.4 / 158.7 / 304.7 against 70.4 / 160.5 / 264.1, Mixtral-shaped M=1 / 8 96.8 / 363.7 against
+  // 107.6 / 333.2: this rule's choice the faster in each.
   // Its kernels read the input rows gathered and gated themselves (and on small grids find their tiles
   // from the offsets, below); the tensor-core path gets a tile list and a materialized input.
   const bool use_gemv = forced == 0 && K % 128 == 0 &&
                         mean_rows <= env_int("MILO_INT3_GROUPED_GEMV_MAX_ROWS", 4);
-  const int gemv_bm = mean_rows <= 1 ? 2 : kTRows;
+  const int bm_env = env_int("MILO_INT3_GROUPED_GEMV_BM", 0);  // 2 or 4 forces the tile height (tuning, tests)
+  const int gemv_bm = bm_env == 2 || bm_env == kTRows ? bm_env : mean_rows <= 1 ? 2 : kTRows;
   // Past that, tile 7 (the weight as the mma A operand, int3_gemm_wa.cu), and tile 8 (its warpgroup-MMA form,
   // capability 9.0) past 16 rows per busy expert (64 before; below); MILO_INT3_GROUPED_CFG=1-4 / 7-9 forces a
   // tile. H100 2026-12-06 14:36 UTC, bench_moe.py milo-grouped under MILO_INT3_GROUPED_CFG=0 (then tiles 1-4: 16 / 32 /
