@@ -249,6 +249,22 @@ def test_gemv_warps_per_tile(monkeypatch, xblock, wk, M):
         check(make_inputs(M, N, K, R, g, dtype, bias=True, gen=gen))
 
 
+@pytest.mark.parametrize("lr_mma", ["0", "1"])
+@pytest.mark.parametrize("M", [1, 2, 4, 8])
+def test_gemv_lowrank_mma_and_scalar(monkeypatch, lr_mma, M):
+    """The decode kernel's low-rank term by mma (MILO_INT3_GEMV_LR_MMA=1: t in hi + lo halves, U^T's
+    chunk by transposed ldmatrix, ranks zero-padded to 16) and by the scalar loop (0), both dtypes, ranks
+    1, 16, 40 (padded), 64 (the whole chunk) and 100 (past it: the scalar loop either way), 1 and 2 warps
+    per tile, N not a multiple of a block's columns, bias, against the float32 reference."""
+    monkeypatch.setenv("MILO_INT3_GEMV_LR_MMA", lr_mma)
+    gen = torch.Generator(device="cuda").manual_seed(M * 10 + int(lr_mma))
+    for i, (N, K, R, wk) in enumerate([(1000, 2048, 1, "1"), (520, 1536, 16, "0"), (4104, 1024, 40, "2"),
+                                       (264, 4096, 64, "0"), (1000, 2048, 100, "1"), (14336, 4096, 32, "0")]):
+        monkeypatch.setenv("MILO_INT3_GEMV_WK", wk)
+        dtype = torch.bfloat16 if (i + M) % 2 else torch.float16
+        check(make_inputs(M, N, K, R, 64, dtype, bias=True, gen=gen))
+
+
 @pytest.mark.parametrize("cfg", ["-", "7", "8", "9"])
 @pytest.mark.parametrize("pdl", ["0", "1"])
 @pytest.mark.parametrize("M,N,K,R", [(1, 64, 14336, 512), (2, 4096, 4096, 32), (4, 200, 2048, 100),

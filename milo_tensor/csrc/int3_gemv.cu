@@ -49,6 +49,7 @@ constexpr int kRChunk = 64;             // ranks of t staged in shared memory at
 // kernel flags (host: launch_mr())
 constexpr int kXBlock = 1;  // x of the whole K staged once per block up front (else per warp, per slice)
 constexpr int kUAsync = 2;  // the first kRChunk ranks of U^T's block columns copied to shared memory up front
+constexpr int kLrMma = 4;   // the low-rank term by mma where it applies (GemvLaunch::lr_mma)
 
 // How the code pair p (codes 2p, 2p + 1 of a 32-code chunk: neighbouring k, so its B register is one
 // word of x) becomes one mma A register (layout: int3_gemm.cuh, format 2): the pair's 3-bit field is
@@ -216,19 +217,24 @@ __device__ __forceinline__ float u16_to_float(uint16_t v) {
 }
 
 // 2 * NW halves from src (NW u32 words, half i in word i / 2) when ok, else zeros; one 4/8/16-byte
-// load when vec (src aligned), else halfword loads; the second NW halves only when second.
-template <int NW>
+// load when vec (src aligned), else halfword loads; the second NW halves only when second. kPred: the
+// vector path does not branch on ok (a predicated load): lanes that load nothing (the dense op's lanes
+// past its rows at M = 1, half of every warp) would otherwise run the halfword path after the others,
+// four times a slice (ncu, H100 2026-12-07: the slice loads were 14% of the M=1 decode kernel's
+// instructions). Not in the register-prefetched 4-row instance (ok uniform but for one-row tiles), whose
+// spills it moved (sm_90a, with the mma low-rank term: 0 -> 20 / 48 bytes).
+template <int NW, bool kPred>
 __device__ __forceinline__ void load_halves(uint32_t (&dst)[NW], const void* src, bool ok, bool vec, bool second) {
   const uint16_t* h = reinterpret_cast<const uint16_t*>(src);
-  if (ok && vec && second) {
+  if (vec && second && (kPred || ok)) {
     if constexpr (NW == 1) {
-      dst[0] = __ldg(reinterpret_cast<const unsigned int*>(src));
+      dst[0] = ok ? __ldg(reinterpret_cast<const unsigned int*>(src)) : 0u;
     } else if constexpr (NW == 2) {
-      const uint2 v = __ldg(reinterpret_cast<const uint2*>(src));
+      const uint2 v = ok ? __ldg(reinterpret_cast<const uint2*>(src)) : make_uint2(0u, 0u);
       dst[0] = v.x;
       dst[1] = v.y;
     } else {
-      const uint4 v = __ldg(reinterpret_cast<const uint4*>(src));
+      const uint4 v = ok ? __ldg(reinterpret_cast<const uint4*>(src)) : make_uint4(0u, 0u, 0u, 0u);
       dst[0] = v.x;
       dst[1] = v.y;
       dst[2] = v.z;
@@ -318,6 +324,22 @@ template <typename E, typename T, int G, int MR, bool kAct>
 __device__ __forceinline__ void stage_x(const T* const* xr, int K, int k0, uint8_t* wx) {
 #pragma unroll
   for (int m = 0; m < MR; ++m) stage_x_row<E, T, G, MR, kAct>(xr[m], m, K, k0, wx);
+}
+
+// t's split partials of ranks r0 .. r0 + rc - 1 summed into tsm[m][0 .. kRChunk - 1] (zeros past rc and past
+// the block's rows), in a fixed order. Whole block; the caller syncs before reading tsm.
+template <int MR>
+__device__ __forceinline__ void stage_t_chunk(const Int3GemmParams& p, int m0, int rows, int r0, int rc,
+                                              float (*tsm)[kRChunk]) {
+  for (int i = threadIdx.x; i < MR * kRChunk; i += kThreads) {
+    const int m = i / kRChunk, rr = i % kRChunk;
+    float tv = 0.f;
+    if (m < rows && rr < rc) {
+      const float* tp = p.t + static_cast<long long>(m0 + m) * p.R + r0 + rr;
+      for (int sp = 0; sp < p.t_splits; ++sp) tv += __ldcg(tp + sp * p.t_split_stride);
+    }
+    tsm[m][rr] = tv;
+  }
 }
 
 // MR: rows of x this block multiplies (1, 2, 4 or 8; rows past `rows` are zeros). kAct: the input rows are
@@ -412,8 +434,8 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
     for (int r = 0; r < 2; ++r) {
       const bool ok = need_scales && kk < K && row_ok[r];
       const int gi = s_off + r * 8 * groups_per_row + s * (kSliceK / G);
-      load_halves<GPL>(sv[r], se + gi, ok, vec_scales, second);
-      load_halves<GPL>(zv[r], ze + gi, ok, vec_scales, second);
+      load_halves<GPL, !kPF>(sv[r], se + gi, ok, vec_scales, second);
+      load_halves<GPL, !kPF>(zv[r], ze + gi, ok, vec_scales, second);
     }
   };
   auto compute_slice = [&](int s, const Codes& w, const Raw& sv, const Raw& zv) {
@@ -509,10 +531,11 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
   // (cp.async, read in the epilogue), the zero row, and with xblock the x of every slice (one load
   // round trip per block instead of one per warp and slice, each slice staged once per block)
   if (flags & kUAsync) {
-    const int rc = min(kRChunk, R), per_row = BR / 8;
+    // rows up to a multiple of 16 ranks, zeros past R (the mma epilogue's last k16 step reads them)
+    const int rc = min(kRChunk, (R + 15) / 16 * 16), per_row = BR / 8;
     for (int u = tid; u < rc * per_row; u += kThreads) {
       const int r = u / per_row, n = n_blk + (u - r * per_row) * 8;
-      const bool ok = n < N;  // N % 8 == 0 (host)
+      const bool ok = n < N && r < R;  // N % 8 == 0 (host)
       cp_async16_zfill(smem_u32(usm + r * BR + (n - n_blk)), ok ? ute + static_cast<long long>(r) * N + n : ute, ok);
     }
     cp_async_commit();
@@ -560,17 +583,58 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
     }
   }
 
-  // low-rank term: thread (column nn, rank slice rs) sums t[m, r] * ut[r, n] over r = rs (mod slices)
-  const int slices = kThreads / BR;
-  const int nn = tid % BR, rs = tid / BR;
-  const int n = n_blk + nn;
-  float lr[MR];
-#pragma unroll
-  for (int m = 0; m < MR; ++m) lr[m] = 0.f;
   // t may still be in flight when this kernel was launched programmatically after the kernel
   // computing it: wait for it here, after the main loop
   if (R > 0) grid_dep_wait();
-  if (R > 0) {
+  // low-rank term, up to kRChunk ranks with U^T's chunk in shared memory (kUAsync): by mma, each tile's first
+  // warp adding t U^T[:, its 16 columns] to its own partial sums (ys). A = U^T's chunk rows by transposed
+  // ldmatrix, B = t's rows as the n8 columns in hi + lo halves of T (fp32 accuracy). The scalar loop below it
+  // (one thread per column and rank slice, each rank's t from shared memory) cost 10-14% of the grouped decode
+  // kernels' instructions at rank 32 (ncu, H100 2026-12-07, Qwen3-shaped M=32).
+  // Compiled where it leaves the instance's spills as they were (sm_90a, scripts/sass_stats.py): not in the
+  // register-prefetched 4-row instance (0 -> 20-44 bytes; Mixtral-shaped M=8 4% slower, H100 2026-12-07
+  // 07:32) nor at 8 rows with g = 32 (36 -> 88-96). (Written last in the condition: placed first, the same
+  // constant moved the spills of the other instances.)
+  constexpr bool kLrMmaHere = !kPF && !(MR == 8 && G == 32);
+  const bool lr_mma = R > 0 && R <= kRChunk && (flags & kUAsync) && (flags & kLrMma) && kLrMmaHere;
+  // thread (column nn, rank slice rs) of the scalar loop: sums t[m, r] * ut[r, n] over r = rs (mod slices)
+  const int slices = kThreads / BR;
+  const int nn = tid % BR, rs = tid / BR;
+  const int n = n_blk + nn;
+  if (lr_mma) {
+    stage_t_chunk<MR>(p, m0, rows, 0, R, tsm);  // t's split partials, summed once per block
+    cp_async_wait<0>();
+    __syncthreads();  // tsm, U^T's chunk and the warps' ys visible
+    if (wk == 0) {
+      float acc[4] = {0.f, 0.f, 0.f, 0.f};
+      const uint32_t ub = smem_u32(usm) + 2 * (tile * 16 + 8 * ((lane >> 3) & 1));
+      for (int k0 = 0; k0 < R; k0 += 16) {
+        uint32_t a[4];  // matrices (columns 0-7 | 8-15) x (ranks k0 .. k0 + 7 | + 8 .. + 15)
+        ldmatrix_x4_trans(a, ub + 2 * BR * (k0 + (lane & 7) + 8 * ((lane >> 4) & 1)));
+        float2 t0 = make_float2(0.f, 0.f), t1 = t0;  // B: row g of x at ranks k0 + 2c, + 1 and k0 + 8 + 2c, + 1
+        if (g < MR) {
+          t0 = *reinterpret_cast<const float2*>(&tsm[g][k0 + 2 * c]);
+          t1 = *reinterpret_cast<const float2*>(&tsm[g][k0 + 8 + 2 * c]);
+        }
+        const float h00 = to_float(from_float<T>(t0.x)), h01 = to_float(from_float<T>(t0.y));
+        const float h10 = to_float(from_float<T>(t1.x)), h11 = to_float(from_float<T>(t1.y));
+        mma16816<T>(acc, a, pack2<T>(h00, h01), pack2<T>(h10, h11), acc);
+        mma16816<T>(acc, a, pack2<T>(t0.x - h00, t0.y - h01), pack2<T>(t1.x - h10, t1.y - h11), acc);
+      }
+      // acc: columns g and g + 8 of the tile, rows 2c and 2c + 1
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int m = 2 * c + e;
+        if (m < MR) {
+          ys[warp][m][g] += acc[e];
+          ys[warp][m][g + 8] += acc[2 + e];
+        }
+      }
+    }
+  } else if (R > 0) {
+    float lr[MR];
+#pragma unroll
+    for (int m = 0; m < MR; ++m) lr[m] = 0.f;
     // ranks in chunks of kRChunk: the block sums t's split partials of a chunk once into shared
     // memory (one load round trip, all threads), then each thread walks its ranks of the chunk. (Each
     // thread summing the partials itself cost a chain of dependent global loads per rank: 11 us at
@@ -579,15 +643,7 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
     if (flags & kUAsync) cp_async_wait<0>();  // visible to the block after the __syncthreads below
     for (int r0 = 0; r0 < R; r0 += kRChunk) {
       const int rc = min(kRChunk, R - r0);
-      for (int i = tid; i < MR * kRChunk; i += kThreads) {
-        const int m = i / kRChunk, rr = i % kRChunk;
-        float tv = 0.f;
-        if (m < rows && rr < rc) {
-          const float* tp = p.t + static_cast<long long>(m0 + m) * R + r0 + rr;
-          for (int sp = 0; sp < p.t_splits; ++sp) tv += __ldcg(tp + sp * p.t_split_stride);
-        }
-        tsm[m][rr] = tv;
-      }
+      stage_t_chunk<MR>(p, m0, rows, r0, rc, tsm);
       __syncthreads();
       if (n < N) {
         // the first chunk's U from shared memory (copied up front) when there; else 4 ranks' loads
@@ -609,9 +665,9 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
       }
       __syncthreads();
     }
-  }
 #pragma unroll
-  for (int m = 0; m < MR; ++m) red[(rs * MR + m) * BR + nn] = lr[m];
+    for (int m = 0; m < MR; ++m) red[(rs * MR + m) * BR + nn] = lr[m];
+  }
   __syncthreads();
   for (int idx = tid; idx < MR * BR; idx += kThreads) {
     const int m = idx / BR, col = idx % BR, nc = n_blk + col;
@@ -619,7 +675,8 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
       const int t0 = (col / 16) << wk_log2;
       float v = 0.f;
       for (int w2 = 0; w2 < WK; ++w2) v += ys[t0 + w2][m][col % 16];
-      for (int sl = 0; sl < slices; ++sl) v += red[(sl * MR + m) * BR + col];
+      if (R > 0 && !lr_mma)
+        for (int sl = 0; sl < slices; ++sl) v += red[(sl * MR + m) * BR + col];
       if (p.bias != nullptr) v += to_float(reinterpret_cast<const T*>(p.bias)[nc]);
       reinterpret_cast<T*>(p.y)[static_cast<long long>(m0 + m) * N + nc] = from_float<T>(v);
     }
@@ -634,7 +691,7 @@ __global__ void __launch_bounds__(kThreads, MINB) int3_gemv_kernel(const Int3Gem
   extern __shared__ __align__(16) uint8_t gemv_smem[];
   __shared__ float ys[kWarps][MR][16];
   __shared__ float red[kThreads * MR];
-  __shared__ float tsm[MR][kRChunk];
+  __shared__ __align__(16) float tsm[MR][kRChunk];  // float2 reads (the mma low-rank term)
   __shared__ uint4 zrow[kXRowBytes / 16];  // the B operand of lanes whose column is another lane's
   __shared__ const void* xrow[MR];         // the input rows (input_row())
   int tail0;
@@ -664,7 +721,7 @@ void launch_mr(const Int3GemmParams& p, int row_blocks, int wk_log2, const GemvL
               " is past the kernel's 32-bit offsets");
   const bool uasync = p.R > 0 && p.N % 8 == 0 && (p.ut_estride * 2) % 16 == 0 &&
                       reinterpret_cast<uintptr_t>(p.ut) % 16 == 0;
-  const int u_bytes = uasync ? std::min(kRChunk, p.R) * br * 2 : 0;
+  const int u_bytes = uasync ? std::min(kRChunk, (p.R + 15) / 16 * 16) * br * 2 : 0;
   static const int static_smem = [kern] {  // the kernel's static shared memory, as compiled
     cudaFuncAttributes a;
     C10_CUDA_CHECK(cudaFuncGetAttributes(&a, kern));
@@ -678,7 +735,7 @@ void launch_mr(const Int3GemmParams& p, int row_blocks, int wk_log2, const GemvL
   const int smem = xblock ? xblock_bytes : kWarps * warp_x_bytes(MR) + u_bytes;
   if (smem + static_smem > 48 * 1024)  // past 48 KB of static + dynamic a block needs the opt-in
     C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  const int flags = (xblock ? kXBlock : 0) | (uasync ? kUAsync : 0);
+  const int flags = (xblock ? kXBlock : 0) | (uasync ? kUAsync : 0) | (l.lr_mma ? kLrMma : 0);
   launch_programmatic_if(kern, grid, dim3(kThreads), smem, l.programmatic, stream, p, wk_log2, flags);
 }
 
