@@ -84,6 +84,15 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&h);
 }
 
+// the fp32 pair (a, b) as two T pairs, hi = (a, b) rounded to T and lo = the remainders rounded to T: an mma of
+// hi and of lo carries about twice T's precision (the low-rank epilogues' t operand)
+template <typename T>
+__device__ __forceinline__ void split_hi_lo(float a, float b, uint32_t& hi, uint32_t& lo) {
+  const float ha = to_float(from_float<T>(a)), hb = to_float(from_float<T>(b));
+  hi = pack2<T>(ha, hb);
+  lo = pack2<T>(a - ha, b - hb);
+}
+
 // (a & b) | c
 __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
   uint32_t r;
@@ -750,11 +759,8 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MINB) int3_gemm_kernel(cons
             for (int kh = 0; kh < 2; ++kh) {             // cols 2t.., 2t + 8..
               const float2 tv2 = *reinterpret_cast<const float2*>(
                   ts_s + (mt * 16 + g + 8 * half_) * Cfg::TS_LD + (rk - r_base) + 2 * t + 8 * kh);
-              const float v0 = tv2.x, v1 = tv2.y;
-              const T h0 = from_float<T>(v0), h1 = from_float<T>(v1);
               const int reg = half_ + 2 * kh;
-              ahi[mt][reg] = pack2<T>(to_float(h0), to_float(h1));
-              alo[mt][reg] = pack2<T>(v0 - to_float(h0), v1 - to_float(h1));
+              split_hi_lo<T>(tv2.x, tv2.y, ahi[mt][reg], alo[mt][reg]);
             }
           }
         }

@@ -479,11 +479,7 @@ __global__ void __launch_bounds__(WS ? kWsThreads : kWaThreads, WS || BT >= 128 
         }
         uint32_t hi[4], lo[4];
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          hi[e] = pack2<T>(v[2 * e], v[2 * e + 1]);
-          const float h0 = to_float(from_float<T>(v[2 * e])), h1 = to_float(from_float<T>(v[2 * e + 1]));
-          lo[e] = pack2<T>(v[2 * e] - h0, v[2 * e + 1] - h1);
-        }
+        for (int e = 0; e < 4; ++e) split_hi_lo<T>(v[2 * e], v[2 * e + 1], hi[e], lo[e]);
         *reinterpret_cast<uint4*>(thi + swz128(m, unit)) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
         *reinterpret_cast<uint4*>(tlo + swz128(m, unit)) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
       }

@@ -616,10 +616,11 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
           t0 = *reinterpret_cast<const float2*>(&tsm[g][k0 + 2 * c]);
           t1 = *reinterpret_cast<const float2*>(&tsm[g][k0 + 8 + 2 * c]);
         }
-        const float h00 = to_float(from_float<T>(t0.x)), h01 = to_float(from_float<T>(t0.y));
-        const float h10 = to_float(from_float<T>(t1.x)), h11 = to_float(from_float<T>(t1.y));
-        mma16816<T>(acc, a, pack2<T>(h00, h01), pack2<T>(h10, h11), acc);
-        mma16816<T>(acc, a, pack2<T>(t0.x - h00, t0.y - h01), pack2<T>(t1.x - h10, t1.y - h11), acc);
+        uint32_t b0hi, b0lo, b1hi, b1lo;
+        split_hi_lo<T>(t0.x, t0.y, b0hi, b0lo);
+        split_hi_lo<T>(t1.x, t1.y, b1hi, b1lo);
+        mma16816<T>(acc, a, b0hi, b1hi, acc);
+        mma16816<T>(acc, a, b0lo, b1lo, acc);
       }
       // acc: columns g and g + 8 of the tile, rows 2c and 2c + 1
 #pragma unroll
