@@ -528,10 +528,12 @@ __global__ void __launch_bounds__(kTileTRanks * 32, 2)
 }
 
 // k splits of lowrank_t_tile_kernel: enough (at most 8) that the expected busy tiles' rank warps fill the SMs at
-// two 16-warp blocks each, and splits of at most kTileTMaxChunk k; returns (splits, k per split, a multiple of 256)
+// two 16-warp blocks each, and splits of at most kTileTMaxChunk k; returns (splits, k per split, a multiple of 256).
+// MILO_INT3_GROUPED_T_SPLITS=n asks for n splits (tuning).
 std::pair<int, int> tile_t_splits(int sms, int busy_tiles, int R, int K) {
   const long long rank_warps = static_cast<long long>(busy_tiles) * ((R + kTileTRanks - 1) / kTileTRanks) * kTileTRanks;
   int want = static_cast<int>(std::max(1LL, std::min<long long>(8, sms * 2LL * kTileTRanks / std::max(1LL, rank_warps))));
+  if (const int forced = env_int("MILO_INT3_GROUPED_T_SPLITS", 0); forced > 0) want = forced;
   want = std::max(want, (K + kTileTMaxChunk - 1) / kTileTMaxChunk);
   const int k_chunk = ((K + want - 1) / want + 255) / 256 * 256;
   return {(K + k_chunk - 1) / k_chunk, k_chunk};
