@@ -291,6 +291,24 @@ def test_lowrank_term_rounds_only_at_the_output(monkeypatch, path, M, dtype):
     assert err <= 1.15 * floor, f"error {err:.4g} vs {floor:.4g} from rounding the exact product to {dtype}"
 
 
+@pytest.mark.parametrize("t_tile", ["0", "1"])
+@pytest.mark.parametrize("M", [1, 3, 4, 8, 13, 16])
+def test_dense_t_kernels(monkeypatch, t_tile, M):
+    """The dense op's t = x V^T by the grouped op's tile kernel (MILO_INT3_T_TILE=1: rows staged once per
+    4-row tile) and by the rows kernel (0), for the decode kernel (M <= 8) and the 16-row tensor-core tile
+    past it: a partial 16-rank block (R = 40, 100), K = 14336 (the tile kernel's k splits of at most 4096),
+    against the float32 reference, and bit-equal with the t kernel held back 200 us (the matmul kernel,
+    launched programmatically, waits)."""
+    monkeypatch.setenv("MILO_INT3_T_TILE", t_tile)
+    gen = torch.Generator(device="cuda").manual_seed(M + 500)
+    for i, (N, K, R) in enumerate([(4096, 4096, 32), (1408, 2048, 100), (1024, 14336, 40)]):
+        args = make_inputs(M, N, K, R, 64, torch.bfloat16 if (i + M) % 2 else torch.float16, bias=i == 1, gen=gen)
+        y, _ = check(args)
+        monkeypatch.setenv("MILO_INT3_TEST_T_DELAY_NS", "200000")
+        assert torch.equal(y, torch.ops.milo.int3_linear(*args))
+        monkeypatch.delenv("MILO_INT3_TEST_T_DELAY_NS")
+
+
 @pytest.mark.parametrize("cfg", ["-", "7", "8", "9"])
 @pytest.mark.parametrize("pdl", ["0", "1"])
 @pytest.mark.parametrize("M,N,K,R", [(1, 64, 14336, 512), (2, 4096, 4096, 32), (4, 200, 2048, 100),

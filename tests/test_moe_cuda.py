@@ -78,18 +78,22 @@ def reference(x, counts, q, scales, zeros, ut, v, g):
 
 def call_poisoned(x, offsets, q, s, z, ut, v, g, **input_kw):
     rows = input_kw["x_rows"].numel() if input_kw.get("x_rows") is not None else x.shape[0]
-    poison = torch.full((rows * q.shape[1],), float("nan"), device="cuda", dtype=x.dtype)
+    poison = torch.full((rows * q.shape[1],), float("nan"), device="cuda", dtype=x.dtype)  # y's size, gated or not
     del poison  # the op's output allocation gets this block back
     return torch.ops.milo.int3_grouped_linear(x, offsets, q, s, z, ut, v, g, **input_kw)
 
 
 def check(x, counts, offsets, experts, g, tol=TOL, **input_kw):
-    """input_kw (x_rows, activation): the reference multiplies the input rows they describe
-    (ref_ops.grouped_input, plain torch on the GPU) while the op reads x itself."""
+    """input_kw (x_rows, activation, out_activation): the reference multiplies the input rows they
+    describe (ref_ops.grouped_input, plain torch on the GPU) while the op reads x itself, and gates its
+    output rounded to x's dtype (ref_ops.gate) where the op gates its own."""
     out = call_poisoned(x, offsets, *experts, g, **input_kw)
-    if input_kw:
+    dtype = x.dtype
+    if input_kw.get("x_rows") is not None or input_kw.get("activation", "none") != "none":
         x = ref_ops.grouped_input(x, input_kw.get("x_rows"), input_kw.get("activation", "none"))
     ref = reference(x, counts, *experts, g)
+    if input_kw.get("out_activation", "none") != "none":
+        ref = ref_ops.gate(ref.to(dtype), input_kw["out_activation"]).float()
     assert out.shape == ref.shape and out.dtype == x.dtype
     assert torch.isfinite(out).all(), "unwritten (NaN-poisoned) or non-finite outputs"
     covered = sum(counts)
@@ -334,6 +338,60 @@ def test_grouped_tile7_gathered_gated_input(monkeypatch, cfg, activation):
     x_rows = torch.randint(0, tokens, (rows,), device="cuda", generator=gen)
     x_rows[3], x_rows[50] = -1, tokens + 3
     check(x, counts, routing_offsets(counts, rows), experts, 64, x_rows=x_rows, activation=activation)
+
+
+@pytest.mark.parametrize("E,N,K,rows", [(8, 1536, 2048, 1), (8, 1536, 2048, 8), (16, 2816, 1024, 40), (4, 1040, 512, 9),
+                                        (8, 1536, 4096, 3)])
+@pytest.mark.parametrize("wk", ["0", "1", "8"])
+@pytest.mark.parametrize("lookup,lr_mma", [("-1", "1"), ("0", "1"), ("1", "0")])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_grouped_gated_output(monkeypatch, E, N, K, rows, wk, lookup, lr_mma, dtype):
+    """out_activation='silu_mul' (y's [gate | up] halves gated, N / 2 columns), on the decode kernel: from
+    its epilogue where a block's columns (128 / warps per tile) divide N and are at least 32, each block taking
+    matching gate and up columns (N = 1536, 2816 at wk 0-1: the up column of block column j is N / 2
+    further), else y written whole and gated after (wk 8: 16 columns; N = 1040 at any wk); blocks finding
+    their tiles from the offsets or given a list (the rows past the last expert zeroed either way, N / 2
+    wide); the low-rank term by mma and by the scalar loop (ranks past 64 too); tokens gathered by x_rows,
+    one outside them; 1-4 rows per expert (2- and 4-row tiles). Against the float32 reference gated in
+    x's dtype, and against the same op's ungated y gated by torch (the same sums: the rounding of one
+    silu apart)."""
+    monkeypatch.setenv("MILO_INT3_GEMV_WK", wk)
+    monkeypatch.setenv("MILO_INT3_GROUPED_TILE_LOOKUP", lookup)
+    monkeypatch.setenv("MILO_INT3_GEMV_LR_MMA", lr_mma)
+    seed = zlib.crc32(repr((E, N, K, rows, wk, lookup, lr_mma, str(dtype))).encode())
+    rnd = random.Random(seed)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    experts = make_experts(E, N, K, [rnd.choice([0, 16, 32, 100]) for _ in range(E)], 64, dtype, gen)
+    tokens = rows + 2
+    counts = random_counts(rnd, E, rows - 1 if rows > 1 else rows, "uniform")  # a sentinel row past the experts
+    x = (torch.randn(tokens, K, device="cuda", generator=gen) * 2).to(dtype)
+    x_rows = torch.randint(0, tokens, (rows,), device="cuda", generator=gen)
+    x_rows[rnd.randrange(rows)] = tokens + 1
+    offsets = routing_offsets(counts, rows)
+    out, _ = check(x, counts, offsets, experts, 64, x_rows=x_rows, out_activation="silu_mul")
+    assert out.shape == (rows, N // 2)
+    y = torch.ops.milo.int3_grouped_linear(x, offsets, *experts, 64, x_rows=x_rows)
+    torch.testing.assert_close(out, ref_ops.gate(y, "silu_mul"), rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("cfg", ["0", "7", "8"])
+def test_grouped_gated_output_tensor_core(monkeypatch, cfg):
+    """out_activation='silu_mul' past the decode kernel (8 rows per expert; tiles 1-4, 7, 8): y written
+    whole, then gated."""
+    skip_unless_tile_runs(cfg)
+    monkeypatch.setenv("MILO_INT3_GROUPED_CFG", "1" if cfg == "0" else cfg)
+    gen = torch.Generator(device="cuda").manual_seed(47 + int(cfg))
+    rnd = random.Random(47)
+    E, N, K, rows = 8, 1040, 1024, 70
+    experts = make_experts(E, N, K, [16, 0, 32, 16, 8, 32, 0, 4], 64, torch.bfloat16, gen)
+    counts = random_counts(rnd, E, rows - 2, "uniform")
+    x = (torch.randn(rows, K, device="cuda", generator=gen) * 2).to(torch.bfloat16)
+    offsets = routing_offsets(counts, rows)
+    # silu(gate) * up carries the error of both halves (about 1.4 times y's): tiles 7-8's bf16 y sits near TOL
+    out, _ = check(x, counts, offsets, experts, 64, tol=2 * TOL, out_activation="silu_mul")
+    assert out.shape == (rows, N // 2)
+    y = torch.ops.milo.int3_grouped_linear(x, offsets, *experts, 64)
+    torch.testing.assert_close(out, ref_ops.gate(y, "silu_mul"), rtol=1e-2, atol=1e-3)
 
 
 def test_grouped_all_empty():
@@ -611,6 +669,15 @@ def _sanitize_main():
         counts = random_counts(random.Random(n), 16, 9, "uniform")
         _, err = check(x, counts, routing_offsets(counts, 10), experts, 64, x_rows=x_rows, activation=act)
         worst = max(worst, err)
+    for n, (N, lookup) in enumerate([(1536, "1"), (1536, "0"), (1040, "1")]):  # the gated output (N = 1040: gated after)
+        gen = torch.Generator(device="cuda").manual_seed(200 + n)
+        os.environ["MILO_INT3_GROUPED_TILE_LOOKUP"] = lookup
+        experts = make_experts(8, N, 1024, [16, 0, 32, 16, 100, 8, 16, 16], 64, torch.bfloat16, gen)
+        x = torch.randn(6, 1024, device="cuda", generator=gen).to(torch.bfloat16)
+        x_rows = torch.randint(-1, 7, (12,), device="cuda", generator=gen, dtype=torch.int32)
+        counts = random_counts(random.Random(n), 8, 11, "uniform")
+        _, err = check(x, counts, routing_offsets(counts, 12), experts, 64, x_rows=x_rows, out_activation="silu_mul")
+        worst = max(worst, err)
     for tokens, top_k, E in [(1, 2, 8), (513, 8, 128), (2000, 6, 64)]:  # the routing kernels
         gen = torch.Generator(device="cuda").manual_seed(tokens)
         ids = random_expert_ids(gen, tokens, top_k, E, 0.3, torch.int64)
@@ -619,7 +686,7 @@ def _sanitize_main():
         weights = torch.rand(tokens, top_k, device="cuda", generator=gen)
         torch.ops.milo.moe_combine(out, row_of_choice, weights, offsets)
     torch.cuda.synchronize()
-    print(f"grouped sanitize cases OK ({len(cases) + 2} cases, worst relative error {worst:.2e})")
+    print(f"grouped sanitize cases OK ({len(cases) + 5} cases, worst relative error {worst:.2e})")
 
 
 if __name__ == "__main__":

@@ -93,21 +93,25 @@ __device__ __forceinline__ const T* input_row(const Int3GemmParams& p, int m) {
   return reinterpret_cast<const T*>(p.x) + r * p.ldx;
 }
 
-// silu(gate) * up of 8 packed values, each step rounded to T. Kernels take the activation as a
-// template flag (kAct): compiled into every instance, its code in the decode kernel's staging added
-// spills to the 80-register instances' main loop even where it never ran (sm_90 SASS). The quotient is the
+// silu(gate) * up of 8 packed values (silu_mul1: of one, before its last rounding), each step rounded to T.
+// Kernels take the input's activation as a template flag (kAct): compiled into every instance, its code in
+// the decode kernel's staging added spills to the 80-register instances' main loop even where it never ran
+// (sm_90 SASS); the output's (kGateOut) runs once per block, after the main loop. The quotient is the
 // approximate one (two instructions; IEEE division is seven and a rarely taken branch): its error, a few
 // ulp of fp32, is far below the fp16 / bf16 rounding that follows; a gate below -87 (the divisor past 2^126)
 // gives 0 where silu is under 2e-36 in magnitude.
+template <typename T>
+__device__ __forceinline__ float silu_mul1(T gate, T up) {
+  const float gf = to_float(gate);
+  return to_float(from_float<T>(__fdividef(gf, 1.f + __expf(-gf)))) * to_float(up);
+}
+
 template <typename T>
 __device__ __forceinline__ uint4 silu_mul8(uint4 gate, uint4 up) {
   T* g = reinterpret_cast<T*>(&gate);
   const T* u = reinterpret_cast<const T*>(&up);
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const float gf = to_float(g[i]);
-    g[i] = from_float<T>(to_float(from_float<T>(__fdividef(gf, 1.f + __expf(-gf)))) * to_float(u[i]));
-  }
+  for (int i = 0; i < 8; ++i) g[i] = from_float<T>(silu_mul1<T>(g[i], u[i]));
   return gate;
 }
 

@@ -289,6 +289,8 @@ struct Int3GemmParams {
   const int* x_rows = nullptr;
   long long x_rows_n = 0;
   int ldx = 0, act = 0;
+  // decode kernel only: kActSiluMul writes y = silu(gate) * up of the [gate | up] columns, [M, N / 2]
+  int out_act = 0;
 };
 
 template <typename T, int MT_, int NT_, int WN_, int G_, int STAGES_, int MINB_ = 1>

@@ -50,6 +50,7 @@ constexpr int kRChunk = 64;             // ranks of t staged in shared memory at
 constexpr int kXBlock = 1;  // x of the whole K staged once per block up front (else per warp, per slice)
 constexpr int kUAsync = 2;  // the first kRChunk ranks of U^T's block columns copied to shared memory up front
 constexpr int kLrMma = 4;   // the low-rank term by mma where it applies (GemvLaunch::lr_mma)
+constexpr int kGateOut = 8; // the output gated, silu(gate) * up (p.out_act): block columns in gate / up halves
 
 // How the code pair p (codes 2p, 2p + 1 of a 32-code chunk: neighbouring k, so its B register is one
 // word of x) becomes one mma A register (layout: int3_gemm.cuh, format 2): the pair's 3-bit field is
@@ -342,6 +343,15 @@ __device__ __forceinline__ void stage_t_chunk(const Int3GemmParams& p, int m0, i
   }
 }
 
+// The weight row (column of y) of block column j of a block of BR columns: n_blk + j, or with kGateOut
+// (silu(gate) * up written) the block takes BR / 2 gate columns and the matching up columns N / 2 further
+// (BR / 2 a multiple of 16 and N / 2 of BR / 2: the host checks), so its columns j >= BR / 2 are up columns.
+__device__ __forceinline__ int gemv_col(int flags, int N, int BR, int j) {
+  if (!(flags & kGateOut)) return blockIdx.x * BR + j;
+  const int half = BR / 2;
+  return blockIdx.x * half + j + (j >= half ? N / 2 - half : 0);
+}
+
 // MR: rows of x this block multiplies (1, 2, 4 or 8; rows past `rows` are zeros). kAct: the input rows are
 // silu(gate) * up of [gate | up] rows (p.act, the grouped op's down projection).
 template <typename T, int G, int MR, bool kAct, bool kPF>
@@ -357,10 +367,16 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, c = lane & 3;
   const int WK = 1 << wk_log2;
-  const int BR = 16 * (kWarps >> wk_log2);  // output columns of the block
+  const int BR = 16 * (kWarps >> wk_log2);  // weight rows (columns of y) of the block
   const int tile = warp >> wk_log2, wk = warp & (WK - 1);
-  const int n_blk = blockIdx.x * BR;
-  const int n_row[2] = {n_blk + tile * 16 + g, n_blk + tile * 16 + g + 8};
+  // the weight row (column of y) of block column j (gemv_col()), recomputed where used: held through the
+  // main loop, the values behind it spilled. The gated output only in the grouped op's 2- and 4-row
+  // instances that are not register-prefetched (in that one it took the spills from 0 to 20-32 bytes).
+  constexpr bool kGateOutHere = !kPF && (MR == 2 || MR == 4);
+  const int col_flags = kGateOutHere ? flags : 0;
+  const auto col_of = [&](int j) { return gemv_col(col_flags, N, BR, j); };
+  const int n_tile = col_of(tile * 16);
+  const int n_row[2] = {n_tile + g, n_tile + g + 8};
   const int words_per_row = K / 32 * 3, groups_per_row = K / G;
   const int32_t* qe = p.q + e * p.q_estride;
   const T* se = reinterpret_cast<const T*>(p.scales) + e * p.s_estride;
@@ -534,9 +550,9 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
     // rows up to a multiple of 16 ranks, zeros past R (the mma epilogue's last k16 step reads them)
     const int rc = min(kRChunk, (R + 15) / 16 * 16), per_row = BR / 8;
     for (int u = tid; u < rc * per_row; u += kThreads) {
-      const int r = u / per_row, n = n_blk + (u - r * per_row) * 8;
+      const int r = u / per_row, j = (u - r * per_row) * 8, n = col_of(j);
       const bool ok = n < N && r < R;  // N % 8 == 0 (host)
-      cp_async16_zfill(smem_u32(usm + r * BR + (n - n_blk)), ok ? ute + static_cast<long long>(r) * N + n : ute, ok);
+      cp_async16_zfill(smem_u32(usm + r * BR + j), ok ? ute + static_cast<long long>(r) * N + n : ute, ok);
     }
     cp_async_commit();
   }
@@ -600,7 +616,7 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
   // thread (column nn, rank slice rs) of the scalar loop: sums t[m, r] * ut[r, n] over r = rs (mod slices)
   const int slices = kThreads / BR;
   const int nn = tid % BR, rs = tid / BR;
-  const int n = n_blk + nn;
+  const int n = col_of(nn);
   if (lr_mma) {
     stage_t_chunk<MR>(p, m0, rows, 0, R, tsm);  // t's split partials, summed once per block
     cp_async_wait<0>();
@@ -670,16 +686,26 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
     for (int m = 0; m < MR; ++m) red[(rs * MR + m) * BR + nn] = lr[m];
   }
   __syncthreads();
-  for (int idx = tid; idx < MR * BR; idx += kThreads) {
-    const int m = idx / BR, col = idx % BR, nc = n_blk + col;
+  // y[m, column nc of block column col]: the warps' partial sums, the scalar loop's low-rank slices, the bias;
+  // kGateOut: block columns col and col + BR / 2 (gate, up) rounded to T and gated into y's column nc (y is
+  // N / 2 wide), as when y is written whole and the next op gates it
+  const bool gate_out = (col_flags & kGateOut) != 0;
+  const int out_cols = gate_out ? BR / 2 : BR, ldy = gate_out ? N / 2 : N;
+  const auto col_sum = [&](int m, int bc) {
+    const int t0 = (bc / 16) << wk_log2;
+    float v = 0.f;
+    for (int w2 = 0; w2 < WK; ++w2) v += ys[t0 + w2][m][bc % 16];
+    if (R > 0 && !lr_mma)
+      for (int sl = 0; sl < slices; ++sl) v += red[(sl * MR + m) * BR + bc];
+    if (p.bias != nullptr) v += to_float(reinterpret_cast<const T*>(p.bias)[col_of(bc)]);
+    return v;
+  };
+  for (int idx = tid; idx < MR * out_cols; idx += kThreads) {
+    const int m = idx / out_cols, col = idx % out_cols, nc = col_of(col);
     if (m < rows && nc < N) {
-      const int t0 = (col / 16) << wk_log2;
-      float v = 0.f;
-      for (int w2 = 0; w2 < WK; ++w2) v += ys[t0 + w2][m][col % 16];
-      if (R > 0 && !lr_mma)
-        for (int sl = 0; sl < slices; ++sl) v += red[(sl * MR + m) * BR + col];
-      if (p.bias != nullptr) v += to_float(reinterpret_cast<const T*>(p.bias)[nc]);
-      reinterpret_cast<T*>(p.y)[static_cast<long long>(m0 + m) * N + nc] = from_float<T>(v);
+      float v = col_sum(m, col);
+      if (gate_out) v = silu_mul1<T>(from_float<T>(v), from_float<T>(col_sum(m, col + out_cols)));
+      reinterpret_cast<T*>(p.y)[static_cast<long long>(m0 + m) * ldy + nc] = from_float<T>(v);
     }
   }
 }
@@ -698,15 +724,21 @@ __global__ void __launch_bounds__(kThreads, MINB) int3_gemv_kernel(const Int3Gem
   int tail0;
   const int4 tl = block_tile<kThreads>(p, blockIdx.y, MR, &tail0);
   if (blockIdx.y == 0 && tail0 < p.M) {  // the grouped op's rows past the last expert: no tile covers them
-    const int br = 16 * (kWarps >> wk_log2), n0 = blockIdx.x * br, nc = min(br, p.N - n0);
+    const bool gate_out = !kPF && (MR == 2 || MR == 4) && (flags & kGateOut);  // y N / 2 wide, blocks half as many columns
+    const int ny = gate_out ? p.N / 2 : p.N, br = (16 * (kWarps >> wk_log2)) >> (gate_out ? 1 : 0);
+    const int n0 = blockIdx.x * br, nc = min(br, ny - n0);
     T* y = reinterpret_cast<T*>(p.y);
     for (int i = threadIdx.x; i < (p.M - tail0) * nc; i += kThreads)
-      y[static_cast<long long>(tail0 + i / nc) * p.N + n0 + i % nc] = from_float<T>(0.f);
+      y[static_cast<long long>(tail0 + i / nc) * ny + n0 + i % nc] = from_float<T>(0.f);
   }
   const int rows = min(tl.z, tl.y + MR) - tl.y;
   if (tl.x < 0 || rows <= 0) return;
   gemv_block<T, G, MR, kAct, kPF>(p, tl.x, tl.y, rows, wk_log2, flags, gemv_smem, ys, red, tsm, zrow, xrow);
 }
+
+// whether an instance of MR rows (kPF: register-prefetched) at br columns a block writes silu(gate) * up
+// itself (kGateOutHere in gemv_block(); the pairing of gate and up columns in gemv_col())
+bool gates_output(int MR, bool kPF, int br, int N) { return !kPF && (MR == 2 || MR == 4) && br >= 32 && N % br == 0; }
 
 template <typename T, int G, int MR, bool kAct, bool kPF = false>
 void launch_mr(const Int3GemmParams& p, int row_blocks, int wk_log2, const GemvLaunch& l, cudaStream_t stream) {
@@ -736,7 +768,10 @@ void launch_mr(const Int3GemmParams& p, int row_blocks, int wk_log2, const GemvL
   const int smem = xblock ? xblock_bytes : kWarps * warp_x_bytes(MR) + u_bytes;
   if (smem + static_smem > 48 * 1024)  // past 48 KB of static + dynamic a block needs the opt-in
     C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  const int flags = (xblock ? kXBlock : 0) | (uasync ? kUAsync : 0) | (l.lr_mma ? kLrMma : 0);
+  TORCH_CHECK(p.out_act == 0 || gates_output(MR, kPF, br, p.N),
+              "int3 gemv: no gated output in this launch (int3_gemv_gates_output())");
+  const int flags = (xblock ? kXBlock : 0) | (uasync ? kUAsync : 0) | (l.lr_mma ? kLrMma : 0) |
+                    (p.out_act ? kGateOut : 0);
   launch_programmatic_if(kern, grid, dim3(kThreads), smem, l.programmatic, stream, p, wk_log2, flags);
 }
 
@@ -816,6 +851,12 @@ void launch(const Int3GemmParams& p, int row_blocks, int max_rows, const GemvLau
 long long int3_gemv_blocks(const Int3GemmParams& p, int row_blocks, int max_rows, int group, const GemvLaunch& l) {
   const int br = 16 * (kWarps >> launch_wk_log2(p, row_blocks, max_rows, group, l));
   return static_cast<long long>((p.N + br - 1) / br) * row_blocks;
+}
+
+bool int3_gemv_gates_output(const Int3GemmParams& p, int row_blocks, int max_rows, int group, const GemvLaunch& l) {
+  const int mr = max_rows <= 2 ? 2 : (max_rows <= 4 ? 4 : 8);
+  return max_rows > 1 && gates_output(mr, gemv_prefetch(p, max_rows, group),
+                                      16 * (kWarps >> launch_wk_log2(p, row_blocks, max_rows, group, l)), p.N);
 }
 
 void launch_int3_gemv(int dtype, int group, const Int3GemmParams& p, int row_blocks, int max_rows,

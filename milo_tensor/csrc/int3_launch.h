@@ -81,6 +81,9 @@ void launch_int3_gemv(int dtype, int group, const Int3GemmParams& p, int row_blo
                       const GemvLaunch& l, cudaStream_t stream);
 // the blocks that launch would start (the grouped op: whether its blocks look their tiles up themselves)
 long long int3_gemv_blocks(const Int3GemmParams& p, int row_blocks, int max_rows, int group, const GemvLaunch& l);
+// whether that launch can take p.out_act (write silu(gate) * up of y's [gate | up] halves itself): tiles of
+// 2 or 4 rows, not register-prefetched, blocks of 32+ columns dividing N
+bool int3_gemv_gates_output(const Int3GemmParams& p, int row_blocks, int max_rows, int group, const GemvLaunch& l);
 
 // one entry per (dtype, group) translation unit
 void launch_int3_gemm_f16_g32(int mt, const Int3GemmParams& p, int n_tiles, int m_blocks, bool programmatic,

@@ -529,10 +529,16 @@ __global__ void __launch_bounds__(kTileTRanks * 32, 2)
 
 // k splits of lowrank_t_tile_kernel: enough (at most 8) that the expected busy tiles' rank warps fill the SMs at
 // two 16-warp blocks each, and splits of at most kTileTMaxChunk k; returns (splits, k per split, a multiple of 256).
-// MILO_INT3_GROUPED_T_SPLITS=n asks for n splits (tuning).
-std::pair<int, int> tile_t_splits(int sms, int busy_tiles, int R, int K) {
+// The grouped op (one_round): one split where a warp's one batch of V loads covers K (K <= 2048), at every M measured
+// (H100 2026-12-07 08:47 UTC, bench_moe.py under MILO_INT3_GROUPED_T_SPLITS=1 against the rule, us, M = 1 / 8 /
+// 32: Qwen3-shaped 32.0 / 92.2 / 174.4 -> 30.9 / 87.5 / 176.0, DeepSeek-V2-Lite-shaped 63.0 / 147.2 / 250.0 ->
+// 61.7 / 144.7 / 240.4): fewer t blocks beside the decode kernel, one V round trip either way. Longer K keeps the
+// fill rule (Mixtral-shaped, K = 4096 and 14336: 97.5 / 333.5 / 566.0 by the rule, 99.6 / 331.8 / 565.6 at one
+// split). MILO_INT3_GROUPED_T_SPLITS=n asks for n splits (tuning; the dense op's tile t kernel too).
+std::pair<int, int> tile_t_splits(int sms, int busy_tiles, int R, int K, bool one_round) {
   const long long rank_warps = static_cast<long long>(busy_tiles) * ((R + kTileTRanks - 1) / kTileTRanks) * kTileTRanks;
   int want = static_cast<int>(std::max(1LL, std::min<long long>(8, sms * 2LL * kTileTRanks / std::max(1LL, rank_warps))));
+  if (one_round && K <= kTileTBatch * 256) want = 1;
   if (const int forced = env_int("MILO_INT3_GROUPED_T_SPLITS", 0); forced > 0) want = forced;
   want = std::max(want, (K + kTileTMaxChunk - 1) / kTileTMaxChunk);
   const int k_chunk = ((K + want - 1) / want + 255) / 256 * 256;
@@ -703,12 +709,33 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   // M=9 / 16: 44.6 / 52.8 us against tile 1's 39.3 / 40.3).
   constexpr int kRowsTMaxR = 128, kRowsTMaxK = 8192;
   const bool rows_t = R > 0 && (use_gemv || (!tile7 && M <= 16 && R <= kRowsTMaxR && K <= kRowsTMaxK));
+  // ... by the grouped op's tile kernel (lowrank_t_tile_kernel: x's rows staged once per 4-row tile, each V row
+  // read once per tile, not once per row), except where the decode kernel takes the rows kernel in 1024-thread
+  // blocks (t_rows_wide()) below 8 rows. H100 2026-12-07 08:51 UTC, bench_kernel.py --sweep
+  // MILO_INT3_T_TILE_MIN_M=-,1 (the switch's first form) --sweep-ranks 32, rows -> tile kernel, us: 4096x14336 M=1 /
+  // 2 20.5 -> 17.4 / 24.0 -> 20.3; 5632x2048 M=1 / 2 / 16 12.2 -> 11.3 / 13.1 -> 11.6 / 20.0 -> 17.8; 2048x2816
+  // M=1 / 16 7.9 -> 7.4 / 18.1 -> 15.6 (M=4 / 8 10.0 -> 10.4 / 13.0 -> 13.5); 4096x4096 M=8 20.8 -> 15.9 (M=4,
+  // wide, 12.2 -> 14.2); 14336x4096 (wide) M=1-4 equal, M=8 / 16 32.7 -> 33.2 / 40.0 -> 40.4. MILO_INT3_T_TILE=0 / 1
+  // forces the rows / tile kernel.
+  const int row_blocks = (M + kInt3GemvMaxRows - 1) / kInt3GemvMaxRows, max_rows = std::min(M, kInt3GemvMaxRows);
+  const GemvLaunch gl = gemv_launch(R, dinfo);
+  bool t_wide = false;
+  if (use_gemv && rows_t) {
+    Int3GemmParams shape{};  // the decode launch's shape (its blocks per row block)
+    shape.M = M;
+    shape.N = N;
+    shape.K = K;
+    t_wide = t_rows_wide(K, int3_gemv_blocks(shape, row_blocks, max_rows, G, gl), dinfo.sms);
+  }
+  const int t_tile_env = env_int("MILO_INT3_T_TILE", -1);
+  const bool t_tile = rows_t && (t_tile_env >= 0 ? t_tile_env > 0 : !t_wide || M >= 8);
   at::Tensor uta, tt, va;
   int t_splits = 1, t_k_chunk = 0;
   if (R > 0) {
     uta = aligned_contig(ut, 16);
     if (rows_t) {
-      std::tie(t_splits, t_k_chunk) = lowrank_rows_splits(K);
+      std::tie(t_splits, t_k_chunk) =
+          t_tile ? tile_t_splits(dinfo.sms, (M + kTRows - 1) / kTRows, R, K, false) : lowrank_rows_splits(K);
       va = aligned_contig(v, 16);
       tt = at::empty({static_cast<int64_t>(t_splits) * M64 * R}, x.options().dtype(at::kFloat));
     } else {
@@ -733,13 +760,15 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   p.t_split_stride = M64 * R;
   p.ldx = K;
   auto launch_rows_t = [&](bool wide) {
-    launch_lowrank_t_rows(xt, p, va.data_ptr(), (M + kTRows - 1) / kTRows, tt.data_ptr<float>(),
-                          t_splits, t_k_chunk, stream, wide);
+    if (t_tile)
+      launch_lowrank_t_tile(xt, p, va.data_ptr(), (M + kTRows - 1) / kTRows, tt.data_ptr<float>(), t_splits,
+                            t_k_chunk, stream);
+    else
+      launch_lowrank_t_rows(xt, p, va.data_ptr(), (M + kTRows - 1) / kTRows, tt.data_ptr<float>(), t_splits,
+                            t_k_chunk, stream, wide);
   };
   if (use_gemv) {
-    const int row_blocks = (M + kInt3GemvMaxRows - 1) / kInt3GemvMaxRows, max_rows = std::min(M, kInt3GemvMaxRows);
-    const GemvLaunch gl = gemv_launch(R, dinfo);
-    if (rows_t) launch_rows_t(t_rows_wide(K, int3_gemv_blocks(p, row_blocks, max_rows, G, gl), dinfo.sms));
+    if (rows_t) launch_rows_t(t_wide);
     launch_int3_gemv(xt == at::kHalf ? 0 : 1, G, p, row_blocks, max_rows, gl, stream);
     return y.reshape(out_shape);
   }
@@ -1059,8 +1088,8 @@ int parse_activation(c10::string_view activation) {
 at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& qdata,
                                     const at::Tensor& scales, const at::Tensor& zeros, const at::Tensor& ut,
                                     const at::Tensor& v, int64_t group_size, const std::optional<at::Tensor>& x_rows,
-                                    c10::string_view activation) {
-  const int act = parse_activation(activation);
+                                    c10::string_view activation, c10::string_view out_activation) {
+  const int act = parse_activation(activation), out_act = parse_activation(out_activation);
   TORCH_CHECK(qdata.dim() == 3 && qdata.scalar_type() == at::kInt && qdata.size(2) % 3 == 0,
               "int3_grouped_linear: qdata must be int32 [E, N, 3K/32]");
   const int64_t E64 = qdata.size(0), N64 = qdata.size(1), K64 = qdata.size(2) / 3 * 32;
@@ -1086,7 +1115,14 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   TORCH_CHECK(x.is_cuda() && offsets.is_cuda() && qdata.is_cuda() && scales.is_cuda() && zeros.is_cuda() &&
                   ut.is_cuda() && v.is_cuda(),
               "int3_grouped_linear (CUDA): all tensors must be on the GPU");
+  TORCH_CHECK(out_act == kActNone || N64 % 2 == 0, "int3_grouped_linear: out_activation='silu_mul' gates the [gate | up] ",
+              "halves of y, so N must be even; got N = ", N64);
   c10::cuda::CUDAGuard guard(x.device());
+  // y written whole, then gated by out_activation: every path but the decode kernel writing the gated y itself
+  const int64_t ny = out_act == kActNone ? N64 : N64 / 2;
+  const auto gated = [&](const at::Tensor& y) {
+    return out_act == kActNone ? y : grouped_input(y, std::nullopt, out_act, ny);
+  };
   const at::ScalarType xt = x.scalar_type();
   const int G = static_cast<int>(group_size);
   const DevInfo dinfo = dev_info();
@@ -1111,11 +1147,10 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
                                     group_size, std::nullopt));
       prev = end;
     }
-    return y;
+    return gated(y);
   }
-  at::Tensor y = at::empty({rows64, N64}, x.options());
-  if (rows64 == 0 || N64 == 0) return y;
-  if (E64 == 0) return y.zero_();
+  if (rows64 == 0 || N64 == 0) return at::empty({rows64, ny}, x.options());
+  if (E64 == 0) return at::zeros({rows64, ny}, x.options());
 
   const int E = static_cast<int>(E64), N = static_cast<int>(N64), K = static_cast<int>(K64);
   const int rows = static_cast<int>(rows64), R = static_cast<int>(ut.size(1));
@@ -1174,7 +1209,7 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   // split-K of the low-rank pre-step: the tile kernel before the decode kernel (MILO_INT3_GROUPED_T_TILE=0: the
   // dense op's rows kernel), else the tiled kernel
   const bool t_tile = use_gemv && env_int("MILO_INT3_GROUPED_T_TILE", 1) != 0;
-  const auto [t_splits, k_chunk] = t_tile     ? tile_t_splits(dinfo.sms, est, R, K)
+  const auto [t_splits, k_chunk] = t_tile     ? tile_t_splits(dinfo.sms, est, R, K, true)
                                    : use_gemv ? lowrank_rows_splits(K)
                                               : tiled_lowrank_splits(dinfo.sms, est, bm, R, K);
   // the tiled t kernel sums its own splits (into t_sum, counters per tile and rank chunk); the decode kernel
@@ -1222,14 +1257,6 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   const at::Tensor sa = aligned_contig(scales, 8);
   const at::Tensor za = aligned_contig(zeros, 8);
   const at::Tensor off = offsets.contiguous();
-  if (!lookup) {
-    dispatch_dtype(xt, [&](auto dtype) {
-      using TT = typename decltype(dtype)::type;
-      grouped_tiles_kernel<TT><<<1, 256, 0, stream>>>(off.data_ptr(), off.scalar_type() == at::kLong, E, rows, bm,
-                                                      n_slots, tiles, reinterpret_cast<TT*>(y.data_ptr()), N);
-    });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
 
   at::Tensor uta, va;
   if (R > 0) {
@@ -1244,7 +1271,6 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   p.t = R > 0 ? (t_summed ? t_sum : tbuf) : nullptr;
   p.ut = R > 0 ? uta.data_ptr() : nullptr;
   p.bias = nullptr;
-  p.y = y.data_ptr();
   p.ws = splits > 1 ? parts : nullptr;
   p.counters = splits > 1 ? counters : nullptr;
   p.M = rows;
@@ -1270,6 +1296,20 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
     p.x_rows = x_rows.has_value() ? rows_i32.data_ptr<int>() : nullptr;
     p.x_rows_n = x.size(0);
     p.act = act;
+  }
+  // out_activation in the decode kernel's epilogue where each block can take matching gate and up columns
+  // (int3_gemv_gates_output()); elsewhere y is written whole and gated after (one more launch)
+  if (out_act != kActNone && use_gemv && int3_gemv_gates_output(p, n_slots, bm, G, glaunch)) p.out_act = out_act;
+  at::Tensor y = at::empty({rows64, p.out_act != kActNone ? ny : N64}, x.options());
+  p.y = y.data_ptr();
+  if (!lookup) {
+    dispatch_dtype(xt, [&](auto dtype) {
+      using TT = typename decltype(dtype)::type;
+      grouped_tiles_kernel<TT><<<1, 256, 0, stream>>>(off.data_ptr(), off.scalar_type() == at::kLong, E, rows, bm,
+                                                      n_slots, tiles, reinterpret_cast<TT*>(y.data_ptr()),
+                                                      static_cast<int>(y.size(1)));
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
   if (R > 0) {
@@ -1305,7 +1345,7 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   } else {
     launch_int3_gemm(xt == at::kHalf ? 0 : 1, cfg, G, p, n_tiles, n_slots, programmatic_after_t(R, dinfo), stream);
   }
-  return y;
+  return p.out_act != kActNone ? y : gated(y);
 }
 
 }  // namespace milo

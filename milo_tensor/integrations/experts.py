@@ -55,7 +55,7 @@ def _grouped(x: torch.Tensor, offsets: torch.Tensor, w: MiLoInt3Tensor, **input_
 
 def _gate_is_silu_mul(module: torch.nn.Module) -> bool:
     """Whether the module gates with transformers' default silu(gate) * up of a concatenated
-    [gate | up] output, which the down projection's op then applies to its input rows itself. Any
+    [gate | up] output, which the gate_up projection's op then applies to its own output. Any
     other gate (a custom `_apply_gate`, interleaved halves, another activation) runs as the model
     defines it, between the two grouped ops."""
     return (
@@ -80,14 +80,14 @@ def milo_experts_forward(
     # Rows sorted by expert (ids outside [0, E), expert-parallel sentinels, fall past offsets[-1] and
     # come back as zeros), the two grouped matmuls, then the weighted sum per token: two routing
     # launches on CUDA in place of a sort, a histogram, a cumsum, gathers and a scatter. The first op
-    # reads each sorted row's token itself (x_rows), the second applies the default gate to its input.
+    # reads each sorted row's token itself (x_rows) and applies the default gate to its own output.
     token_of_row, row_of_choice, offsets = torch.ops.milo.moe_route(top_k_index, self.num_experts)
-    h = _grouped(hidden_states, offsets, up, x_rows=token_of_row)
     if _gate_is_silu_mul(self):
-        out = _grouped(h, offsets, down, activation="silu_mul")
+        h = _grouped(hidden_states, offsets, up, x_rows=token_of_row, out_activation="silu_mul")
     else:
+        h = _grouped(hidden_states, offsets, up, x_rows=token_of_row)
         h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-        out = _grouped(h, offsets, down)
+    out = _grouped(h, offsets, down)
     if getattr(self, "has_post_expert_norm", False):
         out = self.post_expert_norm(out)
     return torch.ops.milo.moe_combine(out, row_of_choice, top_k_weights, offsets).to(hidden_states.dtype)

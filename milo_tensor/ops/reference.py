@@ -50,13 +50,25 @@ def int3_linear(
 ACTIVATIONS = ("none", "silu_mul")
 
 
+def _check_activation(activation: str, name: str = "activation") -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"int3_grouped_linear: unknown {name} {activation!r}; use one of {ACTIVATIONS}")
+
+
+def gate(x: torch.Tensor, activation: str) -> torch.Tensor:
+    """``silu(gate) * up`` of the ``[gate | up]`` halves of x's rows in x's dtype for ``"silu_mul"``,
+    as transformers' experts apply their default gate; x itself for ``"none"``."""
+    if activation == "silu_mul":
+        gate_half, up = x.chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate_half) * up
+    return x
+
+
 def grouped_input(x: torch.Tensor, x_rows: torch.Tensor | None, activation: str) -> torch.Tensor:
     """The grouped op's input rows: ``x[x_rows]`` when given (an index outside ``[0, x.shape[0])``
-    reads a zero row), then for ``"silu_mul"`` ``silu(gate) * up`` of the ``[gate | up]`` halves in
-    x's dtype, as transformers' experts apply their default gate. Lets the op take the router's
-    token indices and the gate_up output directly, so no gather or activation runs between launches."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"int3_grouped_linear: unknown activation {activation!r}; use one of {ACTIVATIONS}")
+    reads a zero row), then gated by ``activation`` (``gate``). Lets the op take the router's token
+    indices and the gate_up output directly, so no gather or activation runs between launches."""
+    _check_activation(activation)
     if x_rows is not None:
         if x_rows.dim() != 1 or x_rows.is_floating_point() or x_rows.dtype == torch.bool:
             raise ValueError(f"int3_grouped_linear: x_rows must be a 1-D integer tensor, got {x_rows.dtype} {tuple(x_rows.shape)}")
@@ -66,10 +78,7 @@ def grouped_input(x: torch.Tensor, x_rows: torch.Tensor | None, activation: str)
             x = x.new_zeros(idx.numel(), x.shape[1])
         else:
             x = x[idx.clamp(0, x.shape[0] - 1)].masked_fill(outside[:, None], 0)
-    if activation == "silu_mul":
-        gate, up = x.chunk(2, dim=-1)
-        x = torch.nn.functional.silu(gate) * up
-    return x
+    return gate(x, activation)
 
 
 def int3_grouped_linear(
@@ -83,10 +92,17 @@ def int3_grouped_linear(
     group_size: int,
     x_rows: torch.Tensor | None = None,
     activation: str = "none",
+    out_activation: str = "none",
 ) -> torch.Tensor:
     """Rows of the input (``grouped_input``: x, or x gathered by ``x_rows``, gated by ``activation``)
     sorted by expert; rows offsets[e-1]:offsets[e] use expert e. Rows past offsets[-1]
-    (expert-parallel sentinels) are zero in the output."""
+    (expert-parallel sentinels) are zero in the output. ``out_activation="silu_mul"`` gates the
+    output's ``[gate | up]`` halves (N / 2 columns): the gate_up projection hands the down projection
+    its input ready, which the CUDA decode kernel writes from its epilogue."""
+    _check_activation(out_activation, "out_activation")
+    if out_activation == "silu_mul" and qdata.shape[1] % 2:
+        raise ValueError(f"int3_grouped_linear: out_activation='silu_mul' gates [gate | up] halves, so N must be "
+                         f"even; got N = {qdata.shape[1]}")
     x = grouped_input(x, x_rows, activation)
     if x.shape[-1] != v.shape[-1]:
         raise ValueError(
@@ -100,7 +116,7 @@ def int3_grouped_linear(
         start, end = bounds[e], bounds[e + 1]
         if end > start:
             out[start:end] = int3_linear(x[start:end], qdata[e], scales[e], zeros[e], ut[e], v[e], group_size)
-    return out
+    return gate(out, out_activation)
 
 
 def moe_route(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
