@@ -374,12 +374,12 @@ def test_grouped_gated_output(monkeypatch, E, N, K, rows, wk, lookup, lr_mma, dt
     torch.testing.assert_close(out, ref_ops.gate(y, "silu_mul"), rtol=1e-2, atol=1e-3)
 
 
-@pytest.mark.parametrize("cfg", ["0", "7", "8"])
+@pytest.mark.parametrize("cfg", ["1", "7", "8"])
 def test_grouped_gated_output_tensor_core(monkeypatch, cfg):
     """out_activation='silu_mul' past the decode kernel (8 rows per expert; tiles 1-4, 7, 8): y written
     whole, then gated."""
     skip_unless_tile_runs(cfg)
-    monkeypatch.setenv("MILO_INT3_GROUPED_CFG", "1" if cfg == "0" else cfg)
+    monkeypatch.setenv("MILO_INT3_GROUPED_CFG", cfg)
     gen = torch.Generator(device="cuda").manual_seed(47 + int(cfg))
     rnd = random.Random(47)
     E, N, K, rows = 8, 1040, 1024, 70

@@ -156,6 +156,12 @@ __host__ __device__ constexpr int min_blocks(int rows_per_block, int group, bool
   return prefetched(rows_per_block, group, pf) || rows_per_block > 4 || group == 32 ? 2 : 3;
 }
 
+// whether an instance writes the gated output (kGateOut) at all: the grouped op's 2- and 4-row instances that are
+// not register-prefetched (in that one the gated epilogue took the spills from 0 to 20-32 bytes, sm_90a)
+__host__ __device__ constexpr bool gate_out_compiled(int rows_per_block, bool pf) {
+  return !pf && (rows_per_block == 2 || rows_per_block == 4);
+}
+
 // Where pair p's x word sits in a staged 32-k chunk (in words): mma i's two pairs pa(i), pb(i) side by side at
 // 2i, 2i + 1, so its B registers are one aligned register pair as loaded (no moves before the mma). The fixed
 // encoding's mmas take neighbouring pairs: natural order.
@@ -370,10 +376,8 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
   const int BR = 16 * (kWarps >> wk_log2);  // weight rows (columns of y) of the block
   const int tile = warp >> wk_log2, wk = warp & (WK - 1);
   // the weight row (column of y) of block column j (gemv_col()), recomputed where used: held through the
-  // main loop, the values behind it spilled. The gated output only in the grouped op's 2- and 4-row
-  // instances that are not register-prefetched (in that one it took the spills from 0 to 20-32 bytes).
-  constexpr bool kGateOutHere = !kPF && (MR == 2 || MR == 4);
-  const int col_flags = kGateOutHere ? flags : 0;
+  // main loop, the values behind it spilled
+  const int col_flags = gate_out_compiled(MR, kPF) ? flags : 0;
   const auto col_of = [&](int j) { return gemv_col(col_flags, N, BR, j); };
   const int n_tile = col_of(tile * 16);
   const int n_row[2] = {n_tile + g, n_tile + g + 8};
@@ -724,7 +728,7 @@ __global__ void __launch_bounds__(kThreads, MINB) int3_gemv_kernel(const Int3Gem
   int tail0;
   const int4 tl = block_tile<kThreads>(p, blockIdx.y, MR, &tail0);
   if (blockIdx.y == 0 && tail0 < p.M) {  // the grouped op's rows past the last expert: no tile covers them
-    const bool gate_out = !kPF && (MR == 2 || MR == 4) && (flags & kGateOut);  // y N / 2 wide, blocks half as many columns
+    const bool gate_out = gate_out_compiled(MR, kPF) && (flags & kGateOut);  // y N / 2 wide, blocks half as many columns
     const int ny = gate_out ? p.N / 2 : p.N, br = (16 * (kWarps >> wk_log2)) >> (gate_out ? 1 : 0);
     const int n0 = blockIdx.x * br, nc = min(br, ny - n0);
     T* y = reinterpret_cast<T*>(p.y);
@@ -737,8 +741,8 @@ __global__ void __launch_bounds__(kThreads, MINB) int3_gemv_kernel(const Int3Gem
 }
 
 // whether an instance of MR rows (kPF: register-prefetched) at br columns a block writes silu(gate) * up
-// itself (kGateOutHere in gemv_block(); the pairing of gate and up columns in gemv_col())
-bool gates_output(int MR, bool kPF, int br, int N) { return !kPF && (MR == 2 || MR == 4) && br >= 32 && N % br == 0; }
+// itself (the pairing of gate and up columns in gemv_col())
+bool gates_output(int MR, bool kPF, int br, int N) { return gate_out_compiled(MR, kPF) && br >= 32 && N % br == 0; }
 
 template <typename T, int G, int MR, bool kAct, bool kPF = false>
 void launch_mr(const Int3GemmParams& p, int row_blocks, int wk_log2, const GemvLaunch& l, cudaStream_t stream) {
@@ -846,17 +850,22 @@ void launch(const Int3GemmParams& p, int row_blocks, int max_rows, const GemvLau
   return launch_mr<T, G, 8, false>(p, row_blocks, wk_log2, l, stream);  // the dense op at M 5-8
 }
 
+// the columns of each block of that launch
+int launch_columns(const Int3GemmParams& p, int row_blocks, int max_rows, int group, const GemvLaunch& l) {
+  return 16 * (kWarps >> launch_wk_log2(p, row_blocks, max_rows, group, l));
+}
+
 }  // namespace
 
 long long int3_gemv_blocks(const Int3GemmParams& p, int row_blocks, int max_rows, int group, const GemvLaunch& l) {
-  const int br = 16 * (kWarps >> launch_wk_log2(p, row_blocks, max_rows, group, l));
+  const int br = launch_columns(p, row_blocks, max_rows, group, l);
   return static_cast<long long>((p.N + br - 1) / br) * row_blocks;
 }
 
 bool int3_gemv_gates_output(const Int3GemmParams& p, int row_blocks, int max_rows, int group, const GemvLaunch& l) {
   const int mr = max_rows <= 2 ? 2 : (max_rows <= 4 ? 4 : 8);
-  return max_rows > 1 && gates_output(mr, gemv_prefetch(p, max_rows, group),
-                                      16 * (kWarps >> launch_wk_log2(p, row_blocks, max_rows, group, l)), p.N);
+  return max_rows > 1 &&
+         gates_output(mr, gemv_prefetch(p, max_rows, group), launch_columns(p, row_blocks, max_rows, group, l), p.N);
 }
 
 void launch_int3_gemv(int dtype, int group, const Int3GemmParams& p, int row_blocks, int max_rows,

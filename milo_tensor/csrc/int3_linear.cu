@@ -729,13 +729,14 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   }
   const int t_tile_env = env_int("MILO_INT3_T_TILE", -1);
   const bool t_tile = rows_t && (t_tile_env >= 0 ? t_tile_env > 0 : !t_wide || M >= 8);
+  const int t_row_groups = (M + kTRows - 1) / kTRows;  // both t kernels take the rows kTRows at a time
   at::Tensor uta, tt, va;
   int t_splits = 1, t_k_chunk = 0;
   if (R > 0) {
     uta = aligned_contig(ut, 16);
     if (rows_t) {
       std::tie(t_splits, t_k_chunk) =
-          t_tile ? tile_t_splits(dinfo.sms, (M + kTRows - 1) / kTRows, R, K, false) : lowrank_rows_splits(K);
+          t_tile ? tile_t_splits(dinfo.sms, t_row_groups, R, K, false) : lowrank_rows_splits(K);
       va = aligned_contig(v, 16);
       tt = at::empty({static_cast<int64_t>(t_splits) * M64 * R}, x.options().dtype(at::kFloat));
     } else {
@@ -761,11 +762,10 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   p.ldx = K;
   auto launch_rows_t = [&](bool wide) {
     if (t_tile)
-      launch_lowrank_t_tile(xt, p, va.data_ptr(), (M + kTRows - 1) / kTRows, tt.data_ptr<float>(), t_splits,
-                            t_k_chunk, stream);
+      launch_lowrank_t_tile(xt, p, va.data_ptr(), t_row_groups, tt.data_ptr<float>(), t_splits, t_k_chunk, stream);
     else
-      launch_lowrank_t_rows(xt, p, va.data_ptr(), (M + kTRows - 1) / kTRows, tt.data_ptr<float>(), t_splits,
-                            t_k_chunk, stream, wide);
+      launch_lowrank_t_rows(xt, p, va.data_ptr(), t_row_groups, tt.data_ptr<float>(), t_splits, t_k_chunk, stream,
+                            wide);
   };
   if (use_gemv) {
     if (rows_t) launch_rows_t(t_wide);
