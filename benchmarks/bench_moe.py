@@ -19,6 +19,13 @@ Methods (the same transformers experts module, MixtralExperts, with gate_up [E, 
                  is a lower bound for a per-expert loop: no host sync is timed)
   bf16-grouped   transformers' grouped_mm experts (torch._grouped_mm), bf16
   bf16-eager     transformers' eager per-expert loop, bf16 (host syncs: eager timing only)
+  milo-fused     layers with shared experts: the shared MLP as separate gate / up / down MiLo Linear layers (as
+                 transformers builds it, rank --rank each), fused into the experts' launches by
+                 milo_tensor.fuse_shared_experts (two more experts at dsv2lite; the MLP itself past its
+                 token bound); milo-grouped's shared MLP is one [gate | up] weight and a down weight instead
+  milo-padded    milo-grouped with every expert's rank taken as the stack's largest (the op not given
+                 the ranks, so the kernels multiply the zero padding too): with --ragged, what skipping
+                 each expert's padding saves (not in the default --methods)
   floor          bytes of the active experts at 3 bits (+ scales, zeros, U, V) / copy bandwidth
 Times: microseconds per layer call, median, CUDA graph (eager for bf16-eager).
 """
@@ -45,6 +52,8 @@ LAYERS = {
 }
 MS = [1, 8, 32, 128, 512]
 RANK = 32  # --rank's default: the compensator rank per expert
+# --ragged: expert e's rank (MiLo's adaptive policies give routed experts unequal ranks, most of them small)
+RAGGED = (0, 8, 16, 32, 64)
 
 
 def make_module(spec, dtype, device):
@@ -67,7 +76,7 @@ def set_impl(mod, name):
     mod.config._experts_implementation = name
 
 
-def milo_module(spec, dtype, device, gen, rank):
+def milo_module(spec, dtype, device, gen, rank, ranks=None):
     import milo_tensor  # noqa: F401  (registers the "milo" experts implementation)
 
     from transformers import MixtralConfig
@@ -78,8 +87,10 @@ def milo_module(spec, dtype, device, gen, rank):
     with torch.device("meta"):
         mod = MixtralExperts(cfg)
     E, H, I = spec["E"], spec["H"], spec["I"]
-    mod.gate_up_proj = torch.nn.Parameter(random_milo((E, 2 * I, H), rank, dtype, device, gen=gen), requires_grad=False)
-    mod.down_proj = torch.nn.Parameter(random_milo((E, H, I), rank, dtype, device, gen=gen), requires_grad=False)
+    mod.gate_up_proj = torch.nn.Parameter(random_milo((E, 2 * I, H), rank, dtype, device, gen=gen, ranks=ranks),
+                                          requires_grad=False)
+    mod.down_proj = torch.nn.Parameter(random_milo((E, H, I), rank, dtype, device, gen=gen, ranks=ranks),
+                                       requires_grad=False)
     mod.config = cfg
     set_impl(mod, "milo")
     return mod
@@ -113,6 +124,42 @@ def shared_mlp_milo(spec, dtype, device, gen, rank):
         return op(F.silu(g) * u, b.qdata, b.scales, b.zeros, b.ut, b.v, 64)
 
     return f
+
+
+class SharedMLP(torch.nn.Module):
+    """A transformers-style shared-expert MLP (gate_proj, up_proj, down_proj, SiLU) with MiLo weights."""
+
+    def __init__(self, H, Is, rank, dtype, device, gen):
+        super().__init__()
+        self.gate_proj = torch.nn.Linear(H, Is, bias=False, device="meta")
+        self.up_proj = torch.nn.Linear(H, Is, bias=False, device="meta")
+        self.down_proj = torch.nn.Linear(Is, H, bias=False, device="meta")
+        for lin in (self.gate_proj, self.up_proj, self.down_proj):
+            shape = (lin.out_features, lin.in_features)
+            lin.weight = torch.nn.Parameter(random_milo(shape, rank, dtype, device, gen=gen), requires_grad=False)
+        self.act_fn = torch.nn.SiLU()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoEBlock(torch.nn.Module):
+    """The two parts of a MoE layer fuse_shared_experts looks for."""
+
+    def __init__(self, experts, shared_experts):
+        super().__init__()
+        self.experts = experts
+        self.shared_experts = shared_experts
+
+
+def fused_block(spec, dtype, device, gen, rank, ranks=None):
+    """(experts, shared MLP) of a layer whose shared MLP rides in the experts' launches."""
+    from milo_tensor import fuse_shared_experts
+
+    block = MoEBlock(milo_module(spec, dtype, device, gen, rank, ranks),
+                     SharedMLP(spec["H"], spec["shared"] * spec["I"], rank, dtype, device, gen))
+    fuse_shared_experts(block)
+    return block.experts, block.shared_experts
 
 
 def routings(M, spec, n, device, gen, dtype=torch.bfloat16):
@@ -160,13 +207,28 @@ def milo_loop_calls(mod, shared, xs, routes, spec):
     return calls
 
 
-def active_bytes(routes, spec, R):
-    """Mean bytes of the active experts (3-bit codes + scales/zeros + U, V) per call."""
+def active_bytes(routes, spec, R, ranks=None):
+    """Mean bytes of the active experts (3-bit codes + scales/zeros + U, V, each expert's own rank) per call."""
     H, I = spec["H"], spec["I"]
-    per_expert = milo_bytes(2 * I, H, R) + milo_bytes(H, I, R)
+    rank_of = ranks or [R] * spec["E"]
+    per_call = [sum(milo_bytes(2 * I, H, rank_of[e]) + milo_bytes(H, I, rank_of[e]) for e in torch.unique(idx).tolist())
+                for idx, _ in routes]
     n_act = sum(int(torch.unique(idx).numel()) for idx, _ in routes) / len(routes)
     shared = milo_bytes(2 * spec["shared"] * I, H, R) + milo_bytes(H, spec["shared"] * I, R) if spec["shared"] else 0
-    return n_act * per_expert + shared, n_act
+    return sum(per_call) / len(per_call) + shared, n_act
+
+
+def padded(mod):
+    """A view of a milo experts module whose stacks claim the largest rank for every expert: the grouped op
+    then gets no ranks and multiplies each expert's zero padding too (same tensors, same result)."""
+    import copy
+
+    out = copy.copy(mod)
+    for name in ("gate_up_proj", "down_proj"):
+        w = getattr(mod, name)
+        out._parameters = dict(out._parameters)
+        out._parameters[name] = torch.nn.Parameter(w._with(ranks=(w.ut.shape[1],) * w.shape[0]), requires_grad=False)
+    return out
 
 
 def fmt(v):
@@ -201,6 +263,8 @@ def main():
     ap.add_argument("--out", default="")
     ap.add_argument("--rank", type=int, default=RANK,
                     help="milo's compensator rank per expert (0: the 3-bit weights alone, to price the low-rank term)")
+    ap.add_argument("--ragged", action="store_true",
+                    help=f"expert e's rank RAGGED[e % {len(RAGGED)}] = {RAGGED} instead of --rank (shared experts keep --rank)")
     ap.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16",
                     help="activations and reference weights (the bf16-* methods then run this dtype too)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (any device)")
@@ -227,19 +291,26 @@ def main():
         spec = LAYERS[lname]
         print(f"\n== {lname} {spec} ==", flush=True)
         mods = {}
+        ranks = [RAGGED[e % len(RAGGED)] for e in range(spec["E"])] if args.ragged else None
         if any(m.startswith("milo") for m in methods):
-            mods["milo"] = [(milo_module(spec, dtype, device, gen, args.rank),
+            mods["milo"] = [(milo_module(spec, dtype, device, gen, args.rank, ranks),
                              shared_mlp_milo(spec, dtype, device, gen, args.rank)) for _ in range(args.copies)]
+        if "milo-fused" in methods and spec["shared"]:
+            mods["milo-fused"] = [fused_block(spec, dtype, device, gen, args.rank, ranks) for _ in range(args.copies)]
+        if "milo-padded" in methods:
+            mods["milo-padded"] = [(padded(mod), sh) for mod, sh in mods["milo"]]
         if any(m.startswith("bf16") for m in methods):
             mods["bf16"] = [(make_module(spec, dtype, device), shared_mlp_bf16(spec, dtype, device))
                             for _ in range(args.copies)]
         for M in [int(m) for m in args.ms.split(",")]:
             routes = routings(M, spec, args.routes, device, gen, dtype)
             xs = [torch.randn(M, spec["H"], device=device, generator=gen).to(dtype) for _ in routes]
-            nbytes, n_act = active_bytes(routes, spec, args.rank)
+            nbytes, n_act = active_bytes(routes, spec, args.rank, ranks)
             row = {"layer": lname, "M": M, "active": n_act, "floor": nbytes / bw * 1e6}
             for meth in methods:
-                fam = "milo" if meth.startswith("milo") else "bf16"
+                fam = meth if meth in ("milo-padded", "milo-fused") else "milo" if meth.startswith("milo") else "bf16"
+                if fam not in mods:  # milo-fused: layers without shared experts
+                    continue
                 try:
                     if meth == "milo-loop":
                         calls = []
@@ -247,7 +318,8 @@ def main():
                             sel = list(range(i, len(routes), len(mods["milo"])))
                             calls += milo_loop_calls(mod, sh, [xs[j] for j in sel], [routes[j] for j in sel], spec)
                     else:
-                        impl = {"milo-grouped": "milo", "bf16-grouped": "grouped_mm", "bf16-eager": "eager"}[meth]
+                        impl = {"milo-grouped": "milo", "milo-padded": "milo", "milo-fused": "milo", "bf16-grouped": "grouped_mm",
+                                "bf16-eager": "eager"}[meth]
                         calls = []
                         for i, (x, (idx, w)) in enumerate(zip(xs, routes)):
                             mod, sh = mods[fam][i % len(mods[fam])]
@@ -276,17 +348,22 @@ def main():
         if device == "cuda":
             torch.cuda.empty_cache()
 
-    cols = ["layer", "M", "active experts", "floor"] + methods + ["grouped x bf16-grouped", "grouped % of floor"]
+    fused = "milo-fused" in methods
+    cols = (["layer", "M", "active experts", "floor"] + methods + ["grouped x bf16-grouped", "grouped % of floor"]
+            + (["fused x bf16-grouped"] if fused else []))
     lines = ["# MoE layer benchmark\n", header + "\n",
              "Microseconds per layer call (routed experts + shared), median; CUDA graph "
-             f"except bf16-eager. milo rank {args.rank} per expert. floor = active-expert bytes at 3 bits / copy bandwidth.\n",
+             f"except bf16-eager. milo rank {f'RAGGED[e % {len(RAGGED)}] = {RAGGED}' if args.ragged else args.rank} "
+             f"per expert. floor = active-expert bytes at 3 bits / copy bandwidth.\n",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         g, b = r.get("milo-grouped"), r.get("bf16-grouped")
         speed = f"{b / g:.2f}" if isinstance(g, float) and isinstance(b, float) else "n/a"
         pct = f"{100 * r['floor'] / g:.0f}%" if isinstance(g, float) else "n/a"
         vals = [r["layer"], str(r["M"]), f"{r['active']:.1f}", fmt(r["floor"])] + [fmt(r.get(m, "n/a")) for m in methods]
-        lines.append("| " + " | ".join(vals + [speed, pct]) + " |")
+        f = r.get("milo-fused")
+        extra = ([f"{b / f:.2f}" if isinstance(f, float) and isinstance(b, float) else "n/a"] if fused else [])
+        lines.append("| " + " | ".join(vals + [speed, pct] + extra) + " |")
     report = "\n".join(lines) + "\n"
     print("\n" + report)
     if args.out:

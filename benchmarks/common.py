@@ -90,11 +90,11 @@ def copy_bandwidth():
     return 2 * n / statistics.median(ts)
 
 
-def random_milo(shape, rank, dtype, device, group_size=64, gen=None):
+def random_milo(shape, rank, dtype, device, group_size=64, gen=None, ranks=None):
     """A MiLoInt3Tensor of the given logical shape ([N, K] or [E, N, K]) with random packed codes
     (any int32 bit pattern is a valid word), scales ~1e-2, zeros in [0, 7] and a random rank-`rank`
-    compensator: the kernels' speed does not depend on how the codes were chosen, so benchmarks
-    skip the MiLo solver."""
+    compensator (or per-expert `ranks`, zero-padded to the largest): the kernels' speed does not
+    depend on how the codes were chosen, so benchmarks skip the MiLo solver."""
     from milo_tensor.tensor import MiLoInt3Tensor
 
     *lead, N, K = shape
@@ -102,9 +102,14 @@ def random_milo(shape, rank, dtype, device, group_size=64, gen=None):
                           generator=gen)
     scales = (torch.rand(*lead, N, K // group_size, device=device, generator=gen) * 0.01 + 0.005).to(dtype)
     zeros = (torch.rand(*lead, N, K // group_size, device=device, generator=gen) * 7).to(dtype)
+    ranks = list(ranks) if ranks is not None else [rank] * (lead[0] if lead else 1)
+    rank = max(ranks)
     ut = (torch.randn(*lead, rank, N, device=device, generator=gen) * 0.02).to(dtype)
     v = (torch.randn(*lead, rank, K, device=device, generator=gen) * 0.02).to(dtype)
-    ranks = [rank] * (lead[0] if lead else 1)
+    if lead:
+        for e, r in enumerate(ranks):  # an expert's rows past its rank are zero padding
+            ut[e, r:] = 0
+            v[e, r:] = 0
     return MiLoInt3Tensor(qdata, scales, zeros, ut, v, tuple(shape), group_size, ranks)
 
 

@@ -168,6 +168,15 @@ class MiLoInt3Tensor(TorchAOBaseTensor):
     def is_experts(self) -> bool:
         return self.qdata.ndim == 3
 
+    def ranks_tensor(self) -> torch.Tensor:
+        """``ranks`` as an int32 tensor on the weight's device, made once per (ranks, device): the grouped
+        op takes it to skip each expert's rank padding, and FSDP2 all-gathers it with an expert shard."""
+        cached = self.__dict__.get("_milo_ranks_tensor")
+        if cached is None or cached[0] != self.ranks or cached[1].device != self.qdata.device:
+            cached = (self.ranks, torch.tensor(self.ranks, dtype=torch.int32, device=self.qdata.device))
+            self.__dict__["_milo_ranks_tensor"] = cached
+        return cached[1]
+
     def compensator(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(Uᵀ, V) in the tensor's dtype, decoded from codes if the compensator is quantized."""
         if self.comp_bits is None:

@@ -69,6 +69,54 @@ def test_expert_parallel_sentinels_are_dropped(gen):
     torch.testing.assert_close(milo_experts_forward(quantized, hidden, index, weights), expected, rtol=1e-9, atol=1e-10)
 
 
+def _junk_padding(w: MiLoInt3Tensor, gen) -> MiLoInt3Tensor:
+    """w with each expert's rows past its rank (zero padding) made random: a path that reads them differs."""
+    ut, v = w.ut.clone(), w.v.clone()
+    for e, r in enumerate(w.ranks):
+        ut[e, r:] = torch.randn(ut[e, r:].shape, generator=gen, dtype=ut.dtype)
+        v[e, r:] = torch.randn(v[e, r:].shape, generator=gen, dtype=v.dtype)
+    return w._with(ut=ut, v=v)
+
+
+def test_reference_grouped_op_takes_each_experts_rank(gen):
+    w, _ = random_parts(gen, 64, 128, (3, 0, 8, 5), experts=4, dtype=torch.float64)
+    junk = _junk_padding(w, gen)
+    x = torch.randn(7, 128, generator=gen, dtype=torch.float64)
+    offsets = torch.tensor([2, 2, 5, 7])
+    op = torch.ops.milo.int3_grouped_linear
+    clean = op(x, offsets, w.qdata, w.scales, w.zeros, w.ut, w.v, 64)
+    ranks = torch.tensor(w.ranks, dtype=torch.int32)
+    torch.testing.assert_close(op(x, offsets, junk.qdata, junk.scales, junk.zeros, junk.ut, junk.v, 64, ranks=ranks),
+                               clean, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(op(x, offsets, junk.qdata, junk.scales, junk.zeros, junk.ut, junk.v, 64), clean)
+    with pytest.raises(ValueError, match="ranks must be a 1-D integer tensor of the 4 experts"):
+        op(x, offsets, w.qdata, w.scales, w.zeros, w.ut, w.v, 64, ranks=torch.tensor([3, 0]))
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_grouped_path_gives_the_op_each_experts_rank(gen, compiled):
+    """A stack with ragged ranks hands them to the grouped op (eager: one cached device tensor; compiled:
+    a constant of the graph), so a kernel may skip each expert's padding: made random here, it must not
+    show. A stack whose experts all have R passes none."""
+    from milo_tensor.integrations.experts import _ranks_arg
+
+    reference, quantized = _experts_pair(gen)
+    assert _ranks_arg(quantized.gate_up_proj).tolist() == [4, 0, 8, 2]
+    assert _ranks_arg(quantized.gate_up_proj) is _ranks_arg(quantized.gate_up_proj)
+    uniform, _ = random_parts(gen, 64, 128, (4, 4, 4, 4), experts=4)
+    assert _ranks_arg(uniform) is None
+    for name in ("gate_up_proj", "down_proj"):
+        setattr(quantized, name, torch.nn.Parameter(_junk_padding(getattr(quantized, name), gen), requires_grad=False))
+    hidden = torch.randn(6, reference.hidden_dim, generator=gen, dtype=torch.float64)
+    index = ROUTINGS["random"](6, reference.num_experts, 2, gen)
+    weights = torch.rand(6, 2, generator=gen, dtype=torch.float64)
+    forward = milo_experts_forward
+    if compiled:
+        forward = torch.compile(lambda m, h, i, w: milo_experts_forward(m, h, i, w), fullgraph=True)
+    expected = _eager(reference, hidden, index, weights)
+    torch.testing.assert_close(forward(quantized, hidden, index, weights), expected, rtol=1e-9, atol=1e-10)
+
+
 def test_grouped_op_compiles_fullgraph(gen):
     _, quantized = _experts_pair(gen)
     hidden = torch.randn(6, quantized.hidden_dim, generator=gen, dtype=torch.float64)

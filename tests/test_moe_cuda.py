@@ -394,6 +394,79 @@ def test_grouped_gated_output_tensor_core(monkeypatch, cfg):
     torch.testing.assert_close(out, ref_ops.gate(y, "silu_mul"), rtol=1e-2, atol=1e-3)
 
 
+def junk_padding(ut, v, ranks, gen):
+    """ut, v with each expert's rows past its rank (zero padding in a MiLoInt3Tensor) made random: a kernel
+    that reads them where the op was given the ranks gets a different result."""
+    ut, v = ut.clone(), v.clone()
+    for e, r in enumerate(ranks):
+        ut[e, r:] = (torch.randn(ut[e, r:].shape, device="cuda", generator=gen) * 0.05).to(ut.dtype)
+        v[e, r:] = (torch.randn(v[e, r:].shape, device="cuda", generator=gen) * 0.05).to(v.dtype)
+    return ut, v
+
+
+@pytest.mark.parametrize("E,N,K,rows", [(8, 1536, 2048, 1), (8, 1536, 2048, 8), (16, 2816, 1024, 40), (64, 768, 2048, 30),
+                                       (8, 1536, 4096, 24)])
+@pytest.mark.parametrize("lookup,lr_mma,t_tile", [("-1", "1", "1"), ("0", "1", "1"), ("1", "0", "1"), ("-1", "1", "0")])
+@pytest.mark.parametrize("out_activation", ["none", "silu_mul"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_grouped_decode_skips_rank_padding(monkeypatch, E, N, K, rows, lookup, lr_mma, t_tile, out_activation, dtype):
+    """ranks=: on the decode path each expert's low-rank term runs over its own ranks: both t kernels (tile,
+    MILO_INT3_GROUPED_T_TILE=0: rows) write zeros past them without reading V, and the decode kernel's epilogue
+    stops there (mma and scalar loop), except its register-prefetched 4-row instance (K = 4096 at 3 rows per
+    expert), which multiplies those zero t by U's padding. Ranks 0 to 100 (the mma term to 64, the scalar loop
+    past it), the padding rows of ut and v made random: against the float32 reference of the clean experts,
+    while the same call without ranks reads the padding and misses it."""
+    monkeypatch.setenv("MILO_INT3_GROUPED_TILE_LOOKUP", lookup)
+    monkeypatch.setenv("MILO_INT3_GEMV_LR_MMA", lr_mma)
+    monkeypatch.setenv("MILO_INT3_GROUPED_T_TILE", t_tile)
+    seed = zlib.crc32(repr((E, N, K, rows, lookup, lr_mma, t_tile, out_activation, str(dtype))).encode())
+    rnd = random.Random(seed)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    ranks = [33] + [rnd.choice([0, 5, 16, 33, 64, 100]) for _ in range(E - 2)] + [100]
+    q, s, z, ut, v = make_experts(E, N, K, ranks, 64, dtype, gen)
+    ut_j, v_j = junk_padding(ut, v, ranks, gen)
+    counts = random_counts(rnd, E, rows, "uniform")
+    if counts[0] == 0:  # expert 0 (rank 33 of 100) takes a row, so the padding is in the result
+        counts[counts.index(max(counts))] -= 1
+        counts[0] = 1
+    x = (torch.randn(rows, K, device="cuda", generator=gen) * 2).to(dtype)
+    offsets = routing_offsets(counts, rows)
+    rk = torch.tensor(ranks, dtype=torch.int32, device="cuda")
+    out = call_poisoned(x, offsets, q, s, z, ut_j, v_j, 64, ranks=rk, out_activation=out_activation)
+    ref = reference(x, counts, q, s, z, ut, v, 64)
+    if out_activation != "none":
+        ref = ref_ops.gate(ref.to(dtype), out_activation).float()
+    assert torch.isfinite(out).all()
+    err = ((out.float() - ref).norm() / ref.norm()).item()
+    assert err < (2 if out_activation != "none" else 1) * TOL, f"relative error {err:.3e}"
+    read = torch.ops.milo.int3_grouped_linear(x, offsets, q, s, z, ut_j, v_j, 64, out_activation=out_activation)
+    assert ((read.float() - ref).norm() / ref.norm()).item() > 10 * TOL  # the padding would show
+
+
+def test_grouped_ranks_elsewhere():
+    """Past the decode kernel (tensor-core tiles) the padding, zero, is multiplied as before: the same result
+    with ranks as without; the float32 fallback (one int3_linear per expert) takes each expert's own ranks, so
+    its padding may be anything."""
+    gen = torch.Generator(device="cuda").manual_seed(48)
+    E, N, K, rows, ranks = 8, 1040, 1024, 70, [16, 0, 32, 16, 8, 32, 0, 4]
+    experts = make_experts(E, N, K, ranks, 64, torch.bfloat16, gen)
+    counts = random_counts(random.Random(48), E, rows, "uniform")
+    x = (torch.randn(rows, K, device="cuda", generator=gen) * 2).to(torch.bfloat16)
+    offsets = routing_offsets(counts, rows)
+    rk = torch.tensor(ranks, dtype=torch.int32, device="cuda")
+    out, _ = check(x, counts, offsets, experts, 64, ranks=rk)
+    assert torch.equal(out, torch.ops.milo.int3_grouped_linear(x, offsets, *experts, 64))
+
+    q, s, z, ut, v = make_experts(4, 256, 192, [8, 0, 4, 8], 64, torch.float32, gen)
+    ut_j, v_j = junk_padding(ut, v, [8, 0, 4, 8], gen)
+    counts = [2, 3, 0, 1]
+    x = torch.randn(7, 192, device="cuda", generator=gen)
+    out = torch.ops.milo.int3_grouped_linear(x, routing_offsets(counts, 7), q, s, z, ut_j, v_j, 64,
+                                             ranks=torch.tensor([8, 0, 4, 8], device="cuda"))
+    ref = reference(x, counts, q, s, z, ut, v, 64)
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-4
+
+
 def test_grouped_all_empty():
     gen = torch.Generator(device="cuda").manual_seed(3)
     experts = make_experts(4, 256, 256, [8] * 4, 64, torch.float16, gen)
@@ -468,16 +541,26 @@ def test_grouped_cuda_graph_and_compile():
 # ------------------------------------------------------------------------------------------------
 
 
-def _tiny_quantized(family="mixtral"):
+def _ragged_ranks(info):
+    """Routed experts of ranks 0-12 (the grouped op then takes each expert's rank), the rest 16."""
+    return 16 if info.kind == "dense" else (0, 4, 8, 12)[info.expert % 4]
+
+
+def _tiny_quantized(family="mixtral", ranks="uniform", **overrides):
     from models import tiny_moe
 
     from milo_tensor import DenseSparseRank, milo_int3, quantize_
+    from milo_tensor.integrations.experts import _ranks_arg
 
     # hidden / intermediate multiples of 128 so every expert GEMM takes the fused kernel
-    model = tiny_moe(family, hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
+    model = tiny_moe(family, **({"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4,
+                                 "num_key_value_heads": 2} | overrides))
     model = model.to(device="cuda", dtype=torch.bfloat16)
-    quantize_(model, milo_int3(DenseSparseRank(dense_rank=16, sparse_rank=8), iters=2), progress=False)
+    rank_fn = _ragged_ranks if ranks == "ragged" else DenseSparseRank(dense_rank=16, sparse_rank=8)
+    quantize_(model, milo_int3(rank_fn, iters=2), progress=False)
     assert model.config._experts_implementation == "milo"
+    experts = next(layer.mlp.experts for layer in model.model.layers if hasattr(layer.mlp, "experts"))
+    assert (_ranks_arg(experts.gate_up_proj) is None) == (ranks == "uniform")
     return model
 
 
@@ -505,16 +588,17 @@ def test_model_grouped_equals_expert_loop():
     assert ((grouped - loop).norm() / loop.norm()).item() < 5e-2
 
 
+@pytest.mark.parametrize("ranks", ["uniform", "ragged"])
 @pytest.mark.parametrize("freezing", [False, True])
-def test_model_decode_compiled_and_graphed(freezing):
+def test_model_decode_compiled_and_graphed(freezing, ranks):
     """One decode step (static KV cache) compiled with CUDA graphs equals the eager step, also with
     inductor freezing (README's setting: weights as graph constants, one KV cache reset between
-    prompts and still written)."""
+    prompts and still written), and with ragged expert ranks (the grouped op's ranks, a graph constant)."""
     import torch._inductor.config as inductor_config
     from models import decode_step, static_cache_decode_logits
     from transformers import StaticCache
 
-    model = _tiny_quantized()
+    model = _tiny_quantized(ranks=ranks)
     ids = torch.randint(3, 256, (2, 6), device="cuda")
     step = decode_step(model)
     eager = static_cache_decode_logits(model, ids, step)
@@ -529,12 +613,47 @@ def test_model_decode_compiled_and_graphed(freezing):
     assert rel < 2e-2, f"compiled decode differs from eager: {rel:.3e}"
 
 
-def test_experts_module_cuda_graph():
+@pytest.mark.parametrize("ranks", ["uniform", "ragged"])
+def test_experts_module_cuda_graph(ranks):
     """The milo experts forward (sort, grouped gate_up, act, grouped down, combine) captured in a
     CUDA graph replays right for new hidden states and new routings."""
-    model = _tiny_quantized()
-    experts = model.model.layers[0].mlp.experts
-    E, H = experts.num_experts, model.config.hidden_size
+    _experts_module_graph_replays(_tiny_quantized(ranks=ranks).model.layers[0].mlp.experts)
+
+
+@pytest.mark.parametrize("ranks", ["uniform", "ragged"])
+def test_fused_shared_experts_cuda(ranks):
+    """fuse_shared_experts on the GPU (DeepSeek-V3-shaped, 2 shared experts as 2 pieces, the routed experts'
+    compensators padded to the pieces' rank): the fused model's greedy decode equals the unfused model's
+    (bf16: the pieces' outputs are summed in the combine's fp32, the MLP's output was rounded before the add;
+    the 12-token prompt runs the MLP itself, past the token bound, the 2-token steps the pieces), a decode
+    step compiled with CUDA graphs equals the fused eager step, and the experts module captured in a CUDA
+    graph replays right."""
+    from models import decode_step, static_cache_decode_logits
+    from transformers import StaticCache
+
+    from milo_tensor import fuse_shared_experts
+
+    model = _tiny_quantized("deepseek_v3", ranks=ranks, moe_intermediate_size=128, n_shared_experts=2,
+                            num_key_value_heads=4)
+    ids = torch.randint(3, 256, (2, 6), device="cuda")
+    step = decode_step(model)
+    unfused = static_cache_decode_logits(model, ids, step)
+    assert fuse_shared_experts(model) == ["model.layers.1.mlp"]
+    experts = model.model.layers[1].mlp.experts
+    assert experts.milo_shared.count == 2 and 2 <= experts.milo_shared.max_tokens < 12
+    fused = static_cache_decode_logits(model, ids, step)
+    assert ((fused - unfused).norm() / unfused.norm()).item() < 2e-2
+    cache = StaticCache(config=model.config, max_cache_len=32)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=False)
+    static_cache_decode_logits(model, ids, compiled, cache=cache)  # warm-up / record
+    graphed = static_cache_decode_logits(model, ids, compiled, cache=cache)
+    assert ((graphed - fused).norm() / fused.norm()).item() < 2e-2
+    _experts_module_graph_replays(experts)
+
+
+def _experts_module_graph_replays(experts):
+    E, H = experts.num_experts, experts.gate_up_proj.shape[-1]
     tokens, top_k = 5, 2
     gen = torch.Generator(device="cuda").manual_seed(2)
     hs = torch.randn(tokens, H, device="cuda", generator=gen).bfloat16()
@@ -669,14 +788,17 @@ def _sanitize_main():
         counts = random_counts(random.Random(n), 16, 9, "uniform")
         _, err = check(x, counts, routing_offsets(counts, 10), experts, 64, x_rows=x_rows, activation=act)
         worst = max(worst, err)
-    for n, (N, lookup) in enumerate([(1536, "1"), (1536, "0"), (1040, "1")]):  # the gated output (N = 1040: gated after)
+    # the gated output (N = 1040: gated after), with the experts' ranks (their padding skipped)
+    for n, (N, lookup) in enumerate([(1536, "1"), (1536, "0"), (1040, "1")]):
         gen = torch.Generator(device="cuda").manual_seed(200 + n)
         os.environ["MILO_INT3_GROUPED_TILE_LOOKUP"] = lookup
-        experts = make_experts(8, N, 1024, [16, 0, 32, 16, 100, 8, 16, 16], 64, torch.bfloat16, gen)
+        ranks = [16, 0, 32, 16, 100, 8, 16, 16]
+        experts = make_experts(8, N, 1024, ranks, 64, torch.bfloat16, gen)
         x = torch.randn(6, 1024, device="cuda", generator=gen).to(torch.bfloat16)
         x_rows = torch.randint(-1, 7, (12,), device="cuda", generator=gen, dtype=torch.int32)
         counts = random_counts(random.Random(n), 8, 11, "uniform")
-        _, err = check(x, counts, routing_offsets(counts, 12), experts, 64, x_rows=x_rows, out_activation="silu_mul")
+        _, err = check(x, counts, routing_offsets(counts, 12), experts, 64, x_rows=x_rows, out_activation="silu_mul",
+                       ranks=torch.tensor(ranks, dtype=torch.int32, device="cuda"))
         worst = max(worst, err)
     for tokens, top_k, E in [(1, 2, 8), (513, 8, 128), (2000, 6, 64)]:  # the routing kernels
         gen = torch.Generator(device="cuda").manual_seed(tokens)

@@ -291,7 +291,16 @@ struct Int3GemmParams {
   int ldx = 0, act = 0;
   // decode kernel only: kActSiluMul writes y = silu(gate) * up of the [gate | up] columns, [M, N / 2]
   int out_act = 0;
+  // grouped op, decode path only: expert e's rank ([n_experts] int32; nullptr: R for every expert). The t
+  // kernels write t = 0 past it without reading V; the decode kernel's epilogue stops there (but for its
+  // register-prefetched instance, which multiplies those zeros by U^T's padding rows).
+  const int* ranks = nullptr;
 };
+
+// the ranks expert e's low-rank term runs over: its own where the op was given them (Int3GemmParams::ranks)
+__device__ __forceinline__ int expert_rank(const Int3GemmParams& p, int e) {
+  return p.ranks != nullptr ? min(p.R, max(0, __ldg(p.ranks + e))) : p.R;
+}
 
 template <typename T, int MT_, int NT_, int WN_, int G_, int STAGES_, int MINB_ = 1>
 struct Int3Cfg {

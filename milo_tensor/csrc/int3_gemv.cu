@@ -369,7 +369,7 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
   using E = CodeEnc<T, kClassed>;
   constexpr int NB = (MR + 1) / 2;     // mma sets, two rows of x each
   constexpr int GPL = 128 / G;         // groups in a lane's 128 k
-  const int K = p.K, N = p.N, R = p.R;
+  const int K = p.K, N = p.N;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, c = lane & 3;
   const int WK = 1 << wk_log2;
@@ -552,6 +552,7 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
   // round trip per block instead of one per warp and slice, each slice staged once per block)
   if (flags & kUAsync) {
     // rows up to a multiple of 16 ranks, zeros past R (the mma epilogue's last k16 step reads them)
+    const int R = p.R;
     const int rc = min(kRChunk, (R + 15) / 16 * 16), per_row = BR / 8;
     for (int u = tid; u < rc * per_row; u += kThreads) {
       const int r = u / per_row, j = (u - r * per_row) * 8, n = col_of(j);
@@ -605,7 +606,15 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
 
   // t may still be in flight when this kernel was launched programmatically after the kernel
   // computing it: wait for it here, after the main loop
-  if (R > 0) grid_dep_wait();
+  if (p.R > 0) grid_dep_wait();
+  // the expert's own rank (p.R strides t and U^T; the t kernels write zeros past it), its index found again from
+  // ute (held through the main loop anyway): e held for this, or kept in shared memory, spilled in the
+  // 80-register 4-row instances (sm_90a, g64: 24 -> 76-92 bytes). Not in the register-prefetched 4-row instance
+  // (fp16 g64 0 -> 32 bytes), which runs every expert's term over all R ranks (t zero past the expert's own).
+  const int R = kPF || p.ranks == nullptr || p.R == 0
+                    ? p.R
+                    : expert_rank(p, static_cast<unsigned>(ute - reinterpret_cast<const T*>(p.ut)) /
+                                         static_cast<unsigned>(p.ut_estride));  // E * R * N < 2^31 (host)
   // low-rank term, up to kRChunk ranks with U^T's chunk in shared memory (kUAsync): by mma, each tile's first
   // warp adding t U^T[:, its 16 columns] to its own partial sums (ys). A = U^T's chunk rows by transposed
   // ldmatrix, B = t's rows as the n8 columns in hi + lo halves of T (fp32 accuracy). The scalar loop below it

@@ -380,7 +380,8 @@ __global__ void __launch_bounds__(kThreads, kThreads == 1024 ? 2 : 1)
 #pragma unroll
   for (int m = 0; m < kTRows; ++m) xr[m] = m < rows ? input_row<T>(p, m0 + m) : nullptr;
   const int r = gw / splits, sp = gw % splits;
-  const int k_end = min(K, (sp + 1) * k_chunk);
+  // ranks past the expert's own (Int3GemmParams::ranks) come out zero, V not read
+  const int k_end = r < expert_rank(p, e) ? min(K, (sp + 1) * k_chunk) : 0;
   const T* vr = v + (static_cast<long long>(e) * R + r) * K;
   float acc[kTRows] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll 4
@@ -477,11 +478,19 @@ __global__ void __launch_bounds__(kTileTRanks * 32, 2)
   grid_dep_launch_dependents();
   __shared__ __align__(16) T xs[kTRows * kTileTMaxChunk];
   const int4 tl = block_tile<kTileTRanks * 32>(p, blockIdx.x, kTRows);  // every thread (block scans)
-  if (tl.x < 0) return;                                                  // whole block
+  if (tl.x < 0) return;  // whole block
   const int K = p.K, R = p.R, e = tl.x, m0 = tl.y, rows = min(kTRows, tl.z - tl.y);
   const int lane = threadIdx.x & 31, r = blockIdx.y * kTileTRanks + (threadIdx.x >> 5), sp = blockIdx.z;
   const int k0 = sp * k_chunk, k1 = min(K, k0 + k_chunk);
-  const bool has_rank = r < R;  // a warp past R stages x and waits at the barrier, then idles
+  // ranks past the expert's own (Int3GemmParams::ranks; R is t's row stride) are written as zeros, V not read:
+  // by the whole block where they are all of its ranks, else by warps that stage x, wait at the barrier, idle
+  const int rank_e = expert_rank(p, e);
+  if (static_cast<int>(blockIdx.y) * kTileTRanks >= rank_e) {
+    if (lane == 0 && r < R)
+      for (int m = 0; m < rows; ++m) t[(static_cast<long long>(sp) * p.M + m0 + m) * R + r] = 0.f;
+    return;
+  }
+  const bool has_rank = r < rank_e;
   const T* vr = v + (static_cast<long long>(e) * R + (has_rank ? r : 0)) * K;
   uint4 vb[kTileTBatch];
   auto load_v = [&](int base) {
@@ -523,7 +532,7 @@ __global__ void __launch_bounds__(kTileTRanks * 32, 2)
   for (int m = 0; m < kTRows; ++m) {
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) acc[m] += __shfl_xor_sync(0xffffffffu, acc[m], off);
-    if (lane == 0 && has_rank && m < rows) t[(static_cast<long long>(sp) * p.M + m0 + m) * R + r] = acc[m];
+    if (lane == 0 && r < R && m < rows) t[(static_cast<long long>(sp) * p.M + m0 + m) * R + r] = acc[m];
   }
 }
 
@@ -1088,7 +1097,8 @@ int parse_activation(c10::string_view activation) {
 at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& qdata,
                                     const at::Tensor& scales, const at::Tensor& zeros, const at::Tensor& ut,
                                     const at::Tensor& v, int64_t group_size, const std::optional<at::Tensor>& x_rows,
-                                    c10::string_view activation, c10::string_view out_activation) {
+                                    c10::string_view activation, c10::string_view out_activation,
+                                    const std::optional<at::Tensor>& ranks) {
   const int act = parse_activation(activation), out_act = parse_activation(out_activation);
   TORCH_CHECK(qdata.dim() == 3 && qdata.scalar_type() == at::kInt && qdata.size(2) % 3 == 0,
               "int3_grouped_linear: qdata must be int32 [E, N, 3K/32]");
@@ -1112,8 +1122,13 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   TORCH_CHECK(ut.dim() == 3 && ut.size(0) == E64 && ut.size(2) == N64, "int3_grouped_linear: ut must be [E, R, N]");
   TORCH_CHECK(v.dim() == 3 && v.size(0) == E64 && v.size(1) == ut.size(1) && v.size(2) == K64,
               "int3_grouped_linear: v must be [E, R, K]");
+  if (ranks.has_value())
+    TORCH_CHECK(ranks->dim() == 1 && ranks->numel() == E64 &&
+                    (ranks->scalar_type() == at::kInt || ranks->scalar_type() == at::kLong),
+                "int3_grouped_linear: ranks must be an int32/int64 [E] tensor (each expert's rank), got ",
+                ranks->sizes(), " ", ranks->scalar_type());
   TORCH_CHECK(x.is_cuda() && offsets.is_cuda() && qdata.is_cuda() && scales.is_cuda() && zeros.is_cuda() &&
-                  ut.is_cuda() && v.is_cuda(),
+                  ut.is_cuda() && v.is_cuda() && (!ranks.has_value() || ranks->is_cuda()),
               "int3_grouped_linear (CUDA): all tensors must be on the GPU");
   TORCH_CHECK(out_act == kActNone || N64 % 2 == 0, "int3_grouped_linear: out_activation='silu_mul' gates the [gate | up] ",
               "halves of y, so N must be even; got N = ", N64);
@@ -1138,13 +1153,16 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
     at::Tensor y = at::zeros({rows64, N64}, x.options());
     const at::Tensor off = offsets.to(at::kCPU).to(at::kLong);
     const int64_t* o = off.data_ptr<int64_t>();
+    const at::Tensor rk = ranks.has_value() ? ranks->to(at::kCPU).to(at::kLong) : at::Tensor();
     int64_t prev = 0;
     for (int64_t e = 0; e < E64; ++e) {
       const int64_t end = std::max(prev, std::min(o[e], rows64));
+      const int64_t r = rk.defined() ? std::max<int64_t>(0, std::min(rk.data_ptr<int64_t>()[e], ut.size(1)))
+                                     : ut.size(1);
       if (end > prev)
         y.narrow(0, prev, end - prev)
-            .copy_(int3_linear_cuda(xin.narrow(0, prev, end - prev), qdata[e], scales[e], zeros[e], ut[e], v[e],
-                                    group_size, std::nullopt));
+            .copy_(int3_linear_cuda(xin.narrow(0, prev, end - prev), qdata[e], scales[e], zeros[e],
+                                    ut[e].narrow(0, 0, r), v[e].narrow(0, 0, r), group_size, std::nullopt));
       prev = end;
     }
     return gated(y);
@@ -1258,10 +1276,14 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   const at::Tensor za = aligned_contig(zeros, 8);
   const at::Tensor off = offsets.contiguous();
 
-  at::Tensor uta, va;
+  at::Tensor uta, va, ranks_i32;
   if (R > 0) {
     uta = aligned_contig(ut, 16);
     va = aligned_contig(v, 16);
+    // each expert's rank bounds its low-rank term on the decode path (the tensor-core path runs all R ranks
+    // of every expert, the padding past its rank being zero); the decode kernel finds a block's expert from
+    // its U^T offset in 32 bits
+    if (ranks.has_value() && use_gemv && E64 * R * N64 < (1LL << 31)) ranks_i32 = ranks->to(at::kInt).contiguous();
   }
   Int3GemmParams p;
   p.x = xa.data_ptr();
@@ -1286,6 +1308,7 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   p.t_splits = t_summed ? 1 : t_splits;
   p.t_split_stride = rows64 * R;
   p.ldx = static_cast<int>(xa.size(1));
+  p.ranks = ranks_i32.defined() ? ranks_i32.data_ptr<int>() : nullptr;
   if (lookup) {  // tiles from the offsets
     p.offsets = off.data_ptr();
     p.offsets_i64 = off.scalar_type() == at::kLong;

@@ -367,17 +367,9 @@ def fsdp_pre_all_gather(w: MiLoInt3Tensor, mesh, outer_size, outer_stride, modul
         inputs.append(t.contiguous())
         gathered.append((tname, ax[0]))
     if name == _E:
-        inputs.append(_ranks_tensor(w))
+        inputs.append(w.ranks_tensor())
     epoch = w.__dict__.get("_milo_ranks_epoch", 0)
     return tuple(inputs), (tuple(gathered), param_dtype, world, epoch)
-
-
-def _ranks_tensor(w: MiLoInt3Tensor) -> torch.Tensor:
-    cached = w.__dict__.get("_milo_ranks_tensor")
-    if cached is None or cached[0] != w.ranks or cached[1].device != w.qdata.device:
-        cached = (w.ranks, torch.tensor(w.ranks, dtype=torch.int32, device=w.qdata.device))
-        w.__dict__["_milo_ranks_tensor"] = cached
-    return cached[1]
 
 
 def fsdp_post_all_gather(w: MiLoInt3Tensor, outputs, metadata, param_dtype, *, out=None):

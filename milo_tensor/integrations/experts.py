@@ -48,9 +48,21 @@ def check_supported_experts(module: torch.nn.Module, fqn: str) -> None:
             )
 
 
+def _ranks_arg(w: MiLoInt3Tensor) -> torch.Tensor | None:
+    """Each expert's rank for the grouped op where some expert's is below the stack's R (its compensator
+    rows past it are zero padding, which the decode kernels then skip); None where every expert has R."""
+    r_max = w.ut.shape[1]
+    if r_max == 0 or min(w.ranks) >= r_max:
+        return None
+    if torch.compiler.is_compiling():  # a constant of the compiled graph (the cache is not traced)
+        return torch.tensor(w.ranks, dtype=torch.int32, device=w.qdata.device)
+    return w.ranks_tensor()
+
+
 def _grouped(x: torch.Tensor, offsets: torch.Tensor, w: MiLoInt3Tensor, **input_kw) -> torch.Tensor:
     ut, v = w.compensator()
-    return torch.ops.milo.int3_grouped_linear(x, offsets, w.qdata, w.scales, w.zeros, ut, v, w.group_size, **input_kw)
+    return torch.ops.milo.int3_grouped_linear(x, offsets, w.qdata, w.scales, w.zeros, ut, v, w.group_size,
+                                              ranks=_ranks_arg(w), **input_kw)
 
 
 def _gate_is_silu_mul(module: torch.nn.Module) -> bool:
@@ -81,7 +93,13 @@ def milo_experts_forward(
     # come back as zeros), the two grouped matmuls, then the weighted sum per token: two routing
     # launches on CUDA in place of a sort, a histogram, a cumsum, gathers and a scatter. The first op
     # reads each sorted row's token itself (x_rows) and applies the default gate to its own output.
-    token_of_row, row_of_choice, offsets = torch.ops.milo.moe_route(top_k_index, self.num_experts)
+    n_experts = self.num_experts
+    shared = getattr(self, "milo_shared", None)  # shared-expert pieces in the stacks (fuse_shared_experts)
+    if shared is not None:
+        n_experts = shared.routed + shared.count
+        if shared.applies(hidden_states.shape[0]):
+            top_k_index, top_k_weights = shared.extend(hidden_states, top_k_index, top_k_weights)
+    token_of_row, row_of_choice, offsets = torch.ops.milo.moe_route(top_k_index, n_experts)
     if _gate_is_silu_mul(self):
         h = _grouped(hidden_states, offsets, up, x_rows=token_of_row, out_activation="silu_mul")
     else:

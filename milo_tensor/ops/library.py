@@ -21,7 +21,7 @@ _lib.define(
 _lib.define(
     "int3_grouped_linear(Tensor x, Tensor offsets, Tensor qdata, Tensor scales, Tensor zeros, "
     "Tensor ut, Tensor v, int group_size, Tensor? x_rows=None, str activation='none', "
-    "str out_activation='none') -> Tensor"
+    "str out_activation='none', Tensor? ranks=None) -> Tensor"
 )
 
 # MoE routing glue around the grouped op: one launch each on CUDA instead of a dozen small ones
@@ -42,9 +42,11 @@ def _int3_linear_fake(x, qdata, scales, zeros, ut, v, group_size, bias=None):
 
 @torch.library.register_fake("milo::int3_grouped_linear")
 def _int3_grouped_linear_fake(x, offsets, qdata, scales, zeros, ut, v, group_size, x_rows=None, activation="none",
-                              out_activation="none"):
+                              out_activation="none", ranks=None):
     k = v.shape[-1] * (2 if activation == "silu_mul" else 1)
     torch._check(x.shape[-1] == k, lambda: f"int3_grouped_linear: x must have {k} columns (activation={activation!r})")
+    if ranks is not None:
+        torch._check(ranks.shape == (qdata.shape[0],), lambda: "int3_grouped_linear: ranks must be [E] (one per expert)")
     rows = x.shape[0] if x_rows is None else x_rows.shape[0]
     return x.new_empty((rows, qdata.shape[-2] // (2 if out_activation == "silu_mul" else 1)))
 

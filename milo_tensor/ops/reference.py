@@ -93,13 +93,19 @@ def int3_grouped_linear(
     x_rows: torch.Tensor | None = None,
     activation: str = "none",
     out_activation: str = "none",
+    ranks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rows of the input (``grouped_input``: x, or x gathered by ``x_rows``, gated by ``activation``)
     sorted by expert; rows offsets[e-1]:offsets[e] use expert e. Rows past offsets[-1]
     (expert-parallel sentinels) are zero in the output. ``out_activation="silu_mul"`` gates the
     output's ``[gate | up]`` halves (N / 2 columns): the gate_up projection hands the down projection
-    its input ready, which the CUDA decode kernel writes from its epilogue."""
+    its input ready, which the CUDA decode kernel writes from its epilogue. ``ranks`` ([E] integers):
+    expert e's low-rank term runs over its first ``ranks[e]`` ranks only. A MiLoInt3Tensor's rows past an
+    expert's rank are zero padding, so the result is the same, and the CUDA decode path skips that work:
+    its t = x·Vᵀ is zero there without V being read, and the epilogue stops at the expert's rank (other
+    CUDA paths multiply the padding, so it must be zero, as MiLoInt3Tensor stores it)."""
     _check_activation(out_activation, "out_activation")
+    expert_ranks = _expert_ranks(ranks, qdata.shape[0], ut.shape[1])
     if out_activation == "silu_mul" and qdata.shape[1] % 2:
         raise ValueError(f"int3_grouped_linear: out_activation='silu_mul' gates [gate | up] halves, so N must be "
                          f"even; got N = {qdata.shape[1]}")
@@ -115,8 +121,19 @@ def int3_grouped_linear(
     for e in range(n_experts):
         start, end = bounds[e], bounds[e + 1]
         if end > start:
-            out[start:end] = int3_linear(x[start:end], qdata[e], scales[e], zeros[e], ut[e], v[e], group_size)
+            r = expert_ranks[e]
+            out[start:end] = int3_linear(x[start:end], qdata[e], scales[e], zeros[e], ut[e, :r], v[e, :r], group_size)
     return gate(out, out_activation)
+
+
+def _expert_ranks(ranks: torch.Tensor | None, n_experts: int, r_max: int) -> list[int]:
+    """Each expert's rank, clamped to [0, R] (R for all without ``ranks``)."""
+    if ranks is None:
+        return [r_max] * n_experts
+    if ranks.dim() != 1 or ranks.numel() != n_experts or ranks.is_floating_point() or ranks.dtype == torch.bool:
+        raise ValueError(f"int3_grouped_linear: ranks must be a 1-D integer tensor of the {n_experts} experts' ranks, "
+                         f"got {ranks.dtype} {tuple(ranks.shape)}")
+    return [min(max(int(r), 0), r_max) for r in ranks.tolist()]
 
 
 def moe_route(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -146,7 +146,8 @@ def finalize_qparams(
     if not qparam_dtype.is_floating_point:
         raise ValueError(f"qparam_dtype must be a floating dtype, got {qparam_dtype}")
     floor = _scale_floor(qparam_dtype)
-    big = float(torch.finfo(qparam_dtype).max)
+    # the largest value both the storage dtype and the float32 math hold (a float64 model's bound is float32's)
+    big = min(float(torch.finfo(qparam_dtype).max), float(torch.finfo(torch.float32).max))
     scale = scale.clamp(floor, big).to(qparam_dtype).to(torch.float32)
     zero = zero.clamp(-big, big).to(qparam_dtype).to(torch.float32)
     return scale, zero
