@@ -62,6 +62,21 @@ def test_fused_layer_equals_unfused(gen, pair, tokens):
     assert experts.gate_up_proj.shape[0] == experts.down_proj.shape[0] == routed + pieces
 
 
+def test_other_experts_implementations_run_the_mlp(gen, pair):
+    """Under another experts implementation (transformers' eager loop over the routed experts) the fused
+    layer's MLP computes itself."""
+    _, unfused, fused = pair
+    x = torch.randn(1, 3, unfused.config.hidden_size, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        expected = _moe_block(unfused)(x)
+        fused.set_experts_implementation("eager")
+        try:
+            got = _moe_block(fused)(x)
+        finally:
+            fused.set_experts_implementation("milo")
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-11)
+
+
 def test_fused_model_logits_and_compile(gen, pair):
     _, unfused, fused = pair
     ids = torch.randint(3, 256, (2, 2), generator=gen)  # 4 tokens: the pieces path

@@ -2,10 +2,10 @@
 
 A shared-expert MLP runs for every token beside the routed experts: on the milo path that is three
 more dense int3 matmuls (each a t kernel and a decode kernel), torch's activation, and an add, one
-after the other, about as long as the routed experts themselves at decode (DeepSeek-V2-Lite-shaped
-M=1, docs/benchmarks.md). Its intermediate width is a multiple of the routed experts' (S of them), so
-it can be cut into S expert-shaped pieces -- gate/up rows p·I .. (p+1)·I and the down columns that read
-them -- which sum to the MLP's output. Appended to the experts' stacks, the pieces ride in the same
+after the other: about 40% of a DeepSeek-V2-Lite-shaped layer's kernel time at M=1 (an eager profile,
+docs/kernel.md). Its intermediate width is S times the routed experts' I, so it cuts into S
+expert-shaped pieces -- gate/up rows p·I .. (p+1)·I and the down columns that read them -- whose
+outputs sum to the MLP's. Appended to the experts' stacks, the pieces ride in the same
 grouped launches, every token routed to each of them with weight 1 (or the model's sigmoid gate).
 
 The pieces are exact slices of the quantized MLP: codes, scales and zeros are cut along their rows
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from milo_tensor.integrations import distributed as slicing
-from milo_tensor.integrations.experts import _gate_is_silu_mul
+from milo_tensor.integrations.experts import EXPERTS_IMPLEMENTATION, _gate_is_silu_mul
 from milo_tensor.tensor import MiLoInt3Tensor
 
 __all__ = ["fuse_shared_experts", "SharedExperts"]
@@ -130,19 +130,26 @@ def shared_pieces(gate: MiLoInt3Tensor, up: MiLoInt3Tensor, down: MiLoInt3Tensor
     return slicing.cat(gate_up, 0), slicing.cat(downs, 0)
 
 
+def _pieces_run(experts: nn.Module, tokens: int) -> bool:
+    """Whether this call of the experts module routes the tokens to the pieces: on the milo path (another
+    experts implementation, e.g. eager, sees only the routed experts) and within the token bound."""
+    implementation = getattr(getattr(experts, "config", None), "_experts_implementation", None)
+    return implementation == EXPERTS_IMPLEMENTATION and experts.milo_shared.applies(tokens)
+
+
 def _shared_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The fused MLP's forward: zero where the experts' launch computed it, else the MLP itself."""
-    if self.milo_shared_fused_tokens >= x.numel() // x.shape[-1]:
+    if _pieces_run(self._milo_experts[0], x.numel() // x.shape[-1]):
         return x.new_zeros(())  # added to the experts' output, which already holds the MLP's
     return self._milo_unfused_cls.forward(self, x)
 
 
-def _mark_fused(mlp: nn.Module, max_tokens: int) -> None:
+def _mark_fused(mlp: nn.Module, experts: nn.Module) -> None:
     """Swap the MLP's class for a subclass whose forward defers to the experts' launch: its modules and
     parameters (and so its state dict) stay as they are."""
     cls = type(mlp)
     mlp.__class__ = type(f"MiLoFused{cls.__name__}", (cls,), {"forward": _shared_forward, "_milo_unfused_cls": cls})
-    mlp.milo_shared_fused_tokens = max_tokens
+    mlp._milo_experts = (experts,)  # a tuple: not registered as a submodule
 
 
 def _routed_state(experts: nn.Module, routed: int):
@@ -199,7 +206,8 @@ def fuse_shared_experts(model: nn.Module, max_tokens: int | None = None) -> list
                              f"cannot ride in its launches")
         mlp = getattr(block, mlp_name)
         gate_w, up_w, down_w = _mlp_weights(mlp, fqn)
-        _check_compatible(gate_w, up, fqn)
+        for w, stack in ((gate_w, up), (up_w, up), (down_w, down)):
+            _check_compatible(w, stack, fqn)
         routed, width = up.shape[0], down.shape[-1]
         pieces_up, pieces_down = shared_pieces(gate_w, up_w, down_w, width)
         count = pieces_up.shape[0]
@@ -219,7 +227,7 @@ def fuse_shared_experts(model: nn.Module, max_tokens: int | None = None) -> list
         experts.milo_shared = SharedExperts(count, routed, bound, (gate_mod,) if gate_mod is not None else ())
         experts._register_state_dict_hook(_routed_state(experts, routed))
         experts._register_load_state_dict_pre_hook(_refuse_load)
-        _mark_fused(mlp, bound)
+        _mark_fused(mlp, experts)
         logger.info("%s: shared MLP fused as %d experts (batches up to %d tokens); experts' stacks %.1f -> %.1f MiB",
                     fqn, count, bound, before / 2**20, (new_up.storage_nbytes() + new_down.storage_nbytes()) / 2**20)
         fused.append(name)
