@@ -78,3 +78,29 @@ def test_decode_layers_that_fit():
     assert bench_decode.layers_that_fit(1e15, smoke=True) == 32
     # full-size Mixtral layers on an 80 GB GPU with about 79 GiB free: 24 layers of bf16 (2.8 GiB each)
     assert bench_decode.layers_that_fit(79 * 2**30) == 24
+
+
+def test_moe_benchmark_methods_compute_the_same_layer():
+    """bench_moe.py's milo variants time one layer several ways; they must compute the same thing: the ragged
+    stacks with and without their ranks reaching the op (milo-padded), and the layer with its shared MLP in the
+    experts' launches (milo-fused) against the MLP run beside them (its token bound set to 0; float32, CPU ops)."""
+    import torch
+
+    import bench_moe
+
+    spec = dict(E=6, k=2, H=128, I=128, shared=2)
+    gen = torch.Generator().manual_seed(3)
+    ranks = [bench_moe.RAGGED[e % len(bench_moe.RAGGED)] for e in range(spec["E"])]
+    mod = bench_moe.milo_module(spec, torch.float32, "cpu", gen, 8, ranks)
+    (idx, w), = bench_moe.routings(3, spec, 1, "cpu", gen, torch.float32)
+    x = torch.randn(3, spec["H"], generator=gen)
+    experts, shared = bench_moe.fused_block(spec, torch.float32, "cpu", gen, 8)
+    assert experts.milo_shared.count == 2 and experts.milo_shared.applies(3)
+    with torch.no_grad():
+        torch.testing.assert_close(bench_moe.padded(mod)(x, idx, w), mod(x, idx, w), rtol=1e-5, atol=1e-6)
+        fused = experts(x, idx, w) + shared(x)
+        bound, experts.milo_shared.max_tokens = experts.milo_shared.max_tokens, 0
+        beside = experts(x, idx, w) + shared(x)
+        experts.milo_shared.max_tokens = bound
+    assert shared(x).dim() == 0  # within the bound the MLP's share came from the experts' call
+    torch.testing.assert_close(fused, beside, rtol=1e-5, atol=1e-5)
