@@ -369,7 +369,7 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
   using E = CodeEnc<T, kClassed>;
   constexpr int NB = (MR + 1) / 2;     // mma sets, two rows of x each
   constexpr int GPL = 128 / G;         // groups in a lane's 128 k
-  const int K = p.K, N = p.N;
+  const int K = p.K, N = p.N, R = p.R;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, c = lane & 3;
   const int WK = 1 << wk_log2;
@@ -552,7 +552,6 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
   // round trip per block instead of one per warp and slice, each slice staged once per block)
   if (flags & kUAsync) {
     // rows up to a multiple of 16 ranks, zeros past R (the mma epilogue's last k16 step reads them)
-    const int R = p.R;
     const int rc = min(kRChunk, (R + 15) / 16 * 16), per_row = BR / 8;
     for (int u = tid; u < rc * per_row; u += kThreads) {
       const int r = u / per_row, j = (u - r * per_row) * 8, n = col_of(j);
@@ -606,15 +605,20 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
 
   // t may still be in flight when this kernel was launched programmatically after the kernel
   // computing it: wait for it here, after the main loop
-  if (p.R > 0) grid_dep_wait();
-  // the expert's own rank (p.R strides t and U^T; the t kernels write zeros past it), its index found again from
-  // ute (held through the main loop anyway): e held for this, or kept in shared memory, spilled in the
-  // 80-register 4-row instances (sm_90a, g64: 24 -> 76-92 bytes). Not in the register-prefetched 4-row instance
-  // (fp16 g64 0 -> 32 bytes), which runs every expert's term over all R ranks (t zero past the expert's own).
-  const int R = kPF || p.ranks == nullptr || p.R == 0
-                    ? p.R
-                    : expert_rank(p, static_cast<unsigned>(ute - reinterpret_cast<const T*>(p.ut)) /
-                                         static_cast<unsigned>(p.ut_estride));  // E * R * N < 2^31 (host)
+  if (R > 0) grid_dep_wait();
+  // Re: the expert's own rank (Int3GemmParams::ranks; R strides t and U^T, the t kernels write zeros past Re), its
+  // index found again from ute (held through the main loop anyway): e held for this, or kept in shared memory,
+  // spilled in the 80-register 4-row instances (sm_90a, g64: 24 -> 76-92 bytes). Compiled into the 2- and 4-row
+  // instances the grouped op runs, not into the register-prefetched one (fp16 g64 0 -> 32 bytes of spills; it runs
+  // every expert's term over all R ranks, t zero past the expert's own) nor the 1- and 8-row ones only the dense op
+  // runs: there the code moved the main loop's schedule (H100 2026-12-07, dense 4096x4096 M=1 R0 7.4 -> 7.5 us), and
+  // without it their SASS is the same as before ranks (scripts/sass_stats.py --dump).
+  constexpr bool kExpertRanks = !kPF && (MR == 2 || MR == 4);
+  const int Re = !kExpertRanks ? R
+                 : p.ranks == nullptr || p.R == 0
+                     ? p.R
+                     : expert_rank(p, static_cast<unsigned>(ute - reinterpret_cast<const T*>(p.ut)) /
+                                          static_cast<unsigned>(p.ut_estride));  // E * R * N < 2^31 (host)
   // low-rank term, up to kRChunk ranks with U^T's chunk in shared memory (kUAsync): by mma, each tile's first
   // warp adding t U^T[:, its 16 columns] to its own partial sums (ys). A = U^T's chunk rows by transposed
   // ldmatrix, B = t's rows as the n8 columns in hi + lo halves of T (fp32 accuracy). The scalar loop below it
@@ -625,19 +629,19 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
   // 07:32) nor at 8 rows with g = 32 (36 -> 88-96). (Written last in the condition: placed first, the same
   // constant moved the spills of the other instances.)
   constexpr bool kLrMmaHere = !kPF && !(MR == 8 && G == 32);
-  const bool lr_mma = R > 0 && R <= kRChunk && (flags & kUAsync) && (flags & kLrMma) && kLrMmaHere;
+  const bool lr_mma = Re > 0 && Re <= kRChunk && (flags & kUAsync) && (flags & kLrMma) && kLrMmaHere;
   // thread (column nn, rank slice rs) of the scalar loop: sums t[m, r] * ut[r, n] over r = rs (mod slices)
   const int slices = kThreads / BR;
   const int nn = tid % BR, rs = tid / BR;
   const int n = col_of(nn);
   if (lr_mma) {
-    stage_t_chunk<MR>(p, m0, rows, 0, R, tsm);  // t's split partials, summed once per block
+    stage_t_chunk<MR>(p, m0, rows, 0, Re, tsm);  // t's split partials, summed once per block
     cp_async_wait<0>();
     __syncthreads();  // tsm, U^T's chunk and the warps' ys visible
     if (wk == 0) {
       float acc[4] = {0.f, 0.f, 0.f, 0.f};
       const uint32_t ub = smem_u32(usm) + 2 * (tile * 16 + 8 * ((lane >> 3) & 1));
-      for (int k0 = 0; k0 < R; k0 += 16) {
+      for (int k0 = 0; k0 < Re; k0 += 16) {
         uint32_t a[4];  // matrices (columns 0-7 | 8-15) x (ranks k0 .. k0 + 7 | + 8 .. + 15)
         ldmatrix_x4_trans(a, ub + 2 * BR * (k0 + (lane & 7) + 8 * ((lane >> 4) & 1)));
         float2 t0 = make_float2(0.f, 0.f), t1 = t0;  // B: row g of x at ranks k0 + 2c, + 1 and k0 + 8 + 2c, + 1
@@ -661,7 +665,7 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
         }
       }
     }
-  } else if (R > 0) {
+  } else if (Re > 0) {
     float lr[MR];
 #pragma unroll
     for (int m = 0; m < MR; ++m) lr[m] = 0.f;
@@ -671,8 +675,8 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
     // 14336x4096, M=4, R=32.) kRChunk is a multiple of every `slices`, so a thread visits the same
     // ranks in the same order as without chunks.
     if (flags & kUAsync) cp_async_wait<0>();  // visible to the block after the __syncthreads below
-    for (int r0 = 0; r0 < R; r0 += kRChunk) {
-      const int rc = min(kRChunk, R - r0);
+    for (int r0 = 0; r0 < Re; r0 += kRChunk) {
+      const int rc = min(kRChunk, Re - r0);
       stage_t_chunk<MR>(p, m0, rows, r0, rc, tsm);
       __syncthreads();
       if (n < N) {
@@ -708,7 +712,7 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
     const int t0 = (bc / 16) << wk_log2;
     float v = 0.f;
     for (int w2 = 0; w2 < WK; ++w2) v += ys[t0 + w2][m][bc % 16];
-    if (R > 0 && !lr_mma)
+    if (Re > 0 && !lr_mma)
       for (int sl = 0; sl < slices; ++sl) v += red[(sl * MR + m) * BR + bc];
     if (p.bias != nullptr) v += to_float(reinterpret_cast<const T*>(p.bias)[col_of(bc)]);
     return v;
