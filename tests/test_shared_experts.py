@@ -148,3 +148,12 @@ def test_refusals():
     with pytest.raises(ValueError, match="not a multiple of the routed experts' 64"):
         fuse_shared_experts(odd)
     assert type(mlp).__name__ == "DeepseekV3MLP"  # a refused layer is left as it was
+
+
+def test_expert_parallel_refuses_a_fused_model():
+    from milo_tensor.integrations.distributed import apply_expert_parallel
+
+    model = _tiny("deepseek_v3")
+    fuse_shared_experts(model)
+    with pytest.raises(ValueError, match="fuse_shared_experts.*split the unfused model instead"):
+        apply_expert_parallel(model, ep_mesh=None)

@@ -557,6 +557,10 @@ def apply_expert_parallel(
     """
     from transformers.distributed.expert_parallel import apply_expert_parallelism
 
+    fused = [name for name, m in model.named_modules() if getattr(m, "milo_shared", None) is not None]
+    if fused:
+        raise ValueError(f"{fused[0]} holds its layer's shared experts as extra experts (fuse_shared_experts), which "
+                         f"an expert-parallel split would hand to one rank; split the unfused model instead")
     plan = expert_parallel_plan(model) if plan is None else plan
     if not plan:
         raise ValueError(f"{type(model).__name__} has no expert-parallel plan (config.base_model_ep_plan)")
