@@ -157,3 +157,22 @@ def test_expert_parallel_refuses_a_fused_model():
     fuse_shared_experts(model)
     with pytest.raises(ValueError, match="fuse_shared_experts.*split the unfused model instead"):
         apply_expert_parallel(model, ep_mesh=None)
+
+
+def test_sharded_model_is_refused(tmp_path):
+    """A shared MLP already split by tensor parallelism (its weights DTensors): fusing is refused, not skipped."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    model = _tiny("deepseek_v3")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        lin = _moe_block(model).shared_experts.up_proj
+        lin.weight = torch.nn.Parameter(distribute_tensor(torch.zeros(64, 64, dtype=torch.float64), mesh, [Replicate()]),
+                                        requires_grad=False)
+        with pytest.raises(ValueError, match=r"sharded \(DTensor\); fuse_shared_experts runs on an unsharded model"):
+            fuse_shared_experts(model)
+    finally:
+        dist.destroy_process_group()

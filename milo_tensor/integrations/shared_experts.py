@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from milo_tensor.integrations import distributed as slicing
 from milo_tensor.integrations.experts import EXPERTS_IMPLEMENTATION, _gate_is_silu_mul
@@ -198,13 +199,16 @@ def fuse_shared_experts(model: nn.Module, max_tokens: int | None = None) -> list
         if experts is None or mlp_name is None or getattr(experts, "milo_shared", None) is not None:
             continue
         up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+        mlp = getattr(block, mlp_name)
+        if any(isinstance(t, DTensor) for t in (up, down, *(p for p in mlp.parameters()))):
+            raise ValueError(f"{name}: its experts or shared MLP are sharded (DTensor); fuse_shared_experts runs on an "
+                             f"unsharded model (docs/distributed.md)")
         if not (isinstance(up, MiLoInt3Tensor) and isinstance(down, MiLoInt3Tensor) and up.ndim == 3):
             continue  # not a milo experts module
         fqn = f"{name}.{mlp_name}" if name else mlp_name
         if not _gate_is_silu_mul(experts):
             raise ValueError(f"{name}.experts does not gate with silu(gate) * up of [gate | up]; its shared MLP "
                              f"cannot ride in its launches")
-        mlp = getattr(block, mlp_name)
         gate_w, up_w, down_w = _mlp_weights(mlp, fqn)
         for w, stack in ((gate_w, up), (up_w, up), (down_w, down)):
             _check_compatible(w, stack, fqn)
