@@ -153,19 +153,17 @@ def _mark_fused(mlp: nn.Module, experts: nn.Module) -> None:
     mlp._milo_experts = (experts,)  # a tuple: not registered as a submodule
 
 
-def _routed_state(experts: nn.Module, routed: int):
+def _routed_state(routed: int, padded_ranks: dict[str, int]):
     """State-dict hook: the experts' stacks saved as the routed experts alone (the pieces come from the MLP's
-    own parameters), padded to their own largest rank, so a fused model saves like the unfused one."""
+    own parameters), padded to the rank they had before fusion, so a fused model saves like the unfused one."""
 
     def hook(module, state_dict, prefix, local_metadata):
-        for name in ("gate_up_proj", "down_proj"):
+        for name, r in padded_ranks.items():
             key = prefix + name
             if key not in state_dict:
                 continue
             w = state_dict[key]
-            w = w.data if isinstance(w, nn.Parameter) else w
-            part = slicing.narrow(w, 0, 0, routed)
-            r = max(part.ranks, default=0)
+            part = slicing.narrow(w.data if isinstance(w, nn.Parameter) else w, 0, 0, routed)
             state_dict[key] = part._with(ut=part.ut[:, :r].contiguous(), v=part.v[:, :r].contiguous())
         return state_dict
 
@@ -189,8 +187,8 @@ def fuse_shared_experts(model: nn.Module, max_tokens: int | None = None) -> list
     pieces, so a fused model saves like the unfused one; loading into a fused model is refused. Memory:
     the pieces are a second copy of the shared MLP, and the routed experts' compensator padding grows to
     the pieces' rank where it is larger (logged). Call it after ``quantize_`` (or loading) and before
-    ``torch.compile``, and not on expert-parallel shards (their sentinel expert ids would reach the pieces).
-    Returns the names of the fused layers.
+    ``torch.compile``, on an unsharded model (a sharded one is refused, and so is an expert-parallel split
+    of a fused one: docs/distributed.md). Returns the names of the fused layers.
     """
     fused = []
     for name, block in model.named_modules():
@@ -229,7 +227,8 @@ def fuse_shared_experts(model: nn.Module, max_tokens: int | None = None) -> list
         experts.gate_up_proj = nn.Parameter(new_up, requires_grad=False)
         experts.down_proj = nn.Parameter(new_down, requires_grad=False)
         experts.milo_shared = SharedExperts(count, routed, bound, (gate_mod,) if gate_mod is not None else ())
-        experts._register_state_dict_hook(_routed_state(experts, routed))
+        experts._register_state_dict_hook(_routed_state(routed, {"gate_up_proj": up.ut.shape[1],
+                                                                "down_proj": down.ut.shape[1]}))
         experts._register_load_state_dict_pre_hook(_refuse_load)
         _mark_fused(mlp, experts)
         logger.info("%s: shared MLP fused as %d experts (batches up to %d tokens); experts' stacks %.1f -> %.1f MiB",
