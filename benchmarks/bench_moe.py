@@ -211,9 +211,9 @@ def active_bytes(routes, spec, R, ranks=None):
     """Mean bytes of the active experts (3-bit codes + scales/zeros + U, V, each expert's own rank) per call."""
     H, I = spec["H"], spec["I"]
     rank_of = ranks or [R] * spec["E"]
-    per_call = [sum(milo_bytes(2 * I, H, rank_of[e]) + milo_bytes(H, I, rank_of[e]) for e in torch.unique(idx).tolist())
-                for idx, _ in routes]
-    n_act = sum(int(torch.unique(idx).numel()) for idx, _ in routes) / len(routes)
+    active = [torch.unique(idx).tolist() for idx, _ in routes]
+    per_call = [sum(milo_bytes(2 * I, H, rank_of[e]) + milo_bytes(H, I, rank_of[e]) for e in act) for act in active]
+    n_act = sum(len(act) for act in active) / len(routes)
     shared = milo_bytes(2 * spec["shared"] * I, H, R) + milo_bytes(H, spec["shared"] * I, R) if spec["shared"] else 0
     return sum(per_call) / len(per_call) + shared, n_act
 
@@ -224,9 +224,9 @@ def padded(mod):
     import copy
 
     out = copy.copy(mod)
+    out._parameters = dict(mod._parameters)
     for name in ("gate_up_proj", "down_proj"):
         w = getattr(mod, name)
-        out._parameters = dict(out._parameters)
         out._parameters[name] = torch.nn.Parameter(w._with(ranks=(w.ut.shape[1],) * w.shape[0]), requires_grad=False)
     return out
 

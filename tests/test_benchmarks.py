@@ -95,7 +95,7 @@ def test_moe_benchmark_methods_compute_the_same_layer():
     (idx, w), = bench_moe.routings(3, spec, 1, "cpu", gen, torch.float32)
     x = torch.randn(3, spec["H"], generator=gen)
     experts, shared = bench_moe.fused_block(spec, torch.float32, "cpu", gen, 8)
-    assert experts.milo_shared.count == 2 and experts.milo_shared.applies(3)
+    assert experts.milo_shared.count == 2 and experts.milo_shared.applies(experts, 3)
     with torch.no_grad():
         torch.testing.assert_close(bench_moe.padded(mod)(x, idx, w), mod(x, idx, w), rtol=1e-5, atol=1e-6)
         fused = experts(x, idx, w) + shared(x)

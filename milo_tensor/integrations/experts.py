@@ -97,7 +97,7 @@ def milo_experts_forward(
     shared = getattr(self, "milo_shared", None)  # shared-expert pieces in the stacks (fuse_shared_experts)
     if shared is not None:
         n_experts = shared.routed + shared.count
-        if shared.applies(hidden_states.shape[0]):  # (the shared MLP returns zero then: shared_experts.py)
+        if shared.applies(self, hidden_states.shape[0]):  # (the shared MLP returns zero then: shared_experts.py)
             top_k_index, top_k_weights = shared.extend(hidden_states, top_k_index, top_k_weights)
     token_of_row, row_of_choice, offsets = torch.ops.milo.moe_route(top_k_index, n_experts)
     if _gate_is_silu_mul(self):

@@ -47,8 +47,12 @@ class SharedExperts:
     gate: tuple[nn.Module, ...] = ()  # Qwen2-MoE's shared_expert_gate (H -> 1, sigmoid), not registered here
     _cache: dict = field(default_factory=dict, repr=False)
 
-    def applies(self, tokens: int) -> bool:
-        return tokens <= self.max_tokens
+    def applies(self, experts: nn.Module, tokens: int) -> bool:
+        """Whether this call of the experts module routes the tokens to the pieces (and the MLP returns zero):
+        on the milo path (another experts implementation, e.g. eager, sees only the routed experts) and within
+        the token bound. The one decision both sides of the layer ask."""
+        implementation = getattr(getattr(experts, "config", None), "_experts_implementation", None)
+        return implementation == EXPERTS_IMPLEMENTATION and tokens <= self.max_tokens
 
     def extend(self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor):
         """The router's choices plus one column per piece: its expert id and weight 1, or sigmoid(gate(x))."""
@@ -59,16 +63,16 @@ class SharedExperts:
     def _columns(self, index: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The pieces' id and weight-1 columns for this many tokens: made once per shape in eager mode (two
         fewer kernels a call), graph constants when compiled."""
-        tokens = index.shape[0]
+        def make() -> tuple[torch.Tensor, torch.Tensor]:
+            ids = torch.arange(self.routed, self.routed + self.count, device=index.device, dtype=index.dtype)
+            return ids.expand(index.shape[0], self.count), weights.new_ones(index.shape[0], self.count)
+
         if torch.compiler.is_compiling():
-            ids = torch.arange(self.routed, self.routed + self.count, device=index.device, dtype=index.dtype)
-            return ids.expand(tokens, self.count), weights.new_ones(tokens, self.count)
-        key = (tokens, index.device, index.dtype, weights.dtype)
-        cols = self._cache.get(key)
-        if cols is None:
-            ids = torch.arange(self.routed, self.routed + self.count, device=index.device, dtype=index.dtype)
-            cols = self._cache[key] = (ids.expand(tokens, self.count), weights.new_ones(tokens, self.count))
-        return cols
+            return make()
+        key = (index.shape[0], index.device, index.dtype, weights.dtype)
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
 
 
 def _mlp_weights(mlp: nn.Module, fqn: str) -> tuple[MiLoInt3Tensor, MiLoInt3Tensor, MiLoInt3Tensor]:
@@ -131,16 +135,10 @@ def shared_pieces(gate: MiLoInt3Tensor, up: MiLoInt3Tensor, down: MiLoInt3Tensor
     return slicing.cat(gate_up, 0), slicing.cat(downs, 0)
 
 
-def _pieces_run(experts: nn.Module, tokens: int) -> bool:
-    """Whether this call of the experts module routes the tokens to the pieces: on the milo path (another
-    experts implementation, e.g. eager, sees only the routed experts) and within the token bound."""
-    implementation = getattr(getattr(experts, "config", None), "_experts_implementation", None)
-    return implementation == EXPERTS_IMPLEMENTATION and experts.milo_shared.applies(tokens)
-
-
 def _shared_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The fused MLP's forward: zero where the experts' launch computed it, else the MLP itself."""
-    if _pieces_run(self._milo_experts[0], x.numel() // x.shape[-1]):
+    experts = self._milo_experts[0]
+    if experts.milo_shared.applies(experts, x.numel() // x.shape[-1]):
         return x.new_zeros(())  # added to the experts' output, which already holds the MLP's
     return self._milo_unfused_cls.forward(self, x)
 
