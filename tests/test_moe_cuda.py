@@ -445,19 +445,24 @@ def test_grouped_decode_skips_rank_padding(monkeypatch, E, N, K, rows, lookup, l
     assert ((read.float() - ref).norm() / ref.norm()).item() > 10 * TOL  # the padding would show
 
 
-def test_grouped_ranks_elsewhere():
-    """Past the decode kernel (tensor-core tiles) the padding, zero, is multiplied as before: the same result
-    with ranks as without; the float32 fallback (one int3_linear per expert) takes each expert's own ranks, so
-    its padding may be anything."""
+@pytest.mark.parametrize("cfg", ["0", "1", "8"])
+def test_grouped_ranks_elsewhere(monkeypatch, cfg):
+    """Past the decode kernel (tensor-core tiles: 7 by default, 1, 8) the t kernel writes zeros past each
+    expert's rank without reading V (whole 64-rank chunks skipped: ranks to 100), and the epilogue multiplies
+    them by U^T's padding: with the padding made random, the result is the clean experts' bit for bit; the
+    float32 fallback (one int3_linear per expert) takes each expert's own ranks."""
+    skip_unless_tile_runs(cfg)
+    monkeypatch.setenv("MILO_INT3_GROUPED_CFG", cfg)
     gen = torch.Generator(device="cuda").manual_seed(48)
-    E, N, K, rows, ranks = 8, 1040, 1024, 70, [16, 0, 32, 16, 8, 32, 0, 4]
-    experts = make_experts(E, N, K, ranks, 64, torch.bfloat16, gen)
+    E, N, K, rows, ranks = 8, 1040, 1024, 70, [16, 0, 100, 16, 8, 33, 0, 70]
+    q, s, z, ut, v = make_experts(E, N, K, ranks, 64, torch.bfloat16, gen)
+    ut_j, v_j = junk_padding(ut, v, ranks, gen)
     counts = random_counts(random.Random(48), E, rows, "uniform")
     x = (torch.randn(rows, K, device="cuda", generator=gen) * 2).to(torch.bfloat16)
     offsets = routing_offsets(counts, rows)
     rk = torch.tensor(ranks, dtype=torch.int32, device="cuda")
-    out, _ = check(x, counts, offsets, experts, 64, ranks=rk)
-    assert torch.equal(out, torch.ops.milo.int3_grouped_linear(x, offsets, *experts, 64))
+    out, _ = check(x, counts, offsets, (q, s, z, ut, v), 64, ranks=rk)
+    assert torch.equal(out, torch.ops.milo.int3_grouped_linear(x, offsets, q, s, z, ut_j, v_j, 64, ranks=rk))
 
     q, s, z, ut, v = make_experts(4, 256, 192, [8, 0, 4, 8], 64, torch.float32, gen)
     ut_j, v_j = junk_padding(ut, v, [8, 0, 4, 8], gen)

@@ -291,9 +291,9 @@ struct Int3GemmParams {
   int ldx = 0, act = 0;
   // decode kernel only: kActSiluMul writes y = silu(gate) * up of the [gate | up] columns, [M, N / 2]
   int out_act = 0;
-  // grouped op, decode path only: expert e's rank ([n_experts] int32; nullptr: R for every expert). The t
-  // kernels write t = 0 past it without reading V; the decode kernel's epilogue stops there (but for its
-  // register-prefetched instance, which multiplies those zeros by U^T's padding rows).
+  // grouped op: expert e's rank ([n_experts] int32; nullptr: R for every expert). The t kernels write t = 0
+  // past it without reading V; the decode kernel's epilogue stops there (but for its register-prefetched
+  // instance, which multiplies those zeros by U^T's padding rows), and so does tiles 7-9's, at its 16-rank step.
   const int* ranks = nullptr;
 };
 

@@ -452,15 +452,18 @@ __global__ void __launch_bounds__(WS ? kWsThreads : kWaThreads, WS || BT >= 128 
     // launched programmatically after the kernel computing t (sm_90), this block may have streamed its
     // weights while t was in flight: wait for it here (returns at once after a normal launch)
     grid_dep_wait();
+    // the tile's expert's own rank (Int3GemmParams::ranks; its t is zero past it): the chunks and k16 steps past it
+    // are skipped (the tile's expert read again from the list, not held through the main loop)
+    const int rk = p.ranks != nullptr && p.tiles != nullptr ? expert_rank(p, __ldg(&p.tiles[blockIdx.x].x)) : p.R;
     const uint32_t s_ut = s_base, s_thi = s_base + 64 * 256, s_tlo = s_thi + BT * 128;
     uint8_t* const thi = smem + 64 * 256;
     uint8_t* const tlo = thi + BT * 128;
-    for (int r0 = 0; r0 < p.R; r0 += 64) {
+    for (int r0 = 0; r0 < rk; r0 += 64) {
       sync_out();  // the buffers are free (main loop, or the previous chunk's mma, done)
 #pragma unroll
       for (int i = 0; i < 64 * 16 / kWaThreads; ++i) {  // ut[r0 + r, n0 .. n0 + 127]: 64 rows x 16 units
         const int u = tid + i * kWaThreads, r = u >> 4, unit = u & 15;
-        const bool ok = r0 + r < p.R && n0 + unit * 8 < N;
+        const bool ok = r0 + r < rk && n0 + unit * 8 < N;
         const T* src = ok ? ut + static_cast<int64_t>(r0 + r) * N + n0 + unit * 8 : ut;
         cp_async16_zfill(s_ut + swz256(r, unit), src, ok);
       }
@@ -475,7 +478,7 @@ __global__ void __launch_bounds__(WS ? kWsThreads : kWaThreads, WS || BT >= 128 
           for (int ts = 0; ts < p.t_splits; ++ts, tp += p.t_split_stride)
 #pragma unroll
             for (int e = 0; e < 8; ++e)
-              if (r0 + unit * 8 + e < p.R) v[e] += tp[r0 + unit * 8 + e];
+              if (r0 + unit * 8 + e < rk) v[e] += tp[r0 + unit * 8 + e];
         }
         uint32_t hi[4], lo[4];
 #pragma unroll
@@ -487,6 +490,7 @@ __global__ void __launch_bounds__(WS ? kWsThreads : kWaThreads, WS || BT >= 128 
       sync_out();
 #pragma unroll
       for (int ks = 0; ks < 4; ++ks) {
+        if (16 * ks >= rk - r0) break;  // the chunk's ranks past the expert's (zero rows, zero t)
         uint32_t a[4];  // U[r_lo-ish rows, ranks 16ks ..]: matrices (features 0-7 | 8-15) x (ranks 0-7 | 8-15)
         ldmatrix_x4_trans(a, s_ut + swz256(16 * ks + (lane & 7) + ((lane >> 4) & 1) * 8, 2 * warp + ((lane >> 3) & 1)));
 #pragma unroll

@@ -875,7 +875,7 @@ __global__ void __launch_bounds__(256) grouped_tiles_kernel(const void* offsets,
 template <typename T>
 __device__ __forceinline__ void lowrank_tile_warp(const T* __restrict__ x, const T* __restrict__ v, int e, int m0,
                                                   int m_end, int r0, int K, int R, long long v_estride, int k_begin,
-                                                  int k_stop, float (&acc)[8][4]) {
+                                                  int k_stop, float (&acc)[8][4]) {  // R: the ranks to compute
   const int lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
   const int n_tiles = min(8, (R - r0 + 7) / 8);  // n8 tiles of ranks in this chunk (warp-uniform)
   const bool ok_a = m0 + g < m_end, ok_b = m0 + g + 8 < m_end;
@@ -921,7 +921,7 @@ template <typename T, int TM>
 __global__ void __launch_bounds__(kLrThreads) grouped_lowrank_kernel(
     const T* __restrict__ x, const T* __restrict__ v, const int4* __restrict__ tiles, float* __restrict__ t,
     float* __restrict__ t_sum, int* __restrict__ counters, int K, int R, long long v_estride, int k_chunk,
-    long long split_stride, unsigned delay_ns) {
+    long long split_stride, unsigned delay_ns, const int* __restrict__ ranks) {
   constexpr int kSub = TM / 16, kWays = 8 / kSub;
   static_assert(kSub * kWays == 8, "TM must be 16, 32, 64 or 128");
   __shared__ float red[kWays > 1 ? 8 * 32 * 32 : 1];  // kWays > 1: each warp's fragments, lane-major
@@ -938,8 +938,11 @@ __global__ void __launch_bounds__(kLrThreads) grouped_lowrank_kernel(
   for (int j = 0; j < 8; ++j)
 #pragma unroll
     for (int c = 0; c < 4; ++c) acc[j][c] = 0.f;
-  if (m0 < m_end)
-    lowrank_tile_warp<T>(x, v, tl.x, m0, m_end, r0, K, R, v_estride, min(k_stop, k_begin + way * way_chunk),
+  // ranks past the expert's own (ranks != nullptr: each expert's rank) come out zero, V not read there: a whole
+  // 64-rank chunk past it does no mma, the chunk holding it stops at its n8 tile and loads zeros past the rank
+  const int rank_e = ranks != nullptr ? min(R, max(0, __ldg(ranks + tl.x))) : R;
+  if (m0 < m_end && r0 < rank_e)
+    lowrank_tile_warp<T>(x, v, tl.x, m0, m_end, r0, K, rank_e, v_estride, min(k_stop, k_begin + way * way_chunk),
                          min(k_stop, k_begin + (way + 1) * way_chunk), acc);
   if constexpr (kWays > 1) {  // ways 1.. hand their fragments to way 0 of their sub-tile
     if (way > 0) {
@@ -1280,10 +1283,10 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   if (R > 0) {
     uta = aligned_contig(ut, 16);
     va = aligned_contig(v, 16);
-    // each expert's rank bounds its low-rank term on the decode path (the tensor-core path runs all R ranks
-    // of every expert, the padding past its rank being zero); the decode kernel finds a block's expert from
-    // its U^T offset in 32 bits
-    if (ranks.has_value() && use_gemv && E64 * R * N64 < (1LL << 31)) ranks_i32 = ranks->to(at::kInt).contiguous();
+    // each expert's rank bounds its low-rank term: its t is zero past it (both paths' t kernels, V not read
+    // there) and the decode kernel's epilogue stops there (it finds a block's expert from its U^T offset in 32
+    // bits); the tensor-core kernels' epilogue multiplies those zeros by U^T's padding
+    if (ranks.has_value()) ranks_i32 = ranks->to(at::kInt).contiguous();
   }
   Int3GemmParams p;
   p.x = xa.data_ptr();
@@ -1308,7 +1311,8 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   p.t_splits = t_summed ? 1 : t_splits;
   p.t_split_stride = rows64 * R;
   p.ldx = static_cast<int>(xa.size(1));
-  p.ranks = ranks_i32.defined() ? ranks_i32.data_ptr<int>() : nullptr;
+  // the decode kernel finds a block's expert from its U^T offset in 32 bits; tiles 7-9 read it from the list
+  p.ranks = ranks_i32.defined() && (!use_gemv || E64 * R * N64 < (1LL << 31)) ? ranks_i32.data_ptr<int>() : nullptr;
   if (lookup) {  // tiles from the offsets
     p.offsets = off.data_ptr();
     p.offsets_i64 = off.scalar_type() == at::kLong;
@@ -1350,7 +1354,8 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
         const auto launch = [&](auto tm) {  // the tile's rows, a template parameter
           grouped_lowrank_kernel<TT, decltype(tm)::value><<<grid, kLrThreads, 0, stream>>>(
               reinterpret_cast<const TT*>(xa.data_ptr()), reinterpret_cast<const TT*>(va.data_ptr()), tiles, tbuf,
-              t_sum, t_counters, K, R, vs_, k_chunk, ss_, delay_ns);
+              t_sum, t_counters, K, R, vs_, k_chunk, ss_, delay_ns,
+              ranks_i32.defined() ? ranks_i32.data_ptr<int>() : nullptr);
         };
         if (bm <= 16) launch(std::integral_constant<int, 16>{});
         else if (bm <= 32) launch(std::integral_constant<int, 32>{});

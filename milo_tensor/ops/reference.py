@@ -101,9 +101,9 @@ def int3_grouped_linear(
     output's ``[gate | up]`` halves (N / 2 columns): the gate_up projection hands the down projection
     its input ready, which the CUDA decode kernel writes from its epilogue. ``ranks`` ([E] integers):
     expert e's low-rank term runs over its first ``ranks[e]`` ranks only. A MiLoInt3Tensor's rows past an
-    expert's rank are zero padding, so the result is the same, and the CUDA decode path skips that work:
-    its t = x·Vᵀ is zero there without V being read, and the epilogue stops at the expert's rank (other
-    CUDA paths multiply the padding, so it must be zero, as MiLoInt3Tensor stores it)."""
+    expert's rank are zero padding, so the result is the same, and the CUDA kernels skip that work: their
+    t = x·Vᵀ is zero there without V being read, and the decode kernel's epilogue stops at the expert's
+    rank (the tensor-core kernels' multiplies those zeros by U's padding, which must be finite)."""
     _check_activation(out_activation, "out_activation")
     expert_ranks = _expert_ranks(ranks, qdata.shape[0], ut.shape[1])
     if out_activation == "silu_mul" and qdata.shape[1] % 2:
