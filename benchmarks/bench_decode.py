@@ -130,6 +130,32 @@ def make_step(model, batch, prompt, max_len, device):
     return step, ids
 
 
+def print_step_timeline(prof, steps):
+    """The last profiled step's kernels in start order: start and gap before each (µs after the previous
+    kernel's end), so the launch gaps a step pays, and which kernel each launch follows, can be read."""
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f).get("traceEvents", [])
+    kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    per_step = len(kernels) // max(1, steps)
+    last = kernels[len(kernels) - per_step:]
+    if not last:
+        return
+    t0, prev_end, gaps = last[0]["ts"], last[0]["ts"], 0.0
+    print(f"\nlast compiled step: {per_step} kernels, start / gap / duration in us", flush=True)
+    for e in last:
+        gap = e["ts"] - prev_end
+        gaps += max(0.0, gap)
+        print(f"  {e['ts'] - t0:8.1f} {gap:6.1f} {e['dur']:7.1f}  {e['name'][:100]}", flush=True)
+        prev_end = max(prev_end, e["ts"] + e["dur"])
+    print(f"step span {prev_end - t0:.1f} us, kernel time {sum(e['dur'] for e in last):.1f}, gaps {gaps:.1f}", flush=True)
+
+
 def profile_decode(model, prompt, device, steps=8):
     """Where a decode step's time goes: dynamo graph breaks of the step, and the CUDA kernels of
     eager steps (torch.profiler), top 20 by total time."""
@@ -186,6 +212,7 @@ def profile_decode(model, prompt, device, steps=8):
             pos_t += 1
             sync()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70), flush=True)
+    print_step_timeline(prof, steps)
     buf = io.StringIO()
     stats = pstats.Stats(prof_host, stream=buf)
     print(f"host side of {steps} compiled calls: {stats.total_tt * 1e3 / steps:.3f} ms per call", flush=True)

@@ -738,6 +738,51 @@ def test_combine_cuda_equals_reference(tokens, top_k, E, H, dtype, wdtype):
     torch.testing.assert_close(got.cpu().float(), want.float(), rtol=tol, atol=tol)
 
 
+def _experts_chain(x, ids, weights, gate_up, down, E):
+    """The experts' path as milo_experts_forward runs it, each output's block poisoned beforehand (the
+    blocks freed just before the chain: the allocations of the same sizes get them back)."""
+    tokens, top_k, inter = ids.shape[0], ids.shape[1], down[0].shape[2] * 32 // 3
+    for n, dt in ((tokens * top_k * inter, x.dtype), (tokens * top_k * x.shape[1], x.dtype), (tokens * x.shape[1], x.dtype)):
+        poison = torch.full((n,), float("nan"), device="cuda", dtype=dt)
+        del poison
+    token_of_row, row_of_choice, offsets = torch.ops.milo.moe_route(ids, E)
+    h = torch.ops.milo.int3_grouped_linear(x, offsets, *gate_up, 64, x_rows=token_of_row, out_activation="silu_mul")
+    out = torch.ops.milo.int3_grouped_linear(h, offsets, *down, 64)
+    return torch.ops.milo.moe_combine(out, row_of_choice, weights, offsets)
+
+
+@pytest.mark.parametrize("chain", ["0", "1"])
+@pytest.mark.parametrize("tokens,top_k,E,H,inter", [(1, 8, 16, 2048, 768), (3, 2, 8, 1024, 1536), (4, 6, 12, 2048, 1408)])
+def test_decode_chain_waits(monkeypatch, chain, tokens, top_k, E, H, inter):
+    """The experts' decode chain (moe_route, gate_up's t and decode kernels, down's, moe_combine), each launched
+    programmatically after the kernel before it (MILO_INT3_PDL_CHAIN=1, sm_90), must wait for it: the t kernels
+    are held back 200 us before they write t (MILO_INT3_TEST_T_DELAY_NS), so each decode kernel writes its output
+    that late while the kernel after it (down's t kernel, moe_combine: the decode kernel lets them launch at its
+    start) is already resident; one that read its input before its wait would read the poisoned block.
+    Against the reference ops on the same inputs, and bit-equal to serialized launches (MILO_INT3_PDL=0)."""
+    gen = torch.Generator(device="cuda").manual_seed(tokens * 1000 + E)
+    ranks = [(16, 0, 32, 8)[e % 4] for e in range(E)]
+    gate_up = make_experts(E, 2 * inter, H, ranks, 64, torch.bfloat16, gen)
+    down = make_experts(E, H, inter, ranks, 64, torch.bfloat16, gen)
+    ids = random_expert_ids(gen, tokens, top_k, E, 0.0, torch.int64)
+    weights = torch.rand(tokens, top_k, device="cuda", generator=gen)
+    x = torch.randn(tokens, H, device="cuda", generator=gen).to(torch.bfloat16)
+    monkeypatch.setenv("MILO_INT3_PDL", "0")
+    serial = _experts_chain(x, ids, weights, gate_up, down, E)
+    monkeypatch.setenv("MILO_INT3_PDL", "1")
+    monkeypatch.setenv("MILO_INT3_PDL_CHAIN", chain)
+    monkeypatch.setenv("MILO_INT3_TEST_T_DELAY_NS", "200000")
+    got = _experts_chain(x, ids, weights, gate_up, down, E)
+    torch.cuda.synchronize()
+    assert torch.isfinite(got).all(), "a kernel read a poisoned (not yet written) input"
+    token_of_row, row_of_choice, offsets = ref_ops.moe_route(ids, E)
+    h = ref_ops.int3_grouped_linear(x, offsets, *gate_up, 64, x_rows=token_of_row, out_activation="silu_mul")
+    want = ref_ops.moe_combine(ref_ops.int3_grouped_linear(h, offsets, *down, 64), row_of_choice, weights, offsets)
+    err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+    assert err < 1e-2, f"relative error {err:.3e}"
+    assert torch.equal(got, serial)
+
+
 def test_combine_cuda_other_dtypes_fall_back():
     gen = torch.Generator(device="cuda").manual_seed(3)
     ids = random_expert_ids(gen, 4, 2, 8, 0.3, torch.int64)

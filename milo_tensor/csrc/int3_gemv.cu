@@ -738,6 +738,7 @@ __global__ void __launch_bounds__(kThreads, MINB) int3_gemv_kernel(const Int3Gem
   __shared__ __align__(16) float tsm[MR][kRChunk];  // float2 reads (the mma low-rank term)
   __shared__ uint4 zrow[kXRowBytes / 16];  // the B operand of lanes whose column is another lane's
   __shared__ const void* xrow[MR];         // the input rows (input_row())
+  grid_dep_launch_dependents();  // the kernels launched programmatically after it wait for it at their start
   int tail0;
   const int4 tl = block_tile<kThreads>(p, blockIdx.y, MR, &tail0);
   if (blockIdx.y == 0 && tail0 < p.M) {  // the grouped op's rows past the last expert: no tile covers them

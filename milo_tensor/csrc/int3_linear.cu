@@ -303,6 +303,15 @@ bool programmatic_after_t(int R, const DevInfo& d) {
   return R > 0 && d.major >= 9 && env_int("MILO_INT3_PDL", 1) != 0;
 }
 
+}  // namespace
+
+bool chain_programmatic() {
+  static const bool sm90 = dev_info().major >= 9;  // (one device kind per process)
+  return sm90 && env_int("MILO_INT3_PDL", 1) != 0 && env_int("MILO_INT3_PDL_CHAIN", 1) != 0;
+}
+
+namespace {
+
 // tests only: how long the t kernels sleep before writing t (MILO_INT3_TEST_T_DELAY_NS, 0 = not at all), so a
 // test catches a kernel launched programmatically after them that reads t without waiting
 unsigned test_t_delay_ns() { return static_cast<unsigned>(std::max(0, env_int("MILO_INT3_TEST_T_DELAY_NS", 0))); }
@@ -370,6 +379,7 @@ template <typename T, bool kAct, int kThreads>
 __global__ void __launch_bounds__(kThreads, kThreads == 1024 ? 2 : 1)
     lowrank_t_rows_kernel(const Int3GemmParams p, const T* __restrict__ v, float* __restrict__ t, int splits,
                           int k_chunk, unsigned delay_ns) {
+  grid_dep_wait();  // launched programmatically (chain_programmatic()): the kernel before it is done from here
   grid_dep_launch_dependents();
   const int4 tl = block_tile<kThreads>(p, blockIdx.y, kTRows);  // every thread (block scans)
   const int gw = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
@@ -451,12 +461,13 @@ void launch_lowrank_t_rows(at::ScalarType xt, const Int3GemmParams& p, const voi
   dispatch_dtype_act(xt, p.act == kActSiluMul, [&](auto dtype, auto act) {
     using TT = typename decltype(dtype)::type;
     constexpr bool kAct = decltype(act)::value;
+    const TT* vt = reinterpret_cast<const TT*>(v);
     if (wide)
-      lowrank_t_rows_kernel<TT, kAct, 1024><<<blocks, 1024, 0, stream>>>(p, reinterpret_cast<const TT*>(v), t, splits,
-                                                                         k_chunk, delay_ns);
+      launch_programmatic_if(lowrank_t_rows_kernel<TT, kAct, 1024>, blocks, dim3(1024), 0, chain_programmatic(), stream,
+                             p, vt, t, splits, k_chunk, delay_ns);
     else
-      lowrank_t_rows_kernel<TT, kAct, 256><<<blocks, 256, 0, stream>>>(p, reinterpret_cast<const TT*>(v), t, splits,
-                                                                       k_chunk, delay_ns);
+      launch_programmatic_if(lowrank_t_rows_kernel<TT, kAct, 256>, blocks, dim3(256), 0, chain_programmatic(), stream,
+                             p, vt, t, splits, k_chunk, delay_ns);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -475,6 +486,7 @@ template <typename T, bool kAct>
 __global__ void __launch_bounds__(kTileTRanks * 32, 2)
     lowrank_t_tile_kernel(const Int3GemmParams p, const T* __restrict__ v, float* __restrict__ t, int k_chunk,
                           unsigned delay_ns) {
+  grid_dep_wait();  // as lowrank_t_rows_kernel
   grid_dep_launch_dependents();
   __shared__ __align__(16) T xs[kTRows * kTileTMaxChunk];
   const int4 tl = block_tile<kTileTRanks * 32>(p, blockIdx.x, kTRows);  // every thread (block scans)
@@ -561,8 +573,8 @@ void launch_lowrank_t_tile(at::ScalarType xt, const Int3GemmParams& p, const voi
   const unsigned delay_ns = test_t_delay_ns();
   dispatch_dtype_act(xt, p.act == kActSiluMul, [&](auto dtype, auto act) {
     using TT = typename decltype(dtype)::type;
-    lowrank_t_tile_kernel<TT, decltype(act)::value><<<grid, kTileTRanks * 32, 0, stream>>>(
-        p, reinterpret_cast<const TT*>(v), t, k_chunk, delay_ns);
+    launch_programmatic_if(lowrank_t_tile_kernel<TT, decltype(act)::value>, grid, dim3(kTileTRanks * 32), 0,
+                           chain_programmatic(), stream, p, reinterpret_cast<const TT*>(v), t, k_chunk, delay_ns);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

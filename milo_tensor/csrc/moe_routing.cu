@@ -13,7 +13,8 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
-#include "int3_gemm.cuh"  // to_float / from_float
+#include "int3_gemm.cuh"    // to_float / from_float, grid_dep_*
+#include "int3_launch.h"    // launch_programmatic_if, chain_programmatic
 
 namespace milo {
 namespace {
@@ -65,6 +66,8 @@ __global__ void moe_route_kernel(const IdT* __restrict__ ids, int n, int top_k, 
   extern __shared__ int s_next[];  // [E + 1]: count, then the next free row of each key
   __shared__ int warp_sums[32];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;
+  grid_dep_wait();  // launched programmatically (chain_programmatic()): the router's kernels are done from here
+  grid_dep_launch_dependents();
   auto key = [&](int i) -> int {
     const long long e = static_cast<long long>(ids[i]);
     return (e >= 0 && e < E) ? static_cast<int>(e) : E;
@@ -107,6 +110,7 @@ template <typename T, typename WT, int VEC>
 __global__ void moe_combine_kernel(const T* __restrict__ out, const int* __restrict__ row_of_choice,
                                    const WT* __restrict__ w, const int* __restrict__ offsets, int E, int top_k,
                                    int H, T* __restrict__ y) {
+  grid_dep_wait();  // as moe_route_kernel: the experts' last kernel is done from here
   const int t = blockIdx.x;
   const int end = E > 0 ? offsets[E - 1] : 0;
   for (int h0 = threadIdx.x * VEC; h0 < H; h0 += blockDim.x * VEC) {
@@ -155,14 +159,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_route_cuda(const at::Tensor& 
   const int threads = static_cast<int>(std::min<int64_t>(kRouteMaxThreads, std::max<int64_t>(32, ((std::max(n, E + 1) + 31) / 32) * 32)));
   const size_t smem = (E + 1) * sizeof(int);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const bool pdl = chain_programmatic();
+  int *tor = token_of_row.data_ptr<int>(), *roc = row_of_choice.data_ptr<int>(), *off = offsets.data_ptr<int>();
   if (ids.scalar_type() == at::kLong)
-    moe_route_kernel<int64_t><<<1, threads, smem, stream>>>(ids.data_ptr<int64_t>(), n, top_k, E,
-                                                            token_of_row.data_ptr<int>(),
-                                                            row_of_choice.data_ptr<int>(), offsets.data_ptr<int>());
+    launch_programmatic_if(moe_route_kernel<int64_t>, dim3(1), dim3(threads), smem, pdl, stream,
+                           ids.data_ptr<int64_t>(), n, top_k, E, tor, roc, off);
   else
-    moe_route_kernel<int32_t><<<1, threads, smem, stream>>>(ids.data_ptr<int32_t>(), n, top_k, E,
-                                                            token_of_row.data_ptr<int>(),
-                                                            row_of_choice.data_ptr<int>(), offsets.data_ptr<int>());
+    launch_programmatic_if(moe_route_kernel<int32_t>, dim3(1), dim3(threads), smem, pdl, stream,
+                           ids.data_ptr<int32_t>(), n, top_k, E, tor, roc, off);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {token_of_row, row_of_choice, offsets};
 }
@@ -177,12 +181,14 @@ void launch_combine(const at::Tensor& out, const at::Tensor& rows, const at::Ten
   const T* op = reinterpret_cast<const T*>(out.data_ptr());
   const WT* wp = reinterpret_cast<const WT*>(w.data_ptr());
   T* yp = reinterpret_cast<T*>(y.data_ptr());
+  const bool pdl = chain_programmatic();
+  const int *rp = rows.data_ptr<int>(), *offp = off.data_ptr<int>();
   if (vec)
-    moe_combine_kernel<T, WT, V><<<tokens, threads, 0, stream>>>(op, rows.data_ptr<int>(), wp, off.data_ptr<int>(),
-                                                                 E, top_k, H, yp);
+    launch_programmatic_if(moe_combine_kernel<T, WT, V>, dim3(tokens), dim3(threads), 0, pdl, stream, op, rp, wp, offp,
+                           E, top_k, H, yp);
   else
-    moe_combine_kernel<T, WT, 1><<<tokens, threads, 0, stream>>>(op, rows.data_ptr<int>(), wp, off.data_ptr<int>(),
-                                                                 E, top_k, H, yp);
+    launch_programmatic_if(moe_combine_kernel<T, WT, 1>, dim3(tokens), dim3(threads), 0, pdl, stream, op, rp, wp, offp,
+                           E, top_k, H, yp);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
