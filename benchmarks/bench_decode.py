@@ -26,6 +26,8 @@ Methods:
   <method>+freeze  any of the above compiled with torch._inductor.config.freezing = True: the
             parameters become constants of the compiled graph instead of inputs that every call
             unwraps and checks (for milo: its tensor subclass, per weight, in Python)
+  <method>+topk  the routers' softmax, top-k and renormalization through milo::router_topk
+            (fuse_router_topk); options combine: milo+freeze+topk
 """
 
 from __future__ import annotations
@@ -270,11 +272,11 @@ def run_method(meth, args, device, compile_):
     """One method in this process: a row per batch size (decode_tps's dict plus method, batch and
     weight GiB), or one row with an error; with --profile, the profile and no rows."""
     rows, model = [], None
-    base, _, option = meth.partition("+")
+    base, *options = meth.split("+")
     try:
-        if option not in ("", "freeze"):
-            raise ValueError(f"unknown method option +{option} (known: +freeze)")
-        if option == "freeze":
+        if set(options) - {"freeze", "topk"}:
+            raise ValueError(f"unknown method option in {meth} (known: +freeze, +topk)")
+        if "freeze" in options:
             import torch._inductor.config as inductor_config
 
             inductor_config.freezing = True
@@ -285,6 +287,10 @@ def run_method(meth, args, device, compile_):
             model = to_milo(model, device, attn_rank=0, expert_rank=0)
         elif base == "ao-int4":
             model = to_ao_int4(model)
+        if "topk" in options:
+            from milo_tensor import fuse_router_topk
+
+            print(f"{meth}: {fuse_router_topk(model)} routers through milo::router_topk", flush=True)
         if args.profile:
             print(f"== {meth}", flush=True)
             profile_decode(model, args.prompt, device)

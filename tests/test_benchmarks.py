@@ -53,16 +53,16 @@ def test_decode_benchmark_smoke(tmp_path):
     milo model holds fewer weight bytes than bf16."""
     out, rows_json = tmp_path / "d.md", tmp_path / "rows.json"
     cmd = [sys.executable, os.path.join(REPO, "benchmarks", "bench_decode.py"), "--smoke", "--steps", "2", "--warm", "1",
-           "--methods", "bf16,milo,milo+freeze", "--out", str(out), "--rows-json", str(rows_json)]
+           "--methods", "bf16,milo,milo+freeze,milo+topk", "--out", str(out), "--rows-json", str(rows_json)]
     subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, timeout=600)
     rows = {r["method"]: r for r in json.load(open(rows_json))}
-    assert set(rows) == {"bf16", "milo", "milo+freeze"}, rows
+    assert set(rows) == {"bf16", "milo", "milo+freeze", "milo+topk"}, rows
     for r in rows.values():
         assert "error" not in r, r
         assert r["tok_s"] > 0 and r["tok_s_synced"] > 0 and r["host_ms"] > 0
         assert r["ms"] == pytest.approx(1e3 / r["tok_s"], rel=1e-6)
     assert rows["milo"]["gib"] < rows["bf16"]["gib"]
-    assert rows["milo+freeze"]["gib"] == pytest.approx(rows["milo"]["gib"])
+    assert rows["milo+freeze"]["gib"] == pytest.approx(rows["milo"]["gib"]) == rows["milo+topk"]["gib"]
     table = open(out).read()
     assert "| bf16 | 1 |" in table and "| milo | 1 |" in table
 

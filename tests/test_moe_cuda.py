@@ -783,6 +783,31 @@ def test_decode_chain_waits(monkeypatch, chain, tokens, top_k, E, H, inter):
     assert torch.equal(got, serial)
 
 
+@pytest.mark.parametrize("tokens,E,k", [(1, 8, 2), (5, 128, 8), (300, 64, 6), (3, 1000, 32), (2, 1500, 4), (4, 60, 40)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_router_topk_cuda(tokens, E, k, dtype, renormalize):
+    """The router's softmax, top-k and renormalization on the GPU (the reference until the one-kernel impl of
+    docs/unmerged/router-topk-cuda.patch lands: E up to 1024, k up to 32, so the last two cases take torch's ops
+    there): the k largest probabilities (any order among equal ones: bf16 logits tie), in descending order,
+    their values as torch computes them; the same indices as torch.topk where logits do not tie (float32)."""
+    gen = torch.Generator(device="cuda").manual_seed(tokens * 1000 + E + k)
+    logits = (torch.randn(tokens, E, device="cuda", generator=gen) * 3).to(dtype)
+    poison = (torch.full((tokens * k,), float("nan"), device="cuda"), torch.full((tokens * k,), -7, device="cuda"))
+    del poison
+    w, idx = torch.ops.milo.router_topk(logits, k, renormalize)
+    want_w, want_idx = ref_ops.router_topk(logits, k, renormalize)  # torch's softmax and topk on the GPU
+    assert w.dtype == torch.float32 and idx.dtype == torch.int64 and w.shape == idx.shape == (tokens, k)
+    probs = torch.softmax(logits.double(), dim=-1)
+    chosen = probs.gather(-1, idx)
+    assert torch.equal(chosen.sort(-1, descending=True).values, probs.topk(k, -1).values), "not the k largest"
+    assert (idx.sort(-1).values.diff(dim=-1) > 0).all(), "an expert chosen twice"
+    assert (w[:, :-1] >= w[:, 1:]).all(), "not descending"
+    torch.testing.assert_close(w, want_w, rtol=2e-6, atol=1e-7)
+    if dtype == torch.float32:
+        assert torch.equal(idx, want_idx)
+
+
 def test_combine_cuda_other_dtypes_fall_back():
     gen = torch.Generator(device="cuda").manual_seed(3)
     ids = random_expert_ids(gen, 4, 2, 8, 0.3, torch.int64)

@@ -27,11 +27,14 @@ _lib.define(
 # MoE routing glue around the grouped op: one launch each on CUDA instead of a dozen small ones
 _lib.define("moe_route(Tensor expert_ids, int num_experts) -> (Tensor, Tensor, Tensor)")
 _lib.define("moe_combine(Tensor out, Tensor row_of_choice, Tensor weights, Tensor offsets) -> Tensor")
+# the router's softmax, top-k and renormalization in one launch on CUDA (torch: four to five kernels)
+_lib.define("router_topk(Tensor logits, int top_k, bool renormalize) -> (Tensor, Tensor)")
 
 _lib.impl("int3_linear", reference.int3_linear, "CompositeExplicitAutograd")
 _lib.impl("int3_grouped_linear", reference.int3_grouped_linear, "CompositeExplicitAutograd")
 _lib.impl("moe_route", reference.moe_route, "CompositeExplicitAutograd")
 _lib.impl("moe_combine", reference.moe_combine, "CompositeExplicitAutograd")
+_lib.impl("router_topk", reference.router_topk, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("milo::int3_linear")
@@ -62,6 +65,14 @@ def _moe_route_fake(expert_ids, num_experts):
 def _moe_combine_fake(out, row_of_choice, weights, offsets):
     torch._check(row_of_choice.numel() == weights.numel(), lambda: "moe_combine: one row per (token, choice)")
     return out.new_empty((weights.shape[0], out.shape[-1]))
+
+
+@torch.library.register_fake("milo::router_topk")
+def _router_topk_fake(logits, top_k, renormalize):
+    torch._check(logits.dim() == 2, lambda: "router_topk: logits must be [tokens, experts]")
+    torch._check(1 <= top_k <= logits.shape[-1], lambda: "router_topk: top_k must be in [1, experts]")
+    n = logits.shape[0]
+    return logits.new_empty((n, top_k), dtype=torch.float32), logits.new_empty((n, top_k), dtype=torch.int64)
 
 
 def _int3_linear_setup_context(ctx, inputs, output):

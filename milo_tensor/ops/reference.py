@@ -158,6 +158,22 @@ def moe_route(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor,
     return token_of_row, row_of_choice.to(torch.int32), offsets.to(torch.int32)
 
 
+def router_topk(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A top-k router's selection as transformers' Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE routers compute it:
+    softmax over the experts in float32, the top_k largest (descending, as torch.topk), divided by their sum
+    when ``renormalize``. Returns (weights float32 [tokens, top_k], expert indices int64 [tokens, top_k]);
+    the CUDA impl breaks ties between equal logits toward the lower expert index."""
+    if logits.dim() != 2:
+        raise ValueError(f"router_topk: logits must be [tokens, experts], got shape {tuple(logits.shape)}")
+    if not 1 <= top_k <= logits.shape[-1]:
+        raise ValueError(f"router_topk: top_k must be in [1, {logits.shape[-1]}] (the experts), got {top_k}")
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    weights, indices = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, indices
+
+
 def moe_combine(
     out: torch.Tensor, row_of_choice: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor
 ) -> torch.Tensor:
