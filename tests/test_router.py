@@ -5,7 +5,7 @@ import pytest
 import torch
 from models import decode_step, static_cache_decode_logits, tiny_moe
 
-from milo_tensor import fuse_router_topk
+from milo_tensor import fuse_router_topk, milo_int3, quantize_
 from milo_tensor.ops import reference as ref_ops
 
 
@@ -106,3 +106,16 @@ def test_training_takes_the_routers_own_forward():
     _, w, _ = router(torch.randn(3, 64, dtype=torch.float64))
     (w * torch.tensor([1.0, 3.0], dtype=w.dtype)).sum().backward()  # (renormalized weights sum to 1 a token)
     assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
+
+
+def test_quantized_model_compiles_fullgraph_with_fused_routers():
+    """A quantized Qwen3-MoE with its routers fused compiles whole (the op's fake impl) and gives the logits of
+    the model before fusion."""
+    model = tiny_moe("qwen3_moe")
+    quantize_(model, milo_int3(4, iters=2), progress=False)
+    ids = torch.randint(3, 256, (1, 8), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        before = model(ids).logits
+        assert fuse_router_topk(model) == 2
+        out = torch.compile(model, fullgraph=True)(ids).logits
+    torch.testing.assert_close(out, before, rtol=1e-4, atol=1e-4)
