@@ -4,8 +4,9 @@ transformers' top-k routers (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) compute ``F.l
 then a float32 softmax, ``torch.topk`` and, where the model asks, the chosen probabilities divided by
 their sum. Compiled, that is a softmax kernel, torch.topk's select and sort kernels and the
 renormalization: about 10 µs of a 174 µs Mixtral-shaped decode layer on an H100 (docs/benchmarks.md,
-2026-12-07 11:55 UTC), for a [1, E] matrix. The op does it in one launch on CUDA (and as those torch
-ops elsewhere). Only the router's forward changes; its parameters and state dict stay as they are.
+2026-12-07 11:55 UTC), for a [1, E] matrix. The op is there to do it in one launch on CUDA; that kernel
+is not merged yet (docs/unmerged/router-topk-cuda.patch, not run on a GPU), so today the op runs those
+torch ops on every device. Only the router's forward changes; its parameters and state dict stay as they are.
 
 A router is swapped only if, on a random batch, the fused forward returns what its own forward does
 (the same logits, the same weights up to float rounding, the same chosen probabilities): a router of
