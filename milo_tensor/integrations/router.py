@@ -26,14 +26,18 @@ __all__ = ["fuse_router_topk"]
 logger = logging.getLogger(__name__)
 
 
+def _topk_forward(router: nn.Module, hidden_states: torch.Tensor, renormalize: bool, cast: bool):
+    """What transformers' top-k router returns, (logits, weights, indices), through milo::router_topk."""
+    hidden_states = hidden_states.reshape(-1, router.hidden_dim)
+    logits = F.linear(hidden_states, router.weight)
+    weights, indices = torch.ops.milo.router_topk(logits, router.top_k, renormalize)
+    return logits, (weights.to(logits.dtype) if cast else weights), indices
+
+
 def _fused_forward(self: nn.Module, hidden_states: torch.Tensor):
     if torch.is_grad_enabled() and self.weight.requires_grad:  # the op has no backward: training takes the model's
         return super(type(self), self).forward(hidden_states)
-    hidden_states = hidden_states.reshape(-1, self.hidden_dim)
-    logits = F.linear(hidden_states, self.weight)
-    renormalize, cast = self._milo_router
-    weights, indices = torch.ops.milo.router_topk(logits, self.top_k, renormalize)
-    return logits, (weights.to(logits.dtype) if cast else weights), indices
+    return _topk_forward(self, hidden_states, *self._milo_router)
 
 
 def _candidate(router: nn.Module) -> tuple[bool, bool] | None:
@@ -50,15 +54,16 @@ def _candidate(router: nn.Module) -> tuple[bool, bool] | None:
 
 
 @torch.no_grad()
-def _same_as_own_forward(router: nn.Module, tokens: int = 16) -> bool:
-    """The fused forward against the router's own on a random batch: equal logits, weights within float
-    rounding, and the same chosen probabilities (equal logits may be chosen in another order)."""
+def _same_as_own_forward(router: nn.Module, candidate: tuple[bool, bool], tokens: int = 16) -> bool:
+    """The fused forward (``candidate``: renormalize, cast) against the router's own on a random batch: equal
+    logits, weights within float rounding, and the same chosen probabilities (equal logits may be chosen in
+    another order)."""
     weight = router.weight
     gen = torch.Generator(device=weight.device).manual_seed(0)
     x = torch.randn(tokens, weight.shape[1], generator=gen, device=weight.device).to(weight.dtype)
     try:
-        own = type(router).forward(router, x)
-        fused = _fused_forward(router, x)
+        own = router(x)
+        fused = _topk_forward(router, x, *candidate)
     except Exception as err:  # a router whose forward does something else with its inputs
         logger.debug("router_topk: %s not fused (%s)", type(router).__name__, err)
         return False
@@ -87,11 +92,10 @@ def fuse_router_topk(model: nn.Module) -> int:
         candidate = _candidate(module)
         if candidate is None:
             continue
-        module._milo_router = candidate
-        if not _same_as_own_forward(module):
-            del module._milo_router
+        if not _same_as_own_forward(module, candidate):
             logger.info("router_topk: %s (%s) keeps its own forward: the fused one differs", name, type(module).__name__)
             continue
+        module._milo_router = candidate
         cls = type(module)
         module.__class__ = type(f"MiLoTopK{cls.__name__}", (cls,), {"forward": _fused_forward})
         swapped += 1
