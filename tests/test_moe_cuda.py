@@ -595,20 +595,26 @@ def test_model_grouped_equals_expert_loop():
     assert ((grouped - loop).norm() / loop.norm()).item() < 5e-2
 
 
-@pytest.mark.parametrize("ranks", ["uniform", "ragged"])
-@pytest.mark.parametrize("freezing", [False, True])
-def test_model_decode_compiled_and_graphed(freezing, ranks):
+@pytest.mark.parametrize("freezing,ranks,routers", [(False, "uniform", False), (True, "uniform", False),
+                                                     (False, "ragged", False), (True, "ragged", False),
+                                                     (True, "uniform", True)])
+def test_model_decode_compiled_and_graphed(freezing, ranks, routers):
     """One decode step (static KV cache) compiled with CUDA graphs equals the eager step, also with
     inductor freezing (README's setting: weights as graph constants, one KV cache reset between
-    prompts and still written), and with ragged expert ranks (the grouped op's ranks, a graph constant)."""
+    prompts and still written), with ragged expert ranks (the grouped op's ranks, a graph constant), and
+    with the routers fused (fuse_router_topk: milo::router_topk's kernel in the graph; eager without)."""
     import torch._inductor.config as inductor_config
     from models import decode_step, static_cache_decode_logits
     from transformers import StaticCache
+
+    from milo_tensor import fuse_router_topk
 
     model = _tiny_quantized(ranks=ranks)
     ids = torch.randint(3, 256, (2, 6), device="cuda")
     step = decode_step(model)
     eager = static_cache_decode_logits(model, ids, step)
+    if routers:
+        assert fuse_router_topk(model) == model.config.num_hidden_layers
     cache = StaticCache(config=model.config, max_cache_len=32)
     torch._dynamo.reset()
     with inductor_config.patch(freezing=freezing):
@@ -783,29 +789,63 @@ def test_decode_chain_waits(monkeypatch, chain, tokens, top_k, E, H, inter):
     assert torch.equal(got, serial)
 
 
-@pytest.mark.parametrize("tokens,E,k", [(1, 8, 2), (5, 128, 8), (300, 64, 6), (3, 1000, 32), (2, 1500, 4), (4, 60, 40)])
+@pytest.mark.parametrize("tokens,E,H,k", [
+    (1, 8, 4096, 2),     # Mixtral-shaped: one block a token
+    (3, 60, 2048, 4),    # Qwen2-MoE-shaped: a cluster of 4 blocks (sm_90)
+    (1, 128, 2048, 8),   # Qwen3-shaped: 8 blocks
+    (64, 64, 2048, 8),   # OLMoE-shaped, the fused kernel's most tokens
+    (65, 64, 2048, 8),   # cuBLAS's logits, the top-k kernel
+    (300, 10, 264, 3),   # 10 experts over 3 blocks
+    (3, 1000, 64, 32),   # the top-k kernel's most experts and k
+    (2, 1500, 64, 4),    # more experts than threads: torch's ops
+    (4, 60, 64, 40),     # k past 32: torch's ops
+    (5, 16, 100, 2),     # fp16 / bf16 rows not of whole 16-byte pieces: cuBLAS's logits
+])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("renormalize", [False, True])
-def test_router_topk_cuda(tokens, E, k, dtype, renormalize):
-    """The router's softmax, top-k and renormalization on the GPU (the reference until the one-kernel impl of
-    docs/unmerged/router-topk-cuda.patch lands: E up to 1024, k up to 32, so the last two cases take torch's ops
-    there): the k largest probabilities (any order among equal ones: bf16 logits tie), in descending order,
-    their values as torch computes them; the same indices as torch.topk where logits do not tie (float32)."""
-    gen = torch.Generator(device="cuda").manual_seed(tokens * 1000 + E + k)
-    logits = (torch.randn(tokens, E, device="cuda", generator=gen) * 3).to(dtype)
-    poison = (torch.full((tokens * k,), float("nan"), device="cuda"), torch.full((tokens * k,), -7, device="cuda"))
-    del poison
-    w, idx = torch.ops.milo.router_topk(logits, k, renormalize)
-    want_w, want_idx = ref_ops.router_topk(logits, k, renormalize)  # torch's softmax and topk on the GPU
+def test_router_topk_cuda(tokens, E, H, k, dtype, renormalize):
+    """A top-k router's forward on the GPU (the one-kernel GEMV up to 64 tokens, past it the top-k kernel after
+    cuBLAS's logits, torch's ops past 1024 experts or k > 32): logits as x @ W^T (float64) within the dtype's
+    rounding; the k largest probabilities of the logits returned (any order among equal ones: 16-bit logits
+    tie), descending, their values as torch computes them from those logits; in float32 the same indices as
+    torch.topk."""
+    gen = torch.Generator(device="cuda").manual_seed(tokens * 1000 + E + k + H)
+    x = torch.randn(tokens, H, device="cuda", generator=gen).to(dtype)
+    weight = (torch.randn(E, H, device="cuda", generator=gen) * (3 / H ** 0.5)).to(dtype)
+    logits, w, idx = torch.ops.milo.router_topk(x, weight, k, renormalize)
+    assert logits.dtype == dtype and logits.shape == (tokens, E)
     assert w.dtype == torch.float32 and idx.dtype == torch.int64 and w.shape == idx.shape == (tokens, k)
+    exact = x.double() @ weight.double().T
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(logits.double(), exact, rtol=tol, atol=tol)
     probs = torch.softmax(logits.double(), dim=-1)
     chosen = probs.gather(-1, idx)
     assert torch.equal(chosen.sort(-1, descending=True).values, probs.topk(k, -1).values), "not the k largest"
     assert (idx.sort(-1).values.diff(dim=-1) > 0).all(), "an expert chosen twice"
     assert (w[:, :-1] >= w[:, 1:]).all(), "not descending"
-    torch.testing.assert_close(w, want_w, rtol=2e-6, atol=1e-7)
+    _, want_w, want_idx = ref_ops.router_topk(x, weight, k, renormalize)  # torch's ops on the GPU
+    p32 = torch.softmax(logits.float(), dim=-1).gather(-1, idx)
+    torch.testing.assert_close(w, p32 / p32.sum(-1, keepdim=True) if renormalize else p32, rtol=2e-6, atol=1e-7)
     if dtype == torch.float32:
-        assert torch.equal(idx, want_idx)
+        assert torch.equal(idx, probs.topk(k, -1).indices)
+        torch.testing.assert_close(w, want_w, rtol=1e-4, atol=1e-6)
+
+
+def test_router_topk_cuda_in_a_graph():
+    """The fused router captured in a CUDA graph (with the chain's programmatic launches) and replayed on new
+    inputs gives the eager result."""
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    x = torch.randn(2, 2048, device="cuda", generator=gen).to(torch.bfloat16)
+    weight = (torch.randn(128, 2048, device="cuda", generator=gen) * 0.05).to(torch.bfloat16)
+    torch.ops.milo.router_topk(x, weight, 8, True)  # warm-up (first-use checks) outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = torch.ops.milo.router_topk(x, weight, 8, True)
+    x.copy_(torch.randn(2, 2048, device="cuda", generator=gen).to(torch.bfloat16))
+    graph.replay()
+    want = torch.ops.milo.router_topk(x, weight, 8, True)
+    for a, b in zip(out, want):
+        assert torch.equal(a, b)
 
 
 def test_combine_cuda_other_dtypes_fall_back():

@@ -1,5 +1,5 @@
-"""milo::router_topk and fuse_router_topk: a top-k router's softmax, top-k and renormalization as one op,
-against torch's own ops (float64 where the model is) and transformers' router forwards."""
+"""milo::router_topk and fuse_router_topk: a top-k router's forward (GEMM, softmax, top-k, renormalization) as
+one op, against torch's own ops (float64 where the model is) and transformers' router forwards."""
 
 import pytest
 import torch
@@ -11,10 +11,14 @@ from milo_tensor.ops import reference as ref_ops
 
 @pytest.mark.parametrize("renormalize", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_reference_op_is_softmax_topk(renormalize, dtype):
+def test_reference_op_is_linear_softmax_topk(renormalize, dtype):
     gen = torch.Generator().manual_seed(3)
-    logits = (torch.randn(9, 12, generator=gen, dtype=torch.float64) * 3).to(dtype)
-    w, idx = torch.ops.milo.router_topk(logits, 4, renormalize)
+    x = torch.randn(9, 40, generator=gen, dtype=torch.float64).to(dtype)
+    weight = (torch.randn(12, 40, generator=gen, dtype=torch.float64) * 0.5).to(dtype)
+    logits, w, idx = torch.ops.milo.router_topk(x, weight, 4, renormalize)
+    assert logits.dtype == dtype and logits.shape == (9, 12)
+    torch.testing.assert_close(logits.double(), x.double() @ weight.double().T,
+                               **({} if dtype == torch.float64 else {"rtol": 2e-2, "atol": 2e-2}))
     probs = torch.softmax(logits.double(), dim=-1)
     assert w.dtype == torch.float32 and idx.dtype == torch.int64 and w.shape == idx.shape == (9, 4)
     chosen = probs.gather(-1, idx)
@@ -26,9 +30,11 @@ def test_reference_op_is_softmax_topk(renormalize, dtype):
 
 def test_reference_op_refuses_bad_input():
     with pytest.raises(ValueError, match=r"top_k must be in \[1, 4\]"):
-        ref_ops.router_topk(torch.randn(2, 4), 5, True)
-    with pytest.raises(ValueError, match="must be \\[tokens, experts\\]"):
-        ref_ops.router_topk(torch.randn(2, 3, 4), 2, True)
+        ref_ops.router_topk(torch.randn(2, 8), torch.randn(4, 8), 5, True)
+    with pytest.raises(ValueError, match=r"x must be \[tokens, hidden\] and weight \[experts, hidden\]"):
+        ref_ops.router_topk(torch.randn(2, 8), torch.randn(4, 7), 2, True)
+    with pytest.raises(ValueError, match=r"x must be \[tokens, hidden\]"):
+        ref_ops.router_topk(torch.randn(2, 3, 8), torch.randn(4, 8), 2, True)
 
 
 def _tiny(family, **overrides):

@@ -29,7 +29,7 @@ void launch_programmatic_if(void (*kern)(KArgs...), dim3 grid, dim3 block, size_
   C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, args...));
 }
 
-// Whether the launches of a decode step's chain (moe_route, the t kernels, moe_combine) are programmatic (sm_90;
+// Whether the launches of a decode step's chain (router_topk, moe_route, the t kernels, moe_combine) are programmatic (sm_90;
 // MILO_INT3_PDL=0 or MILO_INT3_PDL_CHAIN=0 turn it off): each such kernel waits for the kernel before it at its
 // start, before reading or writing anything, and only then lets its own dependents launch, so a dependent that
 // reads earlier kernels' outputs before its own wait (the decode kernel reads x and the routing) finds them done.

@@ -27,8 +27,8 @@ _lib.define(
 # MoE routing glue around the grouped op: one launch each on CUDA instead of a dozen small ones
 _lib.define("moe_route(Tensor expert_ids, int num_experts) -> (Tensor, Tensor, Tensor)")
 _lib.define("moe_combine(Tensor out, Tensor row_of_choice, Tensor weights, Tensor offsets) -> Tensor")
-# the router's softmax, top-k and renormalization in one launch on CUDA (torch: four to five kernels)
-_lib.define("router_topk(Tensor logits, int top_k, bool renormalize) -> (Tensor, Tensor)")
+# a top-k router's forward (its GEMM, softmax, top-k and renormalization) in one launch on CUDA (torch: six kernels)
+_lib.define("router_topk(Tensor x, Tensor weight, int top_k, bool renormalize) -> (Tensor, Tensor, Tensor)")
 
 _lib.impl("int3_linear", reference.int3_linear, "CompositeExplicitAutograd")
 _lib.impl("int3_grouped_linear", reference.int3_grouped_linear, "CompositeExplicitAutograd")
@@ -68,11 +68,13 @@ def _moe_combine_fake(out, row_of_choice, weights, offsets):
 
 
 @torch.library.register_fake("milo::router_topk")
-def _router_topk_fake(logits, top_k, renormalize):
-    torch._check(logits.dim() == 2, lambda: "router_topk: logits must be [tokens, experts]")
-    torch._check(1 <= top_k <= logits.shape[-1], lambda: "router_topk: top_k must be in [1, experts]")
-    n = logits.shape[0]
-    return logits.new_empty((n, top_k), dtype=torch.float32), logits.new_empty((n, top_k), dtype=torch.int64)
+def _router_topk_fake(x, weight, top_k, renormalize):
+    torch._check(x.dim() == 2 and weight.dim() == 2 and x.shape[1] == weight.shape[1],
+                 lambda: "router_topk: x must be [tokens, hidden] and weight [experts, hidden]")
+    torch._check(1 <= top_k <= weight.shape[0], lambda: "router_topk: top_k must be in [1, experts]")
+    n = x.shape[0]
+    return (x.new_empty((n, weight.shape[0])), x.new_empty((n, top_k), dtype=torch.float32),
+            x.new_empty((n, top_k), dtype=torch.int64))
 
 
 def _int3_linear_setup_context(ctx, inputs, output):

@@ -7,6 +7,7 @@ judged against the math, not against another low-precision path.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from milo_tensor.quant.packing import unpack_int3
 
@@ -158,20 +159,27 @@ def moe_route(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor,
     return token_of_row, row_of_choice.to(torch.int32), offsets.to(torch.int32)
 
 
-def router_topk(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """A top-k router's selection as transformers' Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE routers compute it:
-    softmax over the experts in float32, the top_k largest (descending, as torch.topk), divided by their sum
-    when ``renormalize``. Returns (weights float32 [tokens, top_k], expert indices int64 [tokens, top_k]);
-    the CUDA impl breaks ties between equal logits toward the lower expert index."""
-    if logits.dim() != 2:
-        raise ValueError(f"router_topk: logits must be [tokens, experts], got shape {tuple(logits.shape)}")
-    if not 1 <= top_k <= logits.shape[-1]:
-        raise ValueError(f"router_topk: top_k must be in [1, {logits.shape[-1]}] (the experts), got {top_k}")
+def router_topk(
+    x: torch.Tensor, weight: torch.Tensor, top_k: int, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A top-k router's forward as transformers' Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE routers compute it:
+    logits = x @ weight.T (in x's dtype, as F.linear), softmax over the experts in float32, the top_k largest
+    (descending, as torch.topk), divided by their sum when ``renormalize``. Returns (logits [tokens, experts],
+    weights float32 [tokens, top_k], expert indices int64 [tokens, top_k]); the CUDA impl breaks ties between
+    equal logits toward the lower expert index."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"router_topk: x must be [tokens, hidden] and weight [experts, hidden], got shapes {tuple(x.shape)} "
+            f"and {tuple(weight.shape)}"
+        )
+    if not 1 <= top_k <= weight.shape[0]:
+        raise ValueError(f"router_topk: top_k must be in [1, {weight.shape[0]}] (the experts), got {top_k}")
+    logits = F.linear(x, weight)
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     weights, indices = torch.topk(probs, top_k, dim=-1)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, indices
+    return logits, weights, indices
 
 
 def moe_combine(
