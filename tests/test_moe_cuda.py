@@ -795,7 +795,7 @@ def test_decode_chain_waits(monkeypatch, chain, tokens, top_k, E, H, inter):
     (1, 128, 2048, 8),   # Qwen3-shaped: 8 blocks
     (64, 64, 2048, 8),   # OLMoE-shaped, the fused kernel's most tokens
     (65, 64, 2048, 8),   # cuBLAS's logits, the top-k kernel
-    (300, 10, 264, 3),   # 10 experts over 3 blocks
+    (7, 10, 8192, 3),    # 10 experts over 3 blocks (bf16: 4, 4, 2)
     (3, 1000, 64, 32),   # the top-k kernel's most experts and k
     (2, 1500, 64, 4),    # more experts than threads: torch's ops
     (4, 60, 64, 40),     # k past 32: torch's ops
