@@ -1,7 +1,7 @@
 """A top-k MoE router's forward (GEMM, float32 softmax, top-k, renormalization): milo::router_topk against
 torch's ops as transformers' routers run them, eager and compiled (inductor), µs per call under CUDA graphs.
 
-    python benchmarks/bench_router.py [--ms 1,8,32,64,256] [--routers mixtral,qwen3,qwen2moe,olmoe] [--out FILE]
+    python benchmarks/bench_router.py [--ms 1,4,16,64,256] [--routers mixtral,qwen3,qwen2moe,olmoe] [--out FILE]
 
 Each call reads another copy of the router's weight (enough copies to leave L2 cold), as a decode step reads
 each layer's router once. Rows: median of the graph replays; `speedup` = torch compiled / milo.
@@ -47,7 +47,7 @@ def milo_router(x, weight, top_k, renormalize):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ms", default="1,8,32,64,256")
+    ap.add_argument("--ms", default="1,4,16,64,256")
     ap.add_argument("--routers", default=",".join(ROUTERS))
     ap.add_argument("--replays", type=int, default=30)
     ap.add_argument("--out", default="")

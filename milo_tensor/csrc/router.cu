@@ -4,10 +4,12 @@
 //
 // Why a kernel: in a compiled decode step the same is the router GEMM (cuBLAS split-K, two kernels, ~6 us) and
 // torch's softmax, topk select, topk sort and renormalization (~11 us), about a tenth of a Mixtral-shaped
-// decode layer (H100, 2026-12-07 11:55 UTC). Here up to kRouterMaxTokens tokens it is one launch: the blocks of
-// a token read the router's weight (an sm_90 cluster of up to 8 blocks, so a large router, e.g. 128 x 2048,
-// is read by 8 SMs), and one block takes the top-k of all the token's logits through distributed shared
-// memory. Past that many tokens (prefill) the GEMM is cuBLAS's and only the top-k is a kernel here.
+// decode layer (H100, 2026-12-07 11:55 UTC). For a small router (up to 128 KB of weight: Mixtral's 8 x 4096)
+// and up to kRouterMaxTokens tokens it is one launch: the blocks of a token, an sm_90 cluster of up to 8, each
+// read 8-16 KB of the weight, and one of them takes the top-k of all the token's logits through distributed
+// shared memory. One block reads its share no faster than about 10 GB/s (H100, 2026-12-07 12:50 UTC: 64 KB in one
+// block 7.8 us, 512 KB over 8 blocks 20 us), so larger routers (Qwen3's 128 x 2048, 512 KB) and more tokens take
+// cuBLAS's GEMM, and only the top-k is a kernel here, one block a token.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -32,9 +34,11 @@ namespace {
 constexpr int kTopkMaxExperts = 1024;  // a thread per expert
 constexpr int kTopkMaxK = 32;
 constexpr int kRouterThreads = 1024;
-constexpr int kRouterMaxTokens = 64;                 // the fused GEMV's tokens; past them cuBLAS computes the logits
-constexpr int kRouterMaxCluster = 8;                 // blocks a token (portable cluster size)
-constexpr int kRouterBytesPerBlock = 64 * 1024;      // of the router's weight, before another block of the cluster
+constexpr int kRouterMaxTokens = 16;            // the fused kernel's tokens; past them cuBLAS computes the logits
+constexpr int kRouterMaxCluster = 8;            // blocks a token (the portable cluster size)
+constexpr int kRouterBytesPerBlock = 8 * 1024;      // of the router's weight a block reads (more blocks, less each)
+constexpr int kRouterMaxBlockBytes = 16 * 1024;     // ... and at most; a larger router takes cuBLAS's GEMM
+constexpr int kRouterMaxBytes = kRouterMaxCluster * kRouterMaxBlockBytes;
 
 struct ValIdx {
   float v;
@@ -43,52 +47,64 @@ struct ValIdx {
 // the larger logit, ties to the lower expert (torch.topk's order among equal values is unspecified)
 __device__ __forceinline__ ValIdx better(ValIdx a, ValIdx b) { return (b.v > a.v || (b.v == a.v && b.i < a.i)) ? b : a; }
 
-// Softmax, top-k and renormalization of one token by the whole block: thread e (< E) holds logit x of expert e
-// (threads past E are ignored). Experts are chosen by logit (softmax is monotone; NaN as the largest, as
-// torch.topk), k rounds of a block argmax; the values are exp(x - max) / sum as torch's softmax computes them.
+// barrier 1 of the block's first n threads (a multiple of 32): the top-k below runs on as many warps as there
+// are experts, not on the whole block (H100, 2026-12-07 13:03 UTC: 1024 threads each looping over the 32 warps'
+// partials took ~5 us of a 9 us Mixtral-shaped router)
+__device__ __forceinline__ void bar_first(int n) { asm volatile("bar.sync 1, %0;\n" ::"r"(n) : "memory"); }
+
+__device__ __forceinline__ ValIdx warp_best(ValIdx c) {
+  for (int o = 16; o > 0; o >>= 1)
+    c = better(c, ValIdx{__shfl_xor_sync(0xffffffffu, c.v, o), __shfl_xor_sync(0xffffffffu, c.i, o)});
+  return c;
+}
+
+// Softmax, top-k and renormalization of one token by the block's first nt = 32 * ceil(E / 32) threads (the
+// others must not call it): thread e (< E) holds logit x of expert e. Experts are chosen by logit (softmax is
+// monotone; NaN as the largest, as torch.topk), k rounds of an argmax (warp shuffles, then each warp reduces
+// the warps' winners, double-buffered: one barrier a round); the values are exp(x - max) / sum as torch's
+// softmax computes them.
 __device__ void block_topk(float x, int E, int k, bool renormalize, float* __restrict__ w_out,
                            int64_t* __restrict__ i_out) {
-  __shared__ float s_f[32];
-  __shared__ int s_i[32];
+  __shared__ float s_max[32], s_sum[32];
+  __shared__ ValIdx s_best[2][32];
   __shared__ float s_p[kTopkMaxK];
   __shared__ int s_e[kTopkMaxK];
-  const int e = threadIdx.x, lane = e & 31, warp = e >> 5, warps = blockDim.x >> 5;
+  const int e = threadIdx.x, lane = e & 31, warp = e >> 5;
+  const int nt = (E + 31) / 32 * 32, warps = nt >> 5;
   if (e >= E) x = -INFINITY;
   float m = x;
   for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-  if (lane == 0) s_f[warp] = m;
-  __syncthreads();
-  m = s_f[0];
-  for (int w = 1; w < warps; ++w) m = fmaxf(m, s_f[w]);
+  if (warps > 1) {
+    if (lane == 0) s_max[warp] = m;
+    bar_first(nt);
+    m = lane < warps ? s_max[lane] : -INFINITY;
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  }
   const float ex = e < E ? expf(x - m) : 0.f;
   float sum = ex;
   for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-  __syncthreads();  // s_f reused
-  if (lane == 0) s_f[warp] = sum;
-  __syncthreads();
-  sum = 0.f;
-  for (int w = 0; w < warps; ++w) sum += s_f[w];
+  if (warps > 1) {
+    if (lane == 0) s_sum[warp] = sum;
+    bar_first(nt);
+    sum = lane < warps ? s_sum[lane] : 0.f;
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  }
   const float key = isnan(x) ? INFINITY : x;
   bool taken = e >= E;
   for (int r = 0; r < k; ++r) {
-    ValIdx c{taken ? -INFINITY : key, taken ? INT_MAX : e};
-    for (int o = 16; o > 0; o >>= 1)
-      c = better(c, ValIdx{__shfl_xor_sync(0xffffffffu, c.v, o), __shfl_xor_sync(0xffffffffu, c.i, o)});
-    __syncthreads();  // the previous round's s_f / s_i reads are done
-    if (lane == 0) {
-      s_f[warp] = c.v;
-      s_i[warp] = c.i;
+    ValIdx b = warp_best(ValIdx{taken ? -INFINITY : key, taken ? INT_MAX : e});
+    if (warps > 1) {  // s_best[r & 1] was last read in round r - 2, before every thread passed round r - 1's barrier
+      if (lane == 0) s_best[r & 1][warp] = b;
+      bar_first(nt);
+      b = warp_best(lane < warps ? s_best[r & 1][lane] : ValIdx{-INFINITY, INT_MAX});
     }
-    __syncthreads();
-    ValIdx b{s_f[0], s_i[0]};
-    for (int w = 1; w < warps; ++w) b = better(b, ValIdx{s_f[w], s_i[w]});
     if (e == b.i) {  // an untaken expert always wins over the taken ones (index INT_MAX), so k <= E are chosen
       taken = true;
       s_p[r] = ex / sum;
       s_e[r] = e;
     }
   }
-  __syncthreads();
+  bar_first(nt);
   if (e < k) {
     float total = 1.f;
     if (renormalize) {
@@ -100,7 +116,7 @@ __device__ void block_topk(float x, int E, int k, bool renormalize, float* __res
   }
 }
 
-// the top-k of logits already computed (past kRouterMaxTokens tokens): one block a token
+// the top-k of logits already computed (cuBLAS's): one block a token
 template <typename T>
 __global__ void router_topk_kernel(const T* __restrict__ logits, int E, int k, bool renormalize,
                                    float* __restrict__ w_out, int64_t* __restrict__ i_out) {
@@ -191,6 +207,7 @@ __global__ void __launch_bounds__(kRouterThreads)
     __syncthreads();
     if (j < E) mine = s_logit[j];
   }
+  if (j >= (E + 31) / 32 * 32) return;  // block_topk's threads only
   block_topk(mine, E, k, renormalize, w_out + t * k, i_out + t * k);
 }
 
@@ -209,16 +226,19 @@ bool cluster_kernel_ok() {
   return ok;
 }
 
+// blocks a token for the fused kernel (a cluster where more than one), or 0 where the router is too large for it
+int fused_blocks(long long weight_bytes, int E) {
+  if (!cluster_kernel_ok()) return weight_bytes <= kRouterMaxBlockBytes ? 1 : 0;
+  if (weight_bytes > kRouterMaxBytes) return 0;
+  return static_cast<int>(std::min<long long>(
+      {kRouterMaxCluster, E, (weight_bytes + kRouterBytesPerBlock - 1) / kRouterBytesPerBlock}));
+}
+
 template <typename T>
 void launch_fused(const at::Tensor& x, const at::Tensor& weight, int k, bool renormalize, const at::Tensor& logits,
-                  const at::Tensor& w, const at::Tensor& idx, cudaStream_t stream) {
+                  const at::Tensor& w, const at::Tensor& idx, int blocks, cudaStream_t stream) {
   const int tokens = static_cast<int>(x.size(0)), H = static_cast<int>(x.size(1));
   const int E = static_cast<int>(weight.size(0));
-  const long long bytes = static_cast<long long>(E) * H * static_cast<long long>(sizeof(T));
-  int blocks = 1;
-  if (cluster_kernel_ok())
-    blocks = static_cast<int>(
-        std::min<long long>({kRouterMaxCluster, E, (bytes + kRouterBytesPerBlock - 1) / kRouterBytesPerBlock}));
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(blocks, tokens);
   cfg.blockDim = dim3(kRouterThreads);
@@ -271,16 +291,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_topk_cuda(const at::Tensor
   at::Tensor idx = at::empty({tokens, top_k}, x.options().dtype(at::kLong));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int k = static_cast<int>(top_k);
-  if (topk_kernel && tokens > 0 && tokens <= kRouterMaxTokens && x.size(1) % (16 / x.element_size()) == 0) {
+  const int blocks = fused_blocks(E * x.size(1) * static_cast<long long>(x.element_size()), static_cast<int>(E));
+  const bool whole_pieces = x.size(1) % (16 / x.element_size()) == 0;  // rows of 16-byte loads
+  if (topk_kernel && blocks > 0 && tokens > 0 && tokens <= kRouterMaxTokens && whole_pieces) {
     const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
     if (aligned16(xc) && aligned16(wc)) {
       at::Tensor logits = at::empty({tokens, E}, x.options());
       if (dt == at::kHalf)
-        launch_fused<half>(xc, wc, k, renormalize, logits, w, idx, stream);
+        launch_fused<half>(xc, wc, k, renormalize, logits, w, idx, blocks, stream);
       else if (dt == at::kBFloat16)
-        launch_fused<__nv_bfloat16>(xc, wc, k, renormalize, logits, w, idx, stream);
+        launch_fused<__nv_bfloat16>(xc, wc, k, renormalize, logits, w, idx, blocks, stream);
       else
-        launch_fused<float>(xc, wc, k, renormalize, logits, w, idx, stream);
+        launch_fused<float>(xc, wc, k, renormalize, logits, w, idx, blocks, stream);
       return {logits, w, idx};
     }
   }
