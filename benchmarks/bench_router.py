@@ -15,13 +15,13 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import env_header, time_graph  # noqa: E402
 
 import milo_tensor  # noqa: E402,F401  (registers milo::router_topk and loads the CUDA kernels)
+from milo_tensor.ops.reference import router_topk as torch_router  # noqa: E402  (torch's ops, as transformers' routers)
 
 # name: (experts, hidden, top_k, renormalize), as transformers' configs of those models
 ROUTERS = {
@@ -30,15 +30,6 @@ ROUTERS = {
     "qwen2moe": (60, 2048, 4, False),
     "olmoe": (64, 2048, 8, False),
 }
-
-
-def torch_router(x, weight, top_k, renormalize):
-    logits = F.linear(x, weight)
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-    w, idx = torch.topk(probs, top_k, dim=-1)
-    if renormalize:
-        w = w / w.sum(dim=-1, keepdim=True)
-    return logits, w, idx
 
 
 def milo_router(x, weight, top_k, renormalize):
