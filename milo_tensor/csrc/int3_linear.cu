@@ -1242,9 +1242,10 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   // split-K of the low-rank pre-step: the tile kernel before the decode kernel (MILO_INT3_GROUPED_T_TILE=0: the
   // dense op's rows kernel), else the tiled kernel
   const bool t_tile = use_gemv && env_int("MILO_INT3_GROUPED_T_TILE", 1) != 0;
-  const auto [t_splits, k_chunk] = t_tile     ? tile_t_splits(dinfo.sms, est, R, K, true)
-                                   : use_gemv ? lowrank_rows_splits(K)
-                                              : tiled_lowrank_splits(dinfo.sms, est, bm, R, K);
+  const std::pair<int, int> t_split = t_tile     ? tile_t_splits(dinfo.sms, est, R, K, true)
+                                      : use_gemv ? lowrank_rows_splits(K)
+                                                 : tiled_lowrank_splits(dinfo.sms, est, bm, R, K);
+  const int t_splits = t_split.first, k_chunk = t_split.second;  // (not a structured binding: a lambda captures it)
   // the tiled t kernel sums its own splits (into t_sum, counters per tile and rank chunk); the decode kernel
   // sums the rows kernel's
   const bool t_summed = R > 0 && !use_gemv && t_splits > 1;
