@@ -26,8 +26,8 @@ Methods:
   <method>+freeze  any of the above compiled with torch._inductor.config.freezing = True: the
             parameters become constants of the compiled graph instead of inputs that every call
             unwraps and checks (for milo: its tensor subclass, per weight, in Python)
-  <method>+topk  the routers' softmax, top-k and renormalization through milo::router_topk
-            (fuse_router_topk); options combine: milo+freeze+topk
+  <method>+topk  the routers' whole forward (GEMM, softmax, top-k, renormalization) through
+            milo::router_topk (fuse_router_topk); options combine: milo+freeze+topk
 """
 
 from __future__ import annotations
@@ -345,7 +345,7 @@ def main():
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--warm", type=int, default=4)
-    ap.add_argument("--methods", default="bf16,ao-int4,milo,bf16+freeze,milo+freeze")
+    ap.add_argument("--methods", default="bf16,ao-int4,milo,bf16+freeze,milo+freeze,milo+freeze+topk")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default="")
