@@ -297,10 +297,11 @@ struct Int3GemmParams {
   const int* ranks = nullptr;
 };
 
-// the ranks expert e's low-rank term runs over: its own where the op was given them (Int3GemmParams::ranks)
-__device__ __forceinline__ int expert_rank(const Int3GemmParams& p, int e) {
-  return p.ranks != nullptr ? min(p.R, max(0, __ldg(p.ranks + e))) : p.R;
+// the ranks expert e's low-rank term runs over: its own (ranks[e], clamped to [0, R]) where the op was given them
+__device__ __forceinline__ int expert_rank(const int* ranks, int R, int e) {
+  return ranks != nullptr ? min(R, max(0, __ldg(ranks + e))) : R;
 }
+__device__ __forceinline__ int expert_rank(const Int3GemmParams& p, int e) { return expert_rank(p.ranks, p.R, e); }
 
 template <typename T, int MT_, int NT_, int WN_, int G_, int STAGES_, int MINB_ = 1>
 struct Int3Cfg {

@@ -12,27 +12,44 @@ namespace milo {
 
 // Launch `kern` on `stream`; programmatic: with programmatic stream serialization (PDL, sm_90), so it
 // may start while the kernel before it in the stream runs (it must griddepcontrol.wait before reading
-// that kernel's output). Shared by the decode and the tensor-core kernels' launchers.
+// that kernel's output); cluster_x > 1: as thread-block clusters of cluster_x blocks along x (sm_90).
 template <typename... KArgs, typename... Args>
-void launch_programmatic_if(void (*kern)(KArgs...), dim3 grid, dim3 block, size_t smem, bool programmatic,
-                            cudaStream_t stream, Args... args) {
+void launch_ex(void (*kern)(KArgs...), dim3 grid, dim3 block, size_t smem, bool programmatic, int cluster_x,
+               cudaStream_t stream, Args... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchAttribute attr[2];
+  int n = 0;
+  if (programmatic) {
+    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  if (cluster_x > 1) {
+    attr[n].id = cudaLaunchAttributeClusterDimension;
+    attr[n].val.clusterDim.x = cluster_x;
+    attr[n].val.clusterDim.y = 1;
+    attr[n++].val.clusterDim.z = 1;
+  }
   cfg.attrs = attr;
-  cfg.numAttrs = programmatic ? 1 : 0;
+  cfg.numAttrs = n;
   C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, args...));
 }
 
-// Whether the launches of a decode step's chain (router_topk, moe_route, the t kernels, moe_combine) are programmatic (sm_90;
-// MILO_INT3_PDL=0 or MILO_INT3_PDL_CHAIN=0 turn it off): each such kernel waits for the kernel before it at its
-// start, before reading or writing anything, and only then lets its own dependents launch, so a dependent that
-// reads earlier kernels' outputs before its own wait (the decode kernel reads x and the routing) finds them done.
+// launch_ex without clusters. Shared by the decode and the tensor-core kernels' launchers.
+template <typename... KArgs, typename... Args>
+void launch_programmatic_if(void (*kern)(KArgs...), dim3 grid, dim3 block, size_t smem, bool programmatic,
+                            cudaStream_t stream, Args... args) {
+  launch_ex(kern, grid, block, smem, programmatic, 1, stream, args...);
+}
+
+// Whether the launches of a decode step's chain (router_topk, moe_route, the t kernels, moe_combine) are
+// programmatic (sm_90; MILO_INT3_PDL=0 or MILO_INT3_PDL_CHAIN=0 turn it off): each such kernel waits for the
+// kernel before it at its start, before reading or writing anything, and only then lets its own dependents
+// launch, so a dependent that reads earlier kernels' outputs before its own wait (the decode kernel reads x and
+// the routing) finds them done.
 // What it saves is each launch's latency: the kernel is resident and waiting when the one before it ends.
 bool chain_programmatic();
 

@@ -952,7 +952,7 @@ __global__ void __launch_bounds__(kLrThreads) grouped_lowrank_kernel(
     for (int c = 0; c < 4; ++c) acc[j][c] = 0.f;
   // ranks past the expert's own (ranks != nullptr: each expert's rank) come out zero, V not read there: a whole
   // 64-rank chunk past it does no mma, the chunk holding it stops at its n8 tile and loads zeros past the rank
-  const int rank_e = ranks != nullptr ? min(R, max(0, __ldg(ranks + tl.x))) : R;
+  const int rank_e = expert_rank(ranks, R, tl.x);
   if (m0 < m_end && r0 < rank_e)
     lowrank_tile_warp<T>(x, v, tl.x, m0, m_end, r0, K, rank_e, v_estride, min(k_stop, k_begin + way * way_chunk),
                          min(k_stop, k_begin + (way + 1) * way_chunk), acc);

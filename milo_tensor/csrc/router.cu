@@ -26,7 +26,7 @@
 #include <type_traits>
 
 #include "int3_gemm.cuh"  // to_float / from_float, grid_dep_*
-#include "int3_launch.h"  // launch_programmatic_if, chain_programmatic
+#include "int3_launch.h"  // launch_ex, launch_programmatic_if, chain_programmatic
 
 namespace milo {
 namespace {
@@ -45,7 +45,9 @@ struct ValIdx {
   int i;
 };
 // the larger logit, ties to the lower expert (torch.topk's order among equal values is unspecified)
-__device__ __forceinline__ ValIdx better(ValIdx a, ValIdx b) { return (b.v > a.v || (b.v == a.v && b.i < a.i)) ? b : a; }
+__device__ __forceinline__ ValIdx better(ValIdx a, ValIdx b) {
+  return (b.v > a.v || (b.v == a.v && b.i < a.i)) ? b : a;
+}
 
 // barrier 1 of the block's first n threads (a multiple of 32): the top-k below runs on as many warps as there
 // are experts, not on the whole block (H100, 2026-12-07 13:03 UTC: 1024 threads each looping over the 32 warps'
@@ -239,28 +241,10 @@ void launch_fused(const at::Tensor& x, const at::Tensor& weight, int k, bool ren
                   const at::Tensor& w, const at::Tensor& idx, int blocks, cudaStream_t stream) {
   const int tokens = static_cast<int>(x.size(0)), H = static_cast<int>(x.size(1));
   const int E = static_cast<int>(weight.size(0));
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(blocks, tokens);
-  cfg.blockDim = dim3(kRouterThreads);
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[2];
-  int n = 0;
-  if (chain_programmatic()) {
-    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[n++].val.programmaticStreamSerializationAllowed = 1;
-  }
-  if (blocks > 1) {
-    attr[n].id = cudaLaunchAttributeClusterDimension;
-    attr[n].val.clusterDim.x = blocks;
-    attr[n].val.clusterDim.y = 1;
-    attr[n++].val.clusterDim.z = 1;
-  }
-  cfg.attrs = attr;
-  cfg.numAttrs = n;
-  auto kern = blocks > 1 ? router_fused_kernel<T, true> : router_fused_kernel<T, false>;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, reinterpret_cast<const T*>(x.data_ptr()),
-                                    reinterpret_cast<const T*>(weight.data_ptr()), H, E, k, renormalize,
-                                    reinterpret_cast<T*>(logits.data_ptr()), w.data_ptr<float>(), idx.data_ptr<int64_t>()));
+  launch_ex(blocks > 1 ? router_fused_kernel<T, true> : router_fused_kernel<T, false>, dim3(blocks, tokens),
+            dim3(kRouterThreads), 0, chain_programmatic(), blocks, stream, reinterpret_cast<const T*>(x.data_ptr()),
+            reinterpret_cast<const T*>(weight.data_ptr()), H, E, k, renormalize,
+            reinterpret_cast<T*>(logits.data_ptr()), w.data_ptr<float>(), idx.data_ptr<int64_t>());
 }
 
 template <typename T>
@@ -270,6 +254,21 @@ void launch_topk(const at::Tensor& logits, int k, bool renormalize, const at::Te
   launch_programmatic_if(router_topk_kernel<T>, dim3(logits.size(0)), dim3((E + 31) / 32 * 32), 0,
                          chain_programmatic(), stream, reinterpret_cast<const T*>(logits.data_ptr()), E, k,
                          renormalize, w.data_ptr<float>(), idx.data_ptr<int64_t>());
+}
+
+template <typename T>
+struct DtypeTag {
+  using type = T;
+};
+// f(DtypeTag<T>{}) for the kernels' dtypes (the caller has checked dt is one of them)
+template <typename F>
+void dispatch_router_dtype(at::ScalarType dt, F&& f) {
+  if (dt == at::kHalf)
+    f(DtypeTag<half>{});
+  else if (dt == at::kBFloat16)
+    f(DtypeTag<__nv_bfloat16>{});
+  else
+    f(DtypeTag<float>{});
 }
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
@@ -297,12 +296,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_topk_cuda(const at::Tensor
     const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
     if (aligned16(xc) && aligned16(wc)) {
       at::Tensor logits = at::empty({tokens, E}, x.options());
-      if (dt == at::kHalf)
-        launch_fused<half>(xc, wc, k, renormalize, logits, w, idx, blocks, stream);
-      else if (dt == at::kBFloat16)
-        launch_fused<__nv_bfloat16>(xc, wc, k, renormalize, logits, w, idx, blocks, stream);
-      else
-        launch_fused<float>(xc, wc, k, renormalize, logits, w, idx, blocks, stream);
+      dispatch_router_dtype(dt, [&](auto tag) {
+        launch_fused<typename decltype(tag)::type>(xc, wc, k, renormalize, logits, w, idx, blocks, stream);
+      });
       return {logits, w, idx};
     }
   }
@@ -313,12 +309,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_topk_cuda(const at::Tensor
     return {logits, renormalize ? tw / tw.sum(-1, true) : tw, ti};
   }
   if (tokens == 0) return {logits, w, idx};
-  if (dt == at::kHalf)
-    launch_topk<half>(logits, k, renormalize, w, idx, stream);
-  else if (dt == at::kBFloat16)
-    launch_topk<__nv_bfloat16>(logits, k, renormalize, w, idx, stream);
-  else
-    launch_topk<float>(logits, k, renormalize, w, idx, stream);
+  dispatch_router_dtype(dt, [&](auto tag) {
+    launch_topk<typename decltype(tag)::type>(logits, k, renormalize, w, idx, stream);
+  });
   return {logits, w, idx};
 }
 
