@@ -28,6 +28,7 @@ Methods:
             unwraps and checks (for milo: its tensor subclass, per weight, in Python)
   <method>+topk  the routers' whole forward (GEMM, softmax, top-k, renormalization) through
             milo::router_topk (fuse_router_topk); options combine: milo+freeze+topk
+  <method>+qkv  each attention's q, k and v projections as one stacked int3 weight (fuse_qkv)
 """
 
 from __future__ import annotations
@@ -274,8 +275,8 @@ def run_method(meth, args, device, compile_):
     rows, model = [], None
     base, *options = meth.split("+")
     try:
-        if set(options) - {"freeze", "topk"}:
-            raise ValueError(f"unknown method option in {meth} (known: +freeze, +topk)")
+        if set(options) - {"freeze", "topk", "qkv"}:
+            raise ValueError(f"unknown method option in {meth} (known: +freeze, +topk, +qkv)")
         if "freeze" in options:
             import torch._inductor.config as inductor_config
 
@@ -291,11 +292,15 @@ def run_method(meth, args, device, compile_):
             from milo_tensor import fuse_router_topk
 
             print(f"{meth}: {fuse_router_topk(model)} routers through milo::router_topk", flush=True)
+        if "qkv" in options:
+            from milo_tensor import fuse_qkv
+
+            print(f"{meth}: {len(fuse_qkv(model))} attention modules with q/k/v stacked", flush=True)
         if args.profile:
             print(f"== {meth}", flush=True)
             profile_decode(model, args.prompt, device)
             return rows
-        nbytes = sum(_nbytes(t) for t in model.parameters())
+        nbytes = sum(_nbytes(t) for t in (*model.parameters(), *model.buffers()))  # buffers: fuse_qkv's stacks
         for b in [int(v) for v in args.batch.split(",")]:
             r = decode_tps(model, b, args.prompt, args.steps, args.warm, device, compile_)
             rows.append(dict(r, method=meth, batch=b, gib=nbytes / 2**30))

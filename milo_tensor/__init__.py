@@ -17,6 +17,7 @@ from milo_tensor.quant.rank import (
 from milo_tensor.tensor import MiLoInt3Tensor
 from milo_tensor.serialization import CheckpointError, load_quantized, save_quantized
 from milo_tensor.integrations.hf_quantizer import MiLoHfConfig  # registers the "milo" transformers quantizer
+from milo_tensor.integrations.qkv import fuse_qkv
 from milo_tensor.integrations.router import fuse_router_topk
 from milo_tensor.integrations.shared_experts import fuse_shared_experts
 
@@ -40,6 +41,7 @@ __all__ = [
     "save_quantized",
     "load_quantized",
     "MiLoHfConfig",
+    "fuse_qkv",
     "fuse_router_topk",
     "fuse_shared_experts",
 ]

@@ -595,26 +595,30 @@ def test_model_grouped_equals_expert_loop():
     assert ((grouped - loop).norm() / loop.norm()).item() < 5e-2
 
 
-@pytest.mark.parametrize("freezing,ranks,routers", [(False, "uniform", False), (True, "uniform", False),
-                                                     (False, "ragged", False), (True, "ragged", False),
-                                                     (True, "uniform", True)])
-def test_model_decode_compiled_and_graphed(freezing, ranks, routers):
+@pytest.mark.parametrize("freezing,ranks,fuse", [(False, "uniform", ()), (True, "uniform", ()),
+                                                 (False, "ragged", ()), (True, "ragged", ()),
+                                                 (True, "uniform", ("routers",)), (True, "ragged", ("qkv",)),
+                                                 (False, "uniform", ("routers", "qkv"))])
+def test_model_decode_compiled_and_graphed(freezing, ranks, fuse):
     """One decode step (static KV cache) compiled with CUDA graphs equals the eager step, also with
     inductor freezing (README's setting: weights as graph constants, one KV cache reset between
-    prompts and still written), with ragged expert ranks (the grouped op's ranks, a graph constant), and
-    with the routers fused (fuse_router_topk: milo::router_topk's kernel in the graph; eager without)."""
+    prompts and still written), with ragged expert ranks (the grouped op's ranks, a graph constant), with
+    the routers fused (fuse_router_topk: milo::router_topk's kernel in the graph) and with the attention's
+    q/k/v as one stacked weight (fuse_qkv); eager without either."""
     import torch._inductor.config as inductor_config
     from models import decode_step, static_cache_decode_logits
     from transformers import StaticCache
 
-    from milo_tensor import fuse_router_topk
+    from milo_tensor import fuse_qkv, fuse_router_topk
 
     model = _tiny_quantized(ranks=ranks)
     ids = torch.randint(3, 256, (2, 6), device="cuda")
     step = decode_step(model)
     eager = static_cache_decode_logits(model, ids, step)
-    if routers:
+    if "routers" in fuse:
         assert fuse_router_topk(model) == model.config.num_hidden_layers
+    if "qkv" in fuse:
+        assert len(fuse_qkv(model)) == model.config.num_hidden_layers
     cache = StaticCache(config=model.config, max_cache_len=32)
     torch._dynamo.reset()
     with inductor_config.patch(freezing=freezing):

@@ -10,7 +10,6 @@ from models import _COMMON, tiny_moe
 from test_tensor import random_parts
 
 from milo_tensor import fuse_shared_experts, load_quantized, milo_int3, quantize_, save_quantized
-from milo_tensor.integrations.shared_experts import stack_gate_up
 
 
 def _rank(info):
@@ -122,14 +121,6 @@ def test_default_token_bound(gen):
     shared = _moe_block(model).experts.milo_shared
     assert (shared.count, shared.routed, shared.max_tokens) == (2, 4, 4 * (4 + 2) // (2 + 2))
     assert fuse_shared_experts(model) == []  # already fused
-
-
-def test_stack_gate_up_is_exact(gen):
-    gate, _ = random_parts(gen, 64, 128, (5,), dtype=torch.float64)
-    up, _ = random_parts(gen, 64, 128, (3,), dtype=torch.float64)
-    both = stack_gate_up(gate, up)
-    assert both.ranks == (8,) and both.shape == (128, 128)
-    torch.testing.assert_close(both.dequantize(), torch.cat([gate.dequantize(), up.dequantize()]), rtol=0, atol=1e-15)
 
 
 def test_refusals():

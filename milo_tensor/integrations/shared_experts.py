@@ -10,7 +10,7 @@ grouped launches, every token routed to each of them with weight 1 (or the model
 
 The pieces are exact slices of the quantized MLP: codes, scales and zeros are cut along their rows
 (gate/up) or groups (down); a down piece keeps U and its columns of V; a gate/up piece stacks the two
-compensators block-diagonally (rank r_gate + r_up), so nothing is re-quantized. The stacks' compensator
+compensators block-diagonally (rank r_gate + r_up, stacking.py), so nothing is re-quantized. The stacks' compensator
 rank grows to the pieces' where it is larger (the routed experts' padding, which the decode kernels skip).
 """
 
@@ -25,6 +25,7 @@ from torch.distributed.tensor import DTensor
 
 from milo_tensor.integrations import distributed as slicing
 from milo_tensor.integrations.experts import EXPERTS_IMPLEMENTATION, _gate_is_silu_mul
+from milo_tensor.integrations.stacking import stack_rows
 from milo_tensor.tensor import MiLoInt3Tensor
 
 __all__ = ["fuse_shared_experts", "SharedExperts"]
@@ -103,19 +104,6 @@ def _check_compatible(w: MiLoInt3Tensor, stack: MiLoInt3Tensor, what: str) -> No
                          f"({stack.dtype}, group {stack.group_size}) are stored differently; they cannot share a stack")
 
 
-def stack_gate_up(gate: MiLoInt3Tensor, up: MiLoInt3Tensor) -> MiLoInt3Tensor:
-    """[gate; up] as one weight: codes, scales and zeros stacked by rows, U block-diagonal and V stacked,
-    so each half keeps its own compensator exactly (rank r_gate + r_up)."""
-    rg, ru = gate.ut.shape[0], up.ut.shape[0]
-    ng, nu = gate.shape[0], up.shape[0]
-    ut = gate.ut.new_zeros(rg + ru, ng + nu)
-    ut[:rg, :ng] = gate.ut
-    ut[rg:, ng:] = up.ut
-    return gate._with(qdata=torch.cat([gate.qdata, up.qdata]), scales=torch.cat([gate.scales, up.scales]),
-                      zeros=torch.cat([gate.zeros, up.zeros]), ut=ut, v=torch.cat([gate.v, up.v]),
-                      shape=(ng + nu, gate.shape[1]), ranks=(rg + ru,))
-
-
 def _as_expert(w: MiLoInt3Tensor) -> MiLoInt3Tensor:
     """A 2D weight as a stack of one expert."""
     names = w.__tensor_flatten__()[0]
@@ -130,7 +118,7 @@ def shared_pieces(gate: MiLoInt3Tensor, up: MiLoInt3Tensor, down: MiLoInt3Tensor
                          f"{width}, so it does not cut into expert-shaped pieces")
     gate_up, downs = [], []
     for s in range(0, inter, width):
-        gate_up.append(_as_expert(stack_gate_up(slicing.narrow(gate, 0, s, width), slicing.narrow(up, 0, s, width))))
+        gate_up.append(_as_expert(stack_rows([slicing.narrow(gate, 0, s, width), slicing.narrow(up, 0, s, width)])))
         downs.append(_as_expert(slicing.narrow(down, 1, s, width)))  # checks the cut falls on a group boundary
     return slicing.cat(gate_up, 0), slicing.cat(downs, 0)
 

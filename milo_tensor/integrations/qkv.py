@@ -1,0 +1,130 @@
+"""An attention's q, k and v projections as one int3 matmul (``fuse_qkv``).
+
+At decode the three projections read one input and are each a t kernel and a decode kernel: six short
+launches per layer, k's and v's launch-bound (1024x4096 at M=1 on an H100: 6.0 µs for 0.8 µs of bytes,
+docs/benchmarks.md 11:44 UTC). Stacked by rows (stacking.py: codes, scales and zeros concatenated, the
+compensators block-diagonal, rank r_q + r_k + r_v) they are one weight and one ``milo::int3_linear``.
+
+transformers' attention modules call ``self.q_proj(hidden_states)``, then k_proj and v_proj, on the same
+tensor, inside one forward. So the attention's forward is wrapped: it runs the stacked weight on its
+input first and holds the three column slices of the result while the model's own forward runs; each
+projection whose input *is* that tensor returns its slice, any other call (another input, a projection
+called from outside) runs the projection's own weight. Under torch.compile the hand-off is traced away
+(the identity test is decided at trace time), so the graph holds the one op. The projections' own
+weights, biases and state dict stay as they are; the stacked copy is a non-persistent buffer, rebuilt
+when a state dict is loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.nn import functional as F
+
+from milo_tensor.integrations.stacking import stack_rows, stackable
+
+__all__ = ["fuse_qkv"]
+
+logger = logging.getLogger(__name__)
+
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
+
+
+class _Pending:
+    """The stacked projection's input and its three column slices, set for the duration of one attention
+    forward (a plain object, so torch.compile traces its attribute writes as side effects)."""
+
+    __slots__ = ("x", "parts")
+
+    def __init__(self) -> None:
+        self.x: torch.Tensor | None = None
+        self.parts: tuple[torch.Tensor, ...] | None = None
+
+
+def _projection_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    pending, index = self._milo_qkv
+    if pending.x is x:
+        return pending.parts[index]
+    return self._milo_unfused_cls.forward(self, x)
+
+
+def _attention_forward(self: nn.Module, *args, **kwargs):
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    pending = self._milo_qkv_pending
+    y = F.linear(hidden, self.milo_qkv_weight, self.milo_qkv_bias)
+    pending.x, pending.parts = hidden, y.split(self._milo_qkv_sizes, dim=-1)
+    try:
+        return self._milo_unfused_cls.forward(self, *args, **kwargs)
+    finally:
+        pending.x = pending.parts = None
+
+
+def _projections(attention: nn.Module) -> list[nn.Linear] | None:
+    mods = [getattr(attention, name, None) for name in _PROJECTIONS]
+    if all(isinstance(m, nn.Linear) for m in mods):
+        return mods
+    return None
+
+
+def _stacked_bias(mods: list[nn.Linear]) -> torch.Tensor | None:
+    if all(m.bias is None for m in mods):
+        return None
+    w = mods[0].weight
+    return torch.cat([m.bias.detach() if m.bias is not None else torch.zeros(m.out_features, dtype=w.dtype,
+                                                                             device=w.device) for m in mods])
+
+
+def _refresh(attention: nn.Module, *_) -> None:
+    """(Re)build the stacked weight and bias from the projections' current parameters."""
+    mods = _projections(attention)
+    attention.milo_qkv_weight = stack_rows([m.weight.detach() for m in mods])
+    attention.milo_qkv_bias = _stacked_bias(mods)
+
+
+def _swap_class(module: nn.Module, forward, prefix: str) -> None:
+    cls = type(module)
+    module.__class__ = type(f"{prefix}{cls.__name__}", (cls,), {"forward": forward, "_milo_unfused_cls": cls})
+
+
+def fuse_qkv(model: nn.Module) -> list[str]:
+    """Run the q, k and v projections of every attention module of ``model`` as one int3 matmul.
+
+    An attention module qualifies when it has ``q_proj``, ``k_proj`` and ``v_proj`` Linear layers whose
+    weights are MiLo weights of one dtype, group size and input size with float compensators (Mixtral,
+    Qwen2-MoE with its biases, Qwen3-MoE, OLMoE; DeepSeek's latent attention has no such trio and is left
+    alone). Modules whose projections do not qualify are skipped and logged. Call it after ``quantize_``
+    (or loading) with the model on its device, before ``torch.compile``; safe to call twice. Memory: the
+    stacked weight is a second copy of the three projections (a few percent of a MoE model). The state dict
+    is unchanged, and loading one rebuilds the stacked copy. Returns the names of the fused modules.
+    """
+    fused = []
+    for name, attention in model.named_modules():
+        if hasattr(attention, "_milo_qkv_pending"):
+            fused.append(name)
+            continue
+        mods = _projections(attention)
+        if mods is None:
+            continue
+        weights = [m.weight for m in mods]
+        if any(isinstance(w, DTensor) for w in weights):
+            raise ValueError(f"{name}: its q/k/v projections are sharded (DTensor); fuse_qkv runs on an unsharded "
+                             f"model (docs/distributed.md)")
+        why = stackable([w.data if isinstance(w, nn.Parameter) else w for w in weights])
+        if why is not None:
+            logger.info("fuse_qkv: %s keeps separate projections: %s", name, why)
+            continue
+        attention.register_buffer("milo_qkv_weight", None, persistent=False)
+        attention.register_buffer("milo_qkv_bias", None, persistent=False)
+        _refresh(attention)
+        attention._milo_qkv_sizes = [m.out_features for m in mods]
+        attention._milo_qkv_pending = pending = _Pending()
+        attention.register_load_state_dict_post_hook(_refresh)
+        for index, mod in enumerate(mods):
+            mod._milo_qkv = (pending, index)
+            _swap_class(mod, _projection_forward, "MiLoQKV")
+        _swap_class(attention, _attention_forward, "MiLoFusedQKV")
+        fused.append(name)
+    return fused

@@ -1,0 +1,173 @@
+"""fuse_qkv: an attention's q, k and v projections as one stacked int3 weight (block-diagonal compensators),
+against the same quantized model unfused, in float64; the stacking itself against the weights' own
+dequantization."""
+
+import copy
+
+import pytest
+import torch
+from models import decode_step, static_cache_decode_logits, tiny_moe
+from test_tensor import random_parts
+
+from milo_tensor import MiLoInt3Tensor, fuse_qkv, milo_int3, quantize_
+from milo_tensor.integrations.stacking import stack_rows
+
+# families whose attention has a q/k/v trio: plain, biased (Qwen2-MoE), normed per head (Qwen3-MoE) or on the
+# whole projection (OLMoE); DeepSeek-V3's latent attention has none
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+
+
+def _rank(info):
+    """Ranks that differ between q, k and v (8, 4, 0) and elsewhere (6)."""
+    return {"q_proj": 8, "k_proj": 4, "v_proj": 0}.get(info.fqn.rsplit(".", 2)[-2], 6)
+
+
+def _tiny(family, seed=0):
+    model = tiny_moe(family, seed=seed).double()
+    quantize_(model, milo_int3(_rank, iters=2), progress=False)
+    return model
+
+
+def _attentions(model):
+    return [(name, m) for name, m in model.named_modules() if hasattr(m, "q_proj")]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def pair(request):
+    unfused = _tiny(request.param)
+    fused = copy.deepcopy(unfused)
+    assert fuse_qkv(fused) == [name for name, _ in _attentions(fused)]
+    return unfused, fused
+
+
+def test_stack_rows_is_exact(gen):
+    parts = [random_parts(gen, n, 128, (r,), dtype=torch.float64)[0] for n, r in ((128, 5), (64, 3), (64, 0))]
+    both = stack_rows(parts)
+    assert both.ranks == (8,) and both.shape == (256, 128)
+    torch.testing.assert_close(both.dequantize(), torch.cat([p.dequantize() for p in parts]), rtol=0, atol=1e-15)
+
+
+def test_stack_rows_refuses_mixed_weights(gen):
+    a, _ = random_parts(gen, 64, 128, (4,), dtype=torch.float64)
+    b, _ = random_parts(gen, 64, 128, (4,), group_size=32, dtype=torch.float64)
+    with pytest.raises(ValueError, match="group size"):
+        stack_rows([a, b])
+    with pytest.raises(ValueError, match="MiLoInt3Tensor"):
+        stack_rows([a, torch.randn(64, 128, dtype=torch.float64)])
+
+
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_fused_model_equals_unfused(gen, pair, tokens):
+    unfused, fused = pair
+    ids = torch.randint(3, unfused.config.vocab_size, (2, tokens), generator=gen)
+    with torch.no_grad():
+        expected = unfused(ids).logits
+        got = fused(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-11)
+    name, attention = _attentions(fused)[0]
+    sizes = [getattr(attention, p).out_features for p in ("q_proj", "k_proj", "v_proj")]
+    assert attention.milo_qkv_weight.shape == (sum(sizes), unfused.config.hidden_size)
+    assert attention.milo_qkv_weight.ranks == (8 + 4 + 0,)
+
+
+def test_the_attention_runs_the_stacked_weight_once(gen, pair, monkeypatch):
+    """The fused attention calls milo::int3_linear once for q, k and v (not three times), and a projection
+    called on its own (another input) runs its own weight."""
+    _, fused = pair
+    _, attention = _attentions(fused)[0]
+    calls = []
+    real = torch.ops.milo.int3_linear
+
+    class Counting:
+        def __call__(self, x, qdata, *args):
+            calls.append(qdata.data_ptr())
+            return real(x, qdata, *args)
+
+        def __getattr__(self, item):
+            return getattr(real, item)
+
+    monkeypatch.setattr(torch.ops.milo, "int3_linear", Counting())
+    ids = torch.randint(3, fused.config.vocab_size, (1, 3), generator=gen)
+    with torch.no_grad():
+        fused(ids)
+    for _, attn in _attentions(fused):
+        assert calls.count(attn.milo_qkv_weight.qdata.data_ptr()) == 1
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            assert getattr(attn, proj).weight.qdata.data_ptr() not in calls
+    calls.clear()
+    x = torch.randn(2, fused.config.hidden_size, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        own = attention.k_proj(x)
+    assert calls == [attention.k_proj.weight.qdata.data_ptr()]
+    torch.testing.assert_close(own, x @ attention.k_proj.weight.dequantize().T, rtol=1e-9, atol=1e-12)
+
+
+def test_fused_decode_compiles(gen, pair):
+    """A static-cache decode step of the fused model compiled with fullgraph=True (the q/k/v hand-off traced
+    away: one graph, no break) equals the unfused model's step compiled the same way, and its eager steps up
+    to inductor's own reordering (the same 8e-8 for the unfused model)."""
+    unfused, fused = pair
+    ids = torch.randint(3, unfused.config.vocab_size, (2, 5), generator=gen)
+    eager = static_cache_decode_logits(unfused, ids, decode_step(unfused))
+    got = {}
+    for name, model in (("unfused", unfused), ("fused", fused)):
+        torch._dynamo.reset()
+        got[name] = static_cache_decode_logits(model, ids, torch.compile(decode_step(model), fullgraph=True))
+    torch.testing.assert_close(got["fused"], got["unfused"], rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(got["fused"], eager, rtol=1e-5, atol=1e-6)
+
+
+def _linears_traced(model, ids):
+    """How many F.linear calls torch.compile traces in one decode step (fullgraph: a break would raise)."""
+    from transformers import StaticCache
+
+    count = []
+
+    def backend(gm, example_inputs):
+        count.append(sum(n.op == "call_function" and n.target in (torch._C._nn.linear, torch.nn.functional.linear)
+                         for n in gm.graph.nodes))
+        return gm.forward
+
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(decode_step(model), backend=backend, fullgraph=True)(ids[:, :1], cache, torch.tensor([0]))
+    return count[0]
+
+
+def test_compiled_step_traces_one_linear_for_qkv(gen, pair):
+    """The trace holds the stacked projection in place of the three (2 fewer linears per layer), so the
+    hand-off did not fall back to the projections' own weights under torch.compile."""
+    unfused, fused = pair
+    ids = torch.randint(3, unfused.config.vocab_size, (1, 1), generator=gen)
+    assert _linears_traced(unfused, ids) - _linears_traced(fused, ids) == 2 * unfused.config.num_hidden_layers
+
+
+def test_state_dict_unchanged_and_loading_rebuilds(gen, pair):
+    unfused, fused = pair
+    sd_u, sd_f = unfused.state_dict(), fused.state_dict()
+    assert sd_u.keys() == sd_f.keys()
+    for key, value in sd_u.items():
+        other = sd_f[key]
+        if isinstance(value, MiLoInt3Tensor):
+            torch.testing.assert_close(other.dequantize(), value.dequantize(), rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(other, value, rtol=0, atol=0)
+    # another model's weights loaded into the fused one: its stacked copies follow
+    family = type(unfused).__name__
+    other = _tiny({"MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
+                   "Qwen3MoeForCausalLM": "qwen3_moe", "OlmoeForCausalLM": "olmoe"}[family], seed=1)
+    target = copy.deepcopy(fused)
+    target.load_state_dict(other.state_dict(), assign=True)
+    ids = torch.randint(3, unfused.config.vocab_size, (1, 4), generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(target(ids).logits, other(ids).logits, rtol=1e-9, atol=1e-11)
+
+
+def test_fuse_twice_and_skips():
+    model = _tiny("mixtral")
+    names = fuse_qkv(model)
+    assert fuse_qkv(model) == names and len(names) == model.config.num_hidden_layers
+    assert fuse_qkv(_tiny("deepseek_v3")) == []  # latent attention: no q/k/v trio
+    plain = tiny_moe("mixtral").double()  # unquantized projections are left alone
+    assert fuse_qkv(plain) == [] and not hasattr(plain.model.layers[0].self_attn, "milo_qkv_weight")
