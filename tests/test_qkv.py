@@ -66,8 +66,8 @@ def test_fused_model_equals_unfused(gen, pair, tokens):
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-11)
     name, attention = _attentions(fused)[0]
     sizes = [getattr(attention, p).out_features for p in ("q_proj", "k_proj", "v_proj")]
-    assert attention.milo_qkv_weight.shape == (sum(sizes), unfused.config.hidden_size)
-    assert attention.milo_qkv_weight.ranks == (8 + 4 + 0,)
+    assert attention.milo_qkv_qdata.shape[0] == sum(sizes) and attention.milo_qkv_v.shape[1] == unfused.config.hidden_size
+    assert attention.milo_qkv_ut.shape == (8 + 4 + 0, sum(sizes))
 
 
 def test_the_attention_runs_the_stacked_weight_once(gen, pair, monkeypatch):
@@ -91,7 +91,7 @@ def test_the_attention_runs_the_stacked_weight_once(gen, pair, monkeypatch):
     with torch.no_grad():
         fused(ids)
     for _, attn in _attentions(fused):
-        assert calls.count(attn.milo_qkv_weight.qdata.data_ptr()) == 1
+        assert calls.count(attn.milo_qkv_qdata.data_ptr()) == 1
         for proj in ("q_proj", "k_proj", "v_proj"):
             assert getattr(attn, proj).weight.qdata.data_ptr() not in calls
     calls.clear()
@@ -118,14 +118,16 @@ def test_fused_decode_compiles(gen, pair):
 
 
 def _linears_traced(model, ids):
-    """How many F.linear calls torch.compile traces in one decode step (fullgraph: a break would raise)."""
+    """How many F.linear and milo::int3_linear calls torch.compile traces in one decode step (fullgraph: a
+    break would raise)."""
     from transformers import StaticCache
 
     count = []
+    op = torch.ops.milo.int3_linear
+    matmuls = (torch._C._nn.linear, torch.nn.functional.linear, op, op.default)
 
     def backend(gm, example_inputs):
-        count.append(sum(n.op == "call_function" and n.target in (torch._C._nn.linear, torch.nn.functional.linear)
-                         for n in gm.graph.nodes))
+        count.append(sum(n.op == "call_function" and n.target in matmuls for n in gm.graph.nodes))
         return gm.forward
 
     cache = StaticCache(config=model.config, max_cache_len=16)
@@ -136,7 +138,7 @@ def _linears_traced(model, ids):
 
 
 def test_compiled_step_traces_one_linear_for_qkv(gen, pair):
-    """The trace holds the stacked projection in place of the three (2 fewer linears per layer), so the
+    """The trace holds the stacked projection in place of the three (2 fewer matmuls per layer), so the
     hand-off did not fall back to the projections' own weights under torch.compile."""
     unfused, fused = pair
     ids = torch.randint(3, unfused.config.vocab_size, (1, 1), generator=gen)
@@ -170,4 +172,4 @@ def test_fuse_twice_and_skips():
     assert fuse_qkv(model) == names and len(names) == model.config.num_hidden_layers
     assert fuse_qkv(_tiny("deepseek_v3")) == []  # latent attention: no q/k/v trio
     plain = tiny_moe("mixtral").double()  # unquantized projections are left alone
-    assert fuse_qkv(plain) == [] and not hasattr(plain.model.layers[0].self_attn, "milo_qkv_weight")
+    assert fuse_qkv(plain) == [] and not hasattr(plain.model.layers[0].self_attn, "milo_qkv_qdata")

@@ -11,8 +11,8 @@ input first and holds the three column slices of the result while the model's ow
 projection whose input *is* that tensor returns its slice, any other call (another input, a projection
 called from outside) runs the projection's own weight. Under torch.compile the hand-off is traced away
 (the identity test is decided at trace time), so the graph holds the one op. The projections' own
-weights, biases and state dict stay as they are; the stacked copy is a non-persistent buffer, rebuilt
-when a state dict is loaded.
+weights, biases and state dict stay as they are; the stacked copy is held in non-persistent buffers,
+rebuilt when a state dict is loaded.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import logging
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
-from torch.nn import functional as F
 
 from milo_tensor.integrations.stacking import stack_rows, stackable
 
@@ -31,6 +30,7 @@ __all__ = ["fuse_qkv"]
 logger = logging.getLogger(__name__)
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj")
+_STACKED = ("qdata", "scales", "zeros", "ut", "v")  # the stacked weight's inner tensors, buffers milo_qkv_<name>
 
 
 class _Pending:
@@ -54,7 +54,11 @@ def _projection_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 def _attention_forward(self: nn.Module, *args, **kwargs):
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     pending = self._milo_qkv_pending
-    y = F.linear(hidden, self.milo_qkv_weight, self.milo_qkv_bias)
+    if hidden.dtype != self.milo_qkv_scales.dtype:
+        raise ValueError(f"input dtype {hidden.dtype} does not match the q/k/v weights' {self.milo_qkv_scales.dtype}; "
+                         f"cast the input or move the model with .to({hidden.dtype})")
+    y = torch.ops.milo.int3_linear(hidden, *(getattr(self, f"milo_qkv_{n}") for n in _STACKED),
+                                   self._milo_qkv_group_size, self.milo_qkv_bias)
     pending.x, pending.parts = hidden, y.split(self._milo_qkv_sizes, dim=-1)
     try:
         return self._milo_unfused_cls.forward(self, *args, **kwargs)
@@ -78,10 +82,14 @@ def _stacked_bias(mods: list[nn.Linear]) -> torch.Tensor | None:
 
 
 def _refresh(attention: nn.Module, *_) -> None:
-    """(Re)build the stacked weight and bias from the projections' current parameters."""
+    """(Re)build the stacked weight and bias from the projections' current parameters. Held as plain
+    tensors (the op's operands), not a MiLoInt3Tensor: a compiled step then unwraps no subclass for it."""
     mods = _projections(attention)
-    attention.milo_qkv_weight = stack_rows([m.weight.detach() for m in mods])
+    stacked = stack_rows([m.weight.detach() for m in mods])
+    for n in _STACKED:
+        setattr(attention, f"milo_qkv_{n}", getattr(stacked, n))
     attention.milo_qkv_bias = _stacked_bias(mods)
+    attention._milo_qkv_group_size = stacked.group_size
 
 
 def _swap_class(module: nn.Module, forward, prefix: str) -> None:
@@ -116,8 +124,8 @@ def fuse_qkv(model: nn.Module) -> list[str]:
         if why is not None:
             logger.info("fuse_qkv: %s keeps separate projections: %s", name, why)
             continue
-        attention.register_buffer("milo_qkv_weight", None, persistent=False)
-        attention.register_buffer("milo_qkv_bias", None, persistent=False)
+        for n in (*_STACKED, "bias"):
+            attention.register_buffer(f"milo_qkv_{n}", None, persistent=False)
         _refresh(attention)
         attention._milo_qkv_sizes = [m.out_features for m in mods]
         attention._milo_qkv_pending = pending = _Pending()
