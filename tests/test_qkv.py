@@ -56,6 +56,21 @@ def test_stack_rows_refuses_mixed_weights(gen):
         stack_rows([a, torch.randn(64, 128, dtype=torch.float64)])
 
 
+def test_int3_linear_blocks_declaration(gen):
+    """``blocks`` (the compensator's diagonal blocks, which a kernel may read alone) leaves the reference's
+    output as it is, and a malformed declaration is refused with what is wrong."""
+    parts = [random_parts(gen, n, 128, (r,), dtype=torch.float64)[0] for n, r in ((128, 5), (64, 3), (64, 0))]
+    w = stack_rows(parts)
+    x = torch.randn(3, 128, generator=gen, dtype=torch.float64)
+    args = (x, w.qdata, w.scales, w.zeros, w.ut, w.v, w.group_size, None)
+    plain = torch.ops.milo.int3_linear(*args)
+    torch.testing.assert_close(torch.ops.milo.int3_linear(*args, [128, 5, 192, 8, 256, 8]), plain, rtol=0, atol=0)
+    for bad, match in (([128, 5, 192, 8, 250, 8], "end at"), ([128, 5, 128, 8, 256, 8], "ascend"),
+                       ([128, 5, 192], "flattened")):
+        with pytest.raises(ValueError, match=match):
+            torch.ops.milo.int3_linear(*args, bad)
+
+
 @pytest.mark.parametrize("tokens", [1, 7])
 def test_fused_model_equals_unfused(gen, pair, tokens):
     unfused, fused = pair
@@ -68,6 +83,8 @@ def test_fused_model_equals_unfused(gen, pair, tokens):
     sizes = [getattr(attention, p).out_features for p in ("q_proj", "k_proj", "v_proj")]
     assert attention.milo_qkv_qdata.shape[0] == sum(sizes) and attention.milo_qkv_v.shape[1] == unfused.config.hidden_size
     assert attention.milo_qkv_ut.shape == (8 + 4 + 0, sum(sizes))
+    nq, nk, nv = sizes
+    assert attention._milo_qkv_blocks == [nq, 8, nq + nk, 12, nq + nk + nv, 12]
 
 
 def test_the_attention_runs_the_stacked_weight_once(gen, pair, monkeypatch):

@@ -255,6 +255,8 @@ __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uin
 // parameters and tile configuration
 // ------------------------------------------------------------------------------------------------
 
+constexpr int kMaxRankBlocks = 3;  // Int3GemmParams::n_blocks: q, k and v
+
 struct Int3GemmParams {
   const void* x;        // [M, K] row-major, T, 16-byte aligned
   const int32_t* q;     // [N, 3K/32] packed codes (format 2), 16-byte aligned
@@ -295,7 +297,22 @@ struct Int3GemmParams {
   // past it without reading V; the decode kernel's epilogue stops there (but for its register-prefetched
   // instance, which multiplies those zeros by U^T's padding rows), and so does tiles 7-9's, at its 16-rank step.
   const int* ranks = nullptr;
+  // dense op, decode kernel: U^T block-diagonal over n_blocks column segments (a stack of weights, fuse_qkv):
+  // segment i, columns blk_col[i - 1] .. blk_col[i] - 1 (from 0 for i = 0; the last ends at N), has nonzero U^T
+  // rows only in ranks blk_rank[i - 1] .. blk_rank[i] - 1 (the last ends at R), and a block reads only its
+  // segment's (the host checks every boundary falls between blocks). n_blocks = 0: every column, all R ranks.
+  int n_blocks = 0;
+  int blk_col[kMaxRankBlocks] = {}, blk_rank[kMaxRankBlocks] = {};
 };
+
+// the ranks [x, y) of the segment (Int3GemmParams::n_blocks) holding column col: (0, R) without segments
+__device__ __forceinline__ int2 rank_window(const Int3GemmParams& p, int col) {
+  if (p.n_blocks == 0) return make_int2(0, p.R);
+  int i = 0;
+#pragma unroll
+  for (int b = 0; b < kMaxRankBlocks - 1; ++b) i += b + 1 < p.n_blocks && col >= p.blk_col[b];
+  return make_int2(i > 0 ? p.blk_rank[i - 1] : 0, p.blk_rank[i]);
+}
 
 // the ranks expert e's low-rank term runs over: its own (ranks[e], clamped to [0, R]) where the op was given them
 __device__ __forceinline__ int expert_rank(const int* ranks, int R, int e) {

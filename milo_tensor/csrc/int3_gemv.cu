@@ -551,12 +551,15 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
   // (cp.async, read in the epilogue), the zero row, and with xblock the x of every slice (one load
   // round trip per block instead of one per warp and slice, each slice staged once per block)
   if (flags & kUAsync) {
-    // rows up to a multiple of 16 ranks, zeros past R (the mma epilogue's last k16 step reads them)
-    const int rc = min(kRChunk, (R + 15) / 16 * 16), per_row = BR / 8;
+    // rows up to a multiple of 16 ranks, zeros past the block's ranks (the mma epilogue's last k16 step reads
+    // them); the block's segment's ranks only (rank_window)
+    const int2 win = rank_window(p, col_of(0));
+    const int Rw = win.y - win.x;
+    const int rc = min(kRChunk, (Rw + 15) / 16 * 16), per_row = BR / 8;
     for (int u = tid; u < rc * per_row; u += kThreads) {
       const int r = u / per_row, j = (u - r * per_row) * 8, n = col_of(j);
-      const bool ok = n < N && r < R;  // N % 8 == 0 (host)
-      cp_async16_zfill(smem_u32(usm + r * BR + j), ok ? ute + static_cast<long long>(r) * N + n : ute, ok);
+      const bool ok = n < N && r < Rw;  // N % 8 == 0 (host)
+      cp_async16_zfill(smem_u32(usm + r * BR + j), ok ? ute + static_cast<long long>(win.x + r) * N + n : ute, ok);
     }
     cp_async_commit();
   }
@@ -614,9 +617,12 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
   // runs: there the code moved the main loop's schedule (H100 2026-12-07, dense 4096x4096 M=1 R0 7.4 -> 7.5 us), and
   // without it their SASS is the same as before ranks (scripts/sass_stats.py --dump).
   constexpr bool kExpertRanks = !kPF && (MR == 2 || MR == 4);
-  const int Re = !kExpertRanks ? R
+  // the dense op's segment of a stacked weight (rank_window): the block's ranks rlo .. rlo + Re - 1
+  const int2 win = rank_window(p, col_of(0));
+  const int rlo = win.x;
+  const int Re = !kExpertRanks ? win.y - win.x
                  : p.ranks == nullptr || p.R == 0
-                     ? p.R
+                     ? win.y - win.x
                      : expert_rank(p, static_cast<unsigned>(ute - reinterpret_cast<const T*>(p.ut)) /
                                           static_cast<unsigned>(p.ut_estride));  // E * R * N < 2^31 (host)
   // low-rank term, up to kRChunk ranks with U^T's chunk in shared memory (kUAsync): by mma, each tile's first
@@ -635,7 +641,7 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
   const int nn = tid % BR, rs = tid / BR;
   const int n = col_of(nn);
   if (lr_mma) {
-    stage_t_chunk<MR>(p, m0, rows, 0, Re, tsm);  // t's split partials, summed once per block
+    stage_t_chunk<MR>(p, m0, rows, rlo, Re, tsm);  // t's split partials, summed once per block
     cp_async_wait<0>();
     __syncthreads();  // tsm, U^T's chunk and the warps' ys visible
     if (wk == 0) {
@@ -677,7 +683,7 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
     if (flags & kUAsync) cp_async_wait<0>();  // visible to the block after the __syncthreads below
     for (int r0 = 0; r0 < Re; r0 += kRChunk) {
       const int rc = min(kRChunk, Re - r0);
-      stage_t_chunk<MR>(p, m0, rows, r0, rc, tsm);
+      stage_t_chunk<MR>(p, m0, rows, rlo + r0, rc, tsm);
       __syncthreads();
       if (n < N) {
         // the first chunk's U from shared memory (copied up front) when there; else 4 ranks' loads
@@ -688,7 +694,7 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
             const int rj = r + j * slices;
-            u[j] = rj < rc ? to_float(from_smem ? usm[rj * BR + nn] : ute[static_cast<long long>(r0 + rj) * N + n])
+            u[j] = rj < rc ? to_float(from_smem ? usm[rj * BR + nn] : ute[static_cast<long long>(rlo + r0 + rj) * N + n])
                            : 0.f;
           }
 #pragma unroll

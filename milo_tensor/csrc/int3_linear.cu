@@ -613,9 +613,38 @@ at::Tensor int3_linear_general(const at::Tensor& x2d, const at::Tensor& q, const
 // ------------------------------------------------------------------------------------------------
 // the op
 // ------------------------------------------------------------------------------------------------
+// blocks (int3_linear's): [column end, rank end] per segment of a block-diagonal U^T, ascending, the last (N, R)
+void check_rank_blocks(c10::IntArrayRef blocks, int64_t N, int64_t R) {
+  TORCH_CHECK(blocks.size() >= 2 && blocks.size() % 2 == 0,
+              "int3_linear: blocks is [column end, rank end] per segment, flattened; got ", blocks.size(), " values");
+  int64_t n_prev = 0, r_prev = 0;
+  for (size_t i = 0; i < blocks.size(); i += 2) {
+    TORCH_CHECK(blocks[i] > n_prev && blocks[i + 1] >= r_prev, "int3_linear: blocks' column ends must ascend and rank "
+                "ends not descend; got ", blocks);
+    n_prev = blocks[i];
+    r_prev = blocks[i + 1];
+  }
+  TORCH_CHECK(n_prev == N && r_prev == R, "int3_linear: the last block must end at (N, R) = (", N, ", ", R, "); got ",
+              blocks);
+}
+
+// the decode kernel reads only a segment's U^T rows and t columns where every segment boundary falls between
+// its blocks (at most 128 columns a block) and there are at most kMaxRankBlocks segments; else all R ranks
+void set_rank_blocks(Int3GemmParams& p, c10::IntArrayRef blocks) {
+  const int n = static_cast<int>(blocks.size() / 2);
+  if (n > kMaxRankBlocks || n < 2) return;
+  for (int i = 0; i < n; ++i)
+    if (blocks[2 * i] % 128 != 0 && i + 1 < n) return;
+  p.n_blocks = n;
+  for (int i = 0; i < n; ++i) {
+    p.blk_col[i] = static_cast<int>(blocks[2 * i]);
+    p.blk_rank[i] = static_cast<int>(blocks[2 * i + 1]);
+  }
+}
+
 at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scales,
                             const at::Tensor& zeros, const at::Tensor& ut, const at::Tensor& v, int64_t group_size,
-                            const std::optional<at::Tensor>& bias) {
+                            const std::optional<at::Tensor>& bias, at::OptionalIntArrayRef blocks) {
   TORCH_CHECK(x.dim() >= 1, "int3_linear: x must have at least one dimension");
   TORCH_CHECK(qdata.dim() == 2 && qdata.scalar_type() == at::kInt, "int3_linear: qdata must be int32 [N, 3K/32]");
   const int64_t K64 = x.size(-1);
@@ -629,6 +658,7 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   TORCH_CHECK(ut.dim() == 2 && ut.size(1) == N64, "int3_linear: ut must be [R, N]");
   TORCH_CHECK(v.dim() == 2 && v.size(0) == ut.size(0) && v.size(1) == K64, "int3_linear: v must be [R, K]");
   if (bias.has_value()) TORCH_CHECK(bias->numel() == N64, "int3_linear: bias must have N elements");
+  if (blocks.has_value()) check_rank_blocks(*blocks, N64, ut.size(0));
   TORCH_CHECK(x.is_cuda() && qdata.is_cuda() && scales.is_cuda() && zeros.is_cuda() && ut.is_cuda() && v.is_cuda(),
               "int3_linear (CUDA): all tensors must be on the GPU");
   TORCH_CHECK(N64 < (1LL << 31) && K64 < (1LL << 28), "int3_linear: shape too large");
@@ -789,6 +819,7 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
                             wide);
   };
   if (use_gemv) {
+    if (blocks.has_value()) set_rank_blocks(p, *blocks);
     if (rows_t) launch_rows_t(t_wide);
     launch_int3_gemv(xt == at::kHalf ? 0 : 1, G, p, row_blocks, max_rows, gl, stream);
     return y.reshape(out_shape);
@@ -1177,7 +1208,8 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
       if (end > prev)
         y.narrow(0, prev, end - prev)
             .copy_(int3_linear_cuda(xin.narrow(0, prev, end - prev), qdata[e], scales[e], zeros[e],
-                                    ut[e].narrow(0, 0, r), v[e].narrow(0, 0, r), group_size, std::nullopt));
+                                    ut[e].narrow(0, 0, r), v[e].narrow(0, 0, r), group_size, std::nullopt,
+                                    std::nullopt));
       prev = end;
     }
     return gated(y);

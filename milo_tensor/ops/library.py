@@ -16,7 +16,7 @@ _lib = torch.library.Library("milo", "FRAGMENT")
 
 _lib.define(
     "int3_linear(Tensor x, Tensor qdata, Tensor scales, Tensor zeros, Tensor ut, Tensor v, "
-    "int group_size, Tensor? bias=None) -> Tensor"
+    "int group_size, Tensor? bias=None, int[]? blocks=None) -> Tensor"
 )
 _lib.define(
     "int3_grouped_linear(Tensor x, Tensor offsets, Tensor qdata, Tensor scales, Tensor zeros, "
@@ -38,8 +38,10 @@ _lib.impl("router_topk", reference.router_topk, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("milo::int3_linear")
-def _int3_linear_fake(x, qdata, scales, zeros, ut, v, group_size, bias=None):
+def _int3_linear_fake(x, qdata, scales, zeros, ut, v, group_size, bias=None, blocks=None):
     torch._check(x.shape[-1] == v.shape[-1], lambda: "int3_linear: x's last dim must equal K")
+    if blocks is not None:
+        reference.check_blocks(blocks, qdata.shape[-2], ut.shape[0])
     return x.new_empty((*x.shape[:-1], qdata.shape[-2]))
 
 
@@ -78,7 +80,7 @@ def _router_topk_fake(x, weight, top_k, renormalize):
 
 
 def _int3_linear_setup_context(ctx, inputs, output):
-    x, qdata, scales, zeros, ut, v, group_size, bias = inputs
+    x, qdata, scales, zeros, ut, v, group_size, bias, *_ = inputs  # blocks: U^T's zeros, nothing to add
     ctx.save_for_backward(qdata, scales, zeros, ut, v)
     ctx.group_size = group_size
     ctx.x_dtype = x.dtype
@@ -93,7 +95,7 @@ def _int3_linear_backward(ctx, grad):
         w = w + ut.to(torch.float32).T @ v.to(torch.float32)
     grad_x = (grad.to(torch.float32) @ w).to(ctx.x_dtype)
     grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
-    return grad_x, None, None, None, None, None, None, grad_bias
+    return grad_x, None, None, None, None, None, None, grad_bias, None
 
 
 torch.library.register_autograd(

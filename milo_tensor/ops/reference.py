@@ -6,6 +6,8 @@ judged against the math, not against another low-precision path.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -36,8 +38,15 @@ def int3_linear(
     v: torch.Tensor,
     group_size: int,
     bias: torch.Tensor | None = None,
+    blocks: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """y = x @ deq(Q).T + (x @ V.T) @ U.T (+ bias), accumulated in float32, returned in x.dtype."""
+    """y = x @ deq(Q).T + (x @ V.T) @ U.T (+ bias), accumulated in float32, returned in x.dtype.
+
+    ``blocks`` declares U^T block-diagonal (a stack of weights, ``stack_rows``): [column end, rank end] per
+    segment, flattened, the last (N, R); U^T must be zero outside the blocks, so a kernel may skip them. The
+    reference checks the declaration and multiplies the whole U^T."""
+    if blocks is not None:
+        check_blocks(blocks, qdata.shape[-2], ut.shape[0])
     acc = _accumulation_dtype(x.dtype)
     xf = x.to(acc)
     y = xf @ dequantize_int3(qdata, scales, zeros, group_size, acc).T
@@ -46,6 +55,19 @@ def int3_linear(
     if bias is not None:
         y = y + bias.to(acc)
     return y.to(x.dtype)
+
+
+def check_blocks(blocks: Sequence[int], n: int, r: int) -> None:
+    """int3_linear's ``blocks``: pairs (column end, rank end), column ends ascending, rank ends not descending,
+    the last (N, R)."""
+    blocks = [int(b) for b in blocks]
+    if len(blocks) < 2 or len(blocks) % 2:
+        raise ValueError(f"int3_linear: blocks is [column end, rank end] per segment, flattened; got {blocks}")
+    cols, ranks = blocks[0::2], blocks[1::2]
+    if any(b <= a for a, b in zip([0, *cols], cols)) or any(b < a for a, b in zip([0, *ranks], ranks)):
+        raise ValueError(f"int3_linear: blocks' column ends must ascend and rank ends not descend; got {blocks}")
+    if (cols[-1], ranks[-1]) != (n, r):
+        raise ValueError(f"int3_linear: the last block must end at (N, R) = ({n}, {r}); got {blocks}")
 
 
 ACTIVATIONS = ("none", "silu_mul")
