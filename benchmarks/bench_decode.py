@@ -350,7 +350,7 @@ def main():
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--warm", type=int, default=4)
-    ap.add_argument("--methods", default="bf16,ao-int4,milo,bf16+freeze,milo+freeze,milo+freeze+topk")
+    ap.add_argument("--methods", default="bf16,ao-int4,milo,bf16+freeze,milo+freeze,milo+freeze+topk,milo+freeze+topk+qkv")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default="")

@@ -799,7 +799,8 @@ def test_decode_chain_waits(monkeypatch, chain, tokens, top_k, E, H, inter):
     (5, 8, 512, 2),      # one block (bf16: 8 KB)
     (16, 16, 4096, 4),   # the fused kernel's most tokens and weight (bf16: 128 KB over 8 blocks)
     (17, 8, 4096, 2),    # cuBLAS's logits, the top-k kernel
-    (1, 128, 2048, 8),   # Qwen3-shaped (512 KB): cuBLAS's logits, the top-k kernel
+    (1, 128, 2048, 8),   # Qwen3-shaped (512 KB): 64 logits-only blocks, then the top-k kernel
+    (16, 60, 2048, 4),   # Qwen2-MoE-shaped (240 KB): 30 logits-only blocks a token
     (3, 1000, 64, 32),   # the top-k's most experts and k (bf16: fused, 125 experts a block)
     (2, 1500, 64, 4),    # more experts than threads: torch's ops
     (4, 60, 64, 40),     # k past 32: torch's ops
@@ -808,8 +809,9 @@ def test_decode_chain_waits(monkeypatch, chain, tokens, top_k, E, H, inter):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("renormalize", [False, True])
 def test_router_topk_cuda(tokens, E, H, k, dtype, renormalize):
-    """A top-k router's forward on the GPU (one kernel up to 16 tokens and 128 KB of weight, else the top-k kernel
-    after cuBLAS's logits, torch's ops past 1024 experts or k > 32): logits as x @ W^T (float64) within the dtype's
+    """A top-k router's forward on the GPU (up to 16 tokens one kernel up to 128 KB of weight, else logits-only
+    blocks and the top-k kernel; past 16 tokens the top-k kernel after cuBLAS's logits; torch's ops past 1024
+    experts or k > 32): logits as x @ W^T (float64) within the dtype's
     rounding; the k largest probabilities of the logits returned (any order among equal ones: 16-bit logits
     tie), descending, their values as torch computes them from those logits; in float32 the same indices as
     torch.topk."""
@@ -837,7 +839,7 @@ def test_router_topk_cuda(tokens, E, H, k, dtype, renormalize):
 
 @pytest.mark.parametrize("E,H,k", [(8, 4096, 2), (128, 2048, 8)])
 def test_router_topk_cuda_in_a_graph(E, H, k):
-    """The router (the fused kernel's cluster; cuBLAS's logits and the top-k kernel) captured in a CUDA graph, with
+    """The router (the fused kernel's cluster; logits-only blocks and the top-k kernel) captured in a CUDA graph, with
     the chain's programmatic launches, and replayed on new inputs gives the eager result."""
     gen = torch.Generator(device="cuda").manual_seed(11)
     x = torch.randn(2, H, device="cuda", generator=gen).to(torch.bfloat16)
@@ -930,7 +932,7 @@ def _sanitize_main():
         weights = torch.rand(tokens, top_k, device="cuda", generator=gen)
         torch.ops.milo.moe_combine(out, row_of_choice, weights, offsets)
     for tokens, E, H, k in [(1, 8, 4096, 2), (3, 10, 1024, 3), (5, 8, 512, 2), (16, 16, 4096, 4), (17, 8, 4096, 2),
-                            (2, 1000, 64, 32)]:  # the router: its fused kernel (one block, clusters), its top-k kernel
+                            (2, 1000, 64, 32), (1, 128, 2048, 8), (16, 60, 2048, 4)]:  # the router's kernels
         gen = torch.Generator(device="cuda").manual_seed(tokens + E)
         x = torch.randn(tokens, H, device="cuda", generator=gen).to(torch.bfloat16)
         weight = (torch.randn(E, H, device="cuda", generator=gen) * H ** -0.5).to(torch.bfloat16)
@@ -938,7 +940,7 @@ def _sanitize_main():
         err = ((logits.float() - x.float() @ weight.float().T).norm() / logits.float().norm()).item()
         assert err < 1e-2, f"router logits: relative error {err:.2e}"
     torch.cuda.synchronize()
-    print(f"grouped sanitize cases OK ({len(cases) + 11} cases, worst relative error {worst:.2e})")
+    print(f"grouped sanitize cases OK ({len(cases) + 13} cases, worst relative error {worst:.2e})")
 
 
 if __name__ == "__main__":

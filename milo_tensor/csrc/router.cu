@@ -8,8 +8,9 @@
 // and up to kRouterMaxTokens tokens it is one launch: the blocks of a token, an sm_90 cluster of up to 8, each
 // read 8-16 KB of the weight, and one of them takes the top-k of all the token's logits through distributed
 // shared memory. One block reads its share no faster than about 10 GB/s (H100, 2026-12-07 12:50 UTC: 64 KB in one
-// block 7.8 us, 512 KB over 8 blocks 20 us), so larger routers (Qwen3's 128 x 2048, 512 KB) and more tokens take
-// cuBLAS's GEMM, and only the top-k is a kernel here, one block a token.
+// block 7.8 us, 512 KB over 8 blocks 20 us), so a larger router (Qwen3's 128 x 2048, 512 KB) is read by one block
+// per 8 KB (no cluster) writing its logits, then the top-k kernel runs, one block a token; more tokens take
+// cuBLAS's GEMM and the top-k kernel.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -34,6 +35,7 @@ namespace {
 constexpr int kTopkMaxExperts = 1024;  // a thread per expert
 constexpr int kTopkMaxK = 32;
 constexpr int kRouterThreads = 1024;
+constexpr int kRouterLogitsThreads = 256;  // the logits-only blocks: 8 KB of weight each, two 16-byte loads a thread
 constexpr int kRouterMaxTokens = 16;            // the fused kernel's tokens; past them cuBLAS computes the logits
 constexpr int kRouterMaxCluster = 8;            // blocks a token (the portable cluster size)
 constexpr int kRouterBytesPerBlock = 8 * 1024;      // of the router's weight a block reads (more blocks, less each)
@@ -154,12 +156,16 @@ __device__ __forceinline__ float dot16(const int4& a, const int4& b) {
   return s;
 }
 
-// The router's whole forward for one token per blockIdx.y: block `rank` = blockIdx.x of gridDim.x (a cluster
-// when kCluster) computes the logits of experts [rank * epb, rank * epb + epb), several warps a row where the
-// block has fewer experts than warps (partials summed in a fixed order), writes them rounded to T (as F.linear
-// returns them) and keeps them in shared memory; block 0 then takes the top-k of all E through the cluster's
-// distributed shared memory. Needs H % (16 / sizeof(T)) == 0 and 16-byte aligned rows.
-template <typename T, bool kCluster>
+// How the blocks of a token share the router's forward: one block does it all; a cluster's blocks compute the
+// logits and block 0 the top-k; or the blocks compute the logits only (router_topk_kernel after them).
+enum class RouterMode { kOneBlock, kCluster, kLogitsOnly };
+
+// The router's forward for one token per blockIdx.y: block `rank` = blockIdx.x of gridDim.x computes the logits
+// of experts [rank * epb, rank * epb + epb), several warps a row where the block has fewer experts than warps
+// (partials summed in a fixed order), and writes them rounded to T (as F.linear returns them); with kOneBlock or
+// kCluster block 0 then takes the top-k of all E (a cluster's logits through its distributed shared memory).
+// Needs H % (16 / sizeof(T)) == 0 and 16-byte aligned rows.
+template <typename T, RouterMode kMode>
 __global__ void __launch_bounds__(kRouterThreads)
     router_fused_kernel(const T* __restrict__ x, const T* __restrict__ weight, int H, int E, int k, bool renormalize,
                         T* __restrict__ logits, float* __restrict__ w_out, int64_t* __restrict__ i_out) {
@@ -193,8 +199,9 @@ __global__ void __launch_bounds__(kRouterThreads)
     logits[t * E + e0 + j] = l;
     s_logit[j] = to_float(l);
   }
+  if constexpr (kMode == RouterMode::kLogitsOnly) return;
   float mine = -INFINITY;
-  if constexpr (kCluster) {
+  if constexpr (kMode == RouterMode::kCluster) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     namespace cg = cooperative_groups;
     cg::cluster_group cluster = cg::this_cluster();
@@ -221,28 +228,40 @@ bool cluster_kernel_ok() {
     cudaFuncAttributes attr{};
     const bool ok = cudaGetDevice(&dev) == cudaSuccess &&
                     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
-                    major >= 9 && cudaFuncGetAttributes(&attr, router_fused_kernel<half, true>) == cudaSuccess;
+                    major >= 9 &&
+                    cudaFuncGetAttributes(&attr, router_fused_kernel<half, RouterMode::kCluster>) == cudaSuccess;
     (void)cudaGetLastError();  // a failed query leaves no error behind for the next launch's check
     return ok && attr.ptxVersion >= 90;
   }();
   return ok;
 }
 
-// blocks a token for the fused kernel (a cluster where more than one), or 0 where the router is too large for it
-int fused_blocks(long long weight_bytes, int E) {
-  if (!cluster_kernel_ok()) return weight_bytes <= kRouterMaxBlockBytes ? 1 : 0;
-  if (weight_bytes > kRouterMaxBytes) return 0;
-  return static_cast<int>(std::min<long long>(
-      {kRouterMaxCluster, E, (weight_bytes + kRouterBytesPerBlock - 1) / kRouterBytesPerBlock}));
+// how the fused kernel runs for a router of weight_bytes: blocks a token (0: not at all, cuBLAS's GEMM) and mode
+struct RouterPlan {
+  int blocks;
+  RouterMode mode;
+};
+RouterPlan router_plan(long long weight_bytes, int E) {
+  const long long per_8k = (weight_bytes + kRouterBytesPerBlock - 1) / kRouterBytesPerBlock;
+  if (cluster_kernel_ok() && weight_bytes <= kRouterMaxBytes) {
+    const int blocks = static_cast<int>(std::min<long long>({kRouterMaxCluster, E, per_8k}));
+    return {blocks, blocks > 1 ? RouterMode::kCluster : RouterMode::kOneBlock};
+  }
+  if (weight_bytes <= kRouterMaxBlockBytes) return {1, RouterMode::kOneBlock};
+  return {static_cast<int>(std::min<long long>(E, per_8k)), RouterMode::kLogitsOnly};
 }
 
 template <typename T>
 void launch_fused(const at::Tensor& x, const at::Tensor& weight, int k, bool renormalize, const at::Tensor& logits,
-                  const at::Tensor& w, const at::Tensor& idx, int blocks, cudaStream_t stream) {
+                  const at::Tensor& w, const at::Tensor& idx, RouterPlan plan, cudaStream_t stream) {
   const int tokens = static_cast<int>(x.size(0)), H = static_cast<int>(x.size(1));
   const int E = static_cast<int>(weight.size(0));
-  launch_ex(blocks > 1 ? router_fused_kernel<T, true> : router_fused_kernel<T, false>, dim3(blocks, tokens),
-            dim3(kRouterThreads), 0, chain_programmatic(), blocks, stream, reinterpret_cast<const T*>(x.data_ptr()),
+  const bool cluster = plan.mode == RouterMode::kCluster, logits_only = plan.mode == RouterMode::kLogitsOnly;
+  launch_ex(cluster       ? router_fused_kernel<T, RouterMode::kCluster>
+            : logits_only ? router_fused_kernel<T, RouterMode::kLogitsOnly>
+                          : router_fused_kernel<T, RouterMode::kOneBlock>,
+            dim3(plan.blocks, tokens), dim3(logits_only ? kRouterLogitsThreads : kRouterThreads), 0,
+            chain_programmatic(), cluster ? plan.blocks : 1, stream, reinterpret_cast<const T*>(x.data_ptr()),
             reinterpret_cast<const T*>(weight.data_ptr()), H, E, k, renormalize,
             reinterpret_cast<T*>(logits.data_ptr()), w.data_ptr<float>(), idx.data_ptr<int64_t>());
 }
@@ -276,6 +295,8 @@ bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_
 std::tuple<at::Tensor, at::Tensor, at::Tensor> router_topk_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                                 int64_t top_k, bool renormalize) {
   TORCH_CHECK(x.is_cuda() && weight.is_cuda(), "router_topk (CUDA): x and weight must be on the GPU");
+  TORCH_CHECK(x.device() == weight.device(), "router_topk: x and weight must be on one device, got ", x.device(),
+              " and ", weight.device());
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
               "router_topk: x must be [tokens, hidden] and weight [experts, hidden], got ", x.sizes(), " and ",
               weight.sizes());
@@ -290,14 +311,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_topk_cuda(const at::Tensor
   at::Tensor idx = at::empty({tokens, top_k}, x.options().dtype(at::kLong));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int k = static_cast<int>(top_k);
-  const int blocks = fused_blocks(E * x.size(1) * static_cast<long long>(x.element_size()), static_cast<int>(E));
+  const RouterPlan plan = router_plan(E * x.size(1) * static_cast<long long>(x.element_size()), static_cast<int>(E));
   const bool whole_pieces = x.size(1) % (16 / x.element_size()) == 0;  // rows of 16-byte loads
-  if (topk_kernel && blocks > 0 && tokens > 0 && tokens <= kRouterMaxTokens && whole_pieces) {
+  if (topk_kernel && tokens > 0 && tokens <= kRouterMaxTokens && whole_pieces) {
     const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
     if (aligned16(xc) && aligned16(wc)) {
       at::Tensor logits = at::empty({tokens, E}, x.options());
       dispatch_router_dtype(dt, [&](auto tag) {
-        launch_fused<typename decltype(tag)::type>(xc, wc, k, renormalize, logits, w, idx, blocks, stream);
+        using T = typename decltype(tag)::type;
+        launch_fused<T>(xc, wc, k, renormalize, logits, w, idx, plan, stream);
+        if (plan.mode == RouterMode::kLogitsOnly) launch_topk<T>(logits, k, renormalize, w, idx, stream);
       });
       return {logits, w, idx};
     }

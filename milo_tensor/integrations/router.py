@@ -5,7 +5,7 @@ then a float32 softmax, ``torch.topk`` and, where the model asks, the chosen pro
 their sum. Compiled, that is cuBLAS's split-K GEMM (two kernels), a softmax kernel, torch.topk's select
 and sort kernels and the renormalization: about 17 µs of a 174 µs Mixtral-shaped decode layer on an H100
 (docs/benchmarks.md, 2026-12-07 11:55 UTC), for a [1, E] output. On CUDA the op is one launch for a
-router of up to 128 KB at up to 16 tokens, else cuBLAS's GEMM and one top-k kernel (csrc/router.cu).
+router of up to 128 KB at up to 16 tokens, else two (csrc/router.cu).
 Only the router's forward changes; its parameters and state dict stay as they are.
 
 A router is swapped only if, on a random batch, the fused forward returns what its own forward does
