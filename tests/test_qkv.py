@@ -190,3 +190,27 @@ def test_fuse_twice_and_skips():
     assert fuse_qkv(_tiny("deepseek_v3")) == []  # latent attention: no q/k/v trio
     plain = tiny_moe("mixtral").double()  # unquantized projections are left alone
     assert fuse_qkv(plain) == [] and not hasattr(plain.model.layers[0].self_attn, "milo_qkv_qdata")
+
+
+def test_mismatched_projections_are_left_alone(caplog):
+    """A q/k/v trio that cannot share one stack (here k quantized with another group size) keeps its own
+    projections, and the log says why."""
+    model = tiny_moe("mixtral").double()
+    quantize_(model, milo_int3(_rank, iters=2), progress=False)
+    other = tiny_moe("mixtral").double()
+    quantize_(other, milo_int3(_rank, iters=2, group_size=32), progress=False)
+    attention = model.model.layers[0].self_attn
+    attention.k_proj = other.model.layers[0].self_attn.k_proj
+    with caplog.at_level("INFO", logger="milo_tensor.integrations.qkv"):
+        names = fuse_qkv(model)
+    assert names == ["model.layers.1.self_attn"]
+    assert "model.layers.0.self_attn keeps separate projections" in caplog.text and "group size" in caplog.text
+
+
+def test_wrong_input_dtype_is_refused(gen, pair):
+    _, fused = pair
+    _, attention = _attentions(fused)[0]
+    hidden = torch.randn(1, 3, fused.config.hidden_size, generator=gen, dtype=torch.float32)
+    with pytest.raises(ValueError, match="does not match the q/k/v weights"):
+        attention(hidden_states=hidden, position_embeddings=None, attention_mask=None)
+
