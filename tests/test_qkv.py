@@ -214,3 +214,13 @@ def test_wrong_input_dtype_is_refused(gen, pair):
     with pytest.raises(ValueError, match="does not match the q/k/v weights"):
         attention(hidden_states=hidden, position_embeddings=None, attention_mask=None)
 
+
+def test_tensor_parallel_refuses_a_fused_model(pair):
+    """A tensor-parallel split would shard the projections and leave the stack whole: refused, before any mesh
+    is touched."""
+    from milo_tensor.integrations.distributed import apply_tensor_parallel
+
+    _, fused = pair
+    with pytest.raises(ValueError, match="fuse_qkv"):
+        apply_tensor_parallel(fused, None)
+

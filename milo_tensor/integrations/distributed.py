@@ -538,6 +538,10 @@ def apply_tensor_parallel(
     """
     from transformers.distributed.tensor_parallel import apply_tensor_parallelism
 
+    stacked = [name for name, m in model.named_modules() if hasattr(m, "_milo_qkv_pending")]
+    if stacked:
+        raise ValueError(f"{stacked[0]} runs its q/k/v projections as one stacked weight (fuse_qkv), which a "
+                         f"tensor-parallel split would leave whole on every rank; split the unfused model instead")
     plan = tensor_parallel_plan(model, shard_experts=shard_experts) if plan is None else plan
     _check_plan_shapes(model, plan, tp_mesh.size())
     return apply_tensor_parallelism(model, tp_mesh, plan)
