@@ -334,6 +334,10 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None,
             module._buffers[leaf] = assigned[target]
     if built or any(b is not None and b.is_meta for b in model.buffers()):
         _materialize_meta_buffers(model, device)
+    for module in model.modules():  # copies derived from the loaded weights (fuse_qkv's stack), rebuilt from them
+        rebuild = getattr(module, "_milo_rebuild", None)
+        if rebuild is not None:
+            rebuild(module)
     restore_experts_implementation(model, experts_implementation_of(info.config))
     _attach_quantizer(model, info.config)
     if built:

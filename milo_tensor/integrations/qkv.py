@@ -15,7 +15,7 @@ projection whose input *is* that tensor returns its slice, any other call (anoth
 called from outside) runs the projection's own weight. Under torch.compile the hand-off is traced away
 (the identity test is decided at trace time), so the graph holds the one op. The projections' own
 weights, biases and state dict stay as they are; the stacked copy is held in non-persistent buffers,
-rebuilt when a state dict is loaded.
+rebuilt when a state dict or a checkpoint (load_quantized) is loaded.
 """
 
 from __future__ import annotations
@@ -113,7 +113,8 @@ def fuse_qkv(model: nn.Module) -> list[str]:
     alone). Modules whose projections do not qualify are skipped and logged. Call it after ``quantize_``
     (or loading) with the model on its device, before ``torch.compile``; safe to call twice. Memory: the
     stacked weight is a second copy of the three projections (a few percent of a MoE model). The state dict
-    is unchanged, and loading one rebuilds the stacked copy. Returns the names of the fused modules.
+    is unchanged, and loading a state dict or a checkpoint (load_quantized) rebuilds the stacked copy. Returns the
+    names of the fused modules.
     """
     fused = []
     for name, attention in model.named_modules():
@@ -137,6 +138,7 @@ def fuse_qkv(model: nn.Module) -> list[str]:
         attention._milo_qkv_sizes = [m.out_features for m in mods]
         attention._milo_qkv_pending = pending = _Pending()
         attention.register_load_state_dict_post_hook(_refresh)
+        attention._milo_rebuild = _refresh  # load_quantized assigns parameters without load_state_dict
         for index, mod in enumerate(mods):
             mod._milo_qkv = (pending, index)
             _swap_class(mod, _projection_forward, "MiLoQKV")
