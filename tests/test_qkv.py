@@ -246,3 +246,22 @@ def test_fused_model_saves_and_loads_into_a_fused_model(gen, pair, tmp_path):
     with torch.no_grad():
         again = load_quantized(tmp_path / "other", model=copy.deepcopy(fused))
         torch.testing.assert_close(again(ids).logits, other(ids).logits, rtol=1e-9, atol=1e-11)
+
+
+def test_with_the_other_fusions(gen):
+    """fuse_qkv beside fuse_shared_experts and fuse_router_topk on one Qwen2-MoE model (biased q/k/v, a gated
+    shared expert, a top-k router): the same logits as the unfused model, eager and compiled (fullgraph)."""
+    from milo_tensor import fuse_router_topk, fuse_shared_experts
+
+    unfused = _tiny("qwen2_moe")
+    fused = copy.deepcopy(unfused)
+    assert len(fuse_qkv(fused)) == len(fuse_shared_experts(fused)) == fused.config.num_hidden_layers
+    assert fuse_router_topk(fused) == fused.config.num_hidden_layers
+    ids = torch.randint(3, unfused.config.vocab_size, (2, 3), generator=gen)
+    with torch.no_grad():
+        expected = unfused(ids).logits
+        torch.testing.assert_close(fused(ids).logits, expected, rtol=1e-9, atol=1e-11)
+        torch._dynamo.reset()
+        # compiled: inductor reorders float64 sums (8e-8 for the unfused model too, test_fused_decode_compiles)
+        torch.testing.assert_close(torch.compile(fused, fullgraph=True)(ids).logits, expected, rtol=1e-5, atol=1e-6)
+
