@@ -113,8 +113,8 @@ def fuse_qkv(model: nn.Module) -> list[str]:
     alone). Modules whose projections do not qualify are skipped and logged. Call it after ``quantize_``
     (or loading) with the model on its device, before ``torch.compile``; safe to call twice. Memory: the
     stacked weight is a second copy of the three projections (a few percent of a MoE model). The state dict
-    is unchanged, and loading a state dict or a checkpoint (load_quantized) rebuilds the stacked copy. Returns the
-    names of the fused modules.
+    is unchanged, and loading a state dict or a checkpoint (load_quantized) rebuilds the stacked copy.
+    Returns the names of the fused modules.
     """
     fused = []
     for name, attention in model.named_modules():
