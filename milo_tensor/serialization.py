@@ -311,6 +311,7 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None,
     if built:
         model = _build_model(directory, info)
     plan, ties = _plan_assignments(model, info, device, info.files[0])
+    _run_load_pre_hooks(model, {name: value for name, _, _, _, value in plan})
 
     # ---- nothing below raises on checkpoint content: assign everything
     assigned: dict[str, torch.Tensor] = {}
@@ -334,15 +335,30 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None,
             module._buffers[leaf] = assigned[target]
     if built or any(b is not None and b.is_meta for b in model.buffers()):
         _materialize_meta_buffers(model, device)
-    for module in model.modules():  # copies derived from the loaded weights (fuse_qkv's stack), rebuilt from them
-        rebuild = getattr(module, "_milo_rebuild", None)
-        if rebuild is not None:
-            rebuild(module)
+    for module in model.modules():  # as load_state_dict ends: fuse_qkv's stack is rebuilt from the loaded weights
+        for hook in module._load_state_dict_post_hooks.values():
+            hook(module, nn.modules.module._IncompatibleKeys([], []))
     restore_experts_implementation(model, experts_implementation_of(info.config))
     _attach_quantizer(model, info.config)
     if built:
         model.eval()
     return model
+
+
+def _run_load_pre_hooks(model: nn.Module, values: Mapping[str, torch.Tensor]) -> None:
+    """The modules' load_state_dict pre-hooks on the planned values, before anything is assigned: parameters are
+    assigned directly (not through load_state_dict), and a module that refuses a load (fuse_shared_experts'
+    stacks) must refuse this one too."""
+    for name, module in model.named_modules():
+        if not module._load_state_dict_pre_hooks:
+            continue
+        prefix = f"{name}." if name else ""
+        local = {k: v for k, v in values.items() if k.startswith(prefix)}
+        errors: list[str] = []
+        for hook in module._load_state_dict_pre_hooks.values():
+            hook(local, prefix, {}, True, [], [], errors)
+        if errors:
+            raise RuntimeError(f"{name or 'the model'}: " + "; ".join(errors))
 
 
 def _attach_quantizer(model: nn.Module, config: dict | None) -> None:

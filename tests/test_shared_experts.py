@@ -112,6 +112,10 @@ def test_fused_model_saves_like_the_unfused_one(gen, pair, tmp_path):
         torch.testing.assert_close(again(ids).logits, unfused(ids).logits, rtol=1e-8, atol=1e-9)
     with pytest.raises(RuntimeError, match="load the checkpoint into the unfused model, then fuse"):
         fused.load_state_dict(unfused.state_dict())
+    stacks = {n: p.qdata.clone() for n, p in fused.named_parameters() if hasattr(p, "qdata")}
+    with pytest.raises(RuntimeError, match=r"mlp\.experts: its shared experts are fused.*then fuse"):
+        load_quantized(tmp_path / "ckpt", model=fused)  # refused before any parameter is replaced
+    assert all(torch.equal(p.qdata, stacks[n]) for n, p in fused.named_parameters() if hasattr(p, "qdata"))
 
 
 def test_default_token_bound(gen):

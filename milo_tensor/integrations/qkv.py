@@ -137,8 +137,7 @@ def fuse_qkv(model: nn.Module) -> list[str]:
         _refresh(attention)
         attention._milo_qkv_sizes = [m.out_features for m in mods]
         attention._milo_qkv_pending = pending = _Pending()
-        attention.register_load_state_dict_post_hook(_refresh)
-        attention._milo_rebuild = _refresh  # load_quantized assigns parameters without load_state_dict
+        attention.register_load_state_dict_post_hook(_refresh)  # load_state_dict's and load_quantized's
         for index, mod in enumerate(mods):
             mod._milo_qkv = (pending, index)
             _swap_class(mod, _projection_forward, "MiLoQKV")

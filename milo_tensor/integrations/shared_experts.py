@@ -157,8 +157,8 @@ def _routed_state(routed: int, padded_ranks: dict[str, int]):
 
 
 def _refuse_load(module, state_dict, prefix, *args):
-    raise RuntimeError(f"{prefix or 'the experts module'}: its shared experts are fused into the experts' stacks "
-                       f"(fuse_shared_experts); load the checkpoint into the unfused model, then fuse")
+    raise RuntimeError(f"{prefix.rstrip('.') or 'the experts module'}: its shared experts are fused into the experts' "
+                       f"stacks (fuse_shared_experts); load the checkpoint into the unfused model, then fuse")
 
 
 def fuse_shared_experts(model: nn.Module, max_tokens: int | None = None) -> list[str]:
@@ -215,7 +215,7 @@ def fuse_shared_experts(model: nn.Module, max_tokens: int | None = None) -> list
         experts.milo_shared = SharedExperts(count, routed, bound, (gate_mod,) if gate_mod is not None else ())
         experts._register_state_dict_hook(_routed_state(routed, {"gate_up_proj": up.ut.shape[1],
                                                                 "down_proj": down.ut.shape[1]}))
-        experts._register_load_state_dict_pre_hook(_refuse_load)
+        experts._register_load_state_dict_pre_hook(_refuse_load, with_module=True)
         _mark_fused(mlp, experts)
         logger.info("%s: shared MLP fused as %d experts (batches up to %d tokens); experts' stacks %.1f -> %.1f MiB",
                     fqn, count, bound, before / 2**20, (new_up.storage_nbytes() + new_down.storage_nbytes()) / 2**20)
