@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from milo_tensor.integrations.forward_swap import swap_forward
 from milo_tensor.integrations.stacking import stack_rows, stackable
 
 __all__ = ["fuse_qkv"]
@@ -99,11 +100,6 @@ def _refresh(attention: nn.Module, *_) -> None:
     attention._milo_qkv_blocks = [int(b) for b in ends.flatten()]
 
 
-def _swap_class(module: nn.Module, forward, prefix: str) -> None:
-    cls = type(module)
-    module.__class__ = type(f"{prefix}{cls.__name__}", (cls,), {"forward": forward, "_milo_unfused_cls": cls})
-
-
 def fuse_qkv(model: nn.Module) -> list[str]:
     """Run the q, k and v projections of every attention module of ``model`` as one int3 matmul.
 
@@ -140,7 +136,7 @@ def fuse_qkv(model: nn.Module) -> list[str]:
         attention.register_load_state_dict_post_hook(_refresh)  # load_state_dict's and load_quantized's
         for index, mod in enumerate(mods):
             mod._milo_qkv = (pending, index)
-            _swap_class(mod, _projection_forward, "MiLoQKV")
-        _swap_class(attention, _attention_forward, "MiLoFusedQKV")
+            swap_forward(mod, _projection_forward, "MiLoQKV")
+        swap_forward(attention, _attention_forward, "MiLoFusedQKV")
         fused.append(name)
     return fused

@@ -21,6 +21,8 @@ import logging
 import torch
 from torch import nn
 
+from milo_tensor.integrations.forward_swap import swap_forward
+
 __all__ = ["fuse_router_topk"]
 
 logger = logging.getLogger(__name__)
@@ -35,7 +37,7 @@ def _topk_forward(router: nn.Module, hidden_states: torch.Tensor, renormalize: b
 
 def _fused_forward(self: nn.Module, hidden_states: torch.Tensor):
     if torch.is_grad_enabled() and self.weight.requires_grad:  # the op has no backward: training takes the model's
-        return super(type(self), self).forward(hidden_states)
+        return self._milo_unfused_cls.forward(self, hidden_states)
     return _topk_forward(self, hidden_states, *self._milo_router)
 
 
@@ -97,7 +99,6 @@ def fuse_router_topk(model: nn.Module) -> int:
             logger.info("router_topk: %s (%s) keeps its own forward: the fused one differs", name, type(module).__name__)
             continue
         module._milo_router = candidate
-        cls = type(module)
-        module.__class__ = type(f"MiLoTopK{cls.__name__}", (cls,), {"forward": _fused_forward})
+        swap_forward(module, _fused_forward, "MiLoTopK")
         swapped += 1
     return swapped

@@ -25,6 +25,7 @@ from torch.distributed.tensor import DTensor
 
 from milo_tensor.integrations import distributed as slicing
 from milo_tensor.integrations.experts import EXPERTS_IMPLEMENTATION, _gate_is_silu_mul
+from milo_tensor.integrations.forward_swap import swap_forward
 from milo_tensor.integrations.stacking import stack_rows
 from milo_tensor.tensor import MiLoInt3Tensor
 
@@ -134,8 +135,7 @@ def _shared_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _mark_fused(mlp: nn.Module, experts: nn.Module) -> None:
     """Swap the MLP's class for a subclass whose forward defers to the experts' launch: its modules and
     parameters (and so its state dict) stay as they are."""
-    cls = type(mlp)
-    mlp.__class__ = type(f"MiLoFused{cls.__name__}", (cls,), {"forward": _shared_forward, "_milo_unfused_cls": cls})
+    swap_forward(mlp, _shared_forward, "MiLoFused")
     mlp._milo_experts = (experts,)  # a tuple: not registered as a submodule
 
 
