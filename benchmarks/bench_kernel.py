@@ -13,6 +13,9 @@ Methods: fp16 / bf16 cuBLAS (F.linear), torchao int4 tinygemm (Int4WeightOnlyCon
 gemlite A16W4 / A16W2 (HQQ layout, group 64), torchao int3 (IntxWeightOnlyConfig int3 group 64,
 torch.compile), milo int3 at R = 0, 32, 512 (group 64), and the bandwidth floor: the bytes milo
 must move at R = 0 (codes, scales, zeros, x, y) over the measured device-to-device copy bandwidth.
+That bandwidth is a large copy's; a small weight is read slower than it by any kernel (launch, ramp-up
+and tail), so the "read" column times torch's max-reduction over a buffer of milo's R = 0 weight bytes,
+rotated like the weights: what reading those bytes once costs in practice.
 """
 
 from __future__ import annotations
@@ -120,6 +123,20 @@ def m_milo(R, pack_int3, dtype=torch.float16):
         return torch.ops.milo.int3_linear(x, q, s, z, ut, v, GROUP, None)
 
     return build, call, lambda N, K: N * K * 3 // 8 + 4 * N * (K // GROUP) + 2 * R * (N + K), dtype
+
+
+def m_read():
+    """Not a matmul: one int32 max-reduction over as many bytes as milo's R = 0 weight (codes, scales,
+    zeros), the practical read time of those bytes at this size."""
+
+    def build(N, K, i):
+        return torch.randint(-(2**31), 2**31 - 1, (N * K * 3 // 32 + N * (K // GROUP),), dtype=torch.int32,
+                             device="cuda")
+
+    def call(buf, x):
+        return buf.max()
+
+    return build, call, lambda N, K: N * K * 3 // 8 + 4 * N * (K // GROUP), torch.float16
 
 
 def m_ao_int4():
@@ -262,7 +279,7 @@ def render_report(results, names, no_eager):
         cols = ["N x K", "M", "floor"] + names
         extra = []
         if kind == "CUDA graph" and "milo-R0" in names:
-            extra = ["R0 % of floor", "R0 x fp16", "R0 x ao-int4", "R32 cost"]
+            extra = ["R0 % of floor", "R0 % of read", "R0 x fp16", "R0 x ao-int4", "R32 cost"]
         lines.append("| " + " | ".join(cols + extra) + " |")
         lines.append("|" + "---|" * (len(cols) + len(extra)))
         for r in results["rows"]:
@@ -273,7 +290,9 @@ def render_report(results, names, no_eager):
                     v = r.get(n, ("n/a",))[idx]
                     return v if isinstance(v, float) else None
                 r0, f16, i4, r32 = num("milo-R0"), num("fp16"), num("ao-int4"), num("milo-R32")
+                rd = num("read")
                 vals.append(f"{100 * r['floor_us'] / r0:.0f}%" if r0 else "n/a")
+                vals.append(f"{100 * rd / r0:.0f}%" if (r0 and rd) else "n/a")
                 vals.append(f"{f16 / r0:.2f}" if (r0 and f16) else "n/a")
                 vals.append(f"{i4 / r0:.2f}" if (r0 and i4) else "n/a")
                 vals.append(f"{100 * (r32 / r0 - 1):+.0f}%" if (r0 and r32) else "n/a")
@@ -330,6 +349,7 @@ def main():
     print(header, flush=True)
 
     methods = {
+        "read": m_read,
         "fp16": lambda: m_cublas(torch.float16),
         "bf16": lambda: m_cublas(torch.bfloat16),
         "ao-int4": m_ao_int4,
@@ -341,7 +361,7 @@ def main():
         "milo-R512": lambda: m_milo(512, pack_int3),
     }
     if args.quick:
-        methods = {k: methods[k] for k in ["fp16", "milo-R0", "milo-R32"]}
+        methods = {k: methods[k] for k in ["read", "fp16", "milo-R0", "milo-R32"]}
     if args.methods:
         methods = {k: v for k, v in methods.items() if k in args.methods.split(",")}
 

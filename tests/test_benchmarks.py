@@ -21,12 +21,12 @@ def _graph_rows(report: str) -> list[list[str]]:
 
 
 def test_kernel_report_derived_columns(tmp_path):
-    names = ["fp16", "ao-int4", "milo-R0", "milo-R32"]
+    names = ["read", "fp16", "ao-int4", "milo-R0", "milo-R32"]
     rows = [
-        {"N": 4096, "K": 4096, "M": 1, "floor_us": 2.6, "fp16": (16.9, 18.0), "ao-int4": (9.5, 30.0),
-         "milo-R0": (9.2, 20.0), "milo-R32": (13.8, 25.0)},
-        {"N": 1408, "K": 2048, "M": 4, "floor_us": 0.5, "fp16": (6.2, 7.0), "ao-int4": ("n/a (x)", "n/a (x)"),
-         "milo-R0": (6.2, 9.0), "milo-R32": (10.0, 12.0)},
+        {"N": 4096, "K": 4096, "M": 1, "floor_us": 2.6, "read": (4.1, 6.0), "fp16": (16.9, 18.0),
+         "ao-int4": (9.5, 30.0), "milo-R0": (9.2, 20.0), "milo-R32": (13.8, 25.0)},
+        {"N": 1408, "K": 2048, "M": 4, "floor_us": 0.5, "read": ("n/a (y)", "n/a (y)"), "fp16": (6.2, 7.0),
+         "ao-int4": ("n/a (x)", "n/a (x)"), "milo-R0": (6.2, 9.0), "milo-R32": (10.0, 12.0)},
     ]
     results = {"header": "device: test", "bw": 2.86e12, "rows": rows}
 
@@ -40,12 +40,13 @@ def test_kernel_report_derived_columns(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
     assert json.load(open(tmp_path / "k.json"))["rows"][0]["milo-R0"] == [9.2, 20.0]
     first, second = _graph_rows(report)
-    # columns: N x K, M, floor, names..., R0 % of floor, R0 x fp16, R0 x ao-int4, R32 cost
+    # columns: N x K, M, floor, names..., R0 % of floor, R0 % of read, R0 x fp16, R0 x ao-int4, R32 cost
     assert first[:3] == ["4096x4096", "1", "2.6"]
-    assert first[-4:] == [f"{100 * 2.6 / 9.2:.0f}%", f"{16.9 / 9.2:.2f}", f"{9.5 / 9.2:.2f}", f"{100 * (13.8 / 9.2 - 1):+.0f}%"]
-    assert second[-4:] == [f"{100 * 0.5 / 6.2:.0f}%", "1.00", "n/a", f"{100 * (10.0 / 6.2 - 1):+.0f}%"]
+    assert first[-5:] == [f"{100 * 2.6 / 9.2:.0f}%", f"{100 * 4.1 / 9.2:.0f}%", f"{16.9 / 9.2:.2f}", f"{9.5 / 9.2:.2f}",
+                          f"{100 * (13.8 / 9.2 - 1):+.0f}%"]
+    assert second[-5:] == [f"{100 * 0.5 / 6.2:.0f}%", "n/a", "1.00", "n/a", f"{100 * (10.0 / 6.2 - 1):+.0f}%"]
     eager = report.split("## eager")[1]
-    assert "| 4096x4096 | 1 | 2.6 | 18.0 | 30.0 | 20.0 | 25.0 |" in eager
+    assert "| 4096x4096 | 1 | 2.6 | 6.0 | 18.0 | 30.0 | 20.0 | 25.0 |" in eager
 
 
 def test_decode_benchmark_smoke(tmp_path):
