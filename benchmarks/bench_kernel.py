@@ -14,8 +14,8 @@ gemlite A16W4 / A16W2 (HQQ layout, group 64), torchao int3 (IntxWeightOnlyConfig
 torch.compile), milo int3 at R = 0, 32, 512 (group 64), and the bandwidth floor: the bytes milo
 must move at R = 0 (codes, scales, zeros, x, y) over the measured device-to-device copy bandwidth.
 That bandwidth is a large copy's; a small weight is read slower than it by any kernel (launch, ramp-up
-and tail), so the "read" column times torch's max-reduction over a buffer of milo's R = 0 weight bytes,
-rotated like the weights: what reading those bytes once costs in practice.
+and tail), so the "read" column times a plain streaming read (Triton) of as many bytes as milo's R = 0
+weight, rotated like the weights: what reading those bytes once costs in practice.
 """
 
 from __future__ import annotations
@@ -126,15 +126,28 @@ def m_milo(R, pack_int3, dtype=torch.float16):
 
 
 def m_read():
-    """Not a matmul: one int32 max-reduction over as many bytes as milo's R = 0 weight (codes, scales,
-    zeros), the practical read time of those bytes at this size."""
+    """Not a matmul: a plain streaming read (Triton, 16-byte loads, 32 KB a program, a max per program) of as
+    many bytes as milo's R = 0 weight (codes, scales, zeros): what reading those bytes once costs at this size,
+    where launch, ramp-up and tail keep any kernel under the copy bandwidth the floor assumes."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def read_max(src, out, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(out + tl.program_id(0), tl.max(tl.load(src + offs, mask=offs < n, other=0), 0))
+
+    block = 8192
 
     def build(N, K, i):
-        return torch.randint(-(2**31), 2**31 - 1, (N * K * 3 // 32 + N * (K // GROUP),), dtype=torch.int32,
-                             device="cuda")
+        n = N * K * 3 // 32 + N * (K // GROUP)
+        src = torch.randint(-(2**31), 2**31 - 1, (n,), dtype=torch.int32, device="cuda")
+        return src, torch.empty(triton.cdiv(n, block), dtype=torch.int32, device="cuda")
 
-    def call(buf, x):
-        return buf.max()
+    def call(st, x):
+        src, out = st
+        read_max[(out.numel(),)](src, out, src.numel(), BLOCK=block, num_warps=8)
+        return out
 
     return build, call, lambda N, K: N * K * 3 // 8 + 4 * N * (K // GROUP), torch.float16
 
