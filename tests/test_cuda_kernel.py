@@ -253,13 +253,14 @@ def test_gemv_warps_per_tile(monkeypatch, xblock, wk, M):
 @pytest.mark.parametrize("M", [1, 2, 4, 8])
 def test_gemv_lowrank_mma_and_scalar(monkeypatch, lr_mma, M):
     """The decode kernel's low-rank term by mma (MILO_INT3_GEMV_LR_MMA=1: t in hi + lo halves, U^T's
-    chunk by transposed ldmatrix, ranks zero-padded to 16) and by the scalar loop (0), both dtypes, ranks
-    1, 16, 40 (padded), 64 (the whole chunk) and 100 (past it: the scalar loop either way), 1 and 2 warps
-    per tile, N not a multiple of a block's columns, bias, against the float32 reference."""
+    chunks by transposed ldmatrix, ranks zero-padded to 16) and by the scalar loop (0), both dtypes, ranks
+    1, 16, 40 (padded), 64 (the whole chunk), 100 and 200 (two and four 64-rank chunks, the last padded),
+    1 and 2 warps per tile, N not a multiple of a block's columns, bias, against the float32 reference."""
     monkeypatch.setenv("MILO_INT3_GEMV_LR_MMA", lr_mma)
     gen = torch.Generator(device="cuda").manual_seed(M * 10 + int(lr_mma))
     for i, (N, K, R, wk) in enumerate([(1000, 2048, 1, "1"), (520, 1536, 16, "0"), (4104, 1024, 40, "2"),
-                                       (264, 4096, 64, "0"), (1000, 2048, 100, "1"), (14336, 4096, 32, "0")]):
+                                       (264, 4096, 64, "0"), (1000, 2048, 100, "1"), (14336, 4096, 32, "0"),
+                                       (4096, 4096, 200, "0")]):
         monkeypatch.setenv("MILO_INT3_GEMV_WK", wk)
         dtype = torch.bfloat16 if (i + M) % 2 else torch.float16
         check(make_inputs(M, N, K, R, 64, dtype, bias=True, gen=gen))

@@ -358,6 +358,29 @@ __device__ __forceinline__ int gemv_col(int flags, int N, int BR, int j) {
   return blockIdx.x * half + j + (j >= half ? N / 2 - half : 0);
 }
 
+// acc += t[:, chunk] U^T[chunk, the tile's 16 columns] over the rc ranks of a chunk in tsm and usm (ub: this lane's
+// ldmatrix address in usm): A = U^T's rows by transposed ldmatrix, B = t's rows as the n8 columns in hi + lo halves
+// (fp32 accuracy); ranks zero past rc up to a multiple of 16 in both
+template <typename T, int MR>
+__device__ __forceinline__ void lowrank_mma_chunk(float (&acc)[4], uint32_t ub, const float (*tsm)[kRChunk], int BR,
+                                                  int rc) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+  for (int k0 = 0; k0 < rc; k0 += 16) {
+    uint32_t a[4];  // matrices (columns 0-7 | 8-15) x (ranks k0 .. k0 + 7 | + 8 .. + 15)
+    ldmatrix_x4_trans(a, ub + 2 * BR * (k0 + (lane & 7) + 8 * ((lane >> 4) & 1)));
+    float2 t0 = make_float2(0.f, 0.f), t1 = t0;  // B: row g of x at ranks k0 + 2c, + 1 and k0 + 8 + 2c, + 1
+    if (g < MR) {
+      t0 = *reinterpret_cast<const float2*>(&tsm[g][k0 + 2 * c]);
+      t1 = *reinterpret_cast<const float2*>(&tsm[g][k0 + 8 + 2 * c]);
+    }
+    uint32_t b0hi, b0lo, b1hi, b1lo;
+    split_hi_lo<T>(t0.x, t0.y, b0hi, b0lo);
+    split_hi_lo<T>(t1.x, t1.y, b1hi, b1lo);
+    mma16816<T>(acc, a, b0hi, b1hi, acc);
+    mma16816<T>(acc, a, b0lo, b1lo, acc);
+  }
+}
+
 // MR: rows of x this block multiplies (1, 2, 4 or 8; rows past `rows` are zeros). kAct: the input rows are
 // silu(gate) * up of [gate | up] rows (p.act, the grouped op's down projection).
 template <typename T, int G, int MR, bool kAct, bool kPF>
@@ -635,32 +658,56 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
   // 07:32) nor at 8 rows with g = 32 (36 -> 88-96). (Written last in the condition: placed first, the same
   // constant moved the spills of the other instances.)
   constexpr bool kLrMmaHere = !kPF && !(MR == 8 && G == 32);
-  const bool lr_mma = Re > 0 && Re <= kRChunk && (flags & kUAsync) && (flags & kLrMma) && kLrMmaHere;
+  // Past kRChunk ranks (the issue's rank 512; a stacked weight's segment of more than 64) the mma term runs a
+  // chunk at a time in the 1-row instances (the dense op's M = 1); elsewhere the scalar loop takes them: the
+  // chunk loop moved the spills of the 2- to 8-row instances (sm_90a ptxas: 0 -> 4-36 bytes at 2 rows), and
+  // out of line (__noinline__) it put 264-368 byte stack frames on every instance.
+  constexpr bool kLrChunks = MR == 1;
+  const bool lr_mma = Re > 0 && (kLrChunks || Re <= kRChunk) && (flags & kUAsync) && (flags & kLrMma) && kLrMmaHere;
   // thread (column nn, rank slice rs) of the scalar loop: sums t[m, r] * ut[r, n] over r = rs (mod slices)
   const int slices = kThreads / BR;
   const int nn = tid % BR, rs = tid / BR;
   const int n = col_of(nn);
-  if (lr_mma) {
+  if (kLrChunks && lr_mma) {
+    // a chunk of kRChunk ranks at a time: U^T's first chunk was copied up front, each later one is copied (and
+    // t's partials summed) after every tile's mma has read the one before: one load round trip a chunk, where
+    // the scalar loop took one per 4 ranks a thread past the first chunk
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    const uint32_t ub = smem_u32(usm) + 2 * (tile * 16 + 8 * ((lane >> 3) & 1));
+    for (int r0 = 0; r0 < Re; r0 += kRChunk) {
+      const int rc = min(kRChunk, Re - r0);
+      if (r0 > 0) {
+        __syncthreads();  // usm and tsm read by every tile
+        const int rcu = min(kRChunk, (Re - r0 + 15) / 16 * 16), per_row = BR / 8;
+        for (int u = tid; u < rcu * per_row; u += kThreads) {
+          const int r = u / per_row, j = (u - r * per_row) * 8, nu = col_of(j);
+          const bool ok = nu < N && r < Re - r0;
+          cp_async16_zfill(smem_u32(usm + r * BR + j), ok ? ute + static_cast<long long>(rlo + r0 + r) * N + nu : ute,
+                           ok);
+        }
+        cp_async_commit();
+      }
+      stage_t_chunk<MR>(p, m0, rows, rlo + r0, rc, tsm);
+      cp_async_wait<0>();
+      __syncthreads();  // tsm, U^T's chunk and the warps' ys visible
+      if (wk == 0) lowrank_mma_chunk<T, MR>(acc, ub, tsm, BR, rc);
+    }
+    if (wk == 0)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {  // acc: columns g and g + 8 of the tile, rows 2c and 2c + 1
+        const int m = 2 * c + e;
+        if (m < MR) {
+          ys[warp][m][g] += acc[e];
+          ys[warp][m][g + 8] += acc[2 + e];
+        }
+      }
+  } else if (lr_mma) {
     stage_t_chunk<MR>(p, m0, rows, rlo, Re, tsm);  // t's split partials, summed once per block
     cp_async_wait<0>();
     __syncthreads();  // tsm, U^T's chunk and the warps' ys visible
     if (wk == 0) {
       float acc[4] = {0.f, 0.f, 0.f, 0.f};
-      const uint32_t ub = smem_u32(usm) + 2 * (tile * 16 + 8 * ((lane >> 3) & 1));
-      for (int k0 = 0; k0 < Re; k0 += 16) {
-        uint32_t a[4];  // matrices (columns 0-7 | 8-15) x (ranks k0 .. k0 + 7 | + 8 .. + 15)
-        ldmatrix_x4_trans(a, ub + 2 * BR * (k0 + (lane & 7) + 8 * ((lane >> 4) & 1)));
-        float2 t0 = make_float2(0.f, 0.f), t1 = t0;  // B: row g of x at ranks k0 + 2c, + 1 and k0 + 8 + 2c, + 1
-        if (g < MR) {
-          t0 = *reinterpret_cast<const float2*>(&tsm[g][k0 + 2 * c]);
-          t1 = *reinterpret_cast<const float2*>(&tsm[g][k0 + 8 + 2 * c]);
-        }
-        uint32_t b0hi, b0lo, b1hi, b1lo;
-        split_hi_lo<T>(t0.x, t0.y, b0hi, b0lo);
-        split_hi_lo<T>(t1.x, t1.y, b1hi, b1lo);
-        mma16816<T>(acc, a, b0hi, b1hi, acc);
-        mma16816<T>(acc, a, b0lo, b1lo, acc);
-      }
+      lowrank_mma_chunk<T, MR>(acc, smem_u32(usm) + 2 * (tile * 16 + 8 * ((lane >> 3) & 1)), tsm, BR, Re);
       // acc: columns g and g + 8 of the tile, rows 2c and 2c + 1
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
