@@ -281,8 +281,8 @@ def _block_mask(ut, blocks):
 def test_rank_blocks(monkeypatch, lr_mma, M):
     """A stacked weight's block-diagonal compensator (``blocks``, fuse_qkv). At M <= 4 (the decode kernel) each
     block reads its own segment's ranks only: with U^T's off-block entries random (not zero) the output equals
-    the reference of the diagonal blocks alone -- segments of 64 ranks (the mma term), 100 (the scalar loop)
-    and 0, boundaries on 128-column blocks, 1-8 warps per tile, both dtypes. Where a boundary is not between
+    the reference of the diagonal blocks alone -- segments of 64 ranks (the mma term), 100 (the scalar loop; at
+    M = 1 the mma term in 64-rank chunks, its own instance) and 0, boundaries on 128-column blocks, 1-8 warps per tile, both dtypes. Where a boundary is not between
     decode blocks, and on the other paths (M >= 8 here), all R ranks are multiplied, so U^T zero off the
     blocks (as stack_rows makes it) gives the same output."""
     monkeypatch.setenv("MILO_INT3_GEMV_LR_MMA", lr_mma)

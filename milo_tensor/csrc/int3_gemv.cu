@@ -382,8 +382,9 @@ __device__ __forceinline__ void lowrank_mma_chunk(float (&acc)[4], uint32_t ub, 
 }
 
 // MR: rows of x this block multiplies (1, 2, 4 or 8; rows past `rows` are zeros). kAct: the input rows are
-// silu(gate) * up of [gate | up] rows (p.act, the grouped op's down projection).
-template <typename T, int G, int MR, bool kAct, bool kPF>
+// silu(gate) * up of [gate | up] rows (p.act, the grouped op's down projection). kRChunks: the 1-row instance for
+// segments of more than kRChunk ranks (launch()), its mma low-rank term a chunk at a time.
+template <typename T, int G, int MR, bool kAct, bool kPF, bool kRChunks = false>
 __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m0, int rows, int wk_log2, int flags,
                                            uint8_t* smem, float (*ys)[MR][16], float* red,
                                            float (*tsm)[kRChunk], uint4* zrow16, const void** xrow) {
@@ -659,10 +660,13 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
   // constant moved the spills of the other instances.)
   constexpr bool kLrMmaHere = !kPF && !(MR == 8 && G == 32);
   // Past kRChunk ranks (the issue's rank 512; a stacked weight's segment of more than 64) the mma term runs a
-  // chunk at a time in the 1-row instances (the dense op's M = 1); elsewhere the scalar loop takes them: the
-  // chunk loop moved the spills of the 2- to 8-row instances (sm_90a ptxas: 0 -> 4-36 bytes at 2 rows), and
-  // out of line (__noinline__) it put 264-368 byte stack frames on every instance.
-  constexpr bool kLrChunks = MR == 1;
+  // chunk at a time in a 1-row instance of its own (the dense op's M = 1); elsewhere the scalar loop takes them.
+  // Compiled into the 2- to 8-row instances the chunk loop moved their spills (sm_90a ptxas: 0 -> 4-36 bytes at 2
+  // rows), out of line (__noinline__) it put 264-368 byte stack frames on every instance, and in the one 1-row
+  // instance (127-128 registers from 123-128) it cost R = 0 / 32 at M = 1 0.1-0.2 us (H100 2026-12-07 16:25 UTC,
+  // 14336x4096 14.7 -> 14.85; R = 512 70.8 -> 31.3).
+  static_assert(!kRChunks || MR == 1, "the chunked low-rank term is a 1-row instance");
+  constexpr bool kLrChunks = kRChunks;
   const bool lr_mma = Re > 0 && (kLrChunks || Re <= kRChunk) && (flags & kUAsync) && (flags & kLrMma) && kLrMmaHere;
   // thread (column nn, rank slice rs) of the scalar loop: sums t[m, r] * ut[r, n] over r = rs (mod slices)
   const int slices = kThreads / BR;
@@ -783,7 +787,7 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
 // grid (ceil(N / BR), row blocks): the dense op's blockIdx.y covers rows MR*y .. MR*y + MR - 1; the
 // grouped op's is a tile (expert, row start, row end) of at most MR rows, listed or found from the
 // offsets by the block itself (block_tile()).
-template <typename T, int G, int MR, int MINB, bool kAct, bool kPF>
+template <typename T, int G, int MR, int MINB, bool kAct, bool kPF, bool kRChunks>
 __global__ void __launch_bounds__(kThreads, MINB) int3_gemv_kernel(const Int3GemmParams p, int wk_log2, int flags) {
   extern __shared__ __align__(16) uint8_t gemv_smem[];
   __shared__ float ys[kWarps][MR][16];
@@ -804,17 +808,17 @@ __global__ void __launch_bounds__(kThreads, MINB) int3_gemv_kernel(const Int3Gem
   }
   const int rows = min(tl.z, tl.y + MR) - tl.y;
   if (tl.x < 0 || rows <= 0) return;
-  gemv_block<T, G, MR, kAct, kPF>(p, tl.x, tl.y, rows, wk_log2, flags, gemv_smem, ys, red, tsm, zrow, xrow);
+  gemv_block<T, G, MR, kAct, kPF, kRChunks>(p, tl.x, tl.y, rows, wk_log2, flags, gemv_smem, ys, red, tsm, zrow, xrow);
 }
 
 // whether an instance of MR rows (kPF: register-prefetched) at br columns a block writes silu(gate) * up
 // itself (the pairing of gate and up columns in gemv_col())
 bool gates_output(int MR, bool kPF, int br, int N) { return gate_out_compiled(MR, kPF) && br >= 32 && N % br == 0; }
 
-template <typename T, int G, int MR, bool kAct, bool kPF = false>
+template <typename T, int G, int MR, bool kAct, bool kPF = false, bool kRChunks = false>
 void launch_mr(const Int3GemmParams& p, int row_blocks, int wk_log2, const GemvLaunch& l, cudaStream_t stream) {
   constexpr int kMinBlocks = min_blocks(MR, G, kPF);
-  auto kern = int3_gemv_kernel<T, G, MR, kMinBlocks, kAct, kPF>;
+  auto kern = int3_gemv_kernel<T, G, MR, kMinBlocks, kAct, kPF, kRChunks>;
   const int br = 16 * (kWarps >> wk_log2);
   const dim3 grid((p.N + br - 1) / br, row_blocks);
   // shared memory: x of the whole K once per block where it fits beside the other resident blocks
@@ -880,6 +884,14 @@ int gemv_wk_log2(int N, int K, int busy_row_blocks, int sms, int blocks_per_sm, 
   return wk_log2;
 }
 
+// the most ranks a block multiplies: R, or the largest segment's (Int3GemmParams::n_blocks, rank_window())
+int max_segment_rank(const Int3GemmParams& p) {
+  if (p.n_blocks == 0) return p.R;
+  int r = 0;
+  for (int i = 0; i < p.n_blocks; ++i) r = std::max(r, p.blk_rank[i] - (i > 0 ? p.blk_rank[i - 1] : 0));
+  return r;
+}
+
 // the grouped op's launch (a tile list or offsets), not the dense op's
 bool is_grouped(const Int3GemmParams& p) { return p.tiles != nullptr || p.offsets != nullptr; }
 
@@ -906,7 +918,9 @@ void launch(const Int3GemmParams& p, int row_blocks, int max_rows, const GemvLau
   TORCH_CHECK(p.act == kActNone || (p.act == kActSiluMul && max_rows > 1 && max_rows <= 4), "int3 gemv: activation ",
               p.act, " with ", max_rows, "-row tiles");
   TORCH_CHECK(max_rows <= kInt3GemvMaxRows, "int3 gemv: tiles of ", max_rows, " rows, at most ", kInt3GemvMaxRows);
-  if (max_rows <= 1) return launch_mr<T, G, 1, false>(p, row_blocks, wk_log2, l, stream);
+  if (max_rows <= 1)
+    return max_segment_rank(p) > kRChunk ? launch_mr<T, G, 1, false, false, true>(p, row_blocks, wk_log2, l, stream)
+                                         : launch_mr<T, G, 1, false>(p, row_blocks, wk_log2, l, stream);
   if (max_rows <= 2)
     return p.act ? launch_mr<T, G, 2, true>(p, row_blocks, wk_log2, l, stream)
                  : launch_mr<T, G, 2, false>(p, row_blocks, wk_log2, l, stream);
