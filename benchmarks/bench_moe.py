@@ -264,7 +264,7 @@ def main():
     ap.add_argument("--rank", type=int, default=RANK,
                     help="milo's compensator rank per expert (0: the 3-bit weights alone, to price the low-rank term)")
     ap.add_argument("--ragged", action="store_true",
-                    help=f"expert e's rank RAGGED[e % {len(RAGGED)}] = {RAGGED} instead of --rank (shared experts keep --rank)")
+                    help=f"expert e's rank RAGGED[e %% {len(RAGGED)}] = {RAGGED} instead of --rank (shared experts keep --rank)")
     ap.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16",
                     help="activations and reference weights (the bf16-* methods then run this dtype too)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (any device)")

@@ -574,18 +574,21 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
   // up front, while the first codes are in flight: U^T's first rank chunk of the block's columns
   // (cp.async, read in the epilogue), the zero row, and with xblock the x of every slice (one load
   // round trip per block instead of one per warp and slice, each slice staged once per block)
-  if (flags & kUAsync) {
-    // rows up to a multiple of 16 ranks, zeros past the block's ranks (the mma epilogue's last k16 step reads
-    // them); the block's segment's ranks only (rank_window)
-    const int2 win = rank_window(p, col_of(0));
-    const int Rw = win.y - win.x;
-    const int rc = min(kRChunk, (Rw + 15) / 16 * 16), per_row = BR / 8;
+  // U^T's ranks r0 .. r0 + min(kRChunk, left) - 1 of the block's columns into usm by cp.async: rows up to a
+  // multiple of 16 ranks, zeros past `left` (the mma epilogue's last k16 step reads them). Up front the first
+  // chunk of the block's segment (rank_window); the chunked instance copies the later ones in its epilogue.
+  const auto copy_ut_chunk = [&](int r0, int left) {
+    const int rc = min(kRChunk, (left + 15) / 16 * 16), per_row = BR / 8;
     for (int u = tid; u < rc * per_row; u += kThreads) {
       const int r = u / per_row, j = (u - r * per_row) * 8, n = col_of(j);
-      const bool ok = n < N && r < Rw;  // N % 8 == 0 (host)
-      cp_async16_zfill(smem_u32(usm + r * BR + j), ok ? ute + static_cast<long long>(win.x + r) * N + n : ute, ok);
+      const bool ok = n < N && r < left;  // N % 8 == 0 (host)
+      cp_async16_zfill(smem_u32(usm + r * BR + j), ok ? ute + static_cast<long long>(r0 + r) * N + n : ute, ok);
     }
     cp_async_commit();
+  };
+  if (flags & kUAsync) {
+    const int2 win = rank_window(p, col_of(0));
+    copy_ut_chunk(win.x, win.y - win.x);
   }
   if (wk < n_slices) load_slice(wk, wa, sa, za);
   for (int i = tid; i < kXRowBytes / 16; i += kThreads) zrow16[i] = make_uint4(0, 0, 0, 0);
@@ -682,14 +685,7 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
       const int rc = min(kRChunk, Re - r0);
       if (r0 > 0) {
         __syncthreads();  // usm and tsm read by every tile
-        const int rcu = min(kRChunk, (Re - r0 + 15) / 16 * 16), per_row = BR / 8;
-        for (int u = tid; u < rcu * per_row; u += kThreads) {
-          const int r = u / per_row, j = (u - r * per_row) * 8, nu = col_of(j);
-          const bool ok = nu < N && r < Re - r0;
-          cp_async16_zfill(smem_u32(usm + r * BR + j), ok ? ute + static_cast<long long>(rlo + r0 + r) * N + nu : ute,
-                           ok);
-        }
-        cp_async_commit();
+        copy_ut_chunk(rlo + r0, Re - r0);
       }
       stage_t_chunk<MR>(p, m0, rows, rlo + r0, rc, tsm);
       cp_async_wait<0>();
