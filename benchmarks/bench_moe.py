@@ -250,7 +250,7 @@ def print_kernels(call) -> None:
     total = sum(e.self_device_time_total for e in kernels) / 5
     print(f"    kernels per call {sum(e.count for e in kernels) / 5:.0f}, GPU time {total:.1f} us:", flush=True)
     for e in sorted(kernels, key=lambda e: -e.self_device_time_total):
-        print(f"      {e.count / 5:4.0f} x {e.self_device_time_total / e.count:7.1f} us  {e.key[:90]}", flush=True)
+        print(f"      {e.count / 5:4.0f} x {e.self_device_time_total / e.count:7.1f} us  {e.key[:150]}", flush=True)
 
 
 def main():
