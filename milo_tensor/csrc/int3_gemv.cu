@@ -669,13 +669,12 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
   // instance (127-128 registers from 123-128) it cost R = 0 / 32 at M = 1 0.1-0.2 us (H100 2026-12-07 16:25 UTC,
   // 14336x4096 14.7 -> 14.85; R = 512 70.8 -> 31.3).
   static_assert(!kRChunks || MR == 1, "the chunked low-rank term is a 1-row instance");
-  constexpr bool kLrChunks = kRChunks;
-  const bool lr_mma = Re > 0 && (kLrChunks || Re <= kRChunk) && (flags & kUAsync) && (flags & kLrMma) && kLrMmaHere;
+  const bool lr_mma = Re > 0 && (kRChunks || Re <= kRChunk) && (flags & kUAsync) && (flags & kLrMma) && kLrMmaHere;
   // thread (column nn, rank slice rs) of the scalar loop: sums t[m, r] * ut[r, n] over r = rs (mod slices)
   const int slices = kThreads / BR;
   const int nn = tid % BR, rs = tid / BR;
   const int n = col_of(nn);
-  if (kLrChunks && lr_mma) {
+  if (kRChunks && lr_mma) {
     // a chunk of kRChunk ranks at a time: U^T's first chunk was copied up front, each later one is copied (and
     // t's partials summed) after every tile's mma has read the one before: one load round trip a chunk, where
     // the scalar loop took one per 4 ranks a thread past the first chunk
