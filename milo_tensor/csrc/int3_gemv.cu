@@ -857,9 +857,18 @@ void launch_mr(const Int3GemmParams& p, int row_blocks, int wk_log2, const GemvL
 //   wave, 2 warps: 41.4 -> 40.7, 75.8 -> 71.2).
 // * grids short of it take more warps per tile than slices, up to 8: more blocks on more SMs, the spare
 //   warps idle (H200, 2026-12-02, M=1, 8 warps vs 4: 1408x2048 4.1 vs 4.6 us, 768x2048 3.9 vs 4.6).
+// * before both, the dense op's register-prefetched instances (M <= 2) take the fewest warps per tile that leave a
+//   warp at most 4 slices where a warp then streams 3-4 slices in one wave of blocks on 0.7 of the SMs or more:
+//   fewer, longer blocks (H100, 2026-12-07 19:07 / 19:44 UTC, M = 1 / 2, us: 14336x2048 1 warp, 112 blocks, 9.8 /
+//   10.4 against 4 warps, 448 blocks, 11.3 / 11.9, R=32 11.9 against 15.1; 6144x4096 (a stacked q/k/v) 2 warps,
+//   96 blocks, 9.8 / 10.3 against 8 warps 10.4 / 12.0, R=32 11.3 against 14.1). Not the 4-row instance without
+//   the prefetch (6144x4096 M=4 2 warps 15.1 against 8 warps 12.7), nor 2 slices a warp on a block per SM
+//   (4096x4096 M=1 4 warps 7.8 against 8 warps 7.5, R=32 10.4 against 9.0), nor past one wave (28672x4096, 17408x4096:
+//   the rules below within 3% of the best).
 // busy_row_blocks: row blocks with work (the grouped op's tile list has empty slots); blocks_per_sm: the
-// resident blocks per SM of the launch's register cap.
-int gemv_wk_log2(int N, int K, int busy_row_blocks, int sms, int blocks_per_sm, int wk_force, bool grouped) {
+// resident blocks per SM of the launch's register cap; streams: the instance loads a warp's next slice ahead.
+int gemv_wk_log2(int N, int K, int busy_row_blocks, int sms, int blocks_per_sm, int wk_force, bool grouped,
+                 bool streams) {
   const int n_slices = (K + kSliceK - 1) / kSliceK;
   int wk_log2 = 0;
   while (wk_log2 < 3 && (1 << wk_log2) < (wk_force > 0 ? wk_force : n_slices)) ++wk_log2;
@@ -870,6 +879,12 @@ int gemv_wk_log2(int N, int K, int busy_row_blocks, int sms, int blocks_per_sm, 
     return static_cast<long long>((N + br - 1) / br) * busy_row_blocks;
   };
   const auto fills_wave = [&](int wk) { return 10 * blocks(wk) >= 7LL * blocks_per_sm * sms; };
+  if (streams && !grouped) {
+    int wk = 0;
+    while (wk < 3 && (n_slices + (1 << wk) - 1) >> wk > 4) ++wk;
+    const int per_warp = (n_slices + (1 << wk) - 1) >> wk;
+    if (per_warp >= 3 && 10 * blocks(wk) >= 7LL * sms && blocks(wk) <= 1LL * blocks_per_sm * sms) return wk;
+  }
   if (grouped) {
     wk_log2 = 0;
   } else if (n_slices >= 8 && blocks(1) >= sms) {
@@ -877,14 +892,6 @@ int gemv_wk_log2(int N, int K, int busy_row_blocks, int sms, int blocks_per_sm, 
   }
   while (wk_log2 < 3 && !fills_wave(wk_log2)) ++wk_log2;
   return wk_log2;
-}
-
-// the most ranks a block multiplies: R, or the largest segment's (Int3GemmParams::n_blocks, rank_window())
-int max_segment_rank(const Int3GemmParams& p) {
-  if (p.n_blocks == 0) return p.R;
-  int r = 0;
-  for (int i = 0; i < p.n_blocks; ++i) r = std::max(r, p.blk_rank[i] - (i > 0 ? p.blk_rank[i - 1] : 0));
-  return r;
 }
 
 // the grouped op's launch (a tile list or offsets), not the dense op's
@@ -902,8 +909,9 @@ bool gemv_prefetch(const Int3GemmParams& p, int max_rows, int group) {
 int launch_wk_log2(const Int3GemmParams& p, int row_blocks, int max_rows, int group, const GemvLaunch& l) {
   const bool grouped = is_grouped(p);
   const int busy = grouped ? std::min(row_blocks, std::max(p.M, 1)) : row_blocks;
-  const int bps = min_blocks(max_rows, group, gemv_prefetch(p, max_rows, group));
-  return gemv_wk_log2(p.N, p.K, busy, l.sms, bps, l.wk_force, grouped);
+  const bool pf = gemv_prefetch(p, max_rows, group);
+  return gemv_wk_log2(p.N, p.K, busy, l.sms, min_blocks(max_rows, group, pf), l.wk_force, grouped,
+                      prefetched(max_rows, group, pf));
 }
 
 template <typename T, int G>
@@ -914,8 +922,9 @@ void launch(const Int3GemmParams& p, int row_blocks, int max_rows, const GemvLau
               p.act, " with ", max_rows, "-row tiles");
   TORCH_CHECK(max_rows <= kInt3GemvMaxRows, "int3 gemv: tiles of ", max_rows, " rows, at most ", kInt3GemvMaxRows);
   if (max_rows <= 1)
-    return max_segment_rank(p) > kRChunk ? launch_mr<T, G, 1, false, false, true>(p, row_blocks, wk_log2, l, stream)
-                                         : launch_mr<T, G, 1, false>(p, row_blocks, wk_log2, l, stream);
+    return int3_max_segment_rank(p) > kRChunk
+               ? launch_mr<T, G, 1, false, false, true>(p, row_blocks, wk_log2, l, stream)
+               : launch_mr<T, G, 1, false>(p, row_blocks, wk_log2, l, stream);
   if (max_rows <= 2)
     return p.act ? launch_mr<T, G, 2, true>(p, row_blocks, wk_log2, l, stream)
                  : launch_mr<T, G, 2, false>(p, row_blocks, wk_log2, l, stream);
@@ -932,6 +941,13 @@ int launch_columns(const Int3GemmParams& p, int row_blocks, int max_rows, int gr
 }
 
 }  // namespace
+
+int int3_max_segment_rank(const Int3GemmParams& p) {
+  if (p.n_blocks == 0) return p.R;
+  int r = 0;
+  for (int i = 0; i < p.n_blocks; ++i) r = std::max(r, p.blk_rank[i] - (i > 0 ? p.blk_rank[i - 1] : 0));
+  return r;
+}
 
 long long int3_gemv_blocks(const Int3GemmParams& p, int row_blocks, int max_rows, int group, const GemvLaunch& l) {
   const int br = launch_columns(p, row_blocks, max_rows, group, l);

@@ -103,6 +103,9 @@ struct GemvLaunch {
 };
 void launch_int3_gemv(int dtype, int group, const Int3GemmParams& p, int row_blocks, int max_rows,
                       const GemvLaunch& l, cudaStream_t stream);
+// the most ranks one decode block multiplies: R, or the largest segment's where the kernel reads segments
+// (Int3GemmParams::n_blocks); past 64 the 1-row instance takes them by mma a chunk at a time, 2-8 rows a scalar loop
+int int3_max_segment_rank(const Int3GemmParams& p);
 // the blocks that launch would start (the grouped op: whether its blocks look their tiles up themselves)
 long long int3_gemv_blocks(const Int3GemmParams& p, int row_blocks, int max_rows, int group, const GemvLaunch& l);
 // whether that launch can take p.out_act (write silu(gate) * up of y's [gate | up] halves itself): tiles of

@@ -704,8 +704,20 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   // per block (K <= 4096; H100 2026-12-06, M=5 / 8: 14336x4096 34.8 / 35.1 -> 28.2 / 30.4 us, 4096x4096
   // 17.1 / 17.3 -> 12.1 / 13.4; 4096x14336, x restaged per slice, 32.6 / 32.9 -> 33.3 / 36.5) or where
   // the tensor-core kernel cannot run (N % 8 != 0: else dequant + cuBLAS, with the weight rounded to
-  // the activation dtype). MILO_INT3_GEMV_MAX_M=m: up to m rows whatever K (0 turns it off)
-  const int gemv_max_m = env_int("MILO_INT3_GEMV_MAX_M", K <= 4096 || !fused ? kInt3GemvMaxRows : 4);
+  // the activation dtype). Past 256 ranks a decode block multiplies, one row only: at 2-8 rows the decode kernel
+  // takes the ranks past 64 by a scalar loop, the tensor-core tile by mma (H100 2026-12-07 19:44 UTC, R = 512,
+  // --sweep MILO_INT3_GEMV_MAX_M=-,1, us, M = 2 / 4 / 8: 14336x4096 74.2 / 84.1 / 97.0 -> 52.7 / 53.0 / 53.0,
+  // 4096x4096 42.3 / 50.4 / 56.0 -> 27.4 / 27.5 / 28.5, 1408x2048 25.4 / 27.6 / 32.9 -> 16.6 / 16.6 / 17.1). 256 is
+  // not measured: from those shapes' R = 32 and 512 times the decode kernel adds 0.04-0.12 us a rank past 64 at 2-4
+  // rows, the tile 0.01-0.05, so the tile should be ahead from about 200 ranks.
+  // MILO_INT3_GEMV_MAX_M=m: up to m rows whatever K and R (0 turns it off)
+  constexpr int kGemvRowsMaxR = 256;
+  Int3GemmParams segs{};  // the decode launch's rank segments (set_rank_blocks())
+  segs.R = R;
+  if (blocks.has_value()) set_rank_blocks(segs, *blocks);
+  const int gemv_max_m = env_int("MILO_INT3_GEMV_MAX_M", fused && int3_max_segment_rank(segs) > kGemvRowsMaxR ? 1
+                                                         : K <= 4096 || !fused                       ? kInt3GemvMaxRows
+                                                                                                     : 4);
   const bool use_gemv = dtype_ok && K % 128 == 0 && (G == 32 || G == 64 || G == 128) && M64 <= gemv_max_m;
   if (!fused && !use_gemv) {
     return int3_linear_general(x2d, q, scales, zeros, ut, v, G, bias, N, K, R).reshape(out_shape);
