@@ -901,10 +901,10 @@ int gemv_wk_log2(int N, int K, int busy_row_blocks, int sms, int blocks_per_sm, 
   };
   const auto fills_wave = [&](int wk) { return 10 * blocks(wk) >= 7LL * blocks_per_sm * sms; };
   if (streams && !grouped) {
+    const auto per_warp = [&](int wk) { return (n_slices + (1 << wk) - 1) >> wk; };
     int wk = 0;
-    while (wk < 3 && (n_slices + (1 << wk) - 1) >> wk > 4) ++wk;
-    const int per_warp = (n_slices + (1 << wk) - 1) >> wk;
-    if (per_warp >= 3 && 10 * blocks(wk) >= 7LL * sms && blocks(wk) <= 1LL * blocks_per_sm * sms) return wk;
+    while (wk < 3 && per_warp(wk) > 4) ++wk;
+    if (per_warp(wk) >= 3 && 10 * blocks(wk) >= 7LL * sms && blocks(wk) <= 1LL * blocks_per_sm * sms) return wk;
   }
   if (grouped) {
     wk_log2 = 0;
@@ -942,7 +942,7 @@ bool gemv_balanced(const Int3GemmParams& p, int row_blocks, int max_rows, int gr
   const int br = 16 * (kWarps >> wk_log2);
   const long long blocks = (p.N + br - 1) / br;
   return l.balance && !is_grouped(p) && row_blocks == 1 && max_rows <= 2 && group >= 64 && p.n_blocks == 0 &&
-         p.out_act == 0 && int3_max_segment_rank(p) <= kRChunk && br > 16 && blocks > l.sms && blocks <= 2LL * l.sms &&
+         p.out_act == 0 && p.R <= kRChunk && br > 16 && blocks > l.sms && blocks <= 2LL * l.sms &&
          min_blocks(max_rows, group, false) == 2;
 }
 
@@ -987,9 +987,9 @@ int int3_max_segment_rank(const Int3GemmParams& p) {
 }
 
 long long int3_gemv_blocks(const Int3GemmParams& p, int row_blocks, int max_rows, int group, const GemvLaunch& l) {
-  if (gemv_balanced(p, row_blocks, max_rows, group, launch_wk_log2(p, row_blocks, max_rows, group, l), l))
-    return 2LL * l.sms;
-  const int br = launch_columns(p, row_blocks, max_rows, group, l);
+  const int wk_log2 = launch_wk_log2(p, row_blocks, max_rows, group, l);
+  if (gemv_balanced(p, row_blocks, max_rows, group, wk_log2, l)) return 2LL * l.sms;
+  const int br = 16 * (kWarps >> wk_log2);
   return static_cast<long long>((p.N + br - 1) / br) * row_blocks;
 }
 

@@ -785,11 +785,10 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   const GemvLaunch gl = gemv_launch(R, dinfo);
   bool t_wide = false;
   if (use_gemv && rows_t) {
-    Int3GemmParams shape{};  // the decode launch's shape (its blocks per row block)
+    Int3GemmParams shape = segs;  // the decode launch's shape and rank segments (its blocks per row block)
     shape.M = M;
     shape.N = N;
     shape.K = K;
-    shape.R = R;
     t_wide = t_rows_wide(K, int3_gemv_blocks(shape, row_blocks, max_rows, G, gl), dinfo.sms);
   }
   const int t_tile_env = env_int("MILO_INT3_T_TILE", -1);
