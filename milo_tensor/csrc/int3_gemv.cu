@@ -629,15 +629,15 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
     }
     cp_async_commit();
   };
+  // (compiled into the 1- and 2-row instances only: in the register-prefetched 4-row one it moved the spills, sm_90a
+  // ptxas, 0 -> 24-52 bytes)
+  if constexpr (MR <= 2 && !kPF)
+    if ((flags & kL2Pf) && tid < BR / 16) l2_prefetch_tile(qe, se, ze, col_of(16 * tid), N, words_per_row, groups_per_row);
   if (flags & kUAsync) {
     const int2 win = rank_window(p, col_of(0));
     copy_ut_chunk(win.x, win.y - win.x);
   }
   if (wk < n_slices && tile_on) load_slice(wk, wa, sa, za);
-  // after the warps' first loads, so those reach DRAM first (compiled into the 1- and 2-row instances only: in the
-  // register-prefetched 4-row one it moved the spills, sm_90a ptxas, 0 -> 24-52 bytes)
-  if constexpr (MR <= 2 && !kPF)
-    if ((flags & kL2Pf) && tid < BR / 16) l2_prefetch_tile(qe, se, ze, col_of(16 * tid), N, words_per_row, groups_per_row);
   for (int i = tid; i < kXRowBytes / 16; i += kThreads) zrow16[i] = make_uint4(0, 0, 0, 0);
   if (tid < MR) xrow[tid] = tid < rows ? input_row<T>(p, m0 + tid) : nullptr;
   __syncthreads();
