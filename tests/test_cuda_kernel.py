@@ -271,24 +271,6 @@ def test_gemv_balanced_tiles(monkeypatch, wk, M):
         check(make_inputs(M, N, K, R, g, dtype, bias=True, gen=gen))
 
 
-@pytest.mark.parametrize("M", [1, 2, 4, 7])
-@pytest.mark.parametrize("balance", ["0", "1"])
-def test_gemv_l2_prefetch(monkeypatch, balance, M):
-    """Each block's codes, scales and zeros asked of L2 at its start (MILO_INT3_GEMV_L2PF=1): ranges that end at
-    the weight's last row (N not a multiple of 16: a tile of 8 rows, of 4; of 16 but not of a block's columns), scale
-    rows of a few bytes (K = 128 at g = 128: 2 bytes a row) and of many (K = 14336), over the per-block grid and the
-    balanced one; the 1-, 2-, 4- and 8-row instances; against the float32 reference."""
-    monkeypatch.setenv("MILO_INT3_GEMV_L2PF", "1")
-    monkeypatch.setenv("MILO_INT3_GEMV_BALANCE", balance)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    gen = torch.Generator(device="cuda").manual_seed(M * 7 + int(balance))
-    shapes = [(1000, 4096, 64, 32), (64 * sms + 24, 4096, 64, 0), (200, 14336, 128, 16), (132, 128, 128, 0),
-              (4100 // 4 * 4, 2048, 64, 8)]
-    for i, (N, K, g, R) in enumerate(shapes):
-        dtype = torch.bfloat16 if (i + M) % 2 else torch.float16
-        check(make_inputs(M, N, K, R, g, dtype, bias=True, gen=gen))
-
-
 @pytest.mark.parametrize("lr_mma", ["0", "1"])
 @pytest.mark.parametrize("M", [1, 2, 4, 8])
 def test_gemv_lowrank_mma_and_scalar(monkeypatch, lr_mma, M):

@@ -239,22 +239,6 @@ def test_grouped_gemv_spare_warps(monkeypatch, wk, rows, g, dtype):
     check(x, counts, routing_offsets(counts, rows), experts, g)
 
 
-@pytest.mark.parametrize("rows,g,dtype", [(1, 64, torch.bfloat16), (2, 128, torch.float16), (4, 64, torch.float16),
-                                          (8, 32, torch.bfloat16)])
-def test_grouped_gemv_l2_prefetch(monkeypatch, rows, g, dtype):
-    """The grouped decode launches with each block's tiles asked of L2 at its start (MILO_INT3_GEMV_L2PF=2): every
-    expert's ranges inside its own codes, scales and zeros (N = 520: the last tile 8 rows), the gated gate_up
-    layout (N = 2 x 256) and the down projection's long rows (K = 2816); against the reference."""
-    monkeypatch.setenv("MILO_INT3_GEMV_L2PF", "2")
-    rnd = random.Random(rows + 11)
-    gen = torch.Generator(device="cuda").manual_seed(rows + 110)
-    for E, N, K, out_act in [(8, 520, 768, "none"), (6, 512, 1024, "silu_mul"), (4, 256, 2816, "none")]:
-        experts = make_experts(E, N, K, [rnd.choice([0, 8, 32]) for _ in range(E)], g, dtype, gen)
-        counts = random_counts(rnd, E, rows, "uniform")
-        x = (torch.randn(rows, K, device="cuda", generator=gen) + 0.5).to(dtype)
-        check(x, counts, routing_offsets(counts, rows), experts, g, out_activation=out_act)
-
-
 @pytest.mark.parametrize("pdl", ["0", "1"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kernel", ["decode", "decode-rows-t", "tensor-core", "tile7", "tile8", "tile9"])

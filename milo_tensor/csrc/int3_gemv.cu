@@ -52,7 +52,6 @@ constexpr int kUAsync = 2;  // the first kRChunk ranks of U^T's block columns co
 constexpr int kLrMma = 4;   // the low-rank term by mma where it applies (GemvLaunch::lr_mma)
 constexpr int kGateOut = 8; // the output gated, silu(gate) * up (p.out_act): block columns in gate / up halves
 constexpr int kBalance = 16;  // the dense op's tiles spread over two blocks per SM (bal_tiles()); the SMs in flags >> 16
-constexpr int kL2Pf = 32;     // the block's codes, scales and zeros prefetched to L2 at its start (l2_prefetch_tiles())
 
 // How the code pair p (codes 2p, 2p + 1 of a 32-code chunk: neighbouring k, so its B register is one
 // word of x) becomes one mma A register (layout: int3_gemm.cuh, format 2): the pair's 3-bit field is
@@ -370,28 +369,6 @@ __device__ __forceinline__ int2 bal_tiles(int flags, int N) {
   return blockIdx.x < sms ? make_int2(lo, first) : make_int2(lo + first, share - first);
 }
 
-// bytes [lo, hi) asked of L2 by the copy engine (sm_90 cp.async.bulk.prefetch: no registers, no wait), the range
-// shrunk to 16-byte bounds inside it; before sm_90 nothing
-__device__ __forceinline__ void l2_prefetch_range(const void* lo, const void* hi) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const uintptr_t a = (reinterpret_cast<uintptr_t>(lo) + 15) & ~uintptr_t(15), b = reinterpret_cast<uintptr_t>(hi) & ~uintptr_t(15);
-  if (b > a) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(a), "r"(static_cast<uint32_t>(b - a)) : "memory");
-#endif
-}
-
-// kL2Pf: thread t of the block asks L2 for its tile t's rows (16 weight rows from n, contiguous in q, scales and zeros)
-// at the block's start, so DRAM streams the block's whole share while its warps compute: a warp's own loads are one
-// slice ahead of its math, and each of its later slices' loads waited a DRAM round trip behind the compute.
-template <typename T>
-__device__ __forceinline__ void l2_prefetch_tile(const int32_t* qe, const T* se, const T* ze, int n, int N,
-                                                 int words_per_row, int groups_per_row) {
-  if (n >= N) return;
-  const long long r0 = n, r1 = min(n + 16, N);
-  l2_prefetch_range(qe + r0 * words_per_row, qe + r1 * words_per_row);
-  l2_prefetch_range(se + r0 * groups_per_row, se + r1 * groups_per_row);
-  l2_prefetch_range(ze + r0 * groups_per_row, ze + r1 * groups_per_row);
-}
-
 // acc += t[:, chunk] U^T[chunk, the tile's 16 columns] over the rc ranks of a chunk in tsm and usm (ub: this lane's
 // ldmatrix address in usm): A = U^T's rows by transposed ldmatrix, B = t's rows as the n8 columns in hi + lo halves
 // (fp32 accuracy); ranks zero past rc up to a multiple of 16 in both
@@ -629,10 +606,6 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
     }
     cp_async_commit();
   };
-  // (compiled into the 1- and 2-row instances only: in the register-prefetched 4-row one it moved the spills, sm_90a
-  // ptxas, 0 -> 24-52 bytes)
-  if constexpr (MR <= 2 && !kPF)
-    if ((flags & kL2Pf) && tid < BR / 16) l2_prefetch_tile(qe, se, ze, col_of(16 * tid), N, words_per_row, groups_per_row);
   if (flags & kUAsync) {
     const int2 win = rank_window(p, col_of(0));
     copy_ut_chunk(win.x, win.y - win.x);
@@ -854,9 +827,6 @@ __global__ void __launch_bounds__(kThreads, MINB) int3_gemv_kernel(const Int3Gem
   gemv_block<T, G, MR, kAct, kPF, kRChunks, kBal>(p, tl.x, tl.y, rows, wk_log2, flags, gemv_smem, ys, red, tsm, zrow, xrow);
 }
 
-// the grouped op's launch (a tile list or offsets), not the dense op's
-bool is_grouped(const Int3GemmParams& p) { return p.tiles != nullptr || p.offsets != nullptr; }
-
 // whether an instance of MR rows (kPF: register-prefetched) at br columns a block writes silu(gate) * up
 // itself (the pairing of gate and up columns in gemv_col())
 bool gates_output(int MR, bool kPF, int br, int N) { return gate_out_compiled(MR, kPF) && br >= 32 && N % br == 0; }
@@ -891,9 +861,8 @@ void launch_mr(const Int3GemmParams& p, int row_blocks, int wk_log2, const GemvL
     C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   TORCH_CHECK(p.out_act == 0 || gates_output(MR, kPF, br, p.N),
               "int3 gemv: no gated output in this launch (int3_gemv_gates_output())");
-  const bool l2pf = l.l2_prefetch > (is_grouped(p) ? 1 : 0);
   const int flags = (xblock ? kXBlock : 0) | (uasync ? kUAsync : 0) | (l.lr_mma ? kLrMma : 0) |
-                    (p.out_act ? kGateOut : 0) | (kBal ? kBalance | (l.sms << 16) : 0) | (l2pf ? kL2Pf : 0);
+                    (p.out_act ? kGateOut : 0) | (kBal ? kBalance | (l.sms << 16) : 0);
   launch_programmatic_if(kern, grid, dim3(kThreads), smem, l.programmatic, stream, p, wk_log2, flags);
 }
 
@@ -945,6 +914,9 @@ int gemv_wk_log2(int N, int K, int busy_row_blocks, int sms, int blocks_per_sm, 
   while (wk_log2 < 3 && !fills_wave(wk_log2)) ++wk_log2;
   return wk_log2;
 }
+
+// the grouped op's launch (a tile list or offsets), not the dense op's
+bool is_grouped(const Int3GemmParams& p) { return p.tiles != nullptr || p.offsets != nullptr; }
 
 // whether a 4-row launch prefetches (prefetched()): the grouped op's, where a warp streams 8 slices or more
 // (it starts at one warp per tile: gemv_wk_log2()) of an input not gated in the kernel (gated in the kernel

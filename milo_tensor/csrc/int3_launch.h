@@ -101,8 +101,6 @@ struct GemvLaunch {
   int xblock_force;   // x of the whole K staged once per block: 1 where it fits, 0 never, -1 the default rule
   bool lr_mma;        // the low-rank term by mma where it applies (U^T in shared memory, 64 ranks at a time)
   bool balance;       // the dense op's 1-2 rows: tiles spread over two blocks per SM where the grid is 1-2 a SM
-  int l2_prefetch;    // a block's codes, scales and zeros asked of L2 at its start (sm_90 bulk prefetch): 0 none,
-                      // 1 the dense op's launches, 2 the grouped op's too
 };
 void launch_int3_gemv(int dtype, int group, const Int3GemmParams& p, int row_blocks, int max_rows,
                       const GemvLaunch& l, cudaStream_t stream);
