@@ -249,28 +249,6 @@ def test_gemv_warps_per_tile(monkeypatch, xblock, wk, M):
         check(make_inputs(M, N, K, R, g, dtype, bias=True, gen=gen))
 
 
-@pytest.mark.parametrize("M", [1, 2])
-@pytest.mark.parametrize("wk", ["0", "2", "4"])
-def test_gemv_balanced_tiles(monkeypatch, wk, M):
-    """The dense op's 16-column tiles spread over two blocks per SM (MILO_INT3_GEMV_BALANCE=1, the 1- and 2-row
-    instances): grids from one block past a block per SM to two per SM at 2 and 4 warps per tile (and the default
-    rule's 2 at K = 4096), so blocks of 1-4 tiles and SMs of uneven shares; N a multiple of 16, of 8 only and of
-    neither (U^T then read from global memory, no cp.async copy); ranks 0, 32 by mma, 24 by the scalar loop, 64;
-    bias; both dtypes, groups 64 and 128; against the float32 reference."""
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    monkeypatch.setenv("MILO_INT3_GEMV_BALANCE", "1")
-    monkeypatch.setenv("MILO_INT3_GEMV_WK", wk)
-    br = {"0": 64, "2": 64, "4": 32}[wk]  # a block's columns (the default rule: 2 warps per tile at K = 4096)
-    K = 4096 if wk == "0" else 2560
-    gen = torch.Generator(device="cuda").manual_seed(int(wk) * 10 + M)
-    cases = [(br * sms + 16, 0, 64, "1"), (2 * br * sms, 32, 128, "1"), (br * sms * 3 // 2 + 8, 24, 64, "0"),
-             (br * sms + 36, 64, 128, "1")]
-    for i, (N, R, g, lr_mma) in enumerate(cases):
-        monkeypatch.setenv("MILO_INT3_GEMV_LR_MMA", lr_mma)
-        dtype = torch.bfloat16 if (i + M) % 2 else torch.float16
-        check(make_inputs(M, N, K, R, g, dtype, bias=True, gen=gen))
-
-
 @pytest.mark.parametrize("lr_mma", ["0", "1"])
 @pytest.mark.parametrize("M", [1, 2, 4, 8])
 def test_gemv_lowrank_mma_and_scalar(monkeypatch, lr_mma, M):

@@ -51,7 +51,6 @@ constexpr int kXBlock = 1;  // x of the whole K staged once per block up front (
 constexpr int kUAsync = 2;  // the first kRChunk ranks of U^T's block columns copied to shared memory up front
 constexpr int kLrMma = 4;   // the low-rank term by mma where it applies (GemvLaunch::lr_mma)
 constexpr int kGateOut = 8; // the output gated, silu(gate) * up (p.out_act): block columns in gate / up halves
-constexpr int kBalance = 16;  // the dense op's tiles spread over two blocks per SM (bal_tiles()); the SMs in flags >> 16
 
 // How the code pair p (codes 2p, 2p + 1 of a 32-code chunk: neighbouring k, so its B register is one
 // word of x) becomes one mma A register (layout: int3_gemm.cuh, format 2): the pair's 3-bit field is
@@ -359,16 +358,6 @@ __device__ __forceinline__ int gemv_col(int flags, int N, int BR, int j) {
   return blockIdx.x * half + j + (j >= half ? N / 2 - half : 0);
 }
 
-// kBalance: the block's first 16-column tile and its count. The grid is two blocks per SM (sms = flags >> 16): SM s's
-// share of the T tiles, floor((s + 1) T / sms) - floor(s T / sms), goes to block s (the larger half) and block s + sms.
-// Where blocks s and s + sms share an SM, every SM holds its share; placed otherwise, an SM still holds at most two
-// blocks of at most a whole block's tiles each, no more than the grid of whole blocks gave it.
-__device__ __forceinline__ int2 bal_tiles(int flags, int N) {
-  const int sms = flags >> 16, n_tiles = (N + 15) / 16;
-  const int s = blockIdx.x % sms, lo = s * n_tiles / sms, share = (s + 1) * n_tiles / sms - lo, first = (share + 1) / 2;
-  return blockIdx.x < sms ? make_int2(lo, first) : make_int2(lo + first, share - first);
-}
-
 // acc += t[:, chunk] U^T[chunk, the tile's 16 columns] over the rc ranks of a chunk in tsm and usm (ub: this lane's
 // ldmatrix address in usm): A = U^T's rows by transposed ldmatrix, B = t's rows as the n8 columns in hi + lo halves
 // (fp32 accuracy); ranks zero past rc up to a multiple of 16 in both
@@ -395,7 +384,7 @@ __device__ __forceinline__ void lowrank_mma_chunk(float (&acc)[4], uint32_t ub, 
 // MR: rows of x this block multiplies (1, 2, 4 or 8; rows past `rows` are zeros). kAct: the input rows are
 // silu(gate) * up of [gate | up] rows (p.act, the grouped op's down projection). kRChunks: the 1-row instance for
 // segments of more than kRChunk ranks (launch()), its mma low-rank term a chunk at a time.
-template <typename T, int G, int MR, bool kAct, bool kPF, bool kRChunks = false, bool kBal = false>
+template <typename T, int G, int MR, bool kAct, bool kPF, bool kRChunks = false>
 __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m0, int rows, int wk_log2, int flags,
                                            uint8_t* smem, float (*ys)[MR][16], float* red,
                                            float (*tsm)[kRChunk], uint4* zrow16, const void** xrow) {
@@ -413,17 +402,8 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
   // the weight row (column of y) of block column j (gemv_col()), recomputed where used: held through the
   // main loop, the values behind it spilled
   const int col_flags = gate_out_compiled(MR, kPF) ? flags : 0;
-  // (kBal: the block's tiles from bal_tiles(), N past them: every `< N` check then leaves those columns out)
-  const auto col_of = [&](int j) {
-    if constexpr (kBal) {
-      const int2 bt = bal_tiles(flags, N);
-      return j < 16 * bt.y ? 16 * bt.x + j : N;
-    } else {
-      return gemv_col(col_flags, N, BR, j);
-    }
-  };
+  const auto col_of = [&](int j) { return gemv_col(col_flags, N, BR, j); };
   const int n_tile = col_of(tile * 16);
-  const bool tile_on = !kBal || n_tile < N;  // kBal: a warp past the block's tiles skips the main loop
   const int n_row[2] = {n_tile + g, n_tile + g + 8};
   const int words_per_row = K / 32 * 3, groups_per_row = K / G;
   const int32_t* qe = p.q + e * p.q_estride;
@@ -610,7 +590,7 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
     const int2 win = rank_window(p, col_of(0));
     copy_ut_chunk(win.x, win.y - win.x);
   }
-  if (wk < n_slices && tile_on) load_slice(wk, wa, sa, za);
+  if (wk < n_slices) load_slice(wk, wa, sa, za);
   for (int i = tid; i < kXRowBytes / 16; i += kThreads) zrow16[i] = make_uint4(0, 0, 0, 0);
   if (tid < MR) xrow[tid] = tid < rows ? input_row<T>(p, m0 + tid) : nullptr;
   __syncthreads();
@@ -623,8 +603,7 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
     }
   }
   __syncthreads();
-  if (!tile_on) {
-  } else if constexpr (!prefetched(MR, G, kPF)) {
+  if constexpr (!prefetched(MR, G, kPF)) {
     for (int s = wk; s < n_slices; s += WK) {
       if (s != wk) load_slice(s, wa, sa, za);
       compute_slice(s, wa, sa, za);
@@ -803,7 +782,7 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
 // grid (ceil(N / BR), row blocks): the dense op's blockIdx.y covers rows MR*y .. MR*y + MR - 1; the
 // grouped op's is a tile (expert, row start, row end) of at most MR rows, listed or found from the
 // offsets by the block itself (block_tile()).
-template <typename T, int G, int MR, int MINB, bool kAct, bool kPF, bool kRChunks, bool kBal>
+template <typename T, int G, int MR, int MINB, bool kAct, bool kPF, bool kRChunks>
 __global__ void __launch_bounds__(kThreads, MINB) int3_gemv_kernel(const Int3GemmParams p, int wk_log2, int flags) {
   extern __shared__ __align__(16) uint8_t gemv_smem[];
   __shared__ float ys[kWarps][MR][16];
@@ -824,19 +803,19 @@ __global__ void __launch_bounds__(kThreads, MINB) int3_gemv_kernel(const Int3Gem
   }
   const int rows = min(tl.z, tl.y + MR) - tl.y;
   if (tl.x < 0 || rows <= 0) return;
-  gemv_block<T, G, MR, kAct, kPF, kRChunks, kBal>(p, tl.x, tl.y, rows, wk_log2, flags, gemv_smem, ys, red, tsm, zrow, xrow);
+  gemv_block<T, G, MR, kAct, kPF, kRChunks>(p, tl.x, tl.y, rows, wk_log2, flags, gemv_smem, ys, red, tsm, zrow, xrow);
 }
 
 // whether an instance of MR rows (kPF: register-prefetched) at br columns a block writes silu(gate) * up
 // itself (the pairing of gate and up columns in gemv_col())
 bool gates_output(int MR, bool kPF, int br, int N) { return gate_out_compiled(MR, kPF) && br >= 32 && N % br == 0; }
 
-template <typename T, int G, int MR, bool kAct, bool kPF = false, bool kRChunks = false, bool kBal = false>
+template <typename T, int G, int MR, bool kAct, bool kPF = false, bool kRChunks = false>
 void launch_mr(const Int3GemmParams& p, int row_blocks, int wk_log2, const GemvLaunch& l, cudaStream_t stream) {
   constexpr int kMinBlocks = min_blocks(MR, G, kPF);
-  auto kern = int3_gemv_kernel<T, G, MR, kMinBlocks, kAct, kPF, kRChunks, kBal>;
+  auto kern = int3_gemv_kernel<T, G, MR, kMinBlocks, kAct, kPF, kRChunks>;
   const int br = 16 * (kWarps >> wk_log2);
-  const dim3 grid(kBal ? 2 * l.sms : (p.N + br - 1) / br, row_blocks);
+  const dim3 grid((p.N + br - 1) / br, row_blocks);
   // shared memory: x of the whole K once per block where it fits beside the other resident blocks
   // (else one slice per warp, restaged every slice), and U^T's first rank chunk where rows are 16-byte
   // aligned
@@ -862,7 +841,7 @@ void launch_mr(const Int3GemmParams& p, int row_blocks, int wk_log2, const GemvL
   TORCH_CHECK(p.out_act == 0 || gates_output(MR, kPF, br, p.N),
               "int3 gemv: no gated output in this launch (int3_gemv_gates_output())");
   const int flags = (xblock ? kXBlock : 0) | (uasync ? kUAsync : 0) | (l.lr_mma ? kLrMma : 0) |
-                    (p.out_act ? kGateOut : 0) | (kBal ? kBalance | (l.sms << 16) : 0);
+                    (p.out_act ? kGateOut : 0);
   launch_programmatic_if(kern, grid, dim3(kThreads), smem, l.programmatic, stream, p, wk_log2, flags);
 }
 
@@ -935,25 +914,9 @@ int launch_wk_log2(const Int3GemmParams& p, int row_blocks, int max_rows, int gr
                       prefetched(max_rows, group, pf));
 }
 
-// whether a launch spreads its tiles over two blocks per SM (kBalance, GemvLaunch::balance): the dense op's 1-2 rows
-// (the register-prefetched instances, two blocks per SM) on one rank segment, a grid of more blocks than SMs and no
-// more than two per SM, blocks of several tiles
-bool gemv_balanced(const Int3GemmParams& p, int row_blocks, int max_rows, int group, int wk_log2, const GemvLaunch& l) {
-  const int br = 16 * (kWarps >> wk_log2);
-  const long long blocks = (p.N + br - 1) / br;
-  return l.balance && !is_grouped(p) && row_blocks == 1 && max_rows <= 2 && group >= 64 && p.n_blocks == 0 &&
-         p.out_act == 0 && p.R <= kRChunk && br > 16 && blocks > l.sms && blocks <= 2LL * l.sms &&
-         min_blocks(max_rows, group, false) == 2;
-}
-
 template <typename T, int G>
 void launch(const Int3GemmParams& p, int row_blocks, int max_rows, const GemvLaunch& l, cudaStream_t stream) {
   const int wk_log2 = launch_wk_log2(p, row_blocks, max_rows, G, l);
-  if constexpr (G >= 64) {
-    if (gemv_balanced(p, row_blocks, max_rows, G, wk_log2, l))
-      return max_rows <= 1 ? launch_mr<T, G, 1, false, false, false, true>(p, row_blocks, wk_log2, l, stream)
-                           : launch_mr<T, G, 2, false, false, false, true>(p, row_blocks, wk_log2, l, stream);
-  }
   // the activation only where the grouped op runs it (tiles of 2 or 4 rows): its own instances
   TORCH_CHECK(p.act == kActNone || (p.act == kActSiluMul && max_rows > 1 && max_rows <= 4), "int3 gemv: activation ",
               p.act, " with ", max_rows, "-row tiles");
@@ -987,9 +950,7 @@ int int3_max_segment_rank(const Int3GemmParams& p) {
 }
 
 long long int3_gemv_blocks(const Int3GemmParams& p, int row_blocks, int max_rows, int group, const GemvLaunch& l) {
-  const int wk_log2 = launch_wk_log2(p, row_blocks, max_rows, group, l);
-  if (gemv_balanced(p, row_blocks, max_rows, group, wk_log2, l)) return 2LL * l.sms;
-  const int br = 16 * (kWarps >> wk_log2);
+  const int br = launch_columns(p, row_blocks, max_rows, group, l);
   return static_cast<long long>((p.N + br - 1) / br) * row_blocks;
 }
 

@@ -100,7 +100,6 @@ struct GemvLaunch {
   int smem_per_sm;    // shared memory per multiprocessor (whether x of the whole K fits once per block)
   int xblock_force;   // x of the whole K staged once per block: 1 where it fits, 0 never, -1 the default rule
   bool lr_mma;        // the low-rank term by mma where it applies (U^T in shared memory, 64 ranks at a time)
-  bool balance;       // the dense op's 1-2 rows: tiles spread over two blocks per SM where the grid is 1-2 a SM
 };
 void launch_int3_gemv(int dtype, int group, const Int3GemmParams& p, int row_blocks, int max_rows,
                       const GemvLaunch& l, cudaStream_t stream);

@@ -321,8 +321,7 @@ unsigned test_t_delay_ns() { return static_cast<unsigned>(std::max(0, env_int("M
 // the low-rank term by mma (MILO_INT3_GEMV_LR_MMA=1, the default) or by the scalar loop (0)
 GemvLaunch gemv_launch(int R, const DevInfo& d) {
   return GemvLaunch{env_int("MILO_INT3_GEMV_WK", 0), programmatic_after_t(R, d), d.sms, d.smem_per_sm,
-                    env_int("MILO_INT3_GEMV_XBLOCK", -1), env_int("MILO_INT3_GEMV_LR_MMA", 1) != 0,
-                    env_int("MILO_INT3_GEMV_BALANCE", 0) != 0};
+                    env_int("MILO_INT3_GEMV_XBLOCK", -1), env_int("MILO_INT3_GEMV_LR_MMA", 1) != 0};
 }
 
 bool aligned(const at::Tensor& t, int bytes) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0; }
