@@ -707,9 +707,9 @@ at::Tensor int3_linear_cuda(const at::Tensor& x, const at::Tensor& qdata, const 
   // the activation dtype). Past 256 ranks a decode block multiplies, one row only: at 2-8 rows the decode kernel
   // takes the ranks past 64 by a scalar loop, the tensor-core tile by mma (H100 2026-12-07 19:44 UTC, R = 512,
   // --sweep MILO_INT3_GEMV_MAX_M=-,1, us, M = 2 / 4 / 8: 14336x4096 74.2 / 84.1 / 97.0 -> 52.7 / 53.0 / 53.0,
-  // 4096x4096 42.3 / 50.4 / 56.0 -> 27.4 / 27.5 / 28.5, 1408x2048 25.4 / 27.6 / 32.9 -> 16.6 / 16.6 / 17.1). 256 is
-  // not measured: from those shapes' R = 32 and 512 times the decode kernel adds 0.04-0.12 us a rank past 64 at 2-4
-  // rows, the tile 0.01-0.05, so the tile should be ahead from about 200 ranks.
+  // 4096x4096 42.3 / 50.4 / 56.0 -> 27.4 / 27.5 / 28.5, 1408x2048 25.4 / 27.6 / 32.9 -> 16.6 / 16.6 / 17.1). 256 set
+  // from the R = 32 and 512 slopes, then checked (H100 2026-12-07 22:08 UTC, R = 128 / 256 / 384 at M = 2 / 4): the
+  // faster path in 10 of 12 cases; 14336x4096 R = 256 M = 4 would take the tile (47.5 against 53.3 us).
   // MILO_INT3_GEMV_MAX_M=m: up to m rows whatever K and R (0 turns it off)
   constexpr int kGemvRowsMaxR = 256;
   Int3GemmParams segs{};  // the decode launch's rank segments (set_rank_blocks())
