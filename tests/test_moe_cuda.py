@@ -202,13 +202,14 @@ def test_grouped_gemv_and_mma_paths(monkeypatch, gemv_rows, wk, xblock, rows, g,
     check(x, counts, routing_offsets(counts, rows), experts, g)
 
 
-@pytest.mark.parametrize("bm", ["2", "4"])
+@pytest.mark.parametrize("bm", ["1", "2", "4"])
 @pytest.mark.parametrize("activation", ["none", "silu_mul"])
 @pytest.mark.parametrize("rows,kind", [(6, "uniform"), (40, "uniform"), (40, "one_expert")])
 def test_grouped_gemv_tile_height(monkeypatch, bm, activation, rows, kind):
     """The decode kernel's tile height forced (MILO_INT3_GROUPED_GEMV_BM): 2-row tiles past one row per
-    busy expert (an expert of 40 rows in 20 tiles) and 4-row tiles at under one, on gathered rows (two
-    outside the tokens: zero rows) with and without the activation, K = 1536 (three slices)."""
+    busy expert (an expert of 40 rows in 20 tiles) and 4-row tiles at under one, 1-row tiles (the grouped
+    op's own 1-row instance; with the activation the rule's height instead), on gathered rows (two outside
+    the tokens: zero rows) with and without the activation, K = 1536 (three slices)."""
     monkeypatch.setenv("MILO_INT3_GROUPED_GEMV_BM", bm)
     monkeypatch.setenv("MILO_INT3_GROUPED_GEMV_MAX_ROWS", "1000")
     seed = zlib.crc32(repr((bm, activation, rows, kind)).encode())
@@ -374,6 +375,46 @@ def test_grouped_gated_output(monkeypatch, E, N, K, rows, wk, lookup, lr_mma, dt
     assert out.shape == (rows, N // 2)
     y = torch.ops.milo.int3_grouped_linear(x, offsets, *experts, 64, x_rows=x_rows)
     torch.testing.assert_close(out, ref_ops.gate(y, "silu_mul"), rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("E,N,K,rows,g", [(8, 1536, 2048, 2, 64), (16, 2816, 1024, 8, 128), (8, 1040, 4096, 6, 64),
+                                         (8, 1536, 1024, 2, 32)])
+@pytest.mark.parametrize("wk", ["0", "1", "8"])
+@pytest.mark.parametrize("lookup", ["-1", "0"])
+@pytest.mark.parametrize("out_activation", ["none", "silu_mul"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_grouped_one_row_tiles(monkeypatch, E, N, K, rows, g, wk, lookup, out_activation, dtype):
+    """MILO_INT3_GROUPED_GEMV_BM=1 at one-token decode (each of the token's top-k rows its own expert): the
+    grouped op's own 1-row decode instance (classed encoding at g 64 / 128, fixed at 32), its gated output
+    from the epilogue where a block's columns divide N (N = 1536, 2816 at wk 0-1) or y written whole and
+    gated after (N = 1040; wk 8), blocks finding their tiles from the offsets or given a list; ragged ranks
+    given as `ranks` with U's and V's padding made random (the instance runs every expert's term over all R
+    ranks: its t is zero past the expert's own), ranks past 64 on the scalar loop. Against the float32
+    reference of the clean experts."""
+    monkeypatch.setenv("MILO_INT3_GROUPED_GEMV_BM", "1")
+    monkeypatch.setenv("MILO_INT3_GEMV_WK", wk)
+    monkeypatch.setenv("MILO_INT3_GROUPED_TILE_LOOKUP", lookup)
+    seed = zlib.crc32(repr((E, N, K, rows, g, wk, lookup, out_activation, str(dtype))).encode())
+    rnd = random.Random(seed)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    ranks = [rnd.choice([0, 16, 33, 64, 100]) for _ in range(E)]
+    q, s, z, ut, v = make_experts(E, N, K, ranks, g, dtype, gen)
+    ut_j, v_j = junk_padding(ut, v, ranks, gen)
+    counts = [0] * E
+    for e in rnd.sample(range(E), rows):
+        counts[e] = 1
+    tokens = 3
+    x = (torch.randn(tokens, K, device="cuda", generator=gen) * 2).to(dtype)
+    x_rows = torch.randint(0, tokens, (rows,), device="cuda", generator=gen)
+    offsets = routing_offsets(counts, rows)
+    rk = torch.tensor(ranks, dtype=torch.int32, device="cuda")
+    out = call_poisoned(x, offsets, q, s, z, ut_j, v_j, g, x_rows=x_rows, ranks=rk, out_activation=out_activation)
+    ref = reference(ref_ops.grouped_input(x, x_rows, "none"), counts, q, s, z, ut, v, g)
+    if out_activation != "none":
+        ref = ref_ops.gate(ref.to(dtype), out_activation).float()
+    assert out.shape == ref.shape and torch.isfinite(out).all(), "unwritten (NaN-poisoned) or non-finite outputs"
+    err = ((out.float() - ref).norm() / ref.norm()).item()
+    assert err < (2 if out_activation != "none" else 1) * TOL, f"relative error {err:.3e}"
 
 
 @pytest.mark.parametrize("cfg", ["1", "7", "8"])

@@ -157,9 +157,10 @@ __host__ __device__ constexpr int min_blocks(int rows_per_block, int group, bool
 }
 
 // whether an instance writes the gated output (kGateOut) at all: the grouped op's 2- and 4-row instances that are
-// not register-prefetched (in that one the gated epilogue took the spills from 0 to 20-32 bytes, sm_90a)
-__host__ __device__ constexpr bool gate_out_compiled(int rows_per_block, bool pf) {
-  return !pf && (rows_per_block == 2 || rows_per_block == 4);
+// not register-prefetched (in that one the gated epilogue took the spills from 0 to 20-32 bytes, sm_90a), and its
+// 1-row instance (grouped: one-token decode, MILO_INT3_GROUPED_GEMV_BM=1), not the dense op's
+__host__ __device__ constexpr bool gate_out_compiled(int rows_per_block, bool pf, bool grouped) {
+  return (!pf && (rows_per_block == 2 || rows_per_block == 4)) || (grouped && rows_per_block == 1);
 }
 
 // Where pair p's x word sits in a staged 32-k chunk (in words): mma i's two pairs pa(i), pb(i) side by side at
@@ -383,8 +384,10 @@ __device__ __forceinline__ void lowrank_mma_chunk(float (&acc)[4], uint32_t ub, 
 
 // MR: rows of x this block multiplies (1, 2, 4 or 8; rows past `rows` are zeros). kAct: the input rows are
 // silu(gate) * up of [gate | up] rows (p.act, the grouped op's down projection). kRChunks: the 1-row instance for
-// segments of more than kRChunk ranks (launch()), its mma low-rank term a chunk at a time.
-template <typename T, int G, int MR, bool kAct, bool kPF, bool kRChunks = false>
+// segments of more than kRChunk ranks (launch()), its mma low-rank term a chunk at a time. kGrouped: the grouped
+// op's 1-row instance (its own, so that the dense op's 1-row instances keep their schedule): the gated epilogue
+// compiled in.
+template <typename T, int G, int MR, bool kAct, bool kPF, bool kRChunks = false, bool kGrouped = false>
 __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m0, int rows, int wk_log2, int flags,
                                            uint8_t* smem, float (*ys)[MR][16], float* red,
                                            float (*tsm)[kRChunk], uint4* zrow16, const void** xrow) {
@@ -401,7 +404,7 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
   const int tile = warp >> wk_log2, wk = warp & (WK - 1);
   // the weight row (column of y) of block column j (gemv_col()), recomputed where used: held through the
   // main loop, the values behind it spilled
-  const int col_flags = gate_out_compiled(MR, kPF) ? flags : 0;
+  const int col_flags = gate_out_compiled(MR, kPF, kGrouped) ? flags : 0;
   const auto col_of = [&](int j) { return gemv_col(col_flags, N, BR, j); };
   const int n_tile = col_of(tile * 16);
   const int n_row[2] = {n_tile + g, n_tile + g + 8};
@@ -782,7 +785,7 @@ __device__ __forceinline__ void gemv_block(const Int3GemmParams& p, int e, int m
 // grid (ceil(N / BR), row blocks): the dense op's blockIdx.y covers rows MR*y .. MR*y + MR - 1; the
 // grouped op's is a tile (expert, row start, row end) of at most MR rows, listed or found from the
 // offsets by the block itself (block_tile()).
-template <typename T, int G, int MR, int MINB, bool kAct, bool kPF, bool kRChunks>
+template <typename T, int G, int MR, int MINB, bool kAct, bool kPF, bool kRChunks, bool kGrouped>
 __global__ void __launch_bounds__(kThreads, MINB) int3_gemv_kernel(const Int3GemmParams p, int wk_log2, int flags) {
   extern __shared__ __align__(16) uint8_t gemv_smem[];
   __shared__ float ys[kWarps][MR][16];
@@ -794,7 +797,7 @@ __global__ void __launch_bounds__(kThreads, MINB) int3_gemv_kernel(const Int3Gem
   int tail0;
   const int4 tl = block_tile<kThreads>(p, blockIdx.y, MR, &tail0);
   if (blockIdx.y == 0 && tail0 < p.M) {  // the grouped op's rows past the last expert: no tile covers them
-    const bool gate_out = gate_out_compiled(MR, kPF) && (flags & kGateOut);  // y N / 2 wide, blocks half as many columns
+    const bool gate_out = gate_out_compiled(MR, kPF, kGrouped) && (flags & kGateOut);  // y N / 2 wide, blocks half as many columns
     const int ny = gate_out ? p.N / 2 : p.N, br = (16 * (kWarps >> wk_log2)) >> (gate_out ? 1 : 0);
     const int n0 = blockIdx.x * br, nc = min(br, ny - n0);
     T* y = reinterpret_cast<T*>(p.y);
@@ -803,17 +806,19 @@ __global__ void __launch_bounds__(kThreads, MINB) int3_gemv_kernel(const Int3Gem
   }
   const int rows = min(tl.z, tl.y + MR) - tl.y;
   if (tl.x < 0 || rows <= 0) return;
-  gemv_block<T, G, MR, kAct, kPF, kRChunks>(p, tl.x, tl.y, rows, wk_log2, flags, gemv_smem, ys, red, tsm, zrow, xrow);
+  gemv_block<T, G, MR, kAct, kPF, kRChunks, kGrouped>(p, tl.x, tl.y, rows, wk_log2, flags, gemv_smem, ys, red, tsm, zrow, xrow);
 }
 
-// whether an instance of MR rows (kPF: register-prefetched) at br columns a block writes silu(gate) * up
-// itself (the pairing of gate and up columns in gemv_col())
-bool gates_output(int MR, bool kPF, int br, int N) { return gate_out_compiled(MR, kPF) && br >= 32 && N % br == 0; }
+// whether an instance of MR rows (kPF: register-prefetched; grouped: the grouped op's) at br columns a block
+// writes silu(gate) * up itself (the pairing of gate and up columns in gemv_col())
+bool gates_output(int MR, bool kPF, bool grouped, int br, int N) {
+  return gate_out_compiled(MR, kPF, grouped) && br >= 32 && N % br == 0;
+}
 
-template <typename T, int G, int MR, bool kAct, bool kPF = false, bool kRChunks = false>
+template <typename T, int G, int MR, bool kAct, bool kPF = false, bool kRChunks = false, bool kGrouped = false>
 void launch_mr(const Int3GemmParams& p, int row_blocks, int wk_log2, const GemvLaunch& l, cudaStream_t stream) {
   constexpr int kMinBlocks = min_blocks(MR, G, kPF);
-  auto kern = int3_gemv_kernel<T, G, MR, kMinBlocks, kAct, kPF, kRChunks>;
+  auto kern = int3_gemv_kernel<T, G, MR, kMinBlocks, kAct, kPF, kRChunks, kGrouped>;
   const int br = 16 * (kWarps >> wk_log2);
   const dim3 grid((p.N + br - 1) / br, row_blocks);
   // shared memory: x of the whole K once per block where it fits beside the other resident blocks
@@ -838,7 +843,7 @@ void launch_mr(const Int3GemmParams& p, int row_blocks, int wk_log2, const GemvL
   const int smem = xblock ? xblock_bytes : kWarps * warp_x_bytes(MR) + u_bytes;
   if (smem + static_smem > 48 * 1024)  // past 48 KB of static + dynamic a block needs the opt-in
     C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  TORCH_CHECK(p.out_act == 0 || gates_output(MR, kPF, br, p.N),
+  TORCH_CHECK(p.out_act == 0 || gates_output(MR, kPF, kGrouped, br, p.N),
               "int3 gemv: no gated output in this launch (int3_gemv_gates_output())");
   const int flags = (xblock ? kXBlock : 0) | (uasync ? kUAsync : 0) | (l.lr_mma ? kLrMma : 0) |
                     (p.out_act ? kGateOut : 0);
@@ -921,6 +926,8 @@ void launch(const Int3GemmParams& p, int row_blocks, int max_rows, const GemvLau
   TORCH_CHECK(p.act == kActNone || (p.act == kActSiluMul && max_rows > 1 && max_rows <= 4), "int3 gemv: activation ",
               p.act, " with ", max_rows, "-row tiles");
   TORCH_CHECK(max_rows <= kInt3GemvMaxRows, "int3 gemv: tiles of ", max_rows, " rows, at most ", kInt3GemvMaxRows);
+  // the grouped op's 1-row tiles (MILO_INT3_GROUPED_GEMV_BM=1) their own instance: the gated epilogue in
+  if (max_rows <= 1 && is_grouped(p)) return launch_mr<T, G, 1, false, false, false, true>(p, row_blocks, wk_log2, l, stream);
   if (max_rows <= 1)
     return int3_max_segment_rank(p) > kRChunk
                ? launch_mr<T, G, 1, false, false, true>(p, row_blocks, wk_log2, l, stream)
@@ -955,9 +962,9 @@ long long int3_gemv_blocks(const Int3GemmParams& p, int row_blocks, int max_rows
 }
 
 bool int3_gemv_gates_output(const Int3GemmParams& p, int row_blocks, int max_rows, int group, const GemvLaunch& l) {
-  const int mr = max_rows <= 2 ? 2 : (max_rows <= 4 ? 4 : 8);
-  return max_rows > 1 &&
-         gates_output(mr, gemv_prefetch(p, max_rows, group), launch_columns(p, row_blocks, max_rows, group, l), p.N);
+  const int mr = max_rows <= 1 ? 1 : max_rows <= 2 ? 2 : (max_rows <= 4 ? 4 : 8);
+  return gates_output(mr, gemv_prefetch(p, max_rows, group), is_grouped(p), launch_columns(p, row_blocks, max_rows, group, l),
+                      p.N);
 }
 
 void launch_int3_gemv(int dtype, int group, const Int3GemmParams& p, int row_blocks, int max_rows,

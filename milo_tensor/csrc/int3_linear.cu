@@ -1249,8 +1249,13 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   // from the offsets, below); the tensor-core path gets a tile list and a materialized input.
   const bool use_gemv = forced == 0 && K % 128 == 0 &&
                         mean_rows <= env_int("MILO_INT3_GROUPED_GEMV_MAX_ROWS", 4);
-  const int bm_env = env_int("MILO_INT3_GROUPED_GEMV_BM", 0);  // 2 or 4 forces the tile height (tuning, tests)
-  const int gemv_bm = bm_env == 2 || bm_env == kTRows ? bm_env : mean_rows <= 1 ? 2 : kTRows;
+  // MILO_INT3_GROUPED_GEMV_BM = 2 or 4 forces the tile height (tuning, tests); 1 gives 1-row tiles on the grouped op's
+  // own 1-row instance (one-token decode runs the 2-row one with a row of zeros; not yet timed on a GPU) where the
+  // input is not gated in the kernel (the 1-row instances stage no activation)
+  const int bm_env = env_int("MILO_INT3_GROUPED_GEMV_BM", 0);
+  const int gemv_bm = (bm_env == 1 && act == kActNone) || bm_env == 2 || bm_env == kTRows ? bm_env
+                      : mean_rows <= 1                                                    ? 2
+                                                                                          : kTRows;
   // Past that, tile 7 (the weight as the mma A operand, int3_gemm_wa.cu), and tile 8 (its warpgroup-MMA form,
   // capability 9.0) past 16 rows per busy expert (64 before; below); MILO_INT3_GROUPED_CFG=1-4 / 7-9 forces a
   // tile. H100 2026-12-06 14:36 UTC, bench_moe.py milo-grouped under MILO_INT3_GROUPED_CFG=0 (then tiles 1-4: 16 / 32 /
