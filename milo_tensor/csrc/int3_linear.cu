@@ -1249,13 +1249,21 @@ at::Tensor int3_grouped_linear_cuda(const at::Tensor& x, const at::Tensor& offse
   // from the offsets, below); the tensor-core path gets a tile list and a materialized input.
   const bool use_gemv = forced == 0 && K % 128 == 0 &&
                         mean_rows <= env_int("MILO_INT3_GROUPED_GEMV_MAX_ROWS", 4);
-  // MILO_INT3_GROUPED_GEMV_BM = 2 or 4 forces the tile height (tuning, tests); 1 gives 1-row tiles on the grouped op's
-  // own 1-row instance (one-token decode runs the 2-row one with a row of zeros; not yet timed on a GPU) where the
-  // input is not gated in the kernel (the 1-row instances stage no activation)
+  // One-token decode: 1-row tiles on the grouped op's own 1-row instance (it ran the 2-row one with a row of zeros)
+  // where the rows are unlikely to share an expert, rows (rows - 1) <= E (at most half a pair expected under uniform
+  // routing; one token's top-k never repeats an expert; M = 1 alone in the Mixtral-, Qwen3- and DeepSeek-V2-Lite-
+  // shaped layers), and the input is not gated in the kernel (the 1-row instances stage no activation). H100
+  // 2026-12-08 01:14-01:29 UTC, 1-row tiles (MILO_INT3_GROUPED_GEMV_BM=1) against the 2-row rule, bench_moe.py
+  // milo-grouped M=1, three rounds (us): Mixtral-shaped 86.1 / 86.6 / 85.9 against 89.4 / 88.8 / 89.3,
+  // DSV2-Lite-shaped 60.1 / 60.2 / 59.9 against 61.2 / 60.6 / 60.9, Qwen3-shaped 28.9 / 29.0 / 28.9 against 29.2 /
+  // 28.7 / 29.0; the 24-layer decode loop 280.8 / 280.5 against 273.8 / 277.0 tok/s.
+  // MILO_INT3_GROUPED_GEMV_BM = 1, 2 or 4 forces the tile height (tuning, tests; 1 only where act is none).
   const int bm_env = env_int("MILO_INT3_GROUPED_GEMV_BM", 0);
+  const bool one_row = act == kActNone && static_cast<long long>(rows) * (rows - 1) <= E;
   const int gemv_bm = (bm_env == 1 && act == kActNone) || bm_env == 2 || bm_env == kTRows ? bm_env
-                      : mean_rows <= 1                                                    ? 2
-                                                                                          : kTRows;
+                      : mean_rows > 1                                                     ? kTRows
+                      : one_row                                                           ? 1
+                                                                                          : 2;
   // Past that, tile 7 (the weight as the mma A operand, int3_gemm_wa.cu), and tile 8 (its warpgroup-MMA form,
   // capability 9.0) past 16 rows per busy expert (64 before; below); MILO_INT3_GROUPED_CFG=1-4 / 7-9 forces a
   // tile. H100 2026-12-06 14:36 UTC, bench_moe.py milo-grouped under MILO_INT3_GROUPED_CFG=0 (then tiles 1-4: 16 / 32 /
