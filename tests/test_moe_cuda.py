@@ -961,6 +961,19 @@ def _sanitize_main():
         _, err = check(x, counts, routing_offsets(counts, 12), experts, 64, x_rows=x_rows, out_activation="silu_mul",
                        ranks=torch.tensor(ranks, dtype=torch.int32, device="cuda"))
         worst = max(worst, err)
+    # one-token decode (rows (rows - 1) <= E: the grouped op's 1-row instance by default), its gated epilogue, the
+    # experts' ranks with U's and V's padding junk
+    gen = torch.Generator(device="cuda").manual_seed(300)
+    os.environ["MILO_INT3_GROUPED_TILE_LOOKUP"] = "-1"
+    ranks = [16, 0, 33, 64, 100, 8, 16, 16]
+    q, s, z, ut, v = make_experts(8, 1536, 2048, ranks, 64, torch.float16, gen)
+    ut_j, v_j = junk_padding(ut, v, ranks, gen)
+    counts = [0, 0, 1, 0, 0, 1, 0, 0]
+    x = torch.randn(1, 2048, device="cuda", generator=gen).to(torch.float16)
+    _, err = check(x, counts, routing_offsets(counts, 2), (q, s, z, ut_j, v_j), 64, tol=2 * TOL,
+                   ref_experts=(q, s, z, ut, v), x_rows=torch.zeros(2, dtype=torch.int32, device="cuda"),
+                   out_activation="silu_mul", ranks=torch.tensor(ranks, dtype=torch.int32, device="cuda"))
+    worst = max(worst, err)
     for tokens, top_k, E in [(1, 2, 8), (513, 8, 128), (2000, 6, 64)]:  # the routing kernels
         gen = torch.Generator(device="cuda").manual_seed(tokens)
         ids = random_expert_ids(gen, tokens, top_k, E, 0.3, torch.int64)
@@ -977,7 +990,7 @@ def _sanitize_main():
         err = ((logits.float() - x.float() @ weight.float().T).norm() / logits.float().norm()).item()
         assert err < 1e-2, f"router logits: relative error {err:.2e}"
     torch.cuda.synchronize()
-    print(f"grouped sanitize cases OK ({len(cases) + 13} cases, worst relative error {worst:.2e})")
+    print(f"grouped sanitize cases OK ({len(cases) + 14} cases, worst relative error {worst:.2e})")
 
 
 if __name__ == "__main__":
