@@ -262,11 +262,18 @@ def decode_tps(model, batch, prompt, steps, warm, device, compile_):
                 tok_s_synced=batch * steps / dt_synced, ms_synced=dt_synced / steps * 1e3, warm_s=t_warm)
 
 
-def _nbytes(t):
-    if hasattr(t, "__tensor_flatten__"):  # tensor subclasses: their inner tensors
+def _storages(t):
+    """(address, bytes) of the storages behind a tensor (a subclass: its inner tensors')."""
+    if hasattr(t, "__tensor_flatten__"):
         names, _ = t.__tensor_flatten__()
-        return sum(_nbytes(getattr(t, n)) for n in names if getattr(t, n, None) is not None)
-    return t.nbytes
+        return [s for n in names if getattr(t, n, None) is not None for s in _storages(getattr(t, n))]
+    return [(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())]
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the distinct storages behind the model's parameters and buffers: views of one storage
+    (fuse_qkv's projections are row slices of its stacks) count once."""
+    return sum(dict(s for t in (*model.parameters(), *model.buffers()) for s in _storages(t)).values())
 
 
 def run_method(meth, args, device, compile_):
@@ -300,7 +307,7 @@ def run_method(meth, args, device, compile_):
             print(f"== {meth}", flush=True)
             profile_decode(model, args.prompt, device)
             return rows
-        nbytes = sum(_nbytes(t) for t in (*model.parameters(), *model.buffers()))  # buffers: fuse_qkv's stacks
+        nbytes = weight_bytes(model)  # buffers: fuse_qkv's stacks
         for b in [int(v) for v in args.batch.split(",")]:
             r = decode_tps(model, b, args.prompt, args.steps, args.warm, device, compile_)
             rows.append(dict(r, method=meth, batch=b, gib=nbytes / 2**30))

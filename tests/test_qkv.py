@@ -87,9 +87,14 @@ def test_fused_model_equals_unfused(gen, pair, tokens):
     assert attention._milo_qkv_blocks == [nq, 8, nq + nk, 12, nq + nk + nv, 12]
 
 
+def _codes(qdata):
+    return qdata.data_ptr(), qdata.shape[0]
+
+
 def test_the_attention_runs_the_stacked_weight_once(gen, pair, monkeypatch):
     """The fused attention calls milo::int3_linear once for q, k and v (not three times), and a projection
-    called on its own (another input) runs its own weight."""
+    called on its own (another input) runs its own weight. A call is told by its codes' address and rows (q's
+    codes are the stack's first rows: the same address)."""
     _, fused = pair
     _, attention = _attentions(fused)[0]
     calls = []
@@ -97,7 +102,7 @@ def test_the_attention_runs_the_stacked_weight_once(gen, pair, monkeypatch):
 
     class Counting:
         def __call__(self, x, qdata, *args):
-            calls.append(qdata.data_ptr())
+            calls.append(_codes(qdata))
             return real(x, qdata, *args)
 
         def __getattr__(self, item):
@@ -108,14 +113,14 @@ def test_the_attention_runs_the_stacked_weight_once(gen, pair, monkeypatch):
     with torch.no_grad():
         fused(ids)
     for _, attn in _attentions(fused):
-        assert calls.count(attn.milo_qkv_qdata.data_ptr()) == 1
+        assert calls.count(_codes(attn.milo_qkv_qdata)) == 1
         for proj in ("q_proj", "k_proj", "v_proj"):
-            assert getattr(attn, proj).weight.qdata.data_ptr() not in calls
+            assert _codes(getattr(attn, proj).weight.qdata) not in calls
     calls.clear()
     x = torch.randn(2, fused.config.hidden_size, generator=gen, dtype=torch.float64)
     with torch.no_grad():
         own = attention.k_proj(x)
-    assert calls == [attention.k_proj.weight.qdata.data_ptr()]
+    assert calls == [_codes(attention.k_proj.weight.qdata)]
     torch.testing.assert_close(own, x @ attention.k_proj.weight.dequantize().T, rtol=1e-9, atol=1e-12)
 
 
@@ -265,3 +270,52 @@ def test_with_the_other_fusions(gen):
         # compiled: inductor reorders float64 sums (8e-8 for the unfused model too, test_fused_decode_compiles)
         torch.testing.assert_close(torch.compile(fused, fullgraph=True)(ids).logits, expected, rtol=1e-5, atol=1e-6)
 
+
+
+def _storage_bytes(model):
+    """Bytes of the distinct storages behind a model's parameters and buffers (MiLo weights: their inner
+    tensors), so tensors that are views of one storage count once."""
+    storages = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        data = t.data if isinstance(t, torch.nn.Parameter) else t
+        inner = [getattr(data, n) for n in data.__tensor_flatten__()[0]] if isinstance(data, MiLoInt3Tensor) else [data]
+        for x in inner:
+            storages[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def test_projections_are_views_of_the_stack(pair):
+    """After fuse_qkv each projection's codes, scales, zeros and V are its rows of the stack (the same memory),
+    so fusing adds only the stack's block-diagonal U (and a stacked bias); its own U stays its own."""
+    unfused, fused = pair
+    added = 0
+    for _, attention in _attentions(fused):
+        mods = [getattr(attention, p) for p in ("q_proj", "k_proj", "v_proj")]
+        n0 = r0 = 0
+        for m in mods:
+            w = m.weight
+            n, r = w.shape[0], w.v.shape[0]
+            for inner, first in (("qdata", n0), ("scales", n0), ("zeros", n0), ("v", r0)):
+                stack = getattr(attention, f"milo_qkv_{inner}")
+                own = getattr(w, inner)
+                assert own.untyped_storage().data_ptr() == stack.untyped_storage().data_ptr(), inner
+                assert own.data_ptr() == stack[first:].data_ptr() and own.shape[1:] == stack.shape[1:]
+            assert w.ut.untyped_storage().data_ptr() != attention.milo_qkv_ut.untyped_storage().data_ptr()
+            n0, r0 = n0 + n, r0 + r
+        added += attention.milo_qkv_ut.untyped_storage().nbytes()
+        if attention.milo_qkv_bias is not None:
+            added += attention.milo_qkv_bias.untyped_storage().nbytes()
+    assert _storage_bytes(fused) - _storage_bytes(unfused) == added
+
+
+def test_fused_model_save_pretrained_round_trips(gen, pair, tmp_path):
+    """save_pretrained of a fused model (its projections' codes, scales, zeros and V are slices of one storage
+    each) loads with from_pretrained into the unfused model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    unfused, fused = pair
+    fused.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    ids = torch.randint(3, unfused.config.vocab_size, (1, 5), generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, unfused(ids).logits, rtol=1e-9, atol=1e-11)
