@@ -3,6 +3,8 @@ against the same quantized model unfused, in float64; the stacking itself agains
 dequantization."""
 
 import copy
+import os
+import sys
 
 import pytest
 import torch
@@ -271,22 +273,13 @@ def test_with_the_other_fusions(gen):
         torch.testing.assert_close(torch.compile(fused, fullgraph=True)(ids).logits, expected, rtol=1e-5, atol=1e-6)
 
 
-
-def _storage_bytes(model):
-    """Bytes of the distinct storages behind a model's parameters and buffers (MiLo weights: their inner
-    tensors), so tensors that are views of one storage count once."""
-    storages = {}
-    for t in [*model.parameters(), *model.buffers()]:
-        data = t.data if isinstance(t, torch.nn.Parameter) else t
-        inner = [getattr(data, n) for n in data.__tensor_flatten__()[0]] if isinstance(data, MiLoInt3Tensor) else [data]
-        for x in inner:
-            storages[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
-    return sum(storages.values())
-
-
 def test_projections_are_views_of_the_stack(pair):
     """After fuse_qkv each projection's codes, scales, zeros and V are its rows of the stack (the same memory),
-    so fusing adds only the stack's block-diagonal U (and a stacked bias); its own U stays its own."""
+    so fusing adds only the stack's block-diagonal U (and a stacked bias); its own U stays its own. Memory as
+    bench_decode.py reports it (distinct storages)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    from bench_decode import weight_bytes
+
     unfused, fused = pair
     added = 0
     for _, attention in _attentions(fused):
@@ -305,7 +298,7 @@ def test_projections_are_views_of_the_stack(pair):
         added += attention.milo_qkv_ut.untyped_storage().nbytes()
         if attention.milo_qkv_bias is not None:
             added += attention.milo_qkv_bias.untyped_storage().nbytes()
-    assert _storage_bytes(fused) - _storage_bytes(unfused) == added
+    assert weight_bytes(fused) - weight_bytes(unfused) == added
 
 
 def test_fused_model_save_pretrained_round_trips(gen, pair, tmp_path):
